@@ -1,0 +1,241 @@
+"""`closedloop` command line: demo, run, offline, replay, simulate, check-config, gui, tune.
+
+Errors are one clear line and exit status 2 (config, files, streams); `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from closedloop.errors import UserError
+
+EPILOG = """examples:
+  closedloop demo                                   replay a bundled recording, run the loop on it
+  closedloop check-config configs/default.yaml      validate a session config, nothing else
+  closedloop run --config configs/default.yaml      live session on an LSL stream
+  closedloop offline replay_data/sim_32ch_500hz.fif --config configs/default.yaml
+  closedloop replay replay_data/sim_32ch_500hz.fif --loop forever
+  closedloop simulate out.fif --preset standard_32 --seed 1
+"""
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", type=Path, required=required, help="session YAML (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set state.enter=1.5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="closedloop",
+        description="Closed-loop EEG neurofeedback and brain-state-dependent TMS triggering over LSL.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="replay a bundled recording over LSL and run the closed loop on it")
+    p.add_argument("--recording", type=Path, default=None, help="recording to replay (default: bundled 32-ch simulation)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the whole recording)")
+    p.add_argument("--speed", type=float, default=1.0, help="replay speed factor")
+    p.add_argument("--headless", action="store_true", help="no window even where a display exists")
+    p.add_argument("--out", type=Path, default=Path("sessions"), help="where the session folder goes")
+    _add_config(p)
+
+    p = sub.add_parser("run", help="run a live session on an LSL stream")
+    _add_config(p, required=True)
+    p.add_argument("--arm", action="store_true", help="arm right after calibration (operator action 'cli_flag')")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--out", type=Path, default=None, help="session folder root (default: session.out_dir)")
+
+    p = sub.add_parser("offline", help="run a config on a recording as fast as possible (no LSL)")
+    p.add_argument("recording", type=Path)
+    _add_config(p)
+    p.add_argument("--no-arm", action="store_true", help="leave the interlock disarmed (policy only)")
+    p.add_argument("--out", type=Path, default=None, help="session folder root (default: session.out_dir)")
+
+    p = sub.add_parser("replay", help="stream a recording as a live LSL outlet")
+    from acquisition.replayer import add_replay_arguments
+
+    add_replay_arguments(p)
+
+    p = sub.add_parser("simulate", help="write a synthetic EEG recording with labelled states")
+    p.add_argument("out", type=Path, help="output file (.fif)")
+    p.add_argument("--preset", default="standard_32", help="standard_32 (500 Hz) or consumer_4 (256 Hz)")
+    p.add_argument("--duration", type=float, default=180.0, help="seconds")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("check-config", help="validate a session config and exit (0 ok, 2 errors)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--recording", type=Path, default=None,
+                   help="also check channels and bands against this recording")
+
+    p = sub.add_parser("gui", help="open the operator console")
+    _add_config(p)
+    p.add_argument("--screenshot", type=Path, default=None,
+                   help="run the demo offscreen, save a PNG of the window, and exit")
+    return parser
+
+
+def _config(args):
+    from closedloop.config import apply_overrides, load_config
+
+    config = load_config(getattr(args, "config", None))
+    overrides = {}
+    for item in getattr(args, "set", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        import yaml
+
+        overrides[key.strip()] = yaml.safe_load(value)
+    return apply_overrides(config, overrides) if overrides else config
+
+
+def _install_signal_handlers(session) -> None:
+    def handler(signum, _frame):
+        session.stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_status(status) -> None:
+    end = "\n" if not sys.stderr.isatty() or status.phase == "stopped" else "\r"
+    print(status.line(), end=end, file=sys.stderr, flush=True)
+
+
+def _print_summary(summary: dict) -> None:
+    print("\nsession summary", file=sys.stdout)
+    for key in ("folder", "stop_reason", "pulses", "vetoes_by_reason", "time_in_state_s",
+                "latency_ms", "final_interlock", "warnings"):
+        if key in summary:
+            print(f"  {key:<17} {summary[key]}")
+
+
+def cmd_check_config(args) -> int:
+    from closedloop.config import load_config, validate_for_stream
+
+    config = load_config(args.config)
+    if args.recording:
+        from acquisition.readers import load_recording
+
+        raw = load_recording(args.recording)
+        validate_for_stream(config, raw.ch_names, raw.info["sfreq"])
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_offline(args) -> int:
+    from acquisition.file_source import FileSource
+    from closedloop.session import Session
+
+    config = _config(args)
+    source = FileSource(args.recording, chunk_size=config.source.chunk_size)
+    session = Session(config, source, live=False, out_root=args.out,
+                      arm_action=None if args.no_arm else "offline_run")
+    _install_signal_handlers(session)
+    summary = session.run()
+    _print_summary(summary)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from acquisition.lsl_source import LslSource
+    from closedloop.session import Session
+
+    config = _config(args)
+    if args.duration:
+        config.session.duration_s = args.duration
+    src = config.source
+    source = LslSource(name=src.name, stype=src.stype, source_id=src.source_id,
+                       resolve_timeout_s=src.resolve_timeout_s, stale_after_s=src.stale_after_s,
+                       counter_channel=src.counter_channel, expected_sfreq=src.expected_sfreq,
+                       expected_n_channels=src.expected_n_channels)
+    session = Session(config, source, live=True, out_root=args.out,
+                      arm_action="cli_flag" if args.arm else None, on_status=_print_status)
+    _install_signal_handlers(session)
+    bridge = _start_mqtt(config, session)
+    try:
+        summary = session.run()
+    finally:
+        if bridge is not None:
+            bridge.stop()
+    _print_summary(summary)
+    return 0
+
+
+def _start_mqtt(config, session):
+    if not config.mqtt.enabled:
+        return None
+    from closedloop.mqtt import MqttBridge
+
+    bridge = MqttBridge(config.mqtt, session.bus, session, session_id=config.session.name)
+    bridge.start()
+    return bridge
+
+
+def cmd_demo(args) -> int:
+    from closedloop.demo import run_demo
+
+    config = _config(args)
+    return run_demo(config, recording=args.recording, duration_s=args.duration, speed=args.speed,
+                    headless=args.headless, out_root=args.out)
+
+
+def cmd_replay(args) -> int:
+    from acquisition.replayer import run_from_args
+
+    return run_from_args(args) or 0
+
+
+def cmd_simulate(args) -> int:
+    from acquisition.simulator import PRESETS, simulate
+
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    raw = simulate(duration_s=args.duration, seed=args.seed, **PRESETS[args.preset])
+    raw.save(args.out, overwrite=True, fmt="single", verbose="error")
+    print(f"wrote {args.out} ({raw.info['nchan']} ch, {raw.info['sfreq']:g} Hz, {raw.times[-1]:.0f} s)")
+    return 0
+
+
+def cmd_gui(args) -> int:
+    from gui.app import run_gui
+
+    return run_gui(_config(args), screenshot=args.screenshot)
+
+
+COMMANDS = {
+    "demo": cmd_demo, "run": cmd_run, "offline": cmd_offline, "replay": cmd_replay,
+    "simulate": cmd_simulate, "check-config": cmd_check_config, "gui": cmd_gui,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"closedloop {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        if args.debug or os.environ.get("CLOSEDLOOP_RAISE"):
+            raise
+        print(f"closedloop {args.command}: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

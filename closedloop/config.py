@@ -1,0 +1,211 @@
+"""The session config: one YAML file, validated in full before anything starts.
+
+Each package owns the settings of its stage (features/settings.py, triggers/settings.py, ...);
+this module composes them into `SessionConfig` sections and turns pydantic errors into
+'path: message' lines, all at once, with "did you mean" for unknown keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from closedloop.errors import ConfigError
+from closedloop.mqtt import MqttSettings
+from features.settings import (
+    ArtifactSettings,
+    BandPowerSettings,
+    PreprocessSettings,
+    StateSettings,
+)
+from triggers.settings import OutputSettings, PolicySettings, SafetySettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSettings(_Strict):
+    """Where EEG comes from during `closedloop run`."""
+
+    kind: Literal["lsl", "file"] = Field("lsl", description="live LSL stream or a recording")
+    name: str | None = Field(None, description="LSL stream name to resolve")
+    stype: str | None = Field("EEG", description="LSL stream type to resolve")
+    source_id: str | None = Field(None, description="LSL source_id to resolve")
+    path: Path | None = Field(None, description="recording path when kind=file")
+    resolve_timeout_s: float = Field(5.0, gt=0, le=120)
+    stale_after_s: float = Field(0.5, gt=0, le=10, description="no sample this long = stale fault")
+    chunk_size: int = Field(10, ge=1, le=10_000, description="samples per chunk (file source)")
+    counter_channel: str | None = Field("counter", description="sample-counter channel, if any")
+    expected_sfreq: float | None = Field(None, gt=0, description="refuse a stream at another rate")
+    expected_n_channels: int | None = Field(
+        None, gt=0, description="refuse a stream with another channel count"
+    )
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> SourceSettings:
+        if self.kind == "file" and self.path is None:
+            raise ValueError("source.path is required when source.kind is 'file'")
+        return self
+
+
+class SessionSettings(_Strict):
+    """Session-level behaviour."""
+
+    name: str = Field("session", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name prefix")
+    out_dir: Path = Field(Path("sessions"), description="where session folders are written")
+    arm_on_start: bool = Field(
+        False, description="arm right after calibration (demo/simulated only; needs cli flag)"
+    )
+    duration_s: float | None = Field(None, gt=0, description="stop after this long (None: until Ctrl-C)")
+    publish_lsl: bool = Field(True, description="publish features and state as LSL streams")
+
+
+class RecordingSettings(_Strict):
+    """What the session folder holds besides config, audit log, events and summary."""
+
+    xdf: bool = Field(True, description="record every stream to XDF through LabRecorder")
+    xdf_required: bool = Field(False, description="refuse to run when LabRecorder cannot start")
+
+
+class SessionConfig(_Strict):
+    """A whole session: every section has defaults so the demo needs no file."""
+
+    source: SourceSettings = SourceSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    bandpower: BandPowerSettings = BandPowerSettings()
+    artifacts: ArtifactSettings = ArtifactSettings()
+    state: StateSettings = StateSettings()
+    trigger: PolicySettings = PolicySettings()
+    safety: SafetySettings = SafetySettings()
+    outputs: OutputSettings = OutputSettings()
+    session: SessionSettings = SessionSettings()
+    recording: RecordingSettings = RecordingSettings()
+    mqtt: MqttSettings = MqttSettings()
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of `loc` (for "did you mean")."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = field.annotation
+        # unwrap Optional[X] / X | None
+        args = getattr(current, "__args__", None)
+        if args:
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            current = models[0] if models else current
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def format_errors(exc: ValidationError, model: type[BaseModel] = SessionConfig) -> list[str]:
+    """One 'path: message' line per pydantic error, with suggestions for unknown keys."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _loc_to_path(loc)
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            known = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            allowed = f" (known keys: {', '.join(known)})" if known and not close else ""
+            lines.append(f"{path}: unknown key{hint}{allowed}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            lines.append(f"{path}: {msg}{shown}")
+    return lines
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> SessionConfig:
+    """Validate a config mapping; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping of sections, got {type(data).__name__}"])
+    try:
+        return SessionConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc)) from None
+
+
+def load_config(path: str | Path | None) -> SessionConfig:
+    """Read and validate a YAML session config (None: all defaults)."""
+    if path is None:
+        return SessionConfig()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"<file>: cannot read ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(str(path), [f"<yaml>: not valid YAML at {where}: {exc}"]) from None
+    return parse_config(data, str(path))
+
+
+def validate_for_stream(config: SessionConfig, ch_names: list[str], sfreq: float) -> None:
+    """Check what depends on the stream (channels, Nyquist); raise ConfigError with all problems."""
+    errors: list[str] = []
+    for section in ("preprocess", "bandpower", "artifacts", "state"):
+        settings = getattr(config, section)
+        validate = getattr(settings, "validate_for", None)
+        if validate is not None:
+            errors += [e if e.startswith(section) else f"{section}.{e}" for e in validate(ch_names, sfreq)]
+    src = config.source
+    if src.expected_sfreq is not None and abs(src.expected_sfreq - sfreq) > 1e-6:
+        errors.append(f"source.expected_sfreq: stream runs at {sfreq:g} Hz, config expects {src.expected_sfreq:g} Hz")
+    if src.expected_n_channels is not None and src.expected_n_channels != len(ch_names):
+        errors.append(
+            f"source.expected_n_channels: stream has {len(ch_names)} channels, config expects {src.expected_n_channels}"
+        )
+    if errors:
+        raise ConfigError("config vs stream", errors)
+
+
+def dump_config(config: SessionConfig) -> str:
+    """YAML snapshot of the effective config (for the session folder)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(config: SessionConfig, overrides: dict[str, Any]) -> SessionConfig:
+    """Return a copy with dotted-key overrides applied ('state.enter': 1.5), validated in full."""
+    data = config.model_dump(mode="json")
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError("overrides", [f"{key}: unknown key '{part}'"])
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            owner = _model_at(SessionConfig, tuple(parts[:-1]))
+            known = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(parts[-1], known, n=1)
+            hint = f"; did you mean '{'.'.join([*parts[:-1], close[0]])}'?" if close else ""
+            raise ConfigError("overrides", [f"{key}: unknown key{hint}"])
+        node[parts[-1]] = value
+    return parse_config(data, "overrides")

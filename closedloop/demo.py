@@ -1,0 +1,106 @@
+"""The demo: a bundled recording replayed over LSL in its own process, the closed loop on it.
+
+Shows the operator console where a display exists, a live one-line status otherwise, and ends
+with the session summary. Needs no arguments and no config.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from closedloop.config import SessionConfig
+from closedloop.errors import UserError
+
+BUNDLED = Path(__file__).resolve().parents[1] / "replay_data" / "sim_32ch_500hz.fif"
+
+
+def has_display() -> bool:
+    if os.environ.get("QT_QPA_PLATFORM", "") == "offscreen":
+        return False
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in (
+        "win32",
+        "darwin",
+    )
+
+
+def start_replayer(recording: Path, name: str, source_id: str, speed: float = 1.0,
+                   loop: str = "1") -> subprocess.Popen:
+    """Run `python -m acquisition.replayer` in its own process (as a lab's amplifier would be)."""
+    cmd = [sys.executable, "-m", "acquisition.replayer", str(recording), "--name", name,
+           "--source-id", source_id, "--speed", str(speed), "--loop", loop, "--no-progress"]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+
+def demo_config(config: SessionConfig, name: str, source_id: str) -> SessionConfig:
+    """The demo streams its own replayer: point the source at it, keep everything else."""
+    config = config.model_copy(deep=True)
+    config.source.kind = "lsl"
+    config.source.name = name
+    config.source.source_id = source_id
+    config.session.name = "demo"
+    return config
+
+
+def run_demo(config: SessionConfig, recording: Path | None = None, duration_s: float | None = None,
+             speed: float = 1.0, headless: bool = False, out_root: Path | None = None) -> int:
+    from acquisition.lsl_source import LslSource
+    from closedloop.cli import _install_signal_handlers, _print_status, _print_summary
+    from closedloop.session import Session
+
+    recording = Path(recording or BUNDLED)
+    if not recording.exists():
+        raise UserError(f"{recording}: recording not found (regenerate with the command in replay_data/README.md)")
+    tag = uuid.uuid4().hex[:8]
+    name, source_id = f"closedloop-demo-{tag}", f"closedloop-demo-{tag}"
+    config = demo_config(config, name, source_id)
+    if duration_s is not None:
+        config.session.duration_s = duration_s
+    replayer = start_replayer(recording, name, source_id, speed)
+    try:
+        if has_display() and not headless:
+            from gui.app import run_gui
+
+            return run_gui(config, autostart=True, arm_action="demo_auto_arm", out_root=out_root)
+        print(f"closedloop demo: headless (no display): replaying {recording.name} as LSL stream "
+              f"'{name}', simulated stimulator, auto-armed after calibration. Ctrl-C stops.",
+              file=sys.stderr)
+        source = LslSource(name=name, source_id=source_id, stype=None,
+                           resolve_timeout_s=config.source.resolve_timeout_s,
+                           stale_after_s=config.source.stale_after_s)
+        session = Session(config, source, live=True, out_root=out_root, arm_action="demo_auto_arm",
+                          on_status=_print_status)
+        _install_signal_handlers(session)
+        replayer_done = _watch_replayer(replayer, session)
+        summary = session.run()
+        replayer_done.set()
+        _print_summary(summary)
+        return 0
+    finally:
+        if replayer.poll() is None:
+            replayer.terminate()
+            try:
+                replayer.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                replayer.kill()
+
+
+def _watch_replayer(proc: subprocess.Popen, session):
+    """End the session shortly after the replayer finishes the recording."""
+    import threading
+
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            if proc.poll() is not None:
+                # give the loop time to drain the last samples before stopping
+                if not done.wait(1.0):
+                    session.stop("replay finished")
+                return
+
+    threading.Thread(target=watch, name="replayer-watch", daemon=True).start()
+    return done

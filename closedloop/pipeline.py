@@ -1,0 +1,140 @@
+"""The hot path: one `step(chunk)` runs features, state, policy, interlock and outputs.
+
+Called in the acquisition thread right after the pull (DESIGN.md): no queue between the pull and
+the trigger output. Everything slow leaves through the event bus, which never blocks.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pylsl import local_clock
+
+from acquisition.chunk import Chunk, HealthKind
+from closedloop.bus import Event, EventBus
+from closedloop.config import SessionConfig
+from features.chain import FeatureChain
+from features.types import State
+from triggers.audit import AuditLog
+from triggers.interlock import SafetyInterlock
+from triggers.outputs import build_outputs
+from triggers.policy import TriggerPolicy
+from triggers.unit import Attempt, TriggerUnit
+
+LATENCY_RING = 8192  # decision latencies kept for p50/p99 (about 80 s of 10-sample chunks at 1 kHz)
+
+
+@dataclass(slots=True)
+class StepResult:
+    state: State | None
+    attempt: Attempt | None
+
+
+class Pipeline:
+    """Features -> state -> trigger for one stream. Same code live and offline."""
+
+    def __init__(
+        self, chain: FeatureChain, trigger: TriggerUnit, bus: EventBus | None = None, live: bool = True
+    ) -> None:
+        self.chain = chain
+        self.trigger = trigger
+        self.bus = bus
+        self.live = live
+        self.state_outlet = None  # optional StateOutlet (live sessions publish state over LSL)
+        self.state: State | None = None
+        self.n_samples = 0
+        self.n_chunks = 0
+        self.faults: list[str] = []
+        self._latency_ms = np.full(LATENCY_RING, np.nan)
+        self._n_latency = 0
+
+    @classmethod
+    def build(
+        cls,
+        config: SessionConfig,
+        ch_names: list[str] | tuple[str, ...],
+        sfreq: float,
+        audit_path: str | Path,
+        bus: EventBus | None = None,
+        live: bool = True,
+        clock=local_clock,
+    ) -> Pipeline:
+        """Wire the stages from a validated config (call `validate_for_stream` first)."""
+        chain = FeatureChain.from_settings(
+            config.preprocess, config.bandpower, config.artifacts, config.state, list(ch_names), sfreq
+        )
+        interlock = SafetyInterlock(config.safety, clock=clock, live=live)
+        outputs = build_outputs(config.outputs, bus=bus)
+        trigger = TriggerUnit(
+            TriggerPolicy(config.trigger), interlock, outputs, AuditLog(audit_path), clock=clock
+        )
+        return cls(chain, trigger, bus, live)
+
+    def step(self, chunk: Chunk) -> StepResult:
+        """Process one chunk; never raises for data problems (they become faults -> DISARMED)."""
+        for event in chunk.events:
+            if event.is_fault:
+                self.trigger.on_health(event)
+                self.faults.append(f"{event.kind.value}: {event.detail}")
+            if self.bus is not None:
+                self.bus.publish(
+                    Event("health_event", {"kind": event.kind.value, "detail": event.detail},
+                          event.t_stream, event.t_local)
+                )
+        if chunk.n_samples == 0:
+            return StepResult(self.state, None)
+        try:
+            state = self.chain.step(chunk)
+        except Exception as exc:  # a bug in a feature must not fire or crash the loop silently
+            reason = f"exception in features: {type(exc).__name__}: {exc}"
+            self.trigger.fault(reason, chunk.t_last)
+            self.faults.append(reason)
+            if self.bus is not None:
+                self.bus.emit("error", chunk.t_last, reason=reason, traceback=traceback.format_exc())
+            return StepResult(self.state, None)
+        attempt = self.trigger.on_state(state, chunk.t_arrival)
+        self.state = state
+        self.n_samples += chunk.n_samples
+        self.n_chunks += 1
+        if self.live:
+            self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - chunk.t_arrival) * 1e3
+            self._n_latency += 1
+        if self.state_outlet is not None:
+            self.state_outlet.push(state)
+        if self.bus is not None:
+            self.bus.publish(Event("state", _state_payload(state), state.t_stream))
+            if attempt is not None:
+                self.bus.publish(Event("attempt", attempt.to_record(), attempt.t_stream))
+        return StepResult(state, attempt)
+
+    def latency_percentiles(self) -> tuple[float, float, float]:
+        """Decision latency (pull return -> outputs returned) p50, p99, max in ms (nan if none)."""
+        n = min(self._n_latency, LATENCY_RING)
+        if n == 0:
+            return (float("nan"),) * 3
+        lat = self._latency_ms[:n]
+        p50, p99 = np.percentile(lat, [50, 99])
+        return float(p50), float(p99), float(lat.max())
+
+    def close(self, reason: str = "session ended") -> None:
+        """Disarm first, then close outputs, then flush the audit log (TriggerUnit.close order)."""
+        self.trigger.close(reason)
+
+
+def _state_payload(state: State) -> dict:
+    return {
+        "label": state.label.value,
+        "score": state.score,
+        "time_in_state_s": state.time_in_state_s,
+        "dwell_progress": state.dwell_progress,
+        "features": state.features,
+        "z": state.z,
+        "artifacts": list(state.artifacts),
+    }
+
+
+def is_stream_loss(kind: HealthKind) -> bool:
+    return kind in (HealthKind.LOST, HealthKind.STALE)

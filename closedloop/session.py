@@ -1,0 +1,350 @@
+"""A session: connect, check, calibrate, run the loop, stop cleanly, leave a complete folder.
+
+`Session` is also the `SessionControl` the GUI and MQTT talk to: its methods take a lock that
+the loop holds only while one chunk is processed (well under a millisecond), so commands
+take effect between two chunks and never race a pulse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pylsl import local_clock
+
+from closedloop.bus import EventBus
+from closedloop.config import SessionConfig, dump_config, validate_for_stream
+from closedloop.control import ControlError
+from closedloop.pipeline import Pipeline
+from closedloop.recording import EventLog, XdfRecorder, write_json
+from features.types import Label
+
+log = logging.getLogger(__name__)
+
+HEALTH_PERIOD_S = 1.0   # health event rate (local clock live, stream clock offline)
+LSL_PULL_TIMEOUT_S = 0.005  # live pull blocks at most this long so commands stay responsive
+
+
+@dataclass
+class SessionStatus:
+    """A snapshot for one-line status and the GUI (copied, never shared with the loop)."""
+
+    phase: str = "idle"  # idle, connecting, calibrating, running, stopped
+    label: str = "uncalibrated"
+    score: float = float("nan")
+    interlock: str = "disarmed"
+    pulses: int = 0
+    vetoes: int = 0
+    calibration_progress: float = 0.0
+    latency_p50_ms: float = float("nan")
+    latency_p99_ms: float = float("nan")
+    t_stream: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        cal = f" cal {self.calibration_progress:4.0%}" if self.phase == "calibrating" else ""
+        return (
+            f"[{self.phase:<11}] state={self.label:<12} score={self.score:+6.2f} "
+            f"interlock={self.interlock:<10} pulses={self.pulses:<4} vetoes={self.vetoes:<4} "
+            f"latency p50={self.latency_p50_ms:5.2f} ms p99={self.latency_p99_ms:5.2f} ms{cal}"
+        )
+
+
+class Session:
+    """Runs one config against one source (LslSource live, FileSource offline)."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        source,
+        *,
+        live: bool,
+        bus: EventBus | None = None,
+        out_root: Path | None = None,
+        arm_action: str | None = None,
+        on_status: Callable[[SessionStatus], None] | None = None,
+        status_period_s: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.live = live
+        self.bus = bus or EventBus()
+        self.out_root = Path(out_root or config.session.out_dir)
+        self.arm_action = arm_action  # arm right after calibration with this named action
+        self.on_status = on_status
+        self.status_period_s = status_period_s
+        self.stop_event = threading.Event()
+        self.stop_reason = ""
+        self.status = SessionStatus()
+        self.folder: Path | None = None
+        self.pipeline: Pipeline | None = None
+        self.summary: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self._lock = threading.RLock()
+        self._stimulation_ended = False
+
+    # ---- SessionControl -------------------------------------------------------------------
+    def arm(self, action: str, operator: str = "") -> None:
+        with self._lock:
+            p = self._require_pipeline()
+            if self._stimulation_ended:
+                raise ControlError("emergency stop was pressed: stimulation is over for this session")
+            if not p.chain.calibrated:
+                raise ControlError("cannot arm: not calibrated")
+            try:
+                p.trigger.arm(action, t_stream=self.status.t_stream, operator=operator)
+            except Exception as exc:
+                raise ControlError(f"arm refused: {exc}") from exc
+
+    def disarm(self, reason: str) -> None:
+        with self._lock:
+            if self.pipeline is not None:
+                self.pipeline.trigger.disarm(reason)
+
+    def emergency_stop(self, source: str) -> None:
+        with self._lock:
+            self._stimulation_ended = True
+            if self.pipeline is not None:
+                self.pipeline.trigger.disarm(f"EMERGENCY STOP ({source})")
+            self.bus.emit("emergency_stop", self.status.t_stream, source=source)
+
+    def set_thresholds(self, enter: float, leave: float, source: str) -> None:
+        with self._lock:
+            p = self._require_pipeline()
+            try:
+                p.chain.set_thresholds(enter, leave)
+            except ValueError as exc:
+                raise ControlError(str(exc)) from exc
+            self.bus.emit("thresholds", self.status.t_stream, enter=enter, leave=leave, source=source)
+
+    def start_calibration(self, source: str) -> None:
+        with self._lock:
+            p = self._require_pipeline()
+            p.trigger.disarm(f"calibration restarted ({source})")
+            p.chain.start_calibration()
+            self.bus.emit("calibration", self.status.t_stream, phase="started", source=source)
+
+    def stop_calibration(self, source: str) -> None:
+        with self._lock:
+            p = self._require_pipeline()
+            try:
+                p.chain.finish_calibration()
+            except ValueError as exc:
+                raise ControlError(str(exc)) from exc
+            self._publish_baseline(source)
+
+    def thresholds(self) -> tuple[float, float]:
+        with self._lock:
+            return self._require_pipeline().chain.thresholds
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to end (thread-safe; SIGINT/SIGTERM handlers call this)."""
+        if not self.stop_event.is_set():
+            self.stop_reason = reason
+            self.stop_event.set()
+
+    def _require_pipeline(self) -> Pipeline:
+        if self.pipeline is None:
+            raise ControlError("session not running yet")
+        return self.pipeline
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run until the source ends, the duration passes or `stop()`; return the summary."""
+        self._set_phase("connecting")
+        if not getattr(self.source, "connected", False):
+            self.source.connect()
+        ch_names, sfreq = list(self.source.ch_names), float(self.source.sfreq)
+        validate_for_stream(self.config, ch_names, sfreq)
+
+        self.folder = self._make_folder()
+        (self.folder / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
+        events = EventLog(self.bus, self.folder / "events.jsonl").start()
+        xdf = self._start_xdf()
+        with self._lock:
+            self.pipeline = Pipeline.build(
+                self.config, ch_names, sfreq, self.folder / "audit.jsonl", bus=self.bus, live=self.live
+            )
+            self.pipeline.trigger.add_observer(self._on_interlock_change)
+        t_start_local = local_clock()
+        try:
+            self.bus.emit("session", phase="started", folder=str(self.folder), live=self.live,
+                          ch_names=ch_names, sfreq=sfreq)
+            self.start_calibration("session start")
+            self._set_phase("calibrating")
+            self._loop()
+        except BaseException as exc:
+            self.stop_reason = self.stop_reason or f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._shutdown(events, xdf, t_start_local)
+        return self.summary
+
+    def _loop(self) -> None:
+        p = self.pipeline
+        assert p is not None
+        duration_s = self.config.session.duration_s
+        next_status = next_health = 0.0
+        t0_stream = None
+        calibrating = True
+        while not self.stop_event.is_set():
+            chunk = self.source.pull(LSL_PULL_TIMEOUT_S) if self.live else self.source.pull()
+            if chunk is None:  # finite source ended
+                self.stop_reason = self.stop_reason or "end of recording"
+                break
+            with self._lock:
+                result = p.step(chunk)
+                if calibrating and p.chain.calibrated:
+                    calibrating = False
+                    self._publish_baseline("auto")
+                    self._set_phase("running")
+                    if self.arm_action and not self._stimulation_ended:
+                        try:
+                            p.trigger.arm(self.arm_action, t_stream=chunk.t_last, operator="auto")
+                        except Exception as exc:
+                            self.warnings.append(f"could not arm after calibration: {exc}")
+            if chunk.n_samples:
+                t0_stream = chunk.timestamps[0] if t0_stream is None else t0_stream
+                now = local_clock() if self.live else chunk.t_last
+                if duration_s is not None and chunk.t_last - t0_stream >= duration_s:
+                    self.stop_reason = self.stop_reason or f"duration {duration_s:g} s reached"
+                    break
+            else:
+                now = local_clock() if self.live else float("nan")
+            if now >= next_health:
+                next_health = now + HEALTH_PERIOD_S
+                self._publish_health(chunk)
+            if now >= next_status:
+                next_status = now + self.status_period_s
+                self._update_status(result.state)
+
+    def _shutdown(self, events: EventLog, xdf: XdfRecorder | None, t_start_local: float) -> None:
+        """Disarm first, then close outputs, then flush records (issue [4] order)."""
+        reason = self.stop_reason or "session ended"
+        with self._lock:
+            if self.pipeline is not None:
+                self.pipeline.close(reason)
+        self._set_phase("stopped")
+        self.bus.emit("session", phase="stopped", reason=reason)
+        if xdf is not None:
+            xdf.stop()
+            if xdf.error:
+                self.warnings.append(xdf.error)
+        self.summary = self._build_summary(reason, local_clock() - t_start_local, events)
+        events.close()
+        if self.folder is not None:
+            write_json(self.folder / "summary.json", self.summary)
+            if not self.live and hasattr(self.source, "raw"):
+                # offline: the recording itself is the EEG record of the session
+                self.source.raw.save(self.folder / "eeg_raw.fif", overwrite=True, verbose="error")
+        self._update_status(self.pipeline.state if self.pipeline else None)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _make_folder(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        base = self.out_root / f"{self.config.session.name}-{stamp}"
+        folder, i = base, 1
+        while folder.exists():
+            folder, i = base.with_name(f"{base.name}-{i}"), i + 1
+        folder.mkdir(parents=True)
+        return folder
+
+    def _start_xdf(self) -> XdfRecorder | None:
+        if not (self.live and self.config.recording.xdf):
+            return None
+        assert self.folder is not None
+        streams = [{"source_id": sid} for sid in self._streams_to_record()]
+        rec = XdfRecorder(self.folder / "session.xdf", streams)
+        if not rec.start():
+            msg = f"no XDF recording: {rec.error}"
+            if self.config.recording.xdf_required:
+                raise RuntimeError(msg)
+            self.warnings.append(msg)
+            log.warning(msg)
+            return None
+        return rec
+
+    def _streams_to_record(self) -> list[str]:
+        ids = [getattr(self.source, "source_id_resolved", None) or self.source.info.source_id()]
+        return [i for i in ids if i]
+
+    def _on_interlock_change(self, state: str, reason: str) -> None:
+        self.bus.emit("interlock", self.status.t_stream, state=state, reason=reason)
+
+    def _publish_baseline(self, source: str) -> None:
+        assert self.pipeline is not None
+        baseline = {k: {"median": m, "mad": d} for k, (m, d) in self.pipeline.chain.baseline.items()}
+        self.bus.emit("calibration", self.status.t_stream, phase="done", source=source, baseline=baseline)
+
+    def _publish_health(self, chunk) -> None:
+        p = self.pipeline
+        assert p is not None
+        p50, p99, pmax = p.latency_percentiles()
+        health = getattr(self.source, "health", None)
+        stats = health() if callable(health) else {}
+        self.bus.emit(
+            "health",
+            chunk.t_last if chunk.n_samples else float("nan"),
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
+            latency_max_ms=pmax,
+            samples=p.n_samples,
+            dropped=sum(self.bus.dropped.values()),
+            interlock=p.trigger.interlock.state.value,
+            faults=len(p.faults),
+            **stats,
+        )
+
+    def _update_status(self, state) -> None:
+        p = self.pipeline
+        s = self.status
+        if p is not None:
+            st = p.trigger.stats
+            s.pulses, s.vetoes = st["fired"], st["vetoed"]
+            s.interlock = p.trigger.interlock.state.value
+            s.calibration_progress = p.chain.calibration_progress
+            s.latency_p50_ms, s.latency_p99_ms, _ = p.latency_percentiles()
+        if state is not None:
+            s.label, s.score, s.t_stream = state.label.value, state.score, state.t_stream
+        if self.on_status is not None:
+            self.on_status(s)
+
+    def _set_phase(self, phase: str) -> None:
+        self.status.phase = phase
+        if self.on_status is not None:
+            self.on_status(self.status)
+
+    def _build_summary(self, reason: str, wall_s: float, events: EventLog) -> dict[str, Any]:
+        p = self.pipeline
+        out: dict[str, Any] = {
+            "folder": str(self.folder),
+            "live": self.live,
+            "stop_reason": reason,
+            "wall_time_s": round(wall_s, 3),
+            "warnings": self.warnings,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if p is not None:
+            st = p.trigger.stats
+            p50, p99, pmax = p.latency_percentiles()
+            out.update(
+                pulses=st["fired"],
+                vetoes_by_reason=st["vetoes_by_reason"],
+                time_in_state_s=p.chain.time_in_label,
+                latency_ms={"p50": p50, "p99": p99, "max": pmax},
+                samples=p.n_samples,
+                faults=p.faults,
+                final_interlock=p.trigger.interlock.state.value,
+                events_dropped=events.dropped,
+            )
+        return out
+
+
+def label_is_target(label: str) -> bool:
+    return label == Label.TARGET.value
