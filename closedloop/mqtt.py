@@ -1,0 +1,880 @@
+"""MQTT telemetry and safe remote control, on its own asyncio loop in its own thread.
+
+The firing path never touches MQTT: it publishes to the `EventBus` (a deque append) and this
+bridge drains its bus subscription every `POLL_S` on its own thread. A dead broker therefore
+cannot slow a pulse; it only fills the bridge's bounded outbox, whose drops are counted.
+
+Topics (``{prefix}/{session}/...``; payload schema in docs/mqtt.md):
+
+- ``state``       QoS 0, rate-limited to ``state_rate_hz`` (the newest state wins).
+- ``attempt``     QoS 1, every trigger attempt with its audit record, in order.
+- ``health``      QoS 1, retained; ``{"status": "online", ...}``; the last will (and a graceful
+                  stop) publish ``{"status": "offline"}`` there.
+- ``thresholds``  QoS 1, retained: the active (enter, leave).
+- ``interlock``   QoS 1, retained: the interlock state and the reason of its last change.
+- ``cmd``         subscribed, QoS 1: remote commands (see `CommandProcessor`).
+- ``reply``       QoS 1: one reply per received command, accepted or refused with a reason.
+
+The connection uses MQTT v5 so that the subscription can ask for ``retainAsPublished``: with
+v3.1.1 a broker clears the retain flag on live delivery, so a retained command would look like a
+fresh one. With v5 every command that was published retained is seen as such and refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import math
+import random
+import re
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from closedloop.bus import Event, EventBus
+from closedloop.control import ControlError, SessionControl
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+POLL_S = 0.02  # bus drain period: 20 ms keeps the added telemetry latency below a state period
+BUS_QUEUE_LEN = 4096  # events buffered between two drains (a 20 ms drain sees ~10 at most)
+PUBLISH_TIMEOUT_S = 5.0  # a QoS 1 publish with no PUBACK after this means the link is dead
+CLIENT_TIMEOUT_S = 5.0  # CONNACK / SUBACK / graceful DISCONNECT wait
+MAX_SENDERS = 256  # command senders remembered for replay protection
+MAX_PAYLOAD_BYTES = 4096  # a command is a few hundred bytes; larger ones are refused unparsed
+
+COMMANDS = frozenset(
+    {"disarm", "emergency_stop", "set_thresholds", "start_calibration", "stop_calibration", "arm"}
+)
+_TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_SENDER_RE = r"^[A-Za-z0-9_.:@\-]+$"
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+class MqttTlsSettings(BaseModel):
+    """TLS for the broker connection (off by default: a loopback broker needs none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Connect with TLS (usually port 8883).")
+    ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) that signed the broker's; None: system CAs."
+    )
+    cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS; needs key_file."
+    )
+    key_file: Path | None = Field(None, description="Client private key (PEM) for cert_file.")
+    insecure: bool = Field(
+        False,
+        description="Skip the broker hostname check (self-signed test certificates only; "
+        "the certificate chain is still verified).",
+    )
+
+    @model_validator(mode="after")
+    def _check_files(self) -> MqttTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file must be given together")
+        if self.enabled:
+            for name in ("ca_file", "cert_file", "key_file"):
+                path = getattr(self, name)
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"tls.{name}: file not found: {path}")
+        return self
+
+
+class MqttSettings(BaseModel):
+    """The `mqtt:` section of a session config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Run the MQTT bridge at all.")
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    username: str | None = Field(None, description="Broker user name; None: anonymous.")
+    password: SecretStr | None = Field(None, description="Broker password (needs username).")
+    tls: MqttTlsSettings = Field(default_factory=MqttTlsSettings, description="TLS options.")
+    topic_prefix: str = Field(
+        "closedloop", description="First topic level(s); topics are {prefix}/{session}/..."
+    )
+    session_id: str = Field(
+        "", description="Topic level for this session; empty: the session's own id."
+    )
+    state_rate_hz: float = Field(
+        10.0, ge=0.0, le=100.0, description="State messages per second (0: none)."
+    )
+    allow_remote_arm: bool = Field(
+        False, description="Accept the 'arm' command over MQTT (off: always refused)."
+    )
+    command_max_age_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=3600.0,
+        description="A command must expire within this many seconds of its arrival (wall "
+        "clock); it also bounds how long a captured command could be replayed.",
+    )
+    queue_max: int = Field(
+        1000, ge=1, le=1_000_000, description="Outgoing attempt/reply messages held while the "
+        "broker is unreachable; beyond it the oldest are dropped and counted.",
+    )
+    client_id: str = Field(
+        "", description="MQTT client id; empty: closedloop-{session}-{random}."
+    )
+    keepalive_s: int = Field(
+        10, ge=1, le=3600, description="MQTT keepalive; the broker declares us dead (and "
+        "publishes the last will) after 1.5x this without traffic.",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0.0, le=60.0, description="First reconnect delay.")
+    reconnect_max_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="Reconnect delay ceiling (doubling, jittered)."
+    )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        levels = value.split("/")
+        if not value or not all(_TOPIC_LEVEL_RE.match(level) for level in levels):
+            raise ValueError(
+                f"topic_prefix {value!r}: use '/'-separated levels of letters, digits, "
+                "'_', '.', '-' (no wildcards, no empty level, no leading '$')"
+            )
+        return value
+
+    @field_validator("session_id", "client_id")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value and not _TOPIC_LEVEL_RE.match(value):
+            raise ValueError(f"{value!r}: use letters, digits, '_', '.', '-' only")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> MqttSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) < reconnect_min_s "
+                f"({self.reconnect_min_s})"
+            )
+        if self.password is not None and self.username is None:
+            raise ValueError("password given without username")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Topics:
+    """All topic names of one session: ``{prefix}/{session}/{name}``."""
+
+    base: str
+    state: str
+    attempt: str
+    health: str
+    thresholds: str
+    interlock: str
+    cmd: str
+    reply: str
+
+    @classmethod
+    def of(cls, prefix: str, session_id: str) -> Topics:
+        base = f"{prefix}/{session_id}"
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "base"]
+        return cls(base=base, **{name: f"{base}/{name}" for name in names})
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------
+
+
+def to_jsonable(obj: Any) -> Any:  # noqa: PLR0911 (one return per type)
+    """Turn pipeline payloads (numpy, enums, dataclasses, NaN) into strict JSON values.
+
+    Non-finite floats become None (JSON has no NaN); numpy scalars and arrays become Python
+    numbers and lists; enums their value; dataclasses dicts; anything else its str().
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset, deque)):
+        return [to_jsonable(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return str(obj)
+
+
+def _dumps(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(to_jsonable(doc), separators=(",", ":"), allow_nan=False).encode()
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+class _Envelope(BaseModel):
+    """A command as received; `args` is checked per command afterwards."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    v: int
+    seq: int = Field(ge=0)
+    cmd: str = Field(max_length=64)
+    sender: str = Field(min_length=1, max_length=64, pattern=_SENDER_RE)
+    expires: float | None = None
+    sent: float | None = None
+    ttl_s: float | None = Field(None, gt=0.0)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_expiry_fields(self) -> _Envelope:
+        if self.expires is None and (self.sent is None or self.ttl_s is None):
+            raise ValueError("give 'expires' (unix s) or both 'sent' (unix s) and 'ttl_s'")
+        for name in ("expires", "sent", "ttl_s"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite")
+        return self
+
+    @property
+    def expiry(self) -> float:
+        """Absolute expiry, unix s: the earlier of `expires` and `sent + ttl_s`."""
+        candidates = [self.expires] if self.expires is not None else []
+        if self.sent is not None and self.ttl_s is not None:
+            candidates.append(self.sent + self.ttl_s)
+        return min(candidates)
+
+
+class _NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _DisarmArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field("", max_length=200)
+
+
+class _ThresholdArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enter: float
+    leave: float
+
+    @model_validator(mode="after")
+    def _check(self) -> _ThresholdArgs:
+        if not (math.isfinite(self.enter) and math.isfinite(self.leave)):
+            raise ValueError("enter and leave must be finite")
+        if self.enter <= self.leave:
+            raise ValueError(
+                f"enter ({self.enter}) must be above leave ({self.leave}) for hysteresis"
+            )
+        return self
+
+
+_ARGS: dict[str, type[BaseModel]] = {
+    "disarm": _DisarmArgs,
+    "emergency_stop": _NoArgs,
+    "set_thresholds": _ThresholdArgs,
+    "start_calibration": _NoArgs,
+    "stop_calibration": _NoArgs,
+    "arm": _NoArgs,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """The outcome of one received command; `reason` is 'accepted' when ok."""
+
+    ok: bool
+    reason: str
+    detail: str = ""
+    cmd: str | None = None
+    seq: int | None = None
+    sender: str | None = None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "payload"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+class CommandProcessor:
+    """Validates and executes remote commands; no I/O, so it is tested without a broker.
+
+    Checks, in order (each refusal has the reason in brackets): retained flag [retained];
+    payload size, JSON object [malformed]; version [unsupported_version]; envelope fields
+    [malformed]; command name [unknown_command]; expiry, on the wall clock, since sender and
+    receiver are different machines and only absolute time is comparable [expired], and not
+    more than `command_max_age_s` ahead [expiry_too_far]; sequence number strictly above the
+    sender's last one [duplicate]; arguments [invalid_args]; remote arming allowed
+    [remote_arm_disabled]; the session's own checks [refused]. An exception inside the
+    session is [error] (logged with its traceback).
+
+    Replay protection: a command accepted at wall time t expires by t + command_max_age_s,
+    so a sender's last seq is only needed that long; senders idle for longer are forgotten.
+    A restart forgets all seqs: a captured command could be replayed once within its expiry.
+    """
+
+    def __init__(
+        self,
+        control: SessionControl,
+        *,
+        allow_remote_arm: bool,
+        command_max_age_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._control = control
+        self._allow_remote_arm = allow_remote_arm
+        self._max_age_s = command_max_age_s
+        self._clock = clock
+        self._last_seq: dict[str, tuple[int, float]] = {}  # sender -> (seq, wall time)
+        self.accepted = 0
+        self.refused: dict[str, int] = {}
+        self.errors = 0
+
+    def handle(self, payload: bytes | bytearray | str, *, retain: bool) -> CommandResult:
+        result = self._handle(payload, retain=retain)
+        if result.ok:
+            self.accepted += 1
+            log.info("MQTT command %s seq=%s from %s accepted", result.cmd, result.seq,
+                     result.sender)
+        else:
+            self.refused[result.reason] = self.refused.get(result.reason, 0) + 1
+            log.warning("MQTT command refused (%s): %s [cmd=%s seq=%s sender=%s]",
+                        result.reason, result.detail, result.cmd, result.seq, result.sender)
+        return result
+
+    def _handle(  # noqa: PLR0911 (one return per refusal reason)
+        self, payload: bytes | bytearray | str, *, retain: bool
+    ) -> CommandResult:
+        if retain:
+            return CommandResult(False, "retained", "retained commands are never acted on")
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return CommandResult(False, "malformed", f"payload over {MAX_PAYLOAD_BYTES} bytes")
+        try:
+            doc = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return CommandResult(False, "malformed", f"not JSON: {exc}")
+        if not isinstance(doc, dict):
+            return CommandResult(False, "malformed", "payload is not a JSON object")
+        if doc.get("v") != SCHEMA_VERSION:
+            return CommandResult(
+                False, "unsupported_version", f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}"
+            )
+        try:
+            env = _Envelope.model_validate(doc)
+        except ValidationError as exc:
+            return CommandResult(False, "malformed", _first_error(exc))
+        ctx = {"cmd": env.cmd, "seq": env.seq, "sender": env.sender}
+        if env.cmd not in COMMANDS:
+            return CommandResult(False, "unknown_command", f"known: {sorted(COMMANDS)}", **ctx)
+        now = self._clock()
+        if now > env.expiry:
+            return CommandResult(False, "expired", f"expired {now - env.expiry:.3f} s ago", **ctx)
+        if env.expiry - now > self._max_age_s:
+            return CommandResult(
+                False, "expiry_too_far",
+                f"expires in {env.expiry - now:.1f} s > command_max_age_s {self._max_age_s}",
+                **ctx,
+            )
+        last = self._last_seq.get(env.sender)
+        if last is not None and env.seq <= last[0]:
+            return CommandResult(
+                False, "duplicate", f"seq {env.seq} <= last accepted {last[0]}", **ctx
+            )
+        if last is None and not self._make_room(now):
+            return CommandResult(False, "too_many_senders", f"over {MAX_SENDERS}", **ctx)
+        self._last_seq[env.sender] = (env.seq, now)  # the seq is used up from here on
+        try:
+            args = _ARGS[env.cmd].model_validate(env.args)
+        except ValidationError as exc:
+            return CommandResult(False, "invalid_args", _first_error(exc), **ctx)
+        if env.cmd == "arm" and not self._allow_remote_arm:
+            return CommandResult(
+                False, "remote_arm_disabled", "config mqtt.allow_remote_arm is false", **ctx
+            )
+        try:
+            self._execute(env, args)
+        except ControlError as exc:
+            return CommandResult(False, "refused", str(exc), **ctx)
+        except Exception as exc:
+            self.errors += 1
+            log.exception("MQTT command %s from %s failed inside the session", env.cmd,
+                          env.sender)
+            return CommandResult(False, "error", f"{type(exc).__name__}: {exc}", **ctx)
+        return CommandResult(True, "accepted", "", **ctx)
+
+    def _make_room(self, now: float) -> bool:
+        if len(self._last_seq) < MAX_SENDERS:
+            return True
+        for sender, (_, t) in list(self._last_seq.items()):
+            if now - t > self._max_age_s:  # all its commands have expired: replay is refused
+                del self._last_seq[sender]
+        return len(self._last_seq) < MAX_SENDERS
+
+    def _execute(self, env: _Envelope, args: BaseModel) -> None:
+        source = f"mqtt:{env.sender}"
+        control = self._control
+        if env.cmd == "disarm":
+            assert isinstance(args, _DisarmArgs)
+            control.disarm(f"{source}: {args.reason}" if args.reason else source)
+        elif env.cmd == "emergency_stop":
+            control.emergency_stop(source)
+        elif env.cmd == "set_thresholds":
+            assert isinstance(args, _ThresholdArgs)
+            control.set_thresholds(args.enter, args.leave, source)
+        elif env.cmd == "start_calibration":
+            control.start_calibration(source)
+        elif env.cmd == "stop_calibration":
+            control.stop_calibration(source)
+        elif env.cmd == "arm":
+            control.arm("mqtt_remote", operator=env.sender)
+
+
+# --------------------------------------------------------------------------------------------
+# Bridge
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class MqttBridge:
+    """Publishes bus events as MQTT telemetry and feeds remote commands to a `SessionControl`.
+
+    `start()` returns at once; the bridge connects (and reconnects, with jittered exponential
+    backoff) in its own thread, so a missing broker never raises here. Nothing in this class is
+    called from the firing path: the pipeline only publishes to the bus.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        bus: EventBus,
+        control: SessionControl,
+        session_id: str | None = None,
+    ) -> None:
+        session = session_id or settings.session_id
+        if not session or not _TOPIC_LEVEL_RE.match(session):
+            raise ValueError(
+                f"session id {session!r}: give one (letters, digits, '_', '.', '-')"
+            )
+        self.settings = settings
+        self.session_id = session
+        self.topics = Topics.of(settings.topic_prefix, session)
+        self.client_id = settings.client_id or f"closedloop-{session}-{uuid.uuid4().hex[:8]}"
+        self._bus = bus
+        self._control = control
+        self._commands = CommandProcessor(
+            control,
+            allow_remote_arm=settings.allow_remote_arm,
+            command_max_age_s=settings.command_max_age_s,
+        )
+        self._state_period_s = 1.0 / settings.state_rate_hz if settings.state_rate_hz else 0.0
+        self._sub = None  # subscribed in start(): events before start are not ours
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._connected_evt = threading.Event()
+        self._stop_deadline = math.inf
+        self._reset()
+
+    def _reset(self) -> None:
+        """All per-run state, set in one place."""
+        self._outbox: deque[_Outgoing] = deque()
+        self._latest: dict[str, _Outgoing] = {}  # conflated topics: newest message wins
+        self._pending_state: Event | None = None
+        self._next_state_t = 0.0
+        self._last_health: dict[str, Any] = {}
+        self._seq: dict[str, int] = {}
+        self._sent = 0
+        self._dropped = 0
+        self._superseded = 0
+        self._connects = 0
+        self._connect_failures = 0
+        self._errors = 0
+        self._last_error = ""
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the MQTT thread (idempotent); returns immediately."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._reset()
+        self._sub = self._bus.subscribe(
+            "mqtt", maxlen=BUS_QUEUE_LEN,
+            kinds={"state", "attempt", "health", "interlock", "thresholds"},
+        )
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=f"mqtt-{self.session_id}", daemon=True
+        )
+        self._thread.start()
+        ready.wait(5.0)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush, publish health 'offline' (retained), disconnect, join (idempotent)."""
+        thread, loop = self._thread, self._loop
+        if thread is None:
+            return
+        self._stop_deadline = time.monotonic() + timeout_s
+        if loop is not None and self._stop_requested is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closed in between
+                loop.call_soon_threadsafe(self._stop_requested.set)
+        thread.join(timeout_s + 1.0)
+        if thread.is_alive():
+            log.error("MQTT thread did not stop within %.1f s", timeout_s)
+        if self._sub is not None:
+            self._bus.unsubscribe(self._sub)
+        self._thread = None
+
+    def __enter__(self) -> MqttBridge:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected_evt.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block the caller until connected (True) or `timeout_s` passed (False)."""
+        return self._connected_evt.wait(timeout_s)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters (a snapshot; read from any thread)."""
+        return {
+            "connected": self.connected,
+            "sent": self._sent,
+            "dropped": self._dropped,  # outbox full: oldest attempt/reply dropped
+            "superseded": self._superseded,  # unsent state/health replaced by a newer one
+            "queued": len(self._outbox),
+            "bus_dropped": self._sub.dropped if self._sub is not None else 0,
+            "connects": self._connects,
+            "reconnects": max(0, self._connects - 1),
+            "connect_failures": self._connect_failures,
+            "commands_accepted": self._commands.accepted,
+            "commands_refused": dict(self._commands.refused),
+            "errors": self._errors + self._commands.errors,
+            "last_error": self._last_error,
+        }
+
+    # -- thread and loop ----------------------------------------------------------------------
+
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._main(ready))
+        except Exception as exc:  # the thread must die loudly, never silently
+            self._errors += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("MQTT thread crashed")
+        finally:
+            self._connected_evt.clear()
+            ready.set()
+
+    async def _main(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        self._wake = asyncio.Event()
+        ready.set()
+        pump = asyncio.create_task(self._pump(), name="mqtt-pump")
+        try:
+            await self._connection_loop()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _connection_loop(self) -> None:
+        assert self._stop_requested is not None
+        s = self.settings
+        delay_s = s.reconnect_min_s
+        while not self._stop_requested.is_set():
+            try:
+                async with self._make_client() as client:
+                    self._on_connected()
+                    delay_s = s.reconnect_min_s
+                    await self._serve(client)
+                    await self._goodbye(client)
+                    return
+            except aiomqtt.MqttError as exc:
+                if self._connected_evt.is_set():
+                    log.warning("MQTT connection lost: %s", exc)
+                else:
+                    self._connect_failures += 1
+                    log.info("MQTT connect to %s:%d failed: %s", s.host, s.port, exc)
+            except Exception as exc:
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("MQTT bridge error; reconnecting")
+            finally:
+                self._connected_evt.clear()
+            # Full jitter (AWS architecture blog): spreads reconnects of many clients after a
+            # broker restart; the doubling caps the load of a long outage.
+            sleep_s = random.uniform(s.reconnect_min_s, delay_s)
+            delay_s = min(delay_s * 2.0, s.reconnect_max_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), timeout=sleep_s)
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        tls_params = None
+        if s.tls.enabled:
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password is not None else None,
+            identifier=self.client_id,
+            logger=logging.getLogger(f"{__name__}.client"),
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,
+            will=aiomqtt.Will(self.topics.health, self._will_doc(), qos=1, retain=True),
+            timeout=CLIENT_TIMEOUT_S,
+            keepalive=s.keepalive_s,
+            tls_params=tls_params,
+            tls_insecure=s.tls.insecure if s.tls.enabled else None,
+        )
+
+    def _on_connected(self) -> None:
+        self._connects += 1
+        self._connected_evt.set()
+        log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
+                 self.settings.port, self.client_id, self._connects)
+        # Retained topics may be gone (broker restarted without persistence, or our will
+        # replaced 'online'): publish them again, from the session's current values.
+        self._set_latest(self.topics.health, self._health_doc("online"), qos=1, retain=True)
+        try:
+            enter, leave = self._control.thresholds()
+        except Exception:
+            log.exception("control.thresholds() failed")
+        else:
+            self._set_latest(
+                self.topics.thresholds, self._doc("thresholds", {"enter": enter, "leave": leave}),
+                qos=1, retain=True,
+            )
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Run until stop is requested (returns) or the connection breaks (raises)."""
+        assert self._stop_requested is not None
+        await client.subscribe(
+            self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True)
+        )
+        tasks = [
+            asyncio.create_task(self._send_loop(client), name="mqtt-send"),
+            asyncio.create_task(self._command_loop(client), name="mqtt-commands"),
+            asyncio.create_task(self._stop_requested.wait(), name="mqtt-stop"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        """Flush what is queued, then say 'offline' (a graceful DISCONNECT sends no will)."""
+        self._drain_bus(time.monotonic(), final=True)
+        budget_s = max(0.1, self._stop_deadline - time.monotonic() - 0.5)
+        with contextlib.suppress(asyncio.TimeoutError, aiomqtt.MqttError):
+            await asyncio.wait_for(self._flush(client), timeout=budget_s)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(
+                self.topics.health, self._health_doc("offline", reason="stopped"),
+                qos=1, retain=True, timeout=min(PUBLISH_TIMEOUT_S, max(0.1, budget_s)),
+            )
+
+    # -- outgoing -----------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Drain the bus every POLL_S, whether connected or not (so drops are counted here)."""
+        while True:
+            try:
+                self._drain_bus(time.monotonic())
+            except Exception as exc:
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("MQTT pump failed on an event")
+            await asyncio.sleep(POLL_S)
+
+    def _drain_bus(self, now: float, *, final: bool = False) -> None:
+        assert self._sub is not None
+        topics = self.topics
+        for event in self._sub.drain():
+            kind = event.kind
+            if kind == "state":
+                self._pending_state = event
+            elif kind == "attempt":
+                self._enqueue(_Outgoing(topics.attempt, self._event_doc(event), 1, False))
+            elif kind == "health":
+                self._last_health = dict(event.payload)
+                self._set_latest(topics.health, self._health_doc("online", event=event), 1, True)
+            elif kind == "thresholds":
+                self._set_latest(topics.thresholds, self._event_doc(event), 1, True)
+            elif kind == "interlock":
+                self._set_latest(topics.interlock, self._event_doc(event), 1, True)
+        if self._pending_state is not None and self._state_period_s > 0.0 and (
+            final or now >= self._next_state_t
+        ):
+            self._set_latest(topics.state, self._event_doc(self._pending_state), 0, False)
+            self._pending_state = None
+            # Accumulate the target time so the mean rate is exact despite POLL_S granularity.
+            self._next_state_t += self._state_period_s
+            if self._next_state_t <= now:
+                self._next_state_t = now + self._state_period_s
+
+    def _enqueue(self, msg: _Outgoing) -> None:
+        if len(self._outbox) >= self.settings.queue_max:
+            self._outbox.popleft()
+            self._dropped += 1
+        self._outbox.append(msg)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _set_latest(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if topic in self._latest:
+            self._superseded += 1
+        self._latest[topic] = _Outgoing(topic, payload, qos, retain)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _next_outgoing(self) -> _Outgoing | None:
+        if self._outbox:
+            return self._outbox.popleft()
+        if self._latest:
+            topic = next(iter(self._latest))  # insertion order: oldest update first
+            return self._latest.pop(topic)
+        return None
+
+    def _requeue(self, msg: _Outgoing) -> None:
+        """Put back a message whose publish failed (QoS 1 is at least once anyway)."""
+        if msg.topic in (self.topics.attempt, self.topics.reply):
+            if len(self._outbox) >= self.settings.queue_max:
+                self._dropped += 1
+                return
+            self._outbox.appendleft(msg)
+        elif msg.topic not in self._latest:
+            self._latest[msg.topic] = msg
+
+    async def _flush(self, client: aiomqtt.Client) -> None:
+        while (msg := self._next_outgoing()) is not None:
+            try:
+                await client.publish(
+                    msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
+                    timeout=PUBLISH_TIMEOUT_S,
+                )
+            except BaseException:
+                self._requeue(msg)
+                raise
+            self._sent += 1
+
+    async def _send_loop(self, client: aiomqtt.Client) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush(client)
+
+    # -- incoming -----------------------------------------------------------------------------
+
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if message.topic.value != self.topics.cmd:
+                continue
+            payload = message.payload
+            if not isinstance(payload, (bytes, bytearray, str)):
+                payload = str(payload)
+            result = self._commands.handle(payload, retain=bool(message.retain))
+            self._enqueue(_Outgoing(self.topics.reply, self._reply_doc(result), 1, False))
+
+    # -- documents ----------------------------------------------------------------------------
+
+    def _doc(self, kind: str, data: Mapping[str, Any], **extra: Any) -> bytes:
+        seq = self._seq.get(kind, 0) + 1
+        self._seq[kind] = seq
+        return _dumps({
+            "v": SCHEMA_VERSION, "kind": kind, "session": self.session_id, "seq": seq,
+            "t_wall": time.time(), **extra, "data": data,
+        })
+
+    def _event_doc(self, event: Event) -> bytes:
+        return self._doc(event.kind, event.payload, t_stream=event.t_stream,
+                         t_local=event.t_local)
+
+    def _health_doc(self, status: str, *, reason: str = "", event: Event | None = None) -> bytes:
+        extra: dict[str, Any] = {"status": status}
+        if reason:
+            extra["reason"] = reason
+        if event is not None:
+            extra.update(t_stream=event.t_stream, t_local=event.t_local)
+        data = dict(self._last_health) if status == "online" else {}
+        data["mqtt"] = {k: v for k, v in self.stats.items() if k != "last_error"}
+        return self._doc("health", data, **extra)
+
+    def _will_doc(self) -> bytes:
+        """Sent by the broker if we vanish without a DISCONNECT (crash, kill, lost link)."""
+        return _dumps({
+            "v": SCHEMA_VERSION, "kind": "health", "session": self.session_id,
+            "status": "offline", "reason": "connection_lost", "data": {},
+        })
+
+    def _reply_doc(self, result: CommandResult) -> bytes:
+        return self._doc("reply", {
+            "ok": result.ok, "reason": result.reason, "detail": result.detail,
+            "cmd": result.cmd, "cmd_seq": result.seq, "sender": result.sender,
+        })
