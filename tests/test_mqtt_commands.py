@@ -1,0 +1,315 @@
+"""Remote command validation and settings, without a broker (the broker tests are in
+test_mqtt_bridge.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from closedloop.bus import EventBus
+from closedloop.control import ControlError
+from closedloop.mqtt import (
+    MAX_PAYLOAD_BYTES,
+    MAX_SENDERS,
+    CommandProcessor,
+    MqttBridge,
+    MqttSettings,
+    MqttTlsSettings,
+    Topics,
+    to_jsonable,
+)
+from features.types import Label, State
+
+NOW = 1_800_000_000.0  # a fixed wall clock (unix s)
+
+
+class FakeControl:
+    """Records calls; validates thresholds and calibration like a session would."""
+
+    def __init__(self, *, fail_with: Exception | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.enter_leave = (1.0, 0.5)
+        self.calibrated_enough = True
+        self.fail_with = fail_with
+
+    def _record(self, *call: Any) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.calls.append(call)
+
+    def arm(self, action: str, operator: str = "") -> None:
+        self._record("arm", action, operator)
+
+    def disarm(self, reason: str) -> None:
+        self._record("disarm", reason)
+
+    def emergency_stop(self, source: str) -> None:
+        self._record("emergency_stop", source)
+
+    def set_thresholds(self, enter: float, leave: float, source: str) -> None:
+        if enter <= leave:
+            raise ControlError(f"enter {enter} <= leave {leave}")
+        self._record("set_thresholds", enter, leave, source)
+        self.enter_leave = (enter, leave)
+
+    def start_calibration(self, source: str) -> None:
+        self._record("start_calibration", source)
+
+    def stop_calibration(self, source: str) -> None:
+        if not self.calibrated_enough:
+            raise ControlError("too little calibration data (12 s < 60 s)")
+        self._record("stop_calibration", source)
+
+    def thresholds(self) -> tuple[float, float]:
+        return self.enter_leave
+
+
+class Clock:
+    def __init__(self, t: float = NOW) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(control: FakeControl | None = None, *, allow_arm: bool = False, max_age_s: float = 30.0,
+         clock: Clock | None = None) -> tuple[CommandProcessor, FakeControl, Clock]:
+    control = control or FakeControl()
+    clock = clock or Clock()
+    proc = CommandProcessor(control, allow_remote_arm=allow_arm, command_max_age_s=max_age_s,
+                            clock=clock)
+    return proc, control, clock
+
+
+def cmd(name: str, seq: int, *, sender: str = "console", raw: bool = False,
+        **fields: Any) -> bytes:
+    doc: dict[str, Any] = {"v": 1, "seq": seq, "cmd": name, "sender": sender,
+                           "expires": NOW + 10.0}
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "expected"),
+    [
+        ("disarm", {}, ("disarm", "mqtt:console")),
+        ("disarm", {"reason": "patient moved"}, ("disarm", "mqtt:console: patient moved")),
+        ("emergency_stop", {}, ("emergency_stop", "mqtt:console")),
+        ("set_thresholds", {"enter": 1.5, "leave": 0.25},
+         ("set_thresholds", 1.5, 0.25, "mqtt:console")),
+        ("set_thresholds", {"enter": 2, "leave": -1},
+         ("set_thresholds", 2.0, -1.0, "mqtt:console")),
+        ("start_calibration", {}, ("start_calibration", "mqtt:console")),
+        ("stop_calibration", {}, ("stop_calibration", "mqtt:console")),
+    ],
+)
+def test_each_command_reaches_the_session(name: str, args: dict, expected: tuple) -> None:
+    proc, control, _ = make()
+    result = proc.handle(cmd(name, 1, args=args), retain=False)
+    assert result.ok, result
+    assert (result.reason, result.cmd, result.seq) == ("accepted", name, 1)
+    assert result.sender == "console"
+    assert control.calls == [expected]
+    assert proc.accepted == 1
+    assert proc.refused == {}
+
+
+def test_remote_arm_refused_unless_config_allows() -> None:
+    proc, control, _ = make()
+    result = proc.handle(cmd("arm", 1), retain=False)
+    assert (result.ok, result.reason) == (False, "remote_arm_disabled")
+    assert control.calls == []
+
+    proc, control, _ = make(allow_arm=True)
+    assert proc.handle(cmd("arm", 1, sender="op-7"), retain=False).ok
+    assert control.calls == [("arm", "mqtt_remote", "op-7")]
+
+
+def test_duplicates_and_replays_are_refused_per_sender() -> None:
+    proc, control, _ = make()
+    assert proc.handle(cmd("disarm", 5), retain=False).ok
+    again = proc.handle(cmd("disarm", 5), retain=False)  # QoS 1 redelivery
+    older = proc.handle(cmd("disarm", 3), retain=False)  # replay of an older one
+    assert (again.reason, older.reason) == ("duplicate", "duplicate")
+    assert proc.handle(cmd("disarm", 5, sender="other"), retain=False).ok  # own counter
+    assert proc.handle(cmd("disarm", 6), retain=False).ok
+    assert len(control.calls) == 3
+    assert proc.refused == {"duplicate": 2}
+
+
+def test_refused_arguments_and_session_refusals_still_use_up_the_seq() -> None:
+    proc, control, _ = make()
+    bad = proc.handle(cmd("set_thresholds", 1, args={"enter": 0.1, "leave": 0.9}), retain=False)
+    assert (bad.ok, bad.reason) == (False, "invalid_args")
+    assert "above leave" in bad.detail
+    assert proc.handle(cmd("set_thresholds", 1, args={"enter": 2.0, "leave": 1.0}),
+                       retain=False).reason == "duplicate"
+    control.calibrated_enough = False
+    refused = proc.handle(cmd("stop_calibration", 2), retain=False)
+    assert (refused.ok, refused.reason) == (False, "refused")
+    assert "too little calibration" in refused.detail
+    assert control.calls == []
+
+
+def test_expiry_on_the_wall_clock() -> None:
+    proc, control, clock = make(max_age_s=30.0)
+    late = proc.handle(cmd("disarm", 1, expires=NOW - 0.001), retain=False)
+    assert late.reason == "expired"
+    far = proc.handle(cmd("disarm", 2, expires=NOW + 31.0), retain=False)
+    assert far.reason == "expiry_too_far"
+    # sent + ttl_s instead of expires; the earlier of the two wins when both are given
+    ok = proc.handle(cmd("disarm", 3, expires=None, sent=NOW - 1.0, ttl_s=2.0), retain=False)
+    assert ok.ok
+    both = cmd("disarm", 4, expires=NOW + 20.0, sent=NOW - 5.0, ttl_s=4.0)
+    assert proc.handle(both, retain=False).reason == "expired"
+    # an expired command does not use up its seq: a fresh copy is still accepted
+    clock.t = NOW + 100.0
+    assert proc.handle(cmd("disarm", 5, expires=NOW + 110.0), retain=False).ok
+    assert len(control.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"disarm", "malformed"),
+        (b"\xff\xfe", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (b"{}", "unsupported_version"),
+        (cmd("disarm", 1, v=2), "unsupported_version"),
+        (cmd("disarm", 1, v="1"), "unsupported_version"),
+        (cmd("disarm", -1), "malformed"),
+        (cmd("disarm", True), "malformed"),
+        (cmd("disarm", 1.5), "malformed"),
+        (cmd("disarm", "7"), "malformed"),
+        (cmd("disarm", 1, sender=""), "malformed"),
+        (cmd("disarm", 1, sender="a/b"), "malformed"),
+        (cmd("disarm", 1, expires=None), "malformed"),
+        (cmd("disarm", 1, expires="soon"), "malformed"),
+        (cmd("disarm", 1, extra_field=1), "malformed"),
+        (cmd("disarm", 1, args=[1]), "malformed"),
+        (b'{"v":1,"seq":1,"cmd":"disarm","sender":"c","expires":NaN}', "malformed"),
+        (cmd("fire", 1), "unknown_command"),
+        (cmd("DISARM", 1), "unknown_command"),
+        (cmd("disarm", 1, args={"force": True}), "invalid_args"),
+        (cmd("set_thresholds", 1, args={"enter": "1", "leave": 0.5}), "invalid_args"),
+        (cmd("set_thresholds", 1, args={"enter": 1.0}), "invalid_args"),
+        (b'{"v":1,"seq":1,"cmd":"set_thresholds","sender":"c","expires":1800000005,'
+         b'"args":{"enter":Infinity,"leave":0}}', "invalid_args"),
+        (cmd("disarm", 1, args={"reason": "x" * 201}), "invalid_args"),
+        (cmd("disarm", 1, args={"reason": "x" * MAX_PAYLOAD_BYTES}), "malformed"),
+    ],
+)
+def test_malformed_and_unknown_commands_do_nothing(payload: bytes, reason: str) -> None:
+    proc, control, _ = make()
+    result = proc.handle(payload, retain=False)
+    assert (result.ok, result.reason) == (False, reason), result.detail
+    assert result.detail
+    assert control.calls == []
+    assert proc.refused == {reason: 1}
+
+
+def test_unknown_command_does_not_use_up_the_seq() -> None:
+    proc, control, _ = make()
+    assert proc.handle(cmd("reboot", 1), retain=False).reason == "unknown_command"
+    assert proc.handle(cmd("disarm", 1), retain=False).ok
+    assert control.calls == [("disarm", "mqtt:console")]
+
+
+def test_retained_commands_are_never_acted_on() -> None:
+    proc, control, _ = make(allow_arm=True)
+    for name in ("disarm", "emergency_stop", "arm"):
+        assert proc.handle(cmd(name, 1), retain=True).reason == "retained"
+    assert control.calls == []
+    assert proc.refused == {"retained": 3}
+
+
+def test_exceptions_inside_the_session_are_reported_not_raised() -> None:
+    proc, _, _ = make(FakeControl(fail_with=RuntimeError("output port gone")))
+    result = proc.handle(cmd("emergency_stop", 1), retain=False)
+    assert (result.ok, result.reason) == (False, "error")
+    assert "output port gone" in result.detail
+    assert proc.errors == 1
+
+
+def test_sender_memory_is_bounded_and_forgets_only_expired_senders() -> None:
+    proc, _, clock = make(max_age_s=30.0)
+    for i in range(MAX_SENDERS):
+        assert proc.handle(cmd("disarm", 1, sender=f"s{i}"), retain=False).ok
+    assert proc.handle(cmd("disarm", 1, sender="late"), retain=False).reason == "too_many_senders"
+    clock.t = NOW + 31.0  # every command accepted so far has expired by now
+    assert proc.handle(cmd("disarm", 1, sender="late", expires=clock.t + 5), retain=False).ok
+    # a forgotten sender's old command is still refused: it has expired
+    assert proc.handle(cmd("disarm", 1, sender="s0"), retain=False).reason == "expired"
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_defaults_are_safe() -> None:
+    s = MqttSettings()
+    assert not s.enabled
+    assert not s.allow_remote_arm
+    assert s.host == "127.0.0.1"
+    assert "hunter2" not in repr(MqttSettings(username="u", password="hunter2"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"topic_prefix": "lab/#"}, "topic_prefix"),
+        ({"topic_prefix": "/lab"}, "topic_prefix"),
+        ({"topic_prefix": "$SYS"}, "topic_prefix"),
+        ({"session_id": "a/b"}, "letters"),
+        ({"reconnect_min_s": 5.0, "reconnect_max_s": 1.0}, "reconnect_max_s"),
+        ({"password": "x"}, "without username"),
+        ({"state_rate_hz": -1}, "greater than or equal"),
+        ({"port": 0}, "greater than or equal"),
+        ({"unknown_key": 1}, "Extra inputs"),
+        ({"tls": {"cert_file": "/etc/hostname"}}, "together"),
+        ({"tls": {"enabled": True, "ca_file": "/nonexistent/ca.pem"}}, "not found"),
+    ],
+)
+def test_settings_errors_say_what(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        MqttSettings(**kwargs)
+
+
+def test_tls_settings_accept_existing_files(tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    tls = MqttTlsSettings(enabled=True, ca_file=ca)
+    assert tls.ca_file == ca
+
+
+def test_topics_and_session_id() -> None:
+    t = Topics.of("lab/tms", "s-01")
+    assert (t.state, t.cmd, t.health) == ("lab/tms/s-01/state", "lab/tms/s-01/cmd",
+                                          "lab/tms/s-01/health")
+    with pytest.raises(ValueError, match="session id"):
+        MqttBridge(MqttSettings(), EventBus(), FakeControl(), session_id="")
+    bridge = MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl())
+    assert bridge.topics.base == "closedloop/cfg"
+    assert MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl(), "arg").session_id \
+        == "arg"
+
+
+def test_payloads_become_strict_json() -> None:
+    state = State(t_stream=1.5, label=Label.TARGET, score=float("nan"), time_in_state_s=2.0,
+                  features={"theta": np.float32(0.5)}, z={"theta": float("inf")},
+                  artifacts=("amplitude:Fp1",))
+    doc = to_jsonable({"state": state, "arr": np.arange(3), "i": np.int64(7), "f": math.nan})
+    text = json.dumps(doc, allow_nan=False)  # raises if any NaN/inf survived
+    back = json.loads(text)
+    assert back["state"]["label"] == "target"
+    assert back["state"]["score"] is None
+    assert back["state"]["z"] == {"theta": None}
+    assert back["state"]["features"] == {"theta": 0.5}
+    assert back["state"]["artifacts"] == ["amplitude:Fp1"]
+    assert back["arr"] == [0, 1, 2]
+    assert back["i"] == 7
+    assert back["f"] is None
