@@ -3,3 +3,17 @@
 from acquisition.chunk import FAULT_KINDS, Chunk, HealthEvent, HealthKind
 
 __all__ = ["FAULT_KINDS", "Chunk", "HealthEvent", "HealthKind"]
+
+from acquisition.file_source import FileSource
+from acquisition.readers import RecordingError, load_recording, save_recording
+from acquisition.simulator import PRESETS, simulate, write_simulated
+
+__all__ += [
+    "PRESETS",
+    "FileSource",
+    "RecordingError",
+    "load_recording",
+    "save_recording",
+    "simulate",
+    "write_simulated",
+]
