@@ -29,6 +29,7 @@ import enum
 import json
 import logging
 import math
+import os
 import random
 import re
 import ssl
@@ -65,6 +66,7 @@ PUBLISH_TIMEOUT_S = 5.0  # a QoS 1 publish with no PUBACK after this means the l
 CLIENT_TIMEOUT_S = 5.0  # CONNACK / SUBACK / graceful DISCONNECT wait
 MAX_SENDERS = 256  # command senders remembered for replay protection
 MAX_PAYLOAD_BYTES = 4096  # a command is a few hundred bytes; larger ones are refused unparsed
+RAISE_ENV = "CLOSEDLOOP_RAISE"  # set (as the tests do): bridge bugs end the thread loudly
 
 COMMANDS = frozenset(
     {"disarm", "emergency_stop", "set_thresholds", "start_calibration", "stop_calibration", "arm"}
@@ -328,6 +330,15 @@ class CommandResult:
     sender: str | None = None
 
 
+def _peek(doc: Any) -> dict[str, Any]:
+    """cmd / seq / sender of an unvalidated document, where they have the right type."""
+    if not isinstance(doc, dict):
+        return {}
+    want = {"cmd": str, "seq": int, "sender": str}
+    return {k: doc[k] for k, t in want.items()
+            if isinstance(doc.get(k), t) and not isinstance(doc.get(k), bool)}
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "payload"
@@ -383,19 +394,24 @@ class CommandProcessor:
     def _handle(  # noqa: PLR0911 (one return per refusal reason)
         self, payload: bytes | bytearray | str, *, retain: bool
     ) -> CommandResult:
-        if retain:
-            return CommandResult(False, "retained", "retained commands are never acted on")
         if len(payload) > MAX_PAYLOAD_BYTES:
             return CommandResult(False, "malformed", f"payload over {MAX_PAYLOAD_BYTES} bytes")
         try:
             doc = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as exc:
-            return CommandResult(False, "malformed", f"not JSON: {exc}")
-        if not isinstance(doc, dict):
-            return CommandResult(False, "malformed", "payload is not a JSON object")
+            doc, error = None, f"not JSON: {exc}"
+        else:
+            error = "" if isinstance(doc, dict) else "payload is not a JSON object"
+        peek = _peek(doc)  # for the reply and the log only; nothing unchecked is acted on
+        if retain:
+            return CommandResult(False, "retained", "retained commands are never acted on",
+                                 **peek)
+        if error or not isinstance(doc, dict):
+            return CommandResult(False, "malformed", error, **peek)
         if doc.get("v") != SCHEMA_VERSION:
             return CommandResult(
-                False, "unsupported_version", f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}"
+                False, "unsupported_version", f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}",
+                **peek,
             )
         try:
             env = _Envelope.model_validate(doc)
@@ -605,15 +621,20 @@ class MqttBridge:
             "last_error": self._last_error,
         }
 
+    def _note_error(self, exc: BaseException, what: str) -> None:
+        self._errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        log.exception(what)
+
     # -- thread and loop ----------------------------------------------------------------------
 
     def _run(self, ready: threading.Event) -> None:
         try:
             asyncio.run(self._main(ready))
         except Exception as exc:  # the thread must die loudly, never silently
-            self._errors += 1
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            log.exception("MQTT thread crashed")
+            self._note_error(exc, "MQTT thread crashed")
+            if os.environ.get(RAISE_ENV):
+                raise
         finally:
             self._connected_evt.clear()
             ready.set()
@@ -650,9 +671,9 @@ class MqttBridge:
                     self._connect_failures += 1
                     log.info("MQTT connect to %s:%d failed: %s", s.host, s.port, exc)
             except Exception as exc:
-                self._errors += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("MQTT bridge error; reconnecting")
+                self._note_error(exc, "MQTT bridge error; reconnecting")
+                if os.environ.get(RAISE_ENV):
+                    raise
             finally:
                 self._connected_evt.clear()
             # Full jitter (AWS architecture blog): spreads reconnects of many clients after a
@@ -698,8 +719,8 @@ class MqttBridge:
         self._set_latest(self.topics.health, self._health_doc("online"), qos=1, retain=True)
         try:
             enter, leave = self._control.thresholds()
-        except Exception:
-            log.exception("control.thresholds() failed")
+        except Exception as exc:
+            self._note_error(exc, "control.thresholds() failed")
         else:
             self._set_latest(
                 self.topics.thresholds, self._doc("thresholds", {"enter": enter, "leave": leave}),
@@ -747,9 +768,9 @@ class MqttBridge:
             try:
                 self._drain_bus(time.monotonic())
             except Exception as exc:
-                self._errors += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("MQTT pump failed on an event")
+                self._note_error(exc, "MQTT pump failed on an event")
+                if os.environ.get(RAISE_ENV):
+                    raise
             await asyncio.sleep(POLL_S)
 
     def _drain_bus(self, now: float, *, final: bool = False) -> None:

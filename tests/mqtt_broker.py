@@ -27,7 +27,50 @@ import aiomqtt
 import pytest
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from closedloop.control import ControlError
+
 BROKER_START_TIMEOUT_S = 10.0
+
+
+class FakeControl:
+    """Records calls; validates thresholds and calibration like a session would."""
+
+    def __init__(self, *, fail_with: Exception | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.enter_leave = (1.0, 0.5)
+        self.calibrated_enough = True
+        self.fail_with = fail_with
+
+    def _record(self, *call: Any) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.calls.append(call)
+
+    def arm(self, action: str, operator: str = "") -> None:
+        self._record("arm", action, operator)
+
+    def disarm(self, reason: str) -> None:
+        self._record("disarm", reason)
+
+    def emergency_stop(self, source: str) -> None:
+        self._record("emergency_stop", source)
+
+    def set_thresholds(self, enter: float, leave: float, source: str) -> None:
+        if enter <= leave:
+            raise ControlError(f"enter {enter} <= leave {leave}")
+        self._record("set_thresholds", enter, leave, source)
+        self.enter_leave = (enter, leave)
+
+    def start_calibration(self, source: str) -> None:
+        self._record("start_calibration", source)
+
+    def stop_calibration(self, source: str) -> None:
+        if not self.calibrated_enough:
+            raise ControlError("too little calibration data (12 s < 60 s)")
+        self._record("stop_calibration", source)
+
+    def thresholds(self) -> tuple[float, float]:
+        return self.enter_leave
 
 
 def mosquitto_binary() -> str | None:
