@@ -1,0 +1,462 @@
+"""FeatureChain: Chunk -> preprocess -> artifact flags -> band powers -> baseline z -> State.
+
+Everything runs per sample with state kept between chunks, so any chunking gives the same
+numbers and the same label changes at the same samples; one State is returned per chunk (the
+state after its last sample). Nothing here does I/O, reads a clock, logs or validates per chunk.
+
+Calibration: the preprocessed samples of the grouped channels (and their artifact mask) are stored
+in a buffer preallocated for calibration_max_s. When calibration_s of clean samples (after the
+estimator settled) are in, a fresh estimator runs over the buffer (with individualised bands when
+`individual_alpha` is on) and the baseline is the median / MAD of every band@group feature over
+the clean samples. The re-run is a one-off cost at the finishing chunk (about 60 s x 6 channels
+x 5 bands of `sosfilt`: tens of ms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from acquisition.chunk import Chunk
+from features.artifacts import ArtifactDetector
+from features.bandpower import individual_alpha_peak, make_estimator, to_output
+from features.preprocess import Preprocessor, fill_nonfinite
+from features.settings import (
+    ArtifactSettings,
+    BandPowerSettings,
+    FeatureConfigError,
+    PreprocessSettings,
+    StateSettings,
+    validate_feature_settings,
+)
+from features.state import MAD_TO_SD, LabelMachine, robust_stats
+from features.types import Label, State
+
+# A baseline needs at least this many clean seconds (finish_calibration refuses less).
+MIN_BASELINE_S = 5.0
+_NAN = float("nan")
+
+
+class FeatureChain:
+    """Stateful feature chain for one stream (fixed channels and rate).
+
+    ch_names / sfreq: the stream's channels and nominal rate. eeg_mask: which channels are EEG
+    (default: all whose names are not in preprocess.exclude, e.g. 'counter').
+    Raises FeatureConfigError (every problem with its key path) when settings do not fit.
+    """
+
+    def __init__(
+        self,
+        preprocess: PreprocessSettings,
+        bandpower: BandPowerSettings,
+        artifacts: ArtifactSettings,
+        state: StateSettings,
+        ch_names: Sequence[str],
+        sfreq: float,
+        eeg_mask: Sequence[bool] | None = None,
+    ) -> None:
+        ch_names = tuple(ch_names)
+        sfreq = float(sfreq)
+        if eeg_mask is None:
+            excl = {e.lower() for e in preprocess.exclude}
+            eeg_mask = [c.lower() not in excl for c in ch_names]
+        if len(eeg_mask) != len(ch_names):
+            raise ValueError(f"eeg_mask has {len(eeg_mask)} entries for {len(ch_names)} channels")
+        eeg_idx = np.flatnonzero(np.asarray(eeg_mask, dtype=bool))
+        eeg_names = tuple(ch_names[i] for i in eeg_idx)
+        if not eeg_names:
+            raise FeatureConfigError(["preprocess.exclude: no EEG channel left in the stream"])
+        validate_feature_settings(eeg_names, sfreq, preprocess, bandpower, artifacts, state)
+
+        self.preprocess_settings = preprocess
+        self.bandpower_settings = bandpower
+        self.artifact_settings = artifacts
+        self.state_settings = state
+        self.ch_names = ch_names
+        self.sfreq = sfreq
+        self.eeg_names = eeg_names
+        self._eeg_idx = eeg_idx
+        self._eeg_all = len(eeg_idx) == len(ch_names)
+
+        self._groups = bandpower.resolved_groups(eeg_names)
+        used = [c for c in eeg_names if any(c in g for g in self._groups.values())]
+        self.used_names = tuple(used)
+        self._used_idx = np.array([eeg_names.index(c) for c in used], dtype=int)
+        self._default_bands = {k: tuple(v) for k, v in bandpower.bands.items()}
+        self._feature_refs = state.resolved_features(self._groups)
+        self.feature_names = tuple(f.name for f in self._feature_refs)
+        self._weights = np.array([f.weight for f in self._feature_refs])
+        self._group_list = list(self._groups)
+
+        self._pre = Preprocessor(preprocess, eeg_names, sfreq)
+        self._art = ArtifactDetector(artifacts, eeg_names, sfreq, artifacts.channels)
+
+        self._warmup_n = round(state.warmup_s * sfreq)
+        self._target_n = max(1, round(state.calibration_s * sfreq))
+        self._max_n = max(self._target_n, round(state.calibration_max_s * sfreq))
+        if state.settle_s is not None:
+            settle_s = state.settle_s
+        elif bandpower.method == "iir":
+            settle_s = 3.0 * bandpower.smoothing_s
+        else:
+            settle_s = bandpower.window_s
+        self._settle_n = round(settle_s * sfreq)
+        # Calibration buffer: float32 halves the memory (60 s x 1000 Hz x 64 ch would be 15 MB);
+        # the band powers of a float32 copy differ from float64 by ~1e-7 relative.
+        self._cal_x = np.zeros((self._max_n + self._settle_n, len(used)), dtype=np.float32)
+        self._cal_art = np.zeros(self._max_n + self._settle_n, dtype=bool)
+        self._machine = LabelMachine(
+            state.enter, state.leave, round(state.dwell_s * sfreq),
+            round(state.leave_dwell_s * sfreq),
+        )
+        self.reset()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_settings(
+        cls,
+        preprocess: PreprocessSettings | Any,
+        bandpower: BandPowerSettings | None = None,
+        artifacts: ArtifactSettings | None = None,
+        state: StateSettings | None = None,
+        ch_names: Sequence[str] = (),
+        sfreq: float = 0.0,
+        eeg_mask: Sequence[bool] | None = None,
+    ) -> FeatureChain:
+        """Build from the four settings models, or from one object with attributes `preprocess`,
+        `bandpower`, `artifacts`, `state` (e.g. the session config) passed as the first argument;
+        missing sections take their defaults."""
+        if not isinstance(preprocess, PreprocessSettings) and hasattr(preprocess, "bandpower"):
+            cfg = preprocess
+            preprocess = cfg.preprocess
+            bandpower = cfg.bandpower
+            artifacts = cfg.artifacts
+            state = cfg.state
+        return cls(
+            preprocess or PreprocessSettings(),
+            bandpower or BandPowerSettings(),
+            artifacts or ArtifactSettings(),
+            state or StateSettings(),
+            ch_names,
+            sfreq,
+            eeg_mask,
+        )
+
+    def _make_estimator(self, bands: dict[str, tuple[float, float]]):
+        return make_estimator(self.bandpower_settings, bands, self._groups, self.used_names,
+                              self.sfreq)
+
+    def _set_bands(self, bands: dict[str, tuple[float, float]]) -> None:
+        self.bands = dict(bands)
+        self.band_names = tuple(bands)
+        self._feat_idx = np.array(
+            [self.band_names.index(f.band) for f in self._feature_refs], dtype=int
+        ), np.array([self._group_list.index(f.group) for f in self._feature_refs], dtype=int)
+        self._all_feature_names = tuple(
+            f"{b}@{g}" for b in self.band_names for g in self._group_list
+        )
+
+    # ------------------------------------------------------------------ life cycle
+    def reset(self) -> None:
+        """Forget everything: filter states, flags, baseline, labels (bands back to configured)."""
+        self._pre.reset()
+        self._art.reset()
+        self._set_bands(self._default_bands)
+        self._bp = self._make_estimator(self.bands)
+        self._last_finite = np.zeros(len(self.eeg_names))
+        self._seen = 0
+        self._median = np.full(len(self._feature_refs), _NAN)
+        self._scale = np.full(len(self._feature_refs), _NAN)
+        self._baseline: dict[str, tuple[float, float]] = {}
+        self.individual_alpha_hz: float | None = None
+        self._calibrating = False
+        self._cal_len = 0
+        self._cal_clean = 0
+        m = self._machine
+        m.label = Label.UNCALIBRATED
+        m.t_changed = _NAN
+        m.above_n = m.below_n = 0
+        m.transitions.clear()
+        self._latest = np.full((len(self.band_names), len(self._groups)), _NAN)
+        self._feat_now = np.full(len(self._feature_refs), _NAN)
+        self._z_now = np.full(len(self._feature_refs), _NAN)
+        self._score_now = _NAN
+        self._time_in_label: dict[str, float] = {lab.value: 0.0 for lab in Label}
+        self._t_last = _NAN
+        self._state = State(t_stream=_NAN, label=Label.UNCALIBRATED, score=_NAN,
+                            time_in_state_s=0.0)
+        self._pending_label: Label | None = None
+        if self.state_settings.auto_calibrate:
+            self.start_calibration()
+
+    def start_calibration(self) -> None:
+        """Begin (or restart) collecting a baseline from the next sample on (drops the old one)."""
+        self._calibrating = True
+        self._cal_len = 0
+        self._cal_clean = 0
+        self._median[:] = _NAN
+        self._scale[:] = _NAN
+        self._baseline = {}
+        self._pending_label = Label.CALIBRATING
+
+    def finish_calibration(self) -> None:
+        """Finish now with the clean data collected so far (ValueError if under MIN_BASELINE_S)."""
+        if not self._calibrating:
+            raise ValueError("not calibrating")
+        if self._cal_clean < MIN_BASELINE_S * self.sfreq:
+            raise ValueError(f"too little clean calibration data: {self._cal_clean / self.sfreq:.1f}"
+                             f" s (need {MIN_BASELINE_S:g} s)")
+        self._finish(self._cal_x[: self._cal_len], self._cal_art[: self._cal_len], replace=True)
+        self._pending_label = Label.NON_TARGET
+
+    def calibrate_on(self, data: Iterable[Chunk] | Any) -> dict[str, tuple[float, float]]:
+        """Baseline from a separate calibration recording (an mne Raw in volts with this stream's
+        channel names, or an iterable of Chunks). The live filter states are not touched; with
+        individual_alpha the band estimator restarts with the new bands. Returns the baseline."""
+        pre = Preprocessor(self.preprocess_settings, self.eeg_names, self.sfreq)
+        art = ArtifactDetector(self.artifact_settings, self.eeg_names, self.sfreq,
+                               self.artifact_settings.channels)
+        if hasattr(data, "get_data"):
+            arr = data.get_data(picks=list(self.ch_names)).T
+            blocks: Iterable[np.ndarray] = [arr]
+        else:
+            blocks = (c.data for c in data)
+        xs, arts = [], []
+        last = np.zeros(len(self.eeg_names))
+        for block in blocks:
+            raw = np.asarray(block, dtype=np.float64)[:, self._eeg_idx]
+            if raw.shape[0] == 0:
+                continue
+            finite = np.isfinite(raw)
+            nonfinite = None
+            filled = raw
+            if not finite.all():
+                nonfinite = ~finite
+                filled = fill_nonfinite(raw.copy(), finite, last)
+            else:
+                last[:] = raw[-1]
+            filt = pre.filter(filled)
+            ref = pre.reference(filt)
+            arts.append(art.process(raw, filt, ref, nonfinite))
+            xs.append(ref[:, self._used_idx])
+        if not xs:
+            raise ValueError("calibration recording is empty")
+        x = np.concatenate(xs)[self._warmup_n :]
+        a = np.concatenate(arts)[self._warmup_n :]
+        if np.count_nonzero(~a[self._settle_n :]) < MIN_BASELINE_S * self.sfreq:
+            raise ValueError(f"calibration recording has under {MIN_BASELINE_S:g} s of clean data")
+        self._calibrating = False
+        self._finish(x, a, replace=False)
+        self._pending_label = Label.NON_TARGET
+        return self.baseline
+
+    def _finish(self, x: np.ndarray, art: np.ndarray, *, replace: bool) -> None:
+        """Baseline from x (n, n_used) preprocessed and art (n,) flags; maybe new bands.
+
+        replace: x ends at the current sample, so an estimator run over it can take over live.
+        """
+        bands = dict(self._default_bands)
+        bp = self.bandpower_settings
+        if bp.individual_alpha:
+            grp = bp.alpha_group or ("posterior" if "posterior" in self._groups
+                                     else self._group_list[0])
+            cols = [self.used_names.index(c) for c in self._groups[grp]]
+            clean = x[self._settle_n :][~art[self._settle_n :]][:, cols].astype(np.float64)
+            iaf = individual_alpha_peak(clean, self.sfreq, bp.alpha_search_hz)
+            self.individual_alpha_hz = iaf
+            for name, (lo, hi) in bp.individual_bands.items():
+                bands[name] = (iaf + lo, iaf + hi)
+        est = self._make_estimator(bands)
+        power = est.process(x.astype(np.float64), art)
+        feats = to_output(power, bp.output)  # (n, n_bands, n_groups)
+        keep = ~art
+        keep[: self._settle_n] = False
+        vals = feats[keep].reshape(-1, len(bands) * len(self._groups))
+        med, mad = robust_stats(vals)
+        if bands != self.bands:
+            self._set_bands(bands)
+            self._bp = est if replace else self._make_estimator(bands)
+        names = self._all_feature_names
+        self._baseline = {n: (float(m), float(d)) for n, m, d in zip(names, med, mad)}
+        bi, gi = self._feat_idx
+        flat = bi * len(self._groups) + gi
+        self._median = med[flat].copy()
+        self._scale = np.maximum(mad[flat] * MAD_TO_SD, self.state_settings.mad_floor)
+        self._calibrating = False
+
+    # ------------------------------------------------------------------ the hot path
+    def step(self, chunk: Chunk) -> State:
+        """Process one chunk; returns the state after its last sample."""
+        n = chunk.n_samples
+        if n == 0:
+            return self._state
+        raw = chunk.data if self._eeg_all else chunk.data[:, self._eeg_idx]
+        finite = np.isfinite(raw)
+        nonfinite = None
+        if finite.all():
+            filled = raw
+            self._last_finite[:] = raw[-1]
+        else:
+            nonfinite = ~finite
+            filled = fill_nonfinite(np.array(raw, dtype=np.float64), finite, self._last_finite)
+        filt = self._pre.filter(filled)
+        ref = self._pre.reference(filt)
+        art = self._art.process(raw, filt, ref, nonfinite)
+        x = ref[:, self._used_idx]
+        t = chunk.timestamps
+        m = self._machine
+        m.transitions.clear()
+        if self._pending_label is not None:
+            m.set(self._pending_label, float(t[0]))
+            self._pending_label = None
+
+        k = 0  # first sample with a calibrated label machine
+        if self._calibrating:
+            k = self._collect(x, art)
+            if self._calibrating:  # still collecting: the whole chunk is calibration
+                power = self._bp.process(x, art)
+                k = n
+            else:  # finished at sample k - 1: samples k.. are labelled
+                p1 = self._bp.process(x[:k], art[:k])
+                self._finish(self._cal_x[: self._cal_len], self._cal_art[: self._cal_len],
+                             replace=True)
+                p2 = self._bp.process(x[k:], art[k:])
+                power = np.concatenate([p1, p2])  # same shape: individual bands only move edges
+                m.set(Label.NON_TARGET, float(t[k - 1]))
+        else:
+            power = self._bp.process(x, art)
+
+        feats = to_output(power[-1], self.bandpower_settings.output)
+        self._latest = feats
+        bi, gi = self._feat_idx
+        if m.label in (Label.UNCALIBRATED, Label.CALIBRATING):
+            self._feat_now = feats[bi, gi]
+            self._z_now[:] = _NAN
+            self._score_now = _NAN
+        elif k < n:
+            fs = to_output(power[k:], self.bandpower_settings.output)[:, bi, gi]  # (n-k, F)
+            z = (fs - self._median) / self._scale
+            score = z @ self._weights
+            m.run(score, art[k:], t[k:])
+            self._feat_now = fs[-1]
+            self._z_now = z[-1]
+            self._score_now = float(score[-1])
+
+        t_last = float(t[-1])
+        if self._t_last == self._t_last:  # not nan: account time per label
+            self._time_in_label[self._state.label.value] += t_last - self._t_last
+        self._t_last = t_last
+        self._seen += n
+        self._state = State(
+            t_stream=t_last,
+            label=m.label,
+            score=self._score_now,
+            time_in_state_s=t_last - m.t_changed if m.t_changed == m.t_changed else 0.0,
+            dwell_progress=m.dwell_progress if m.label in (Label.NON_TARGET, Label.TARGET)
+            else 0.0,
+            features=dict(zip(self.feature_names, self._feat_now.tolist())),
+            z=dict(zip(self.feature_names, self._z_now.tolist())) if self.calibrated else {},
+            artifacts=self._art.reasons,
+        )
+        return self._state
+
+    def _collect(self, x: np.ndarray, art: np.ndarray) -> int:
+        """Store calibration samples; returns how many of this block's samples it consumed
+        (n, or the index just after the sample that completed the calibration)."""
+        n = x.shape[0]
+        i = max(0, min(n, self._warmup_n - self._seen))  # skip the warm-up
+        cap = self._cal_x.shape[0]
+        need = self._target_n
+        while i < n:
+            space = cap - self._cal_len
+            take = min(n - i, space)
+            clean = ~art[i : i + take]
+            pos = self._cal_len + np.arange(take)
+            counted = clean & (pos >= self._settle_n)
+            cum = self._cal_clean + np.cumsum(counted)
+            hit = np.flatnonzero(cum >= need)
+            if hit.size:
+                take = int(hit[0]) + 1
+            self._cal_x[self._cal_len : self._cal_len + take] = x[i : i + take]
+            self._cal_art[self._cal_len : self._cal_len + take] = art[i : i + take]
+            self._cal_len += take
+            self._cal_clean = int(cum[take - 1]) if take else self._cal_clean
+            i += take
+            if hit.size:
+                self._calibrating = False
+                return i
+            if self._cal_len >= cap:  # buffer full: finish with half, else start over
+                if self._cal_clean >= need // 2:
+                    self._calibrating = False
+                    return i
+                self._cal_len = 0
+                self._cal_clean = 0
+        return n
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def state(self) -> State:
+        """The latest State (before any data: uncalibrated, t_stream nan)."""
+        return self._state
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self._baseline)
+
+    @property
+    def calibrating(self) -> bool:
+        return self._calibrating
+
+    @property
+    def calibration_progress(self) -> float:
+        """0..1: clean calibration samples collected over calibration_s (1.0 once calibrated)."""
+        if self.calibrated:
+            return 1.0
+        if not self._calibrating:
+            return 0.0
+        return min(1.0, self._cal_clean / self._target_n)
+
+    @property
+    def baseline(self) -> dict[str, tuple[float, float]]:
+        """Feature 'band@group' -> (median, MAD) of the baseline (empty before calibration)."""
+        return dict(self._baseline)
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        return self._machine.enter, self._machine.leave
+
+    def set_thresholds(self, enter: float, leave: float) -> None:
+        """Change enter / leave (ValueError unless enter > leave, both finite)."""
+        if not (np.isfinite(enter) and np.isfinite(leave)):
+            raise ValueError(f"thresholds must be finite (enter={enter}, leave={leave})")
+        if not enter > leave:
+            raise ValueError(f"enter ({enter}) must be above leave ({leave})")
+        self._machine.enter = float(enter)
+        self._machine.leave = float(leave)
+
+    @property
+    def latest_band_powers(self) -> dict[str, float]:
+        """'band@group' -> latest band power (log10 V² or relative, as configured)."""
+        vals = self._latest.ravel().tolist()
+        return dict(zip(self._all_feature_names, vals))
+
+    @property
+    def artifact_flags(self) -> tuple[str, ...]:
+        """Active artifact reasons (incl. hold-off), e.g. ('amplitude:Fp1',)."""
+        return self._art.reasons
+
+    @property
+    def last_transitions(self) -> tuple[tuple[float, Label], ...]:
+        """(t_stream, new label) of every label change inside the latest chunk, in order."""
+        return tuple(self._machine.transitions)
+
+    @property
+    def time_in_label(self) -> dict[str, float]:
+        """Stream seconds spent in each label since construction / reset()."""
+        return dict(self._time_in_label)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {g: list(c) for g, c in self._groups.items()}

@@ -1,0 +1,453 @@
+"""Settings of the feature stages (pydantic v2), validated once against a stream's channels and rate.
+
+The lead composes these four models into the session config as the YAML sections `preprocess`,
+`bandpower`, `artifacts` and `state`. Each model has `validate_for(ch_names, sfreq) -> list[str]`
+that returns every problem with its key path (empty list: fine); `validate_feature_settings(...)`
+runs all four and raises `FeatureConfigError` listing them.
+
+Defaults work on a 10-20 montage: default channel groups and default state features keep only the
+channels that exist in the stream ("where those channels exist"); channels that a config names
+explicitly and that are missing are errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Default bands (Hz), half-open [lo, hi). Gamma stops at 45 Hz to stay clear of 50 Hz mains.
+DEFAULT_BANDS_HZ: dict[str, tuple[float, float]] = {
+    "delta": (1.0, 4.0),
+    "theta": (4.0, 8.0),
+    "alpha": (8.0, 13.0),
+    "beta": (13.0, 30.0),
+    "gamma": (30.0, 45.0),
+}
+# Default groups; with the defaults a group keeps only the channels present in the stream.
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
+    "frontal_midline": ("Fz", "FCz"),
+    "posterior": ("Pz", "O1", "Oz", "O2"),
+}
+# Band edges relative to the individual alpha peak (IAF), Klimesch-style; at IAF = 10 Hz they give
+# the default theta 4-8 Hz and alpha 8-13 Hz.
+DEFAULT_INDIVIDUAL_BANDS_REL_HZ: dict[str, tuple[float, float]] = {
+    "theta": (-6.0, -2.0),
+    "alpha": (-2.0, 3.0),
+}
+# Channel names that are never EEG (case-insensitive), used when no eeg_mask is given.
+DEFAULT_NON_EEG_NAMES: tuple[str, ...] = (
+    "counter", "marker", "markers", "trigger", "trig", "stim", "sti 014", "status",
+    "accel", "accel_x", "accel_y", "accel_z", "timestamp", "sample_index",
+)
+
+
+class FeatureConfigError(ValueError):
+    """One or more feature settings do not fit the stream; `errors` lists them with key paths."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("invalid feature settings:\n  " + "\n  ".join(self.errors))
+
+
+def _missing_channel_msg(path: str, name: str, ch_names: Sequence[str]) -> str:
+    have = ", ".join(ch_names[:40]) + (" ..." if len(ch_names) > 40 else "")
+    close = difflib.get_close_matches(name, list(ch_names), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{path}: channel '{name}' not in stream (have: {have}){hint}"
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PreprocessSettings(_Base):
+    """Causal re-reference, notch and high-pass, applied to EEG channels only."""
+
+    reference: Literal["average", "none"] | list[str] = Field(
+        "average",
+        description="'average' (mean of EEG channels), 'none', or a list of channel names whose "
+        "mean is subtracted (e.g. ['M1', 'M2']).",
+    )
+    notch_hz: Literal[50, 60] | None = Field(
+        50, description="Mains frequency to notch out (50 or 60 Hz), or null for no notch."
+    )
+    notch_harmonics: int = Field(
+        3, ge=1, le=10,
+        description="Number of notched multiples of notch_hz (1 = fundamental only); multiples at "
+        "or above Nyquist are skipped.",
+    )
+    notch_q: float = Field(30.0, gt=0, description="Quality factor of each notch (width f0/Q).")
+    highpass_hz: float | None = Field(
+        0.5, gt=0, description="High-pass cut-off (Hz) removing drift and DC, or null for none."
+    )
+    highpass_order: int = Field(2, ge=1, le=8, description="Butterworth order of the high-pass.")
+    exclude: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NON_EEG_NAMES),
+        description="Channel names (case-insensitive) never treated as EEG when the chain gets no "
+        "explicit eeg_mask, e.g. the simulator's 'counter' channel.",
+    )
+
+    def validate_for(self, ch_names: Sequence[str], sfreq: float) -> list[str]:
+        errors: list[str] = []
+        nyq = sfreq / 2.0
+        if isinstance(self.reference, list):
+            if not self.reference:
+                errors.append("preprocess.reference: empty channel list (use 'none' for no "
+                              "re-reference)")
+            errors.extend(
+                _missing_channel_msg(f"preprocess.reference[{i}]", name, ch_names)
+                for i, name in enumerate(self.reference)
+                if name not in ch_names
+            )
+        if self.notch_hz is not None and self.notch_hz >= nyq:
+            errors.append(f"preprocess.notch_hz: {self.notch_hz} Hz at or above Nyquist "
+                          f"({nyq:g} Hz)")
+        if self.highpass_hz is not None and self.highpass_hz >= nyq:
+            errors.append(f"preprocess.highpass_hz: {self.highpass_hz} Hz at or above Nyquist "
+                          f"({nyq:g} Hz)")
+        return errors
+
+    def notch_freqs(self, sfreq: float) -> list[float]:
+        """Notched frequencies (Hz) below Nyquist."""
+        if self.notch_hz is None:
+            return []
+        freqs = [self.notch_hz * k for k in range(1, self.notch_harmonics + 1)]
+        return [float(f) for f in freqs if f < sfreq / 2.0 * 0.98]
+
+
+class BandPowerSettings(_Base):
+    """Band power per (channel group, band)."""
+
+    method: Literal["iir", "welch"] = Field(
+        "iir",
+        description="'iir': band-pass, square, exponential smoothing (low latency); 'welch': "
+        "sliding Hann-windowed Welch PSD integrated over the band (reference).",
+    )
+    bands: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_BANDS_HZ),
+        description="Band name -> [lo, hi] in Hz (half-open, lo < hi).",
+    )
+    groups: dict[str, list[str]] | None = Field(
+        None,
+        description="Group name -> channel names. Null: the defaults frontal_midline (Fz, FCz) and "
+        "posterior (Pz, O1, Oz, O2), each filtered to channels present; explicit names must exist.",
+    )
+    smoothing_s: float = Field(
+        0.5, gt=0, description="iir: time constant (s) of the exponential power smoothing."
+    )
+    iir_order: int = Field(
+        2, ge=1, le=8,
+        description="iir: Butterworth band-pass order per edge (the filter has 2x this order).",
+    )
+    window_s: float = Field(2.0, gt=0, description="welch: sliding window length (s).")
+    hop_s: float = Field(0.1, gt=0, description="welch: recompute every hop_s seconds.")
+    segment_s: float = Field(
+        1.0, gt=0, description="welch: segment length (s) inside the window (<= window_s)."
+    )
+    segment_overlap: float = Field(
+        0.5, ge=0.0, lt=1.0, description="welch: overlap of segments as a fraction of segment_s."
+    )
+    output: Literal["log", "relative"] = Field(
+        "log",
+        description="'log': log10 of band power (V²); 'relative': band power / sum over all "
+        "configured bands of the same group.",
+    )
+    individual_alpha: bool = Field(
+        False,
+        description="Shift bands to the individual alpha peak found in the calibration data.",
+    )
+    alpha_search_hz: tuple[float, float] = Field(
+        (7.0, 14.0), description="Where to look for the individual alpha peak (Hz)."
+    )
+    alpha_group: str | None = Field(
+        None,
+        description="Group used to find the alpha peak; null: 'posterior' if present, else the "
+        "first group.",
+    )
+    individual_bands: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_INDIVIDUAL_BANDS_REL_HZ),
+        description="Band name -> [lo, hi] relative to the alpha peak (Hz), used when "
+        "individual_alpha is on.",
+    )
+
+    @field_validator("bands", "individual_bands")
+    @classmethod
+    def _bands_ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (lo, hi) in v.items():
+            if not lo < hi:
+                raise ValueError(f"band '{name}': lo ({lo}) must be below hi ({hi})")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> BandPowerSettings:
+        if not self.bands:
+            raise ValueError("bands: at least one band is needed")
+        for name, (lo, _hi) in self.bands.items():
+            if lo <= 0:
+                raise ValueError(f"bands.{name}: lo must be above 0 Hz (got {lo})")
+        if self.segment_s > self.window_s:
+            raise ValueError(f"segment_s ({self.segment_s}) must not exceed window_s "
+                             f"({self.window_s})")
+        if self.groups is not None:
+            for name, chans in self.groups.items():
+                if not chans:
+                    raise ValueError(f"groups.{name}: empty channel list")
+        return self
+
+    def resolved_groups(self, ch_names: Sequence[str]) -> dict[str, list[str]]:
+        """Group -> channels actually used. Default groups are filtered to channels present."""
+        if self.groups is not None:
+            return {g: list(c) for g, c in self.groups.items()}
+        out = {g: [c for c in chans if c in ch_names] for g, chans in DEFAULT_GROUPS.items()}
+        return {g: c for g, c in out.items() if c}
+
+    def validate_for(self, ch_names: Sequence[str], sfreq: float) -> list[str]:
+        errors: list[str] = []
+        nyq = sfreq / 2.0
+        for name, (lo, hi) in self.bands.items():
+            if hi >= nyq:
+                errors.append(f"bandpower.bands.{name}: {hi:g} Hz above Nyquist ({nyq:g} Hz)")
+        if self.groups is not None:
+            for g, chans in self.groups.items():
+                errors.extend(
+                    _missing_channel_msg(f"bandpower.groups.{g}", c, ch_names)
+                    for c in chans
+                    if c not in ch_names
+                )
+        elif not self.resolved_groups(ch_names):
+            want = ", ".join(c for chans in DEFAULT_GROUPS.values() for c in chans)
+            errors.append(f"bandpower.groups: none of the default group channels ({want}) is in "
+                          f"the stream; configure groups explicitly (have: {', '.join(ch_names)})")
+        if self.method == "welch":
+            if round(self.segment_s * sfreq) < 8:
+                errors.append(f"bandpower.segment_s: {self.segment_s} s is under 8 samples")
+            if round(self.hop_s * sfreq) < 1:
+                errors.append(f"bandpower.hop_s: {self.hop_s} s is under one sample")
+            df = 1.0 / self.segment_s
+            for name, (lo, hi) in self.bands.items():
+                if hi - lo < df:
+                    errors.append(f"bandpower.bands.{name}: {hi - lo:g} Hz wide, narrower than "
+                                  f"the welch resolution {df:g} Hz (raise segment_s)")
+        if self.individual_alpha:
+            resolved = self.resolved_groups(ch_names)
+            if self.alpha_group is not None and self.alpha_group not in resolved:
+                errors.append(f"bandpower.alpha_group: '{self.alpha_group}' is not a group "
+                              f"(have: {', '.join(resolved)})")
+            for name in self.individual_bands:
+                if name not in self.bands:
+                    errors.append(f"bandpower.individual_bands.{name}: not in bandpower.bands")
+            lo_s, hi_s = self.alpha_search_hz
+            if not lo_s < hi_s or hi_s >= nyq:
+                errors.append(f"bandpower.alpha_search_hz: [{lo_s}, {hi_s}] must be ordered and "
+                              f"below Nyquist ({nyq:g} Hz)")
+        return errors
+
+
+class ArtifactSettings(_Base):
+    """Per-sample artifact checks; a flag holds for holdoff_s after the last offending sample."""
+
+    enabled: bool = Field(True, description="Run the artifact checks at all.")
+    channels: list[str] | None = Field(
+        None, description="Channels checked; null: all EEG channels."
+    )
+    amplitude_uv: float | None = Field(
+        100.0, gt=0,
+        description="|preprocessed sample| above this (µV) flags 'amplitude' (blinks, movement).",
+    )
+    flat_uv: float | None = Field(
+        0.5, gt=0,
+        description="RMS of the preprocessed signal over flat_window_s below this (µV) flags 'flat'.",
+    )
+    flat_window_s: float = Field(
+        1.0, gt=0, description="Time constant (s) of the RMS used by the flat check."
+    )
+    rail_uv: float | None = Field(
+        180_000.0, gt=0,
+        description="|raw sample| at or above this (µV) flags 'rail' (OpenBCI Cyton rails at "
+        "±187.5 mV with gain 24).",
+    )
+    muscle_ratio: float | None = Field(
+        0.35, gt=0, lt=1,
+        description="Power in muscle_band_hz over power in broadband_hz above this flags 'muscle'.",
+    )
+    muscle_band_hz: tuple[float, float] = Field(
+        (30.0, 45.0), description="High-frequency band (Hz) where EMG dominates EEG."
+    )
+    broadband_hz: tuple[float, float] = Field(
+        (1.0, 45.0), description="Reference band (Hz) of the muscle ratio."
+    )
+    muscle_smoothing_s: float = Field(
+        0.25, gt=0, description="Time constant (s) of the power smoothing in the muscle check."
+    )
+    holdoff_s: float = Field(
+        1.0, ge=0, description="A flag stays on this long (s) after the last offending sample."
+    )
+
+    def validate_for(self, ch_names: Sequence[str], sfreq: float) -> list[str]:
+        errors: list[str] = []
+        nyq = sfreq / 2.0
+        if self.channels is not None:
+            if not self.channels:
+                errors.append("artifacts.channels: empty list (use null for all EEG channels)")
+            errors.extend(
+                _missing_channel_msg(f"artifacts.channels[{i}]", c, ch_names)
+                for i, c in enumerate(self.channels)
+                if c not in ch_names
+            )
+        if self.muscle_ratio is not None:
+            for key in ("muscle_band_hz", "broadband_hz"):
+                lo, hi = getattr(self, key)
+                if not 0 < lo < hi:
+                    errors.append(f"artifacts.{key}: [{lo}, {hi}] must satisfy 0 < lo < hi")
+                elif hi >= nyq:
+                    errors.append(f"artifacts.{key}: {hi:g} Hz above Nyquist ({nyq:g} Hz)")
+        return errors
+
+
+class FeatureRef(_Base):
+    """One term of the state score: weight * robust_z(band power of band in group)."""
+
+    group: str = Field(..., description="Channel group name (bandpower.groups).")
+    band: str = Field(..., description="Band name (bandpower.bands).")
+    weight: float = Field(1.0, description="Weight in the score; negative to reward low power.")
+
+    @property
+    def name(self) -> str:
+        return f"{self.band}@{self.group}"
+
+
+DEFAULT_STATE_FEATURES: tuple[FeatureRef, ...] = (
+    FeatureRef(group="frontal_midline", band="theta", weight=1.0),
+    FeatureRef(group="posterior", band="alpha", weight=1.0),
+)
+
+
+class StateSettings(_Base):
+    """Baseline calibration, robust z scores, weighted score, hysteresis and dwell."""
+
+    target_name: str = Field(
+        "meditation", description="Name of the target state, shown to operators and in logs."
+    )
+    features: list[FeatureRef] | None = Field(
+        None,
+        description="Score terms. Null: theta@frontal_midline and alpha@posterior (weight 1 each), "
+        "keeping those whose group exists.",
+    )
+    calibration_s: float = Field(
+        60.0, gt=0, description="Artifact-free seconds of baseline to collect."
+    )
+    calibration_max_s: float = Field(
+        180.0, gt=0,
+        description="Give up collecting after this long (s): finish if at least half of "
+        "calibration_s is clean, else restart the calibration.",
+    )
+    auto_calibrate: bool = Field(
+        True, description="Start calibrating on the first data (after warmup_s)."
+    )
+    warmup_s: float = Field(
+        2.0, ge=0, description="Seconds after start/reset ignored while filters settle."
+    )
+    settle_s: float | None = Field(
+        None, ge=0,
+        description="Seconds at the start of the calibration data left out of the baseline while "
+        "the band-power estimator settles; null: 3 x smoothing_s (iir) or window_s (welch).",
+    )
+    enter: float = Field(1.0, description="Score above this (held for dwell_s) enters the target.")
+    leave: float = Field(0.5, description="Score below this leaves the target (leave < enter).")
+    dwell_s: float = Field(
+        1.0, ge=0, description="Seconds the score must stay above enter before entering."
+    )
+    leave_dwell_s: float = Field(
+        0.0, ge=0, description="Seconds the score must stay below leave before leaving."
+    )
+    mad_floor: float = Field(
+        1e-6, gt=0,
+        description="Lower bound of the scaled MAD so that a constant feature gives finite z.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StateSettings:
+        if not self.enter > self.leave:
+            raise ValueError(f"enter ({self.enter}) must be above leave ({self.leave})")
+        if self.calibration_max_s < self.calibration_s:
+            raise ValueError(f"calibration_max_s ({self.calibration_max_s}) must be at least "
+                             f"calibration_s ({self.calibration_s})")
+        if self.features is not None and not self.features:
+            raise ValueError("features: empty list (use null for the defaults)")
+        return self
+
+    def resolved_features(self, groups: dict[str, list[str]]) -> list[FeatureRef]:
+        """Score terms actually used; the defaults keep only groups that exist."""
+        if self.features is not None:
+            return list(self.features)
+        return [f for f in DEFAULT_STATE_FEATURES if f.group in groups]
+
+    def validate_for(
+        self, ch_names: Sequence[str], sfreq: float, bandpower: BandPowerSettings | None = None
+    ) -> list[str]:
+        """Without `bandpower` only what needs no band/group names is checked (the lead's
+        config check should pass the session's bandpower section)."""
+        errors: list[str] = []
+        if bandpower is None:
+            return errors
+        bp = bandpower
+        groups = bp.resolved_groups(ch_names)
+        feats = self.resolved_features(groups)
+        if not feats:
+            errors.append("state.features: no default feature has its group in the stream "
+                          f"(groups: {', '.join(groups) or 'none'}); configure state.features")
+        if self.features is not None:
+            for i, f in enumerate(self.features):
+                if f.group not in groups:
+                    errors.append(f"state.features[{i}].group: '{f.group}' is not a group "
+                                  f"(have: {', '.join(groups)})")
+                if f.band not in bp.bands:
+                    errors.append(f"state.features[{i}].band: '{f.band}' is not a band "
+                                  f"(have: {', '.join(bp.bands)})")
+        if all(f.weight == 0 for f in feats) and feats:
+            errors.append("state.features: all weights are zero")
+        return errors
+
+
+def validate_feature_settings(
+    ch_names: Sequence[str],
+    sfreq: float,
+    preprocess: PreprocessSettings,
+    bandpower: BandPowerSettings,
+    artifacts: ArtifactSettings,
+    state: StateSettings,
+) -> None:
+    """Raise FeatureConfigError listing every problem of the four sections for this stream."""
+    errors = (
+        preprocess.validate_for(ch_names, sfreq)
+        + bandpower.validate_for(ch_names, sfreq)
+        + artifacts.validate_for(ch_names, sfreq)
+        + state.validate_for(ch_names, sfreq, bandpower)
+    )
+    if errors:
+        raise FeatureConfigError(errors)
+
+
+def load_feature_settings(
+    yaml_path: str | Path,
+) -> tuple[PreprocessSettings, BandPowerSettings, ArtifactSettings, StateSettings]:
+    """Read the sections preprocess / bandpower / artifacts / state of a YAML file.
+
+    A stand-in for tests; the session config layer (closedloop.config) replaces it.
+    """
+    import yaml  # local: only this helper needs it
+
+    with Path(yaml_path).open(encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    if "features" in doc and isinstance(doc["features"], dict):
+        doc = doc["features"]
+    return (
+        PreprocessSettings.model_validate(doc.get("preprocess") or {}),
+        BandPowerSettings.model_validate(doc.get("bandpower") or {}),
+        ArtifactSettings.model_validate(doc.get("artifacts") or {}),
+        StateSettings.model_validate(doc.get("state") or {}),
+    )
