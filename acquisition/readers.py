@@ -14,6 +14,7 @@ EEGLAB export need pybv / eeglabio, which this environment does not have: asking
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import warnings
 from collections.abc import Callable
@@ -151,7 +152,7 @@ def _finish(raw: mne.io.BaseRaw, *, fix_types: bool) -> mne.io.BaseRaw:
 # Format readers (each returns a Raw; errors are wrapped by load_recording)
 
 
-def _read_fif(path: Path) -> mne.io.BaseRaw:
+def _read_fif(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     return mne.io.read_raw_fif(path, preload=True, verbose="error")
 
 
@@ -187,26 +188,37 @@ def _check_edf_size(path: Path, bytes_per_sample: int) -> None:
         )
 
 
-def _read_edf(path: Path) -> mne.io.BaseRaw:
+def _read_edf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     _check_edf_size(path, 2)
     return mne.io.read_raw_edf(path, preload=True, verbose="error")
 
 
-def _read_bdf(path: Path) -> mne.io.BaseRaw:
+def _read_bdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     _check_edf_size(path, 3)
     return mne.io.read_raw_bdf(path, preload=True, verbose="error")
 
 
-def _read_gdf(path: Path) -> mne.io.BaseRaw:
+def _read_gdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     return mne.io.read_raw_gdf(path, preload=True, verbose="error")
 
 
-def _read_brainvision(path: Path) -> mne.io.BaseRaw:
+def _read_brainvision(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     return mne.io.read_raw_brainvision(path, preload=True, verbose="error")
 
 
-def _read_eeglab(path: Path) -> mne.io.BaseRaw:
+def _read_eeglab(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     return mne.io.read_raw_eeglab(path, preload=True, verbose="error")
+
+
+class _Collect(logging.Handler):
+    """Keep log records (pyxdf reports corruption only through logging)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _xdf_text(info: dict, key: str, default: str = "") -> str:
@@ -238,7 +250,7 @@ def _n_samples(stream: dict) -> int:
     return 0 if ts is None else len(ts)
 
 
-def _read_xdf(path: Path) -> mne.io.BaseRaw:
+def _read_xdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     import pyxdf  # noqa: PLC0415 - only needed for XDF
 
     # Check the magic ourselves: pyxdf leaves the file open when it rejects a non-XDF file.
@@ -247,7 +259,25 @@ def _read_xdf(path: Path) -> mne.io.BaseRaw:
     compressed = path.name.lower().endswith(".xdfz")
     if (compressed and magic[:2] != b"\x1f\x8b") or (not compressed and magic != b"XDF:"):
         raise RecordingError(path, f"not an XDF file (starts with {magic!r}, expected b'XDF:')")
-    streams, header = pyxdf.load_xdf(str(path), handle_clock_resets=True, verbose=False)
+    # pyxdf logs corruption (a chopped-off chunk, a bad length) at ERROR level and carries on
+    # with what it could read; collect those records instead of letting them print.
+    log = logging.getLogger("pyxdf.pyxdf")
+    collect = _Collect()
+    propagate = log.propagate
+    log.addHandler(collect)
+    log.propagate = False
+    try:
+        streams, header = pyxdf.load_xdf(str(path), handle_clock_resets=True, verbose=False)
+    finally:
+        log.removeHandler(collect)
+        log.propagate = propagate
+    errors = [r.getMessage() for r in collect.records if r.levelno >= logging.ERROR]
+    if errors and strict:
+        raise RecordingError(
+            path,
+            f"XDF file is corrupt or truncated (pyxdf: {errors[0]}); "
+            "load_recording(path, strict=False) keeps what could be read",
+        )
     if not streams:
         raise RecordingError(path, "XDF file holds no streams")
 
@@ -355,11 +385,22 @@ def _read_xdf(path: Path) -> mne.io.BaseRaw:
 
 
 _OPENBCI_RATE = re.compile(r"^%\s*sample rate\s*=\s*([0-9.]+)", re.I)
+_OPENBCI_NCH = re.compile(r"^%\s*number of channels\s*=\s*([0-9]+)", re.I)
 
 
-def _read_openbci(path: Path) -> mne.io.BaseRaw:
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_openbci(path: Path, strict: bool = True) -> mne.io.BaseRaw:
+    """OpenBCI GUI raw text: v5/v6 (a column header row) or v3/v4 (no header row)."""
     sfreq = None
-    header_row = None
+    n_declared = None
+    first_row = None
     n_header = 0
     with path.open("r", encoding="utf-8", errors="replace") as fid:
         first = fid.readline()
@@ -367,27 +408,43 @@ def _read_openbci(path: Path) -> mne.io.BaseRaw:
             raise RecordingError(path, "text file is not an OpenBCI GUI raw recording")
         n_header = 1
         for line in fid:
-            n_header += 1
             if line.startswith("%"):
+                n_header += 1
                 m = _OPENBCI_RATE.match(line)
                 if m:
                     sfreq = float(m.group(1))
+                m = _OPENBCI_NCH.match(line)
+                if m:
+                    n_declared = int(m.group(1))
                 continue
-            header_row = [c.strip() for c in line.split(",")]
+            first_row = [c.strip() for c in line.split(",")]
             break
     if sfreq is None or sfreq <= 0:
         raise RecordingError(path, "OpenBCI header has no '%Sample Rate = ... Hz' line")
-    if header_row is None:
-        raise RecordingError(path, "OpenBCI file has no column header row")
-    exg = [i for i, c in enumerate(header_row) if c.lower().startswith("exg channel")]
-    if not exg:
-        raise RecordingError(path, "OpenBCI file has no 'EXG Channel' columns")
-    col = {c.lower(): i for i, c in enumerate(header_row)}
-    extra = {
-        "sample_index": col.get("sample index"),
-        "timestamp": col.get("timestamp"),
-        "marker": col.get("marker channel"),
-    }
+    if first_row is None or first_row == [""]:
+        raise RecordingError(path, "OpenBCI file has a header but no samples")
+    if _is_number(first_row[0]):
+        # v3/v4: SampleIndex, EXG x n, [accel x 3], [formatted time], [unix ms] - no names.
+        numeric = [i for i, c in enumerate(first_row) if _is_number(c)]
+        n_exg = n_declared or (len(numeric) - 4 if len(numeric) >= 6 else len(numeric) - 1)
+        if n_exg < 1 or n_exg + 1 > len(first_row):
+            raise RecordingError(path, "cannot tell the EXG columns of this OpenBCI file")
+        exg = list(range(1, n_exg + 1))
+        last = len(first_row) - 1
+        unix = last if _is_number(first_row[last]) and float(first_row[last]) > 1e9 else None
+        extra = {"sample_index": 0, "timestamp": unix, "marker": None}
+    else:
+        header_row = first_row
+        n_header += 1
+        exg = [i for i, c in enumerate(header_row) if c.lower().startswith("exg channel")]
+        if not exg:
+            raise RecordingError(path, "OpenBCI file has no 'EXG Channel' columns")
+        col = {c.lower(): i for i, c in enumerate(header_row)}
+        extra = {
+            "sample_index": col.get("sample index"),
+            "timestamp": col.get("timestamp"),
+            "marker": col.get("marker channel"),
+        }
     usecols = exg + [i for i in extra.values() if i is not None]
     table = np.loadtxt(
         path, delimiter=",", skiprows=n_header, usecols=usecols, ndmin=2, dtype=np.float64
@@ -424,11 +481,11 @@ def _read_openbci(path: Path) -> mne.io.BaseRaw:
     return raw
 
 
-def _read_text(path: Path) -> mne.io.BaseRaw:
-    return _read_openbci(path)
+def _read_text(path: Path, strict: bool = True) -> mne.io.BaseRaw:
+    return _read_openbci(path, strict)
 
 
-READ_FORMATS: dict[str, tuple[str, Callable[[Path], mne.io.BaseRaw]]] = {
+READ_FORMATS: dict[str, tuple[str, Callable[[Path, bool], mne.io.BaseRaw]]] = {
     ".fif": ("FIF", _read_fif),
     ".fif.gz": ("FIF", _read_fif),
     ".edf": ("EDF", _read_edf),
@@ -457,11 +514,13 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def load_recording(path: str | Path) -> mne.io.BaseRaw:
+def load_recording(path: str | Path, *, strict: bool = True) -> mne.io.BaseRaw:
     """Read a recording into a preloaded Raw (EEG in volts, annotations kept, names cleaned).
 
     Raises RecordingError(path, problem) for a missing, empty, truncated, corrupt or
     unknown-format file; the original exception is chained as ``__cause__``.
+    strict=False (XDF only): keep what pyxdf could read from a corrupt or chopped-off file
+    (e.g. a recorder that crashed mid-chunk) instead of raising.
     """
     path = Path(path)
     ext = _suffix(path)
@@ -480,7 +539,7 @@ def load_recording(path: str | Path) -> mne.io.BaseRaw:
         with warnings.catch_warnings():
             # Reader warnings (odd header fields, ...) are not errors for us; failures raise.
             warnings.simplefilter("ignore")
-            raw = reader(path)
+            raw = reader(path, strict)
             if raw.n_times == 0:
                 raise RecordingError(path, f"{fmt} file holds no samples")
             raw.load_data(verbose="error")

@@ -71,10 +71,19 @@ def test_picks_order_and_counter_exact(raw):
     np.testing.assert_array_equal(data[:, 0], raw.get_data(picks="Oz")[0])
 
 
+def _with(raw: mne.io.BaseRaw, edit) -> mne.io.RawArray:
+    data = raw.get_data()
+    edit(data)
+    out = mne.io.RawArray(data, raw.info, verbose="error")
+    return out.set_annotations(raw.annotations)
+
+
 def test_nan_injection_gives_nonfinite(raw):
-    bad = raw.copy()
-    bad._data[1, 1000:1003] = np.nan
-    bad._data[2, 2000] = np.inf
+    def edit(d):
+        d[1, 1000:1003] = np.nan
+        d[2, 2000] = np.inf
+
+    bad = _with(raw, edit)
     src = FileSource(bad, chunk_size=100, t0=10.0).connect()
     hits = [(c.timestamps[0], e) for c in src for e in c.events if e.kind == HealthKind.NONFINITE]
     assert len(hits) == 2
@@ -89,8 +98,7 @@ def test_nan_injection_gives_nonfinite(raw):
 
 
 def test_nan_spanning_chunks_reported_per_chunk(raw):
-    bad = raw.copy()
-    bad._data[0, 95:105] = np.nan
+    bad = _with(raw, lambda d: d.__setitem__((0, slice(95, 105)), np.nan))
     src = FileSource(bad, chunk_size=10).connect()
     flagged = [c.timestamps[0] * 250 for c in src if any(e.kind == "nonfinite" for e in c.events)]
     assert flagged == pytest.approx([90, 100])
@@ -153,3 +161,20 @@ def test_bad_arguments(raw, tmp_path):
         FileSource(raw, picks=["nope"])
     with pytest.raises(RecordingError, match="not found"):
         FileSource(tmp_path / "missing.fif")
+
+
+def test_cropped_raw_annotations_in_stream_time():
+    """A Raw whose first sample is not at meas_date (first_samp > 0): onsets stay correct."""
+    full = simulate(60.0, 200.0, ["Fz", "Oz"], seed=9)
+    cropped = full.copy().crop(tmin=13.0)
+    assert cropped.first_samp == 2600
+    src = FileSource(cropped, t0=1000.0)
+    ann = cropped.annotations  # onsets still count from meas_date; mne clipped the straddlers
+    assert ann.orig_time is not None
+    assert ann.onset[0] == pytest.approx(13.0)
+    assert list(src.annotations.description) == list(ann.description)
+    np.testing.assert_allclose(src.annotations.onset, 1000.0 + ann.onset - 13.0, atol=1e-9)
+    assert src.annotations.onset[0] == pytest.approx(1000.0)
+    first = next(iter(src))
+    assert first.data[0, -1] == 2600  # the counter says which sample this is
+    assert first.timestamps[0] == 1000.0

@@ -44,7 +44,8 @@ def _varlen(n: int) -> bytes:
 
 def write_xdf(path: Path, streams: list[dict], datetime: str = "2026-01-01T12:00:00+0000") -> Path:
     """streams: dicts with name, type, srate, fmt ('float32'|'double64'|'string'), labels,
-    units (optional), types (optional), data (n, ch) array or list of str lists, stamps (n,)."""
+    units (optional), types (optional), data (n, ch) array or list of str lists, stamps (n,),
+    clock_offsets (optional list of (collection_time, offset_s))."""
     out = bytearray(b"XDF:")
     out += _chunk(1, f"<?xml version='1.0'?><info><version>1.0</version>"
                      f"<datetime>{datetime}</datetime></info>".encode())  # fmt: skip
@@ -67,21 +68,23 @@ def write_xdf(path: Path, streams: list[dict], datetime: str = "2026-01-01T12:00
         out += _chunk(2, struct.pack("<I", sid) + xml.encode())
     for sid, s in enumerate(streams, start=1):
         stamps = np.asarray(s["stamps"], dtype=float)
-        if stamps.size == 0:
-            continue
-        body = bytearray(struct.pack("<I", sid) + _varlen(stamps.size))
-        if s["fmt"] == "string":
-            for ts, values in zip(stamps, s["data"], strict=True):
-                body += b"\x08" + struct.pack("<d", ts)
-                for v in values:
-                    raw = v.encode()
-                    body += _varlen(len(raw)) + raw
-        else:
-            dtype = {"float32": "<f4", "double64": "<f8"}[s["fmt"]]
-            values = np.asarray(s["data"], dtype=dtype)
-            for ts, row in zip(stamps, values, strict=True):
-                body += b"\x08" + struct.pack("<d", ts) + row.tobytes()
-        out += _chunk(3, bytes(body))
+        for collected, offset in s.get("clock_offsets", ()):
+            out += _chunk(4, struct.pack("<Idd", sid, collected, offset))
+        for start in range(0, stamps.size, 100):  # 100-sample chunks, as LabRecorder does
+            block = slice(start, min(start + 100, stamps.size))
+            body = bytearray(struct.pack("<I", sid) + _varlen(stamps[block].size))
+            if s["fmt"] == "string":
+                for ts, values in zip(stamps[block], s["data"][block], strict=True):
+                    body += b"\x08" + struct.pack("<d", ts)
+                    for v in values:
+                        raw = v.encode()
+                        body += _varlen(len(raw)) + raw
+            else:
+                dtype = {"float32": "<f4", "double64": "<f8"}[s["fmt"]]
+                values = np.asarray(s["data"], dtype=dtype)[block]
+                for ts, row in zip(stamps[block], values, strict=True):
+                    body += b"\x08" + struct.pack("<d", ts) + row.tobytes()
+            out += _chunk(3, bytes(body))
     for sid, s in enumerate(streams, start=1):
         stamps = np.asarray(s["stamps"], dtype=float)
         first = stamps[0] if stamps.size else 0.0
@@ -236,6 +239,52 @@ def test_xdf_without_eeg_type_takes_fastest_numeric(tmp_path):
     raw = load_recording(write_xdf(tmp_path / "x.xdf", [slow, fast]))
     assert raw.info["sfreq"] == 400.0
     assert raw.n_times == 400
+
+
+def test_xdf_clock_offsets_align_markers(tmp_path):
+    """The marker stream's clock runs 2 s behind: pyxdf's synchronisation must correct it."""
+    eeg = _eeg_stream(n=1000) | {"clock_offsets": [(1000.0 + k, 0.0) for k in range(5)]}
+    markers = {
+        "name": "mk", "type": "Markers", "srate": 0, "fmt": "string", "labels": ["m"],
+        "data": [["go"]], "stamps": [998.5],
+        "clock_offsets": [(998.0 + k, 2.0) for k in range(5)],
+    }  # fmt: skip
+    raw = load_recording(write_xdf(tmp_path / "x.xdf", [eeg, markers]))
+    assert list(raw.annotations.description) == ["go"]
+    assert raw.annotations.onset[0] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_xdf_truncated_strict_and_lenient(tmp_path):
+    full = write_xdf(tmp_path / "full.xdf", [_eeg_stream(n=1000)])
+    cut = tmp_path / "cut.xdf"
+    cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.55)])
+    err = _assert_error(cut, "corrupt or truncated")
+    assert "strict=False" in err.problem
+    raw = load_recording(cut, strict=False)
+    assert 300 <= raw.n_times < 1000  # the complete 100-sample chunks before the cut
+    assert raw.n_times % 100 == 0
+
+
+def test_openbci_v4_headerless(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(500):
+        exg = ", ".join(f"{v:.2f}" for v in rng.standard_normal(8) * 30)
+        rows.append(f"{i % 256}, {exg}, 0.000, 0.000, 0.000, 18:51:16.059, {1557936053329 + 4 * i}")
+    p = tmp_path / "OpenBCI-RAW-v4.txt"
+    p.write_text(
+        "%OpenBCI Raw EEG Data\n%Number of channels = 8\n%Sample Rate = 250.0 Hz\n"
+        "%First Column = SampleIndex\n%Last Column = Timestamp\n"
+        "%Other Columns = EEG data in microvolts followed by Accel Data (in G) interleaved with "
+        "Aux Data\n" + "\n".join(rows) + "\n"
+    )
+    raw = load_recording(p)
+    assert raw.ch_names == ["Fp1", "Fp2", "C3", "C4", "P7", "P8", "O1", "O2", "sample_index"]
+    assert raw.n_times == 500
+    assert raw.info["sfreq"] == 250.0
+    first = np.array([float(v) for v in rows[0].split(",")[1:9]]) * 1e-6
+    np.testing.assert_allclose(raw.get_data(picks="eeg")[:, 0], first)
+    assert raw.info["meas_date"].year == 2019
 
 
 # --- real files -------------------------------------------------------------------------------
