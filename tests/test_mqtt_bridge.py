@@ -6,7 +6,10 @@ separate client, as from an operator's console.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import pwd
 import shutil
 import signal
 import ssl
@@ -67,6 +70,10 @@ def running_bridge(
     finally:
         bridge.stop(5.0)
     assert bridge.stats["errors"] == 0, bridge.stats["last_error"]
+
+
+def _user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def jsons(sub: Subscriber, topic: str) -> list[dict]:
@@ -455,3 +462,56 @@ def test_last_will_says_offline_when_the_process_is_killed(broker: Broker) -> No
     assert will.retain
     assert will.json() == {"v": 1, "kind": "health", "session": "s1", "status": "offline",
                            "reason": "connection_lost", "data": {}}
+
+
+def test_documented_broker_config_works(tmp_path: Path) -> None:
+    """docs/mosquitto/mosquitto.conf + acl, with paths moved to tmp_path: TLS, passwords, ACL."""
+    binary = require_mosquitto()
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd not installed")
+    certs = _make_certs(tmp_path)
+    port = free_port()
+    conf_text = (ROOT / "docs" / "mosquitto" / "mosquitto.conf").read_text()
+    pw_file, acl_file = tmp_path / "passwd", tmp_path / "acl"
+    pw_file.write_text("")
+    for user, password in {"closedloop": "s3ssion", "console": "c0nsole"}.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(pw_file), user, password], check=True)
+    acl_file.write_text(ACL_FILE.read_text())
+    (tmp_path / "persist").mkdir()
+    for old, new in {
+        "listener 8883": f"listener {port} 127.0.0.1",
+        "/etc/mosquitto/certs/ca.crt": str(certs["ca"]),
+        "/etc/mosquitto/certs/server.crt": str(certs["cert"]),
+        "/etc/mosquitto/certs/server.key": str(certs["key"]),
+        "/etc/mosquitto/passwd": str(pw_file),
+        "/etc/mosquitto/acl": str(acl_file),
+        "/var/lib/mosquitto/": f"{tmp_path / 'persist'}/",
+    }.items():
+        assert old in conf_text
+        conf_text = conf_text.replace(old, new)
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(conf_text + f"user {_user()}\n")
+    broker = Broker(binary, conf, tmp_path / "broker.log", port)
+    broker.start()
+    control = FakeControl()
+    try:
+        with running_bridge(broker, control=control, username="closedloop",
+                            password="s3ssion",
+                            tls={"enabled": True, "ca_file": certs["ca"]}) as bridge:
+
+            async def send() -> None:
+                async with aiomqtt.Client(
+                    broker.host, port, username="console", password="c0nsole",
+                    protocol=aiomqtt.ProtocolVersion.V5, timeout=5,
+                    tls_params=aiomqtt.TLSParameters(ca_certs=str(certs["ca"])),
+                ) as client:
+                    await client.publish(f"{BASE}/cmd", command("disarm", 1), qos=1)
+
+            asyncio.run(send())
+            deadline = time.monotonic() + 5.0
+            while not control.calls and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert control.calls == [("disarm", "mqtt:console")]
+            assert bridge.stats["commands_accepted"] == 1
+    finally:
+        broker.stop()

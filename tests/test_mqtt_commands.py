@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -272,3 +274,16 @@ def test_payloads_become_strict_json() -> None:
     assert back["arr"] == [0, 1, 2]
     assert back["i"] == 7
     assert back["f"] is None
+
+
+def test_documented_command_example_is_accepted() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "mqtt.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", docs, flags=re.DOTALL)
+    example = next(b for b in blocks if '"cmd"' in b and '"kind"' not in b)
+    expires = json.loads(example)["expires"]
+    proc, control, _ = make(clock=Clock(expires - 5.0))
+    assert proc.handle(example.encode(), retain=False).ok
+    assert control.calls == [("set_thresholds", 1.5, 0.5, "mqtt:console-1")]
+    for block in blocks:  # the telemetry examples are strict JSON with the envelope
+        doc = json.loads(block)
+        assert doc["v"] == 1
