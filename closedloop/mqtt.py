@@ -11,7 +11,7 @@ Topics (``{prefix}/{session}/...``; payload schema in docs/mqtt.md):
 - ``health``      QoS 1, retained; ``{"status": "online", ...}``; the last will (and a graceful
                   stop) publish ``{"status": "offline"}`` there.
 - ``thresholds``  QoS 1, retained: the active (enter, leave).
-- ``interlock``   QoS 1, retained: the interlock state and the reason of its last change.
+- ``interlock``   QoS 1, retained: every interlock transition (state, reason), in order.
 - ``cmd``         subscribed, QoS 1: remote commands (see `CommandProcessor`).
 - ``reply``       QoS 1: one reply per received command, accepted or refused with a reason.
 
@@ -142,7 +142,7 @@ class MqttSettings(BaseModel):
         "clock); it also bounds how long a captured command could be replayed.",
     )
     queue_max: int = Field(
-        1000, ge=1, le=1_000_000, description="Outgoing attempt/reply messages held while the "
+        1000, ge=1, le=1_000_000, description="Attempt/interlock/reply messages held while the "
         "broker is unreachable; beyond it the oldest are dropped and counted.",
     )
     client_id: str = Field(
@@ -608,7 +608,7 @@ class MqttBridge:
         return {
             "connected": self.connected,
             "sent": self._sent,
-            "dropped": self._dropped,  # outbox full: oldest attempt/reply dropped
+            "dropped": self._dropped,  # outbox full: oldest attempt/interlock/reply dropped
             "superseded": self._superseded,  # unsent state/health replaced by a newer one
             "queued": len(self._outbox),
             "bus_dropped": self._sub.dropped if self._sub is not None else 0,
@@ -787,8 +787,8 @@ class MqttBridge:
                 self._set_latest(topics.health, self._health_doc("online", event=event), 1, True)
             elif kind == "thresholds":
                 self._set_latest(topics.thresholds, self._event_doc(event), 1, True)
-            elif kind == "interlock":
-                self._set_latest(topics.interlock, self._event_doc(event), 1, True)
+            elif kind == "interlock":  # every transition, in order; the last one retained
+                self._enqueue(_Outgoing(topics.interlock, self._event_doc(event), 1, True))
         if self._pending_state is not None and self._state_period_s > 0.0 and (
             final or now >= self._next_state_t
         ):
@@ -824,7 +824,7 @@ class MqttBridge:
 
     def _requeue(self, msg: _Outgoing) -> None:
         """Put back a message whose publish failed (QoS 1 is at least once anyway)."""
-        if msg.topic in (self.topics.attempt, self.topics.reply):
+        if msg.topic in (self.topics.attempt, self.topics.reply, self.topics.interlock):
             if len(self._outbox) >= self.settings.queue_max:
                 self._dropped += 1
                 return

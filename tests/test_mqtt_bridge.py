@@ -98,6 +98,7 @@ def test_telemetry_reaches_an_independent_subscriber(broker: Broker) -> None:
                 if i == 75:
                     bus.emit("thresholds", enter=1.5, leave=0.5)
                     bus.emit("interlock", state="armed", reason="gui_button")
+                    bus.emit("interlock", state="refractory", reason="pulse 3")
                     bus.emit("health", effective_sfreq=250.0, gaps=0, latency_p99_ms=2.0)
                 time.sleep(max(0.0, t0 + (i + 1) * 0.01 - time.monotonic()))
             elapsed_s = time.monotonic() - t0
@@ -125,8 +126,9 @@ def test_telemetry_reaches_an_independent_subscriber(broker: Broker) -> None:
     assert [m.json()["data"] for m in thresholds] == [{"enter": 1.0, "leave": 0.5},
                                                        {"enter": 1.5, "leave": 0.5}]
     assert all(m.retain for m in thresholds)
-    assert sub.on(f"{BASE}/interlock")[-1].json()["data"] == {"state": "armed",
-                                                              "reason": "gui_button"}
+    transitions = [i["data"] for i in jsons(sub, f"{BASE}/interlock")]
+    assert transitions == [{"state": "armed", "reason": "gui_button"},
+                           {"state": "refractory", "reason": "pulse 3"}]  # none conflated
     health = jsons(sub, f"{BASE}/health")
     assert health[0]["status"] == "online"
     online = [h for h in health if h["status"] == "online" and "effective_sfreq" in h["data"]]
@@ -142,6 +144,7 @@ def test_telemetry_reaches_an_independent_subscriber(broker: Broker) -> None:
     assert set(retained) == {f"{BASE}/health", f"{BASE}/thresholds", f"{BASE}/interlock"}
     assert retained[f"{BASE}/health"]["status"] == "offline"
     assert retained[f"{BASE}/thresholds"]["data"] == {"enter": 1.5, "leave": 0.5}
+    assert retained[f"{BASE}/interlock"]["data"]["state"] == "refractory"
     assert bridge.stats["sent"] >= len(attempts) + n_state_live
     assert bridge.stats["dropped"] == 0
 
