@@ -1,4 +1,4 @@
-"""Shared helpers for LSL tests: unique names, test recordings, a replayer subprocess, pull loops."""
+"""LSL test helpers: unique names, test recordings, a replayer subprocess, pull loops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LslSource against real LSL outlets on this machine (hand-made, our replayer, mne-lsl's player)."""
+"""LslSource against real LSL outlets on this machine (hand-made, our replayer, mne-lsl)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pylsl
 import pytest
+from mne_lsl.player import PlayerLSL
 
 from acquisition.chunk import FAULT_KINDS, HealthKind
 from acquisition.lsl_source import (
@@ -266,8 +267,6 @@ def test_pull_timeout_returns_as_soon_as_data_arrives():
 
 @pytest.mark.lsl
 def test_reads_mne_lsl_player():
-    from mne_lsl.player import PlayerLSL
-
     name = new_stream_name("mnelsl")
     raw = make_recording(duration_s=3.0)
     player = PlayerLSL(raw, chunk_size=10, n_repeat=1, name=name, source_id=name)
