@@ -351,10 +351,13 @@ def _read_xdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
 
     raw = mne.io.RawArray(data.T, mne.create_info(labels, sfreq, ch_types), verbose="error")
 
-    # Marker streams (string format or irregular rate) -> annotations relative to the EEG start.
-    t0 = times[0]
-    duration = data.shape[0] / sfreq
-    onsets, descs = [], []
+    # Marker streams (string format or irregular rate) -> annotations. A marker's onset is the
+    # sample position of its timestamp on the EEG's own timestamps, so markers after a gap in
+    # the EEG (lost samples) stay on the right sample.
+    n = data.shape[0]
+    positions = np.arange(n, dtype=np.float64)
+    t_end = times[-1] + 1.0 / sfreq
+    onsets, durations, descs = [], [], []
     for s in streams:
         if s is stream or _n_samples(s) == 0:
             continue
@@ -364,13 +367,22 @@ def _read_xdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
         if not is_marker:
             continue
         for value, ts in zip(s["time_series"], s["time_stamps"], strict=True):
-            onset = float(ts) - t0
-            if 0.0 <= onset < duration:
+            if times[0] <= ts < t_end:
                 item = value[0] if isinstance(value, list | tuple | np.ndarray) else value
-                onsets.append(onset)
+                pos = np.interp(ts, times, positions, right=n - 1 + (ts - times[-1]) * sfreq)
+                onsets.append(pos / sfreq)
+                durations.append(0.0)
                 descs.append(str(item))
+    # Steps in the EEG timestamps above 2 sample periods: samples were lost there. pyxdf's
+    # dejittering fits lines per segment (new segment after a 1 s / 500-sample break), so only
+    # such breaks survive it; shorter losses are smoothed into the fit and cannot be seen.
+    steps = np.diff(times)
+    for k in np.flatnonzero(steps > 2.0 / sfreq):
+        onsets.append((k + 1) / sfreq)
+        durations.append(0.0)
+        descs.append(f"BAD_xdf_gap {steps[k] - 1.0 / sfreq:.3f} s")
     if onsets:
-        raw.set_annotations(mne.Annotations(onsets, np.zeros(len(onsets)), descs))
+        raw.set_annotations(mne.Annotations(onsets, durations, descs))
     # pyxdf reports the file header's datetime (when the recorder wrote it) for reference only.
     when = _xdf_text(header.get("info", {}), "datetime")
     if when:

@@ -241,6 +241,22 @@ def test_xdf_without_eeg_type_takes_fastest_numeric(tmp_path):
     assert raw.n_times == 400
 
 
+def test_xdf_gap_in_eeg_keeps_markers_on_their_samples(tmp_path):
+    eeg = _eeg_stream(n=1000)
+    eeg["stamps"] = np.concatenate([1000 + np.arange(500) / 250, 1005 + np.arange(500) / 250])
+    markers = {
+        "name": "mk", "type": "Markers", "srate": 0, "fmt": "string", "labels": ["m"],
+        "data": [["before"], ["after"]], "stamps": [1001.0, 1006.0],
+    }  # fmt: skip
+    raw = load_recording(write_xdf(tmp_path / "x.xdf", [eeg, markers]))
+    ann = dict(zip(raw.annotations.description, raw.annotations.onset, strict=True))
+    assert ann["before"] == pytest.approx(250 / 250.0, abs=1e-6)
+    assert ann["after"] == pytest.approx(750 / 250.0, abs=1e-6)  # sample 750, not 6 s
+    gaps = [d for d in ann if d.startswith("BAD_xdf_gap")]
+    assert gaps == ["BAD_xdf_gap 3.000 s"]
+    assert ann[gaps[0]] == pytest.approx(2.0)
+
+
 def test_xdf_clock_offsets_align_markers(tmp_path):
     """The marker stream's clock runs 2 s behind: pyxdf's synchronisation must correct it."""
     eeg = _eeg_stream(n=1000) | {"clock_offsets": [(1000.0 + k, 0.0) for k in range(5)]}
