@@ -12,6 +12,7 @@ Topics (``{prefix}/{session}/...``; payload schema in docs/mqtt.md):
                   stop) publish ``{"status": "offline"}`` there.
 - ``thresholds``  QoS 1, retained: the active (enter, leave).
 - ``interlock``   QoS 1, retained: every interlock transition (state, reason), in order.
+- ``event``       QoS 1: other session events (emergency_stop, calibration, session, error).
 - ``cmd``         subscribed, QoS 1: remote commands (see `CommandProcessor`).
 - ``reply``       QoS 1: one reply per received command, accepted or refused with a reason.
 
@@ -68,6 +69,8 @@ MAX_SENDERS = 256  # command senders remembered for replay protection
 MAX_PAYLOAD_BYTES = 4096  # a command is a few hundred bytes; larger ones are refused unparsed
 RAISE_ENV = "CLOSEDLOOP_RAISE"  # set (as the tests do): bridge bugs end the thread loudly
 
+# Bus event kinds forwarded as they are to the `event` topic (the session publishes them).
+EVENT_KINDS = frozenset({"emergency_stop", "calibration", "session", "error"})
 COMMANDS = frozenset(
     {"disarm", "emergency_stop", "set_thresholds", "start_calibration", "stop_calibration", "arm"}
 )
@@ -142,8 +145,8 @@ class MqttSettings(BaseModel):
         "clock); it also bounds how long a captured command could be replayed.",
     )
     queue_max: int = Field(
-        1000, ge=1, le=1_000_000, description="Attempt/interlock/reply messages held while the "
-        "broker is unreachable; beyond it the oldest are dropped and counted.",
+        1000, ge=1, le=1_000_000, description="Attempt/interlock/event/reply messages held "
+        "while the broker is unreachable; beyond it the oldest are dropped and counted.",
     )
     client_id: str = Field(
         "", description="MQTT client id; empty: closedloop-{session}-{random}."
@@ -197,6 +200,7 @@ class Topics:
     health: str
     thresholds: str
     interlock: str
+    event: str
     cmd: str
     reply: str
 
@@ -511,7 +515,7 @@ class MqttBridge:
         control: SessionControl,
         session_id: str | None = None,
     ) -> None:
-        session = session_id or settings.session_id
+        session = settings.session_id or session_id  # an explicit mqtt.session_id wins
         if not session or not _TOPIC_LEVEL_RE.match(session):
             raise ValueError(
                 f"session id {session!r}: give one (letters, digits, '_', '.', '-')"
@@ -519,6 +523,8 @@ class MqttBridge:
         self.settings = settings
         self.session_id = session
         self.topics = Topics.of(settings.topic_prefix, session)
+        t = self.topics
+        self._fifo_topics = frozenset({t.attempt, t.interlock, t.event, t.reply})
         self.client_id = settings.client_id or f"closedloop-{session}-{uuid.uuid4().hex[:8]}"
         self._bus = bus
         self._control = control
@@ -562,7 +568,7 @@ class MqttBridge:
         self._reset()
         self._sub = self._bus.subscribe(
             "mqtt", maxlen=BUS_QUEUE_LEN,
-            kinds={"state", "attempt", "health", "interlock", "thresholds"},
+            kinds={"state", "attempt", "health", "interlock", "thresholds", *EVENT_KINDS},
         )
         ready = threading.Event()
         self._thread = threading.Thread(
@@ -608,7 +614,7 @@ class MqttBridge:
         return {
             "connected": self.connected,
             "sent": self._sent,
-            "dropped": self._dropped,  # outbox full: oldest attempt/interlock/reply dropped
+            "dropped": self._dropped,  # outbox full: oldest attempt/interlock/event/reply dropped
             "superseded": self._superseded,  # unsent state/health replaced by a newer one
             "queued": len(self._outbox),
             "bus_dropped": self._sub.dropped if self._sub is not None else 0,
@@ -789,6 +795,8 @@ class MqttBridge:
                 self._set_latest(topics.thresholds, self._event_doc(event), 1, True)
             elif kind == "interlock":  # every transition, in order; the last one retained
                 self._enqueue(_Outgoing(topics.interlock, self._event_doc(event), 1, True))
+            elif kind in EVENT_KINDS:
+                self._enqueue(_Outgoing(topics.event, self._event_doc(event), 1, False))
         if self._pending_state is not None and self._state_period_s > 0.0 and (
             final or now >= self._next_state_t
         ):
@@ -824,7 +832,7 @@ class MqttBridge:
 
     def _requeue(self, msg: _Outgoing) -> None:
         """Put back a message whose publish failed (QoS 1 is at least once anyway)."""
-        if msg.topic in (self.topics.attempt, self.topics.reply, self.topics.interlock):
+        if msg.topic in self._fifo_topics:
             if len(self._outbox) >= self.settings.queue_max:
                 self._dropped += 1
                 return

@@ -100,6 +100,9 @@ def test_telemetry_reaches_an_independent_subscriber(broker: Broker) -> None:
                     bus.emit("interlock", state="armed", reason="gui_button")
                     bus.emit("interlock", state="refractory", reason="pulse 3")
                     bus.emit("health", effective_sfreq=250.0, gaps=0, latency_p99_ms=2.0)
+                    bus.emit("calibration", phase="started", source="gui")
+                    bus.emit("emergency_stop", source="gui")
+                    bus.emit("log", text="not forwarded")
                 time.sleep(max(0.0, t0 + (i + 1) * 0.01 - time.monotonic()))
             elapsed_s = time.monotonic() - t0
             assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/attempt")) == len(attempts))
@@ -135,6 +138,12 @@ def test_telemetry_reaches_an_independent_subscriber(broker: Broker) -> None:
     assert online[0]["data"]["effective_sfreq"] == 250.0
     assert health[-1]["status"] == "offline"
     assert health[-1]["reason"] == "stopped"
+
+    events = jsons(sub, f"{BASE}/event")
+    assert [(e["kind"], e["data"]) for e in events] == [
+        ("calibration", {"phase": "started", "source": "gui"}),
+        ("emergency_stop", {"source": "gui"}),
+    ]
 
     # a late subscriber gets the retained picture of the session
     with Subscriber(broker, f"{BASE}/#") as late:

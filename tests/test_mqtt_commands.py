@@ -255,8 +255,10 @@ def test_topics_and_session_id() -> None:
         MqttBridge(MqttSettings(), EventBus(), FakeControl(), session_id="")
     bridge = MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl())
     assert bridge.topics.base == "closedloop/cfg"
-    assert MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl(), "arg").session_id \
-        == "arg"
+    # the session's own id is the default; an explicit mqtt.session_id wins
+    assert MqttBridge(MqttSettings(), EventBus(), FakeControl(), "run-3").session_id == "run-3"
+    assert MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl(), "run-3") \
+        .session_id == "cfg"
 
 
 def test_payloads_become_strict_json() -> None:
