@@ -338,14 +338,30 @@ def save_fif_reproducible(raw: mne.io.BaseRaw, path: str | Path) -> Path:
     return path
 
 
-def write_simulated(path: str | Path, preset_name: str, seed: int | None = None) -> Path:
-    """Simulate preset `preset_name` (see PRESETS) and save it as reproducible float32 FIF."""
+def write_simulated(
+    path: str | Path, preset_name: str, seed: int | None = None, **overrides
+) -> Path:
+    """Simulate preset `preset_name` (see PRESETS) and write it to `path`.
+
+    seed: None uses the preset's seed. overrides: any `simulate` keyword (duration_s, sfreq,
+    montage, alpha_uv_rms, ...), applied on top of the preset.
+    A plain ``.fif`` is written as reproducible float32 FIF (`save_fif_reproducible`: same
+    arguments, same bytes); other names (.fif.gz, .edf, .bdf) go through
+    `acquisition.readers.save_recording` and are not guaranteed byte-stable.
+    """
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     params = dict(PRESETS[preset_name])
     if seed is not None:
         params["seed"] = seed
-    return save_fif_reproducible(simulate(**params), path)
+    params.update(overrides)
+    raw = simulate(**params)
+    path = Path(path)
+    if path.name.lower().endswith(".fif") and not path.name.lower().endswith(".fif.gz"):
+        return save_fif_reproducible(raw, path)
+    from acquisition.readers import save_recording  # noqa: PLC0415 - avoid an import cycle
+
+    return save_recording(raw, path)
 
 
 def replay_data_dir() -> Path:

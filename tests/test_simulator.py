@@ -169,3 +169,15 @@ def test_list_montage_and_errors():
         simulate(10.0, 200.0, "standard_64")
     with pytest.raises(ValueError, match="unknown preset"):
         write_simulated("x.fif", "nope")
+
+
+def test_write_simulated_overrides_and_other_formats(tmp_path):
+    from acquisition.readers import load_recording  # noqa: PLC0415
+
+    path = write_simulated(tmp_path / "short.edf", "sim_4ch_256hz", seed=11, duration_s=12.0)
+    raw = load_recording(path)
+    assert raw.n_times == 12 * 256
+    assert raw.ch_names == ["TP9", "AF7", "AF8", "TP10", "counter"]
+    ref = simulate(12.0, 256.0, "consumer_4", seed=11)
+    err = np.abs(raw.get_data(picks="eeg") - ref.get_data(picks="eeg")).max()
+    assert err < 0.5e-6  # EDF 16-bit quantisation over the channel's range
