@@ -299,9 +299,10 @@ class LslSource:
             )
         inlet = self._open_inlet(found[0])
         full = inlet.info(timeout=self._resolve_timeout_s)
-        inlet.open_stream(timeout=self._resolve_timeout_s)
-        # The first estimate takes ~0.64 s (measured); later calls are instantaneous.
+        # The first estimate takes ~0.64 s (measured); later calls are instantaneous. Subscribe
+        # only afterwards, so the first pull does not start with a 0.64 s backlog.
         self._time_correction = inlet.time_correction(timeout=self._resolve_timeout_s)
+        inlet.open_stream(timeout=self._resolve_timeout_s)
         now = pylsl.local_clock()
         self._next_tc_refresh = now + TIME_CORRECTION_REFRESH_S
         self._inlet = inlet
