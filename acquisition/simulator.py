@@ -125,7 +125,8 @@ def _spectral_noise(rng: np.random.Generator, n: int, n_ch: int, gain: np.ndarra
     spec = rng.standard_normal((n // 2 + 1, n_ch)) + 1j * rng.standard_normal((n // 2 + 1, n_ch))
     spec *= gain[:, None]
     x = np.fft.irfft(spec, n=n, axis=0)
-    x /= x.std(axis=0, keepdims=True)
+    std = x.std(axis=0, keepdims=True)
+    x /= np.where(std > 0, std, 1.0)  # an empty band (e.g. EMG at a low rate) stays zero
     return x
 
 
@@ -189,8 +190,8 @@ def simulate(
     alpha_hz=None draws an individual alpha frequency in 9.5-10.5 Hz from the seed.
     """
     names = montage_channels(montage)
-    if duration_s <= 0 or sfreq <= 0:
-        raise ValueError("duration_s and sfreq must be positive")
+    if duration_s < 1.0 or sfreq < 20.0:
+        raise ValueError(f"need duration_s >= 1 and sfreq >= 20 Hz, got {duration_s}, {sfreq}")
     if first_state not in (STATE_MEDITATION, STATE_MIND_WANDERING):
         raise ValueError(f"first_state must be {STATE_MEDITATION!r} or {STATE_MIND_WANDERING!r}")
     rng = np.random.default_rng(seed)

@@ -167,6 +167,10 @@ def test_list_montage_and_errors():
         simulate(10.0, 200.0, ["Fz", "nonsense"])
     with pytest.raises(ValueError, match="unknown montage"):
         simulate(10.0, 200.0, "standard_64")
+    low = simulate(5.0, 40.0, ["Fz", "T7"], seed=1).get_data()  # EMG band empty at 40 Hz
+    assert np.isfinite(low).all()
+    with pytest.raises(ValueError, match="sfreq >= 20"):
+        simulate(10.0, 10.0, "consumer_4")
     with pytest.raises(ValueError, match="unknown preset"):
         write_simulated("x.fif", "nope")
 
