@@ -419,7 +419,8 @@ def test_broker_restart_changes_no_pulse_timing_and_telemetry_resumes(broker: Br
     print(f"pulse lateness ms: up p50 {np.median(up):.3f} p99 {np.percentile(up, 99):.3f} "
           f"max {up.max():.3f}; down p50 {np.median(down):.3f} p99 "
           f"{np.percentile(down, 99):.3f} max {down.max():.3f}; bus.emit max "
-          f"{max(emit_s) * 1e6:.0f} us; states after restart {len(back)}; stats {stats}")
+          f"{max(emit_s) * 1e6:.0f} us; states after restart {len(back)}, first after "
+          f"{(back[0].t - t_restart) if back else float('nan'):.3f} s; stats {stats}")
     # the firing path ran on schedule the whole time: no tick lost, same lateness while down
     assert len(down) >= 0.8 * 1.5 / period_s
     assert np.median(down) <= np.median(up) + 1.0
