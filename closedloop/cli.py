@@ -20,7 +20,7 @@ EPILOG = """examples:
   closedloop run --config configs/default.yaml      live session on an LSL stream
   closedloop offline replay_data/sim_32ch_500hz.fif --config configs/default.yaml
   closedloop replay replay_data/sim_32ch_500hz.fif --loop forever
-  closedloop simulate out.fif --preset standard_32 --seed 1
+  closedloop simulate out.fif --preset sim_4ch_256hz --seed 1
 """
 
 
@@ -66,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(p)
 
     p = sub.add_parser("simulate", help="write a synthetic EEG recording with labelled states")
-    p.add_argument("out", type=Path, help="output file (.fif)")
-    p.add_argument("--preset", default="standard_32", help="standard_32 (500 Hz) or consumer_4 (256 Hz)")
-    p.add_argument("--duration", type=float, default=180.0, help="seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=Path, nargs="?", default=None,
+                   help="output file (.fif, .edf, .bdf); omit with --regenerate")
+    p.add_argument("--preset", default="sim_32ch_500hz",
+                   help="sim_32ch_500hz (32 ch, 500 Hz) or sim_4ch_256hz (4 ch, 256 Hz)")
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: the preset's)")
+    p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
+    p.add_argument("--regenerate", action="store_true",
+                   help="rewrite the bundled replay_data/*.fif byte for byte")
 
     p = sub.add_parser("check-config", help="validate a session config and exit (0 ok, 2 errors)")
     p.add_argument("config", type=Path)
@@ -196,13 +200,17 @@ def cmd_replay(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from acquisition.simulator import PRESETS, simulate
+    from acquisition.simulator import PRESETS, main as simulator_main, write_simulated
 
+    if args.regenerate:
+        return simulator_main(["--regenerate"])
+    if args.out is None:
+        raise UserError("simulate: give an output file, or --regenerate")
     if args.preset not in PRESETS:
         raise UserError(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-    raw = simulate(duration_s=args.duration, seed=args.seed, **PRESETS[args.preset])
-    raw.save(args.out, overwrite=True, fmt="single", verbose="error")
-    print(f"wrote {args.out} ({raw.info['nchan']} ch, {raw.info['sfreq']:g} Hz, {raw.times[-1]:.0f} s)")
+    overrides = {} if args.duration is None else {"duration_s": args.duration}
+    path = write_simulated(args.out, args.preset, seed=args.seed, **overrides)
+    print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,30 @@
+"""Test-wide set-up: offscreen Qt, loud background errors, shared data location."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("CLOSEDLOOP_RAISE", "1")  # background errors re-raise in tests (STYLE 12)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+REPLAY_DATA = ROOT / "replay_data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data from the project root; skip where it is absent (as on a user's machine)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real recordings folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def unique_name(request) -> str:
+    """A unique LSL stream name / source id for this test."""
+    return f"cltest-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
