@@ -736,9 +736,6 @@ class MqttBridge:
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Run until stop is requested (returns) or the connection breaks (raises)."""
         assert self._stop_requested is not None
-        await client.subscribe(
-            self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True)
-        )
         tasks = [
             asyncio.create_task(self._send_loop(client), name="mqtt-send"),
             asyncio.create_task(self._command_loop(client), name="mqtt-commands"),
@@ -755,16 +752,25 @@ class MqttBridge:
                 raise task.exception()  # type: ignore[misc]
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:
-        """Flush what is queued, then say 'offline' (a graceful DISCONNECT sends no will)."""
+        """Flush what is queued, then say 'offline' (a graceful DISCONNECT sends no will).
+
+        Everything here is bounded by the deadline that `stop(timeout_s)` set, even with a
+        stalled broker: 70 % of it for the queue, the rest for 'offline' and the DISCONNECT.
+        """
         self._drain_bus(time.monotonic(), final=True)
-        budget_s = max(0.1, self._stop_deadline - time.monotonic() - 0.5)
+
+        def remaining_s(share: float = 1.0) -> float:
+            left = min(self._stop_deadline - time.monotonic(), 2 * PUBLISH_TIMEOUT_S)
+            return max(0.05, share * left - 0.2)
+
         with contextlib.suppress(asyncio.TimeoutError, aiomqtt.MqttError):
-            await asyncio.wait_for(self._flush(client), timeout=budget_s)
+            await asyncio.wait_for(self._flush(client), timeout=remaining_s(0.7))
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(
                 self.topics.health, self._health_doc("offline", reason="stopped"),
-                qos=1, retain=True, timeout=min(PUBLISH_TIMEOUT_S, max(0.1, budget_s)),
+                qos=1, retain=True, timeout=remaining_s(),
             )
+        client.timeout = remaining_s()  # bounds the DISCONNECT acknowledgement wait in __aexit__
 
     # -- outgoing -----------------------------------------------------------------------------
 
@@ -862,6 +868,11 @@ class MqttBridge:
     # -- incoming -----------------------------------------------------------------------------
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
+        # Subscribing here (not before the tasks start) lets telemetry flow and a stop
+        # interrupt even while the SUBACK is pending.
+        await client.subscribe(
+            self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True)
+        )
         async for message in client.messages:
             if message.topic.value != self.topics.cmd:
                 continue

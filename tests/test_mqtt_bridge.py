@@ -364,6 +364,25 @@ def test_stalled_broker_bounds_the_queue_and_delivers_the_newest(broker: Broker)
     assert got == sorted(got)
 
 
+def test_stop_is_bounded_with_a_stalled_broker(broker: Broker) -> None:
+    bus = EventBus()
+    with running_bridge(broker, bus=bus, keepalive_s=30) as bridge:
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(2000):  # enough to fill the socket buffers of a frozen broker
+                bus.emit("attempt", pulse_number=i, fired=False, reason="x" * 200)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            bridge.stop(2.0)
+            elapsed_s = time.monotonic() - t0
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+    print(f"stop() with a stalled broker took {elapsed_s:.2f} s; {bridge.stats}")
+    assert elapsed_s < 3.0
+    assert not bridge.connected
+
+
 def test_broker_restart_changes_no_pulse_timing_and_telemetry_resumes(broker: Broker) -> None:
     period_s = 0.01  # a 100 Hz chunk loop: fake pulse + state event each tick
     bus = EventBus()
