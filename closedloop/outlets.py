@@ -36,6 +36,10 @@ class StateOutlet:
         self._sample = np.zeros(len(labels), dtype=np.float32)  # preallocated, reused per chunk
         self._n = len(self.feature_names)
 
+    def __call__(self, chunk, state: State) -> None:
+        """Pipeline tap: push one sample per chunk, stamped with the deciding sample's time."""
+        self.push(state)
+
     def push(self, state: State) -> None:
         s = self._sample
         s[0] = state.score

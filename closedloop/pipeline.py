@@ -7,6 +7,7 @@ the trigger output. Everything slow leaves through the event bus, which never bl
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,10 @@ class Pipeline:
         self.trigger = trigger
         self.bus = bus
         self.live = live
-        self.state_outlet = None  # optional StateOutlet (live sessions publish state over LSL)
+        # Taps: cheap non-blocking callables (chunk, state) run after each decision, e.g. the
+        # state LSL outlet, the GUI's EEG ring buffer, the feedback stream. They run after the
+        # trigger output, so they never delay a pulse; an exception in a tap disarms like any fault.
+        self.taps: list[Callable[[Chunk, State], None]] = []
         self.state: State | None = None
         self.n_samples = 0
         self.n_chunks = 0
@@ -102,8 +106,13 @@ class Pipeline:
         if self.live:
             self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - chunk.t_arrival) * 1e3
             self._n_latency += 1
-        if self.state_outlet is not None:
-            self.state_outlet.push(state)
+        for tap in self.taps:
+            try:
+                tap(chunk, state)
+            except Exception as exc:
+                reason = f"exception in tap {getattr(tap, '__qualname__', tap)}: {exc}"
+                self.trigger.fault(reason, chunk.t_last)
+                self.faults.append(reason)
         if self.bus is not None:
             self.bus.publish(Event("state", _state_payload(state), state.t_stream))
             if attempt is not None:
