@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,10 @@ class MqttSettings(BaseModel):
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
     username: str | None = Field(None, description="Broker user name; None: anonymous.")
     password: SecretStr | None = Field(None, description="Broker password (needs username).")
+    password_env: str | None = Field(
+        None, description="Name of an environment variable holding the password, to keep it "
+        "out of the config file (instead of password).",
+    )
     tls: MqttTlsSettings = Field(default_factory=MqttTlsSettings, description="TLS options.")
     topic_prefix: str = Field(
         "closedloop", description="First topic level(s); topics are {prefix}/{session}/..."
@@ -185,9 +189,23 @@ class MqttSettings(BaseModel):
                 f"reconnect_max_s ({self.reconnect_max_s}) < reconnect_min_s "
                 f"({self.reconnect_min_s})"
             )
-        if self.password is not None and self.username is None:
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("give password or password_env, not both")
+        if (self.password is not None or self.password_env) and self.username is None:
             raise ValueError("password given without username")
         return self
+
+    def resolved_password(self) -> str | None:
+        """The password, from `password` or the `password_env` variable (ValueError if unset)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(f"mqtt.password_env: environment variable {self.password_env} "
+                                 "is not set")
+            return value
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,6 +510,19 @@ class CommandProcessor:
 # --------------------------------------------------------------------------------------------
 
 
+def backoff_delays(
+    min_s: float, max_s: float, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Reconnect sleeps (s): a ceiling doubling from min_s to max_s, each sleep uniform in
+    [min_s, ceiling] ("full jitter": spreads the reconnects of many clients after a broker
+    restart, while the doubling caps the load of a long outage)."""
+    rng = rng or random.Random()
+    ceiling_s = min_s
+    while True:
+        yield rng.uniform(min_s, ceiling_s)
+        ceiling_s = min(ceiling_s * 2.0, max_s)
+
+
 @dataclasses.dataclass(slots=True)
 class _Outgoing:
     topic: str
@@ -526,6 +557,7 @@ class MqttBridge:
         t = self.topics
         self._fifo_topics = frozenset({t.attempt, t.interlock, t.event, t.reply})
         self.client_id = settings.client_id or f"closedloop-{session}-{uuid.uuid4().hex[:8]}"
+        self._password = settings.resolved_password()  # fail here, not in the thread
         self._bus = bus
         self._control = control
         self._commands = CommandProcessor(
@@ -661,12 +693,12 @@ class MqttBridge:
     async def _connection_loop(self) -> None:
         assert self._stop_requested is not None
         s = self.settings
-        delay_s = s.reconnect_min_s
+        delays = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
         while not self._stop_requested.is_set():
             try:
                 async with self._make_client() as client:
                     self._on_connected()
-                    delay_s = s.reconnect_min_s
+                    delays = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
                     await self._serve(client)
                     await self._goodbye(client)
                     return
@@ -682,12 +714,8 @@ class MqttBridge:
                     raise
             finally:
                 self._connected_evt.clear()
-            # Full jitter (AWS architecture blog): spreads reconnects of many clients after a
-            # broker restart; the doubling caps the load of a long outage.
-            sleep_s = random.uniform(s.reconnect_min_s, delay_s)
-            delay_s = min(delay_s * 2.0, s.reconnect_max_s)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop_requested.wait(), timeout=sleep_s)
+                await asyncio.wait_for(self._stop_requested.wait(), timeout=next(delays))
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -703,7 +731,7 @@ class MqttBridge:
             s.host,
             s.port,
             username=s.username,
-            password=s.password.get_secret_value() if s.password is not None else None,
+            password=self._password,
             identifier=self.client_id,
             logger=logging.getLogger(f"{__name__}.client"),
             protocol=aiomqtt.ProtocolVersion.V5,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from closedloop.mqtt import (
     MqttSettings,
     MqttTlsSettings,
     Topics,
+    backoff_delays,
     to_jsonable,
 )
 from features.types import Label, State
@@ -289,3 +291,28 @@ def test_documented_command_example_is_accepted() -> None:
     for block in blocks:  # the telemetry examples are strict JSON with the envelope
         doc = json.loads(block)
         assert doc["v"] == 1
+
+
+def test_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = MqttSettings(username="closedloop", password_env="CLOSEDLOOP_TEST_MQTT_PW")
+    monkeypatch.delenv("CLOSEDLOOP_TEST_MQTT_PW", raising=False)
+    with pytest.raises(ValueError, match="CLOSEDLOOP_TEST_MQTT_PW is not set"):
+        MqttBridge(s, EventBus(), FakeControl(), "s1")
+    monkeypatch.setenv("CLOSEDLOOP_TEST_MQTT_PW", "from-env")
+    assert s.resolved_password() == "from-env"
+    with pytest.raises(ValidationError, match="not both"):
+        MqttSettings(username="u", password="p", password_env="X")
+    with pytest.raises(ValidationError, match="without username"):
+        MqttSettings(password_env="X")
+
+
+def test_backoff_doubles_to_the_ceiling_with_full_jitter() -> None:
+    delays = backoff_delays(0.5, 30.0, random.Random(1))
+    sleeps = [next(delays) for _ in range(400)]
+    ceilings = [min(0.5 * 2**i, 30.0) for i in range(400)]
+    assert all(0.5 <= s <= c for s, c in zip(sleeps, ceilings, strict=True))
+    assert sleeps[0] == 0.5  # the first retry comes soon
+    late = np.array(sleeps[20:])
+    assert late.max() > 25.0  # reaches near the ceiling ...
+    assert late.min() < 5.0  # ... but stays spread out (jitter), so clients do not align
+    assert 12.0 < late.mean() < 18.5  # uniform in [0.5, 30]
