@@ -1,0 +1,179 @@
+"""Validated settings of the trigger stage: policy, safety limits, outputs.
+
+The hard limits below are the TMS safety model (DESIGN.md). No setting may exceed them: a value
+beyond a limit is a validation error naming the limit, never a silent clamp. The interlock checks
+them again at construction (defense in depth against `model_construct`, which skips validation).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HARD_MIN_INTERVAL_S = 1.0    # no two pulses closer than this, whatever the config says
+HARD_MAX_PER_MINUTE = 60     # at most this many pulses in any rolling RATE_WINDOW_S
+HARD_SESSION_CAP = 1800      # at most this many pulses per session
+RATE_WINDOW_S = 60.0         # length of the rolling window of the rate limit
+MAX_PULSE_WIDTH_MS = 100.0   # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
+
+
+class PolicySettings(BaseModel):
+    """When would we like a pulse (the interlock decides whether one may happen)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["dwell_once", "repeat"] = Field(
+        "dwell_once",
+        description="'dwell_once': one request per entry into the target state, after the dwell; "
+        "'repeat': a first request after the dwell, then one every repeat_interval_s (+ jitter) "
+        "while the state holds.",
+    )
+    dwell_s: float = Field(
+        1.0, ge=0.0, le=600.0,
+        description="Stream seconds the target state must hold before the first request.",
+    )
+    repeat_interval_s: float = Field(
+        5.0, ge=HARD_MIN_INTERVAL_S, le=3600.0,
+        description="'repeat' mode: stream seconds between requests (the interlock's minimum "
+        "interval still applies on top).",
+    )
+    jitter_s: float = Field(
+        0.0, ge=0.0, le=60.0,
+        description="'repeat' mode: uniform random delay in [0, jitter_s] added to each interval.",
+    )
+    seed: int = Field(0, description="Seed of the jitter generator (deterministic replays).")
+
+
+class SafetySettings(BaseModel):
+    """Limits of the safety interlock. Defaults are stricter than the hard limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_interval_s: float = Field(
+        3.0,
+        description=f"Minimum seconds between two pulses (hard floor {HARD_MIN_INTERVAL_S} s).",
+    )
+    max_per_minute: int = Field(
+        20,
+        description=f"Maximum pulses in any rolling {RATE_WINDOW_S:g} s "
+        f"(hard ceiling {HARD_MAX_PER_MINUTE}).",
+    )
+    session_cap: int = Field(
+        300, description=f"Maximum pulses per session (hard ceiling {HARD_SESSION_CAP})."
+    )
+    arm_expiry_min: float | None = Field(
+        None, gt=0.0, description="Disarm after this many minutes armed (None: never)."
+    )
+    latency_budget_ms: float = Field(
+        50.0, gt=0.0, le=10_000.0,
+        description="Live mode: veto as 'late' when the deciding chunk arrived longer ago.",
+    )
+    stale_after_s: float = Field(
+        0.5, gt=0.0, le=60.0,
+        description="Veto as 'stale' when the deciding sample is older than this (stream time "
+        "behind the newest seen sample, or live age since arrival).",
+    )
+    require_calibration: bool = Field(
+        True, description="Refuse to arm, and veto, while the estimator has no baseline."
+    )
+
+    @field_validator("min_interval_s")
+    @classmethod
+    def _interval_floor(cls, v: float) -> float:
+        if not v >= HARD_MIN_INTERVAL_S:  # also refuses nan
+            raise ValueError(
+                f"min_interval_s={v} is below the hard limit HARD_MIN_INTERVAL_S="
+                f"{HARD_MIN_INTERVAL_S} s"
+            )
+        return v
+
+    @field_validator("max_per_minute")
+    @classmethod
+    def _rate_ceiling(cls, v: int) -> int:
+        if not 1 <= v <= HARD_MAX_PER_MINUTE:
+            raise ValueError(
+                f"max_per_minute={v} is outside 1..HARD_MAX_PER_MINUTE={HARD_MAX_PER_MINUTE}"
+            )
+        return v
+
+    @field_validator("session_cap")
+    @classmethod
+    def _cap_ceiling(cls, v: int) -> int:
+        if not 1 <= v <= HARD_SESSION_CAP:
+            raise ValueError(f"session_cap={v} is outside 1..HARD_SESSION_CAP={HARD_SESSION_CAP}")
+        return v
+
+
+class SimulatedOutputSettings(BaseModel):
+    """A stimulator that only records the pulses (the demo's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["simulated"] = "simulated"
+    name: str = Field("simulated", description="Name in stats and the audit log.")
+
+
+class SerialOutputSettings(BaseModel):
+    """TTL trigger box on a serial port: write one byte, or pulse the RTS/DTR line."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["serial"] = "serial"
+    name: str = Field("serial", description="Name in stats and the audit log.")
+    port: str = Field(..., min_length=1, description="Device path, e.g. /dev/ttyUSB0 or COM3.")
+    baudrate: int = Field(115_200, gt=0, description="Baud rate of the port.")
+    byte: int = Field(1, ge=0, le=255, description="'data' line: the byte value written.")
+    line: Literal["data", "rts", "dtr"] = Field(
+        "data", description="'data': write `byte`; 'rts'/'dtr': raise the line for width_ms."
+    )
+    width_ms: float = Field(
+        1.0, gt=0.0, le=MAX_PULSE_WIDTH_MS,
+        description="'rts'/'dtr': pulse width in ms (blocks the acquisition thread meanwhile).",
+    )
+    write_timeout_s: float = Field(
+        0.05, gt=0.0, le=5.0, description="A write blocked longer than this is an output error."
+    )
+
+
+class LslMarkerOutputSettings(BaseModel):
+    """An irregular-rate LSL string marker outlet: the record of each pulse."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["lsl_marker"] = "lsl_marker"
+    name: str = Field("lsl_marker", description="Name in stats and the audit log.")
+    stream_name: str = Field("closedloop-pulses", min_length=1, description="LSL stream name.")
+    source_id: str = Field("closedloop-pulses", min_length=1, description="LSL source_id.")
+
+
+class BusOutputSettings(BaseModel):
+    """A 'pulse' event on the event bus (GUI, MQTT); never blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["bus"] = "bus"
+    name: str = Field("bus", description="Name in stats and the audit log.")
+
+
+OutputSpec = Annotated[
+    SimulatedOutputSettings | SerialOutputSettings | LslMarkerOutputSettings | BusOutputSettings,
+    Field(discriminator="kind"),
+]
+
+
+class OutputSettings(BaseModel):
+    """The outputs that fire on each pulse (all of them, in a fixed safe order)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    outputs: list[OutputSpec] = Field(
+        default_factory=lambda: [SimulatedOutputSettings()],
+        description="Outputs; fired in the order serial, simulated, lsl_marker, bus.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> OutputSettings:
+        names = [o.name for o in self.outputs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"output names must be unique; repeated: {dup}")
+        if not self.outputs:
+            raise ValueError("at least one output is needed (e.g. {kind: simulated})")
+        return self
