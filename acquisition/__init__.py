@@ -17,3 +17,21 @@ __all__ += [
     "simulate",
     "write_simulated",
 ]
+
+# Appended by the LSL part (after the __all__ += above, hence E402).
+from acquisition.lsl_source import (  # noqa: E402
+    LslSource,
+    StreamDescription,
+    StreamNotFoundError,
+    list_streams,
+)
+from acquisition.replayer import Replayer, ReplayStats  # noqa: E402
+
+__all__ += [
+    "LslSource",
+    "ReplayStats",
+    "Replayer",
+    "StreamDescription",
+    "StreamNotFoundError",
+    "list_streams",
+]
