@@ -510,6 +510,17 @@ class CommandProcessor:
 # --------------------------------------------------------------------------------------------
 
 
+def _tls_params(s: MqttSettings) -> aiomqtt.TLSParameters | None:
+    if not s.tls.enabled:
+        return None
+    return aiomqtt.TLSParameters(
+        ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+        certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+        keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
+
+
 def backoff_delays(
     min_s: float, max_s: float, rng: random.Random | None = None
 ) -> Iterator[float]:
@@ -719,14 +730,6 @@ class MqttBridge:
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
-        tls_params = None
-        if s.tls.enabled:
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
         return aiomqtt.Client(
             s.host,
             s.port,
@@ -739,7 +742,7 @@ class MqttBridge:
             will=aiomqtt.Will(self.topics.health, self._will_doc(), qos=1, retain=True),
             timeout=CLIENT_TIMEOUT_S,
             keepalive=s.keepalive_s,
-            tls_params=tls_params,
+            tls_params=_tls_params(s),
             tls_insecure=s.tls.insecure if s.tls.enabled else None,
         )
 
@@ -946,3 +949,55 @@ class MqttBridge:
             "ok": result.ok, "reason": result.reason, "detail": result.detail,
             "cmd": result.cmd, "cmd_seq": result.seq, "sender": result.sender,
         })
+
+
+# --------------------------------------------------------------------------------------------
+# Control client side
+# --------------------------------------------------------------------------------------------
+
+
+def build_command(
+    cmd: str, *, sender: str, seq: int | None = None, ttl_s: float = 10.0,
+    args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A command document (see docs/mqtt.md). `seq` defaults to time.time_ns(), which keeps
+    increasing across invocations of the same sender; expiry is now + ttl_s (wall clock)."""
+    if cmd not in COMMANDS:
+        raise ValueError(f"unknown command {cmd!r}; known: {sorted(COMMANDS)}")
+    return {
+        "v": SCHEMA_VERSION, "seq": time.time_ns() if seq is None else seq, "cmd": cmd,
+        "sender": sender, "expires": time.time() + ttl_s, "args": dict(args or {}),
+    }
+
+
+def send_command(
+    settings: MqttSettings, session_id: str, cmd: str, *, sender: str,
+    args: Mapping[str, Any] | None = None, ttl_s: float = 10.0, timeout_s: float = 5.0,
+) -> dict[str, Any] | None:
+    """Publish one command as a control client and wait for its reply's `data` (None when no
+    reply came within timeout_s). Blocking; call it from a thread without a running loop."""
+    doc = build_command(cmd, sender=sender, ttl_s=ttl_s, args=args)
+    topics = Topics.of(settings.topic_prefix, settings.session_id or session_id)
+    s = settings
+
+    password = s.resolved_password()
+
+    async def _go() -> dict[str, Any] | None:
+        async with aiomqtt.Client(
+            s.host, s.port, username=s.username, password=password,
+            protocol=aiomqtt.ProtocolVersion.V5, timeout=timeout_s, tls_params=_tls_params(s),
+            tls_insecure=s.tls.insecure if s.tls.enabled else None,
+        ) as client:
+            await client.subscribe(topics.reply, qos=1)
+            await client.publish(topics.cmd, json.dumps(doc), qos=1)
+            async for message in client.messages:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    data = json.loads(message.payload)["data"]
+                    if data["sender"] == sender and data["cmd_seq"] == doc["seq"]:
+                        return data
+        return None
+
+    try:
+        return asyncio.run(asyncio.wait_for(_go(), timeout=timeout_s))
+    except asyncio.TimeoutError:
+        return None

@@ -6,7 +6,6 @@ separate client, as from an operator's console.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 
 from closedloop.bus import EventBus
-from closedloop.mqtt import MqttBridge, MqttSettings
+from closedloop.mqtt import MqttBridge, MqttSettings, send_command
 from tests.mqtt_broker import (
     Broker,
     FakeControl,
@@ -205,6 +204,24 @@ def test_remote_arm_works_only_when_allowed(broker: Broker) -> None:
         replies = _send_and_wait(broker, sub, [command("arm", 1, sender="op-2")])
     assert replies[0]["ok"]
     assert control.calls == [("arm", "mqtt_remote", "op-2")]
+
+
+def test_send_command_helper_waits_for_the_reply(broker: Broker) -> None:
+    control = FakeControl()
+    console = MqttSettings(host=broker.host, port=broker.port)
+    with running_bridge(broker, control=control):
+        ok = send_command(console, SESSION, "set_thresholds", sender="cli",
+                          args={"enter": 3.0, "leave": 2.0})
+        refused = send_command(console, SESSION, "arm", sender="cli")
+    assert ok is not None
+    assert refused is not None
+    assert (ok["ok"], ok["cmd"], ok["sender"]) == (True, "set_thresholds", "cli")
+    assert (refused["ok"], refused["reason"]) == (False, "remote_arm_disabled")
+    assert control.calls == [("set_thresholds", 3.0, 2.0, "mqtt:cli")]
+    # nobody listening: no reply, and the helper gives up after its timeout
+    t0 = time.monotonic()
+    assert send_command(console, "nobody", "disarm", sender="cli", timeout_s=0.5) is None
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_duplicate_expired_malformed_unknown_and_retained_commands_do_nothing(
@@ -455,7 +472,7 @@ def test_broker_restart_changes_no_pulse_timing_and_telemetry_resumes(broker: Br
 WILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from closedloop.bus import EventBus
-    from closedloop.mqtt import MqttBridge, MqttSettings
+    from closedloop.mqtt import MqttBridge, MqttSettings, send_command
 
     class Control:
         def thresholds(self):
@@ -530,19 +547,12 @@ def test_documented_broker_config_works(tmp_path: Path) -> None:
         with running_bridge(broker, control=control, username="closedloop",
                             password="s3ssion",
                             tls={"enabled": True, "ca_file": certs["ca"]}) as bridge:
-
-            async def send() -> None:
-                async with aiomqtt.Client(
-                    broker.host, port, username="console", password="c0nsole",
-                    protocol=aiomqtt.ProtocolVersion.V5, timeout=5,
-                    tls_params=aiomqtt.TLSParameters(ca_certs=str(certs["ca"])),
-                ) as client:
-                    await client.publish(f"{BASE}/cmd", command("disarm", 1), qos=1)
-
-            asyncio.run(send())
-            deadline = time.monotonic() + 5.0
-            while not control.calls and time.monotonic() < deadline:
-                time.sleep(0.02)
+            console = MqttSettings(host=broker.host, port=port, username="console",
+                                   password="c0nsole",
+                                   tls={"enabled": True, "ca_file": certs["ca"]})
+            reply = send_command(console, SESSION, "disarm", sender="console")
+            assert reply is not None
+            assert reply["ok"], reply
             assert control.calls == [("disarm", "mqtt:console")]
             assert bridge.stats["commands_accepted"] == 1
     finally:

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from closedloop.mqtt import (
     MqttTlsSettings,
     Topics,
     backoff_delays,
+    build_command,
     to_jsonable,
 )
 from features.types import Label, State
@@ -316,3 +318,15 @@ def test_backoff_doubles_to_the_ceiling_with_full_jitter() -> None:
     assert late.max() > 25.0  # reaches near the ceiling ...
     assert late.min() < 5.0  # ... but stays spread out (jitter), so clients do not align
     assert 12.0 < late.mean() < 18.5  # uniform in [0.5, 30]
+
+
+def test_build_command_makes_acceptable_commands() -> None:
+    proc, control, _ = make(clock=Clock(time.time()))
+    first = build_command("disarm", sender="cli", args={"reason": "test"})
+    second = build_command("emergency_stop", sender="cli")
+    assert second["seq"] > first["seq"]  # time_ns: increasing across calls and processes
+    for doc in (first, second):
+        assert proc.handle(json.dumps(doc).encode(), retain=False).ok
+    assert control.calls == [("disarm", "mqtt:cli: test"), ("emergency_stop", "mqtt:cli")]
+    with pytest.raises(ValueError, match="unknown command"):
+        build_command("fire", sender="cli")
