@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 
 import numpy as np
@@ -48,6 +49,10 @@ def make_outlet(
         if units is not None:
             ch.append_child_value("unit", units[k])
     return pylsl.StreamOutlet(info)
+
+
+def n_samples(pulled) -> int:
+    return sum(c.n_samples for c in pulled.chunks)
 
 
 def grid(first: int, n: int, t0: float, sfreq: float = SFREQ) -> list[float]:
@@ -376,3 +381,31 @@ def test_lost_stream_while_waiting_does_not_spin(tmp_path):
         assert n <= 12  # ~6 expected; a spinning loop would make thousands
     finally:
         src.disconnect()
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_frozen_replayer_is_stale_not_lost_and_flows_again(tmp_path):
+    """SIGSTOP keeps the socket open (like a hung amplifier): STALE, then FLOWING on SIGCONT."""
+    name = new_stream_name("frozen")
+    path = save_recording_fif(make_recording(duration_s=2.0), tmp_path)
+    with (
+        replayer_process(path, name, name, "--loop", "forever", log_dir=tmp_path) as rp,
+        LslSource(name=name, source_id=name, stale_after_s=0.3) as src,
+    ):
+        got = pull_until(src, lambda p: n_samples(p) >= 50, 10.0)
+        assert n_samples(got) >= 50
+        rp.proc.send_signal(signal.SIGSTOP)
+        try:
+            frozen = pull_until(src, lambda p: HealthKind.STALE in p.kinds(), 5.0)
+            assert HealthKind.STALE in frozen.kinds()
+            more = pull_until(src, lambda p: False, 1.0)  # stays stale, never LOST
+            assert HealthKind.LOST not in frozen.kinds() + more.kinds()
+        finally:
+            rp.proc.send_signal(signal.SIGCONT)
+        back = pull_until(src, lambda p: HealthKind.FLOWING in p.kinds(), 10.0)
+    assert back.kinds() == [HealthKind.FLOWING]  # the replayer catches up on its grid: no GAP
+    parts = [p.data[:, -1] for p in (got, frozen, more, back) if p.chunks]
+    counter = np.concatenate(parts)
+    assert set(np.diff(counter) % 500) == {1}  # nothing lost while frozen (loops wrap at 500)
