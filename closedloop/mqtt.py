@@ -65,6 +65,7 @@ POLL_S = 0.02  # bus drain period: 20 ms keeps the added telemetry latency below
 BUS_QUEUE_LEN = 4096  # events buffered between two drains (a 20 ms drain sees ~10 at most)
 PUBLISH_TIMEOUT_S = 5.0  # a QoS 1 publish with no PUBACK after this means the link is dead
 CLIENT_TIMEOUT_S = 5.0  # CONNACK / SUBACK / graceful DISCONNECT wait
+THRESHOLDS_RETRY_S = 1.0  # ask a session that is still starting for its thresholds again
 MAX_SENDERS = 256  # command senders remembered for replay protection
 MAX_PAYLOAD_BYTES = 4096  # a command is a few hundred bytes; larger ones are refused unparsed
 RAISE_ENV = "CLOSEDLOOP_RAISE"  # set (as the tests do): bridge bugs end the thread loudly
@@ -583,7 +584,6 @@ class MqttBridge:
         self._stop_requested: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._connected_evt = threading.Event()
-        self._stop_deadline = math.inf
         self._reset()
 
     def _reset(self) -> None:
@@ -601,6 +601,9 @@ class MqttBridge:
         self._connect_failures = 0
         self._errors = 0
         self._last_error = ""
+        self._stop_deadline = math.inf
+        self._thresholds_known = False
+        self._thresholds_retry_t = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -754,15 +757,28 @@ class MqttBridge:
         # Retained topics may be gone (broker restarted without persistence, or our will
         # replaced 'online'): publish them again, from the session's current values.
         self._set_latest(self.topics.health, self._health_doc("online"), qos=1, retain=True)
+        self._thresholds_known = False
+        self._refresh_thresholds(time.monotonic())
+
+    def _refresh_thresholds(self, now: float) -> None:
+        """Publish the session's thresholds (retained) once they exist.
+
+        A session that has not built its pipeline yet refuses with ControlError; the pump asks
+        again every THRESHOLDS_RETRY_S until it answers (later changes come as bus events).
+        """
+        self._thresholds_retry_t = now + THRESHOLDS_RETRY_S
         try:
             enter, leave = self._control.thresholds()
+        except ControlError:
+            return
         except Exception as exc:
             self._note_error(exc, "control.thresholds() failed")
-        else:
-            self._set_latest(
-                self.topics.thresholds, self._doc("thresholds", {"enter": enter, "leave": leave}),
-                qos=1, retain=True,
-            )
+            return
+        self._thresholds_known = True
+        self._set_latest(
+            self.topics.thresholds, self._doc("thresholds", {"enter": enter, "leave": leave}),
+            qos=1, retain=True,
+        )
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Run until stop is requested (returns) or the connection breaks (raises)."""
@@ -829,11 +845,14 @@ class MqttBridge:
                 self._last_health = dict(event.payload)
                 self._set_latest(topics.health, self._health_doc("online", event=event), 1, True)
             elif kind == "thresholds":
+                self._thresholds_known = True
                 self._set_latest(topics.thresholds, self._event_doc(event), 1, True)
             elif kind == "interlock":  # every transition, in order; the last one retained
                 self._enqueue(_Outgoing(topics.interlock, self._event_doc(event), 1, True))
             elif kind in EVENT_KINDS:
                 self._enqueue(_Outgoing(topics.event, self._event_doc(event), 1, False))
+        if not self._thresholds_known and self.connected and now >= self._thresholds_retry_t:
+            self._refresh_thresholds(now)
         if self._pending_state is not None and self._state_period_s > 0.0 and (
             final or now >= self._next_state_t
         ):

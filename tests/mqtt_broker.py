@@ -39,6 +39,7 @@ class FakeControl:
         self.calls: list[tuple[Any, ...]] = []
         self.enter_leave = (1.0, 0.5)
         self.calibrated_enough = True
+        self.running = True
         self.fail_with = fail_with
 
     def _record(self, *call: Any) -> None:
@@ -70,6 +71,8 @@ class FakeControl:
         self._record("stop_calibration", source)
 
     def thresholds(self) -> tuple[float, float]:
+        if not self.running:  # like a Session before its pipeline exists
+            raise ControlError("session not running yet")
         return self.enter_leave
 
 

@@ -157,6 +157,21 @@ def test_telemetry_reaches_an_independent_subscriber(broker: Broker) -> None:
     assert bridge.stats["dropped"] == 0
 
 
+def test_thresholds_published_once_the_session_has_them(broker: Broker) -> None:
+    control = FakeControl()
+    control.running = False  # the bridge starts before the session's pipeline exists
+    with Subscriber(broker, f"{BASE}/thresholds") as sub, running_bridge(
+        broker, control=control
+    ):
+        time.sleep(0.5)
+        assert sub.messages == []
+        control.running = True
+        assert sub.wait_for(lambda m: len(m) == 1, timeout_s=5.0)
+        time.sleep(1.5)  # asked once it answers, then only on bus events
+    assert [m.json()["data"] for m in sub.messages] == [{"enter": 1.0, "leave": 0.5}]
+    assert sub.messages[0].retain
+
+
 def _send_and_wait(broker: Broker, sub: Subscriber, payloads: list[str | bytes],
                    *, retain: bool = False, **auth: Any) -> list[dict]:
     before = len(sub.on(f"{BASE}/reply"))
