@@ -109,7 +109,7 @@ class FeatureChain:
         self._cal_art = np.zeros(self._max_n + self._settle_n, dtype=bool)
         self._machine = LabelMachine(
             state.enter, state.leave, round(state.dwell_s * sfreq),
-            round(state.leave_dwell_s * sfreq),
+            round(state.leave_dwell_s * sfreq), state.resume_after_artifact,
         )
         self.reset()
 
@@ -178,6 +178,7 @@ class FeatureChain:
         m.label = Label.UNCALIBRATED
         m.t_changed = _NAN
         m.above_n = m.below_n = 0
+        m.before_artifact = Label.NON_TARGET
         m.transitions.clear()
         self._latest = np.full((len(self.band_names), len(self._groups)), _NAN)
         self._feat_now = np.full(len(self._feature_refs), _NAN)

@@ -23,10 +23,17 @@ class LabelMachine:
     NON_TARGET -> TARGET after the score stays above `enter` for dwell_n samples;
     TARGET -> NON_TARGET after it stays below `leave` for leave_dwell_n samples (1 = at once);
     any artifact sample -> ARTIFACT (dwell restarts); the first clean sample after it ->
-    NON_TARGET. Stepping per sample makes the label times independent of the chunking.
+    NON_TARGET, or straight back to TARGET when `resume` is on, the label before the artifact was
+    TARGET and the score is still at or above `leave` (the band powers are frozen during an
+    artifact, so the score continues where it was). Stepping per sample makes the label times
+    independent of the chunking.
     """
 
-    def __init__(self, enter: float, leave: float, dwell_n: int, leave_dwell_n: int) -> None:
+    def __init__(
+        self, enter: float, leave: float, dwell_n: int, leave_dwell_n: int, resume: bool = True
+    ) -> None:
+        self.resume = resume
+        self.before_artifact = Label.NON_TARGET
         self.enter = float(enter)
         self.leave = float(leave)
         self.dwell_n = max(1, int(dwell_n))
@@ -44,6 +51,7 @@ class LabelMachine:
             self.label = label
             self.t_changed = t
             self.transitions.append((t, label))
+        self.before_artifact = Label.NON_TARGET
         self.above_n = 0
         self.below_n = 0
 
@@ -59,19 +67,25 @@ class LabelMachine:
         label = self.label
         above, below = self.above_n, self.below_n
         tr = self.transitions
+        resume = self.resume
         target, non_target, art_label = Label.TARGET, Label.NON_TARGET, Label.ARTIFACT
         for s, a, ti in zip(score.tolist(), artifact.tolist(), t.tolist()):
             if a:
                 above = below = 0
                 if label is not art_label:
+                    self.before_artifact = label
                     label = art_label
                     self.t_changed = ti
                     tr.append((ti, label))
                 continue
             if label is art_label:
-                label = non_target
+                if resume and self.before_artifact is target and s >= leave:
+                    label = target
+                else:
+                    label = non_target
                 self.t_changed = ti
                 tr.append((ti, label))
+                continue
             if label is non_target:
                 if s > enter:
                     above += 1
