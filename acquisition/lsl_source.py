@@ -301,11 +301,17 @@ class LslSource:
                 self._not_found_message(f"{len(uids)} LSL streams match (need exactly one)")
             )
         inlet = self._open_inlet(found[0])
-        full = inlet.info(timeout=self._resolve_timeout_s)
-        # The first estimate takes ~0.64 s (measured); later calls are instantaneous. Subscribe
-        # only afterwards, so the first pull does not start with a 0.64 s backlog.
-        self._time_correction = inlet.time_correction(timeout=self._resolve_timeout_s)
-        inlet.open_stream(timeout=self._resolve_timeout_s)
+        try:
+            full = inlet.info(timeout=self._resolve_timeout_s)
+            # The first estimate takes ~0.64 s (measured); later calls are instantaneous.
+            # Subscribe only afterwards, so the first pull does not start with that backlog.
+            self._time_correction = inlet.time_correction(timeout=self._resolve_timeout_s)
+            inlet.open_stream(timeout=self._resolve_timeout_s)
+        except (LslTimeoutError, LostError) as exc:
+            raise StreamNotFoundError(
+                f"found {StreamDescription.from_info(found[0])} but could not open it within "
+                f"{self._resolve_timeout_s:g} s: {exc}"
+            ) from exc
         now = pylsl.local_clock()
         self._next_tc_refresh = now + TIME_CORRECTION_REFRESH_S
         self._inlet = inlet
@@ -446,17 +452,15 @@ class LslSource:
         if not np.isfinite(data).all():
             bad = ~np.isfinite(data)
             first = int(np.argmax(bad.any(axis=1)))
-            chans = [self.ch_names[k] for k in np.flatnonzero(bad.any(axis=0))]
+            chans = [self._require_desc().ch_names[k] for k in np.flatnonzero(bad.any(axis=0))]
             events.append(HealthEvent(
                 HealthKind.NONFINITE, float(timestamps[first]), now,
                 f"{int(bad.sum())} non-finite values in channels {', '.join(chans)}",
             ))
         self._last_sample_local = now
         self._n_received += n
-        return Chunk(
-            data, timestamps, self._require_desc().ch_names, self._desc.sfreq,  # type: ignore[union-attr]
-            tuple(events), now,
-        )
+        desc = self._require_desc()
+        return Chunk(data, timestamps, desc.ch_names, desc.sfreq, tuple(events), now)
 
     def _wait_for_samples(self, inlet: pylsl.StreamInlet, timeout_s: float) -> np.ndarray:
         """Block (in liblsl) until one sample arrives, then take the rest of its chunk.

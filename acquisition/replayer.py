@@ -256,7 +256,9 @@ class Replayer:
 
         self._thread = threading.Thread(target=target, name=f"replayer-{self.name}", daemon=True)
         self._thread.start()
-        self.ready.wait()
+        # A short replay can end (and clear `ready`) before we look: also stop waiting then.
+        while not self.ready.wait(0.05) and self._thread.is_alive():
+            pass
         if self._error is not None:
             self.join()
         return self
