@@ -1,0 +1,508 @@
+"""Audio for the participant: a feedback tone / soft noise, a chime on target entry, guided audio.
+
+Everything is generated here with numpy (no sound files). Where an audio output device exists
+and Qt's multimedia module is installed, `open_feedback_audio` plays through a `QAudioSink`;
+otherwise (CI, headless, or a PySide6 without the Addons wheel, as on the build machine) it
+renders the same synthesis to a WAV file with the stdlib `wave` module, driven by stream time,
+so the file is a faithful record of what the participant would have heard.
+
+Guided audio (a recording played through the session) writes its start, pauses, resumes and end
+as LSL markers (a separate irregular-rate string stream) and as 'guided_audio' bus events.
+Formats: WAV (PCM 8/16/24/32-bit, any channel count) is decoded here with `wave`; OGG / MP3 need
+QtMultimedia's QMediaPlayer (PySide6-Addons), which this environment lacks: such a file is
+refused at construction with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import wave
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pylsl
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.signal import lfilter
+
+WAV_SAMPLE_WIDTH = 2           # bytes: 16-bit PCM output
+INT16_FULL_SCALE = 32767.0
+NOISE_SMOOTH_HZ = 800.0        # one-pole low-pass corner of the "soft noise" (white noise is harsh)
+CHIME_HARMONIC = 2.76          # partial ratio of a small bell (free-free bar mode 2 / mode 1)
+MAX_SEGMENT_S = 1.0            # a gap in the feedback trace longer than this renders as silence
+DECODABLE_HERE = (".wav",)     # guided-audio formats decoded without QtMultimedia
+
+
+class AudioError(RuntimeError):
+    """Audio could not be set up as configured (a clear one-line reason)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ToneSettings(_Strict):
+    """The continuous sound that follows the feedback value (0..1)."""
+
+    enabled: bool = Field(True, description="play a continuous sound that follows the feedback")
+    kind: Literal["sine", "noise"] = Field("sine", description="a pure tone or soft (low-passed) noise")
+    follows: Literal["volume", "pitch"] = Field(
+        "volume", description="what the feedback value drives (noise: volume only)"
+    )
+    freq_hz: float = Field(220.0, gt=20, le=8000, description="tone frequency when following volume")
+    pitch_range_hz: tuple[float, float] = Field(
+        (196.0, 392.0), description="tone frequency at feedback 0 and 1 when following pitch"
+    )
+    volume_range: tuple[float, float] = Field(
+        (0.0, 0.3), description="amplitude (fraction of full scale) at feedback 0 and 1"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ToneSettings:
+        lo, hi = self.volume_range
+        if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
+            raise ValueError(f"volume_range values must be within 0..1, got {self.volume_range}")
+        if not all(20.0 < f <= 8000.0 for f in self.pitch_range_hz):
+            raise ValueError(f"pitch_range_hz must be within 20..8000 Hz, got {self.pitch_range_hz}")
+        if self.kind == "noise" and self.follows == "pitch":
+            raise ValueError("tone.kind 'noise' has no pitch: use follows: volume")
+        return self
+
+
+class ChimeSettings(_Strict):
+    """A short bell-like chime each time the (displayed) state enters the target state."""
+
+    enabled: bool = Field(True, description="chime on entry into the target state")
+    freq_hz: float = Field(880.0, gt=50, le=8000, description="fundamental of the chime")
+    duration_s: float = Field(0.6, gt=0.02, le=5.0, description="length of the chime (s)")
+    volume: float = Field(0.3, ge=0.0, le=1.0, description="peak amplitude (fraction of full scale)")
+
+
+class AudioSettings(_Strict):
+    """Audio feedback: where it goes and what it sounds like."""
+
+    enabled: bool = Field(True, description="audio feedback on or off")
+    output: Literal["auto", "device", "wav"] = Field(
+        "auto",
+        description="'auto': the default audio device if one exists, else a WAV file; 'device': "
+        "refuse to start without a device; 'wav': always render to the WAV file",
+    )
+    sample_rate_hz: int = Field(22050, ge=8000, le=96000, description="synthesis sample rate")
+    wav_name: str = Field(
+        "feedback_audio.wav", pattern=r"^[A-Za-z0-9_.-]+\.wav$",
+        description="file name (in the session folder) of the rendered audio",
+    )
+    tone: ToneSettings = ToneSettings()
+    chime: ChimeSettings = ChimeSettings()
+
+
+class GuidedAudioSettings(_Strict):
+    """A recording (e.g. meditation guidance) played through the session."""
+
+    path: Path | None = Field(None, description="WAV file to play (OGG/MP3 need QtMultimedia)")
+    autostart: bool = Field(True, description="start playing when the feedback starts")
+    marker_stream: str = Field(
+        "closedloop-guided-audio", min_length=1, description="LSL marker stream name"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GuidedAudioSettings:
+        if self.path is not None and self.path.suffix.lower() not in (".wav", ".ogg", ".mp3"):
+            raise ValueError(f"guided audio must be .wav, .ogg or .mp3, got {self.path.name!r}")
+        return self
+
+
+# ---- devices ---------------------------------------------------------------------------------
+def _qt_multimedia():
+    """The QtMultimedia module, or None (PySide6-Essentials has no multimedia)."""
+    try:
+        from PySide6 import QtMultimedia  # noqa: PLC0415 - optional module
+    except ImportError:
+        return None
+    return QtMultimedia
+
+
+def audio_outputs() -> list[str]:
+    """Descriptions of the audio output devices Qt sees ([] without QtMultimedia or devices)."""
+    qtm = _qt_multimedia()
+    if qtm is None:
+        return []
+    return [d.description() for d in qtm.QMediaDevices.audioOutputs()]
+
+
+# ---- synthesis -------------------------------------------------------------------------------
+def chime_waveform(settings: ChimeSettings, sample_rate_hz: int) -> np.ndarray:
+    """A bell-like chime: two decaying partials, 5 ms attack. Returns (n,) float64 in -1..1."""
+    n = max(1, round(settings.duration_s * sample_rate_hz))
+    t = np.arange(n) / sample_rate_hz
+    decay = np.exp(-t * (6.0 / settings.duration_s))  # -52 dB by the end: no click on cut
+    attack = np.minimum(1.0, t / 0.005)
+    f = settings.freq_hz
+    partial2 = 0.3 * np.sin(2 * np.pi * f * CHIME_HARMONIC * t) if f * CHIME_HARMONIC < sample_rate_hz / 2 else 0
+    wave_ = (np.sin(2 * np.pi * f * t) + partial2) / 1.3
+    return settings.volume * attack * decay * wave_
+
+
+class Synth:
+    """Stateful tone / noise synthesiser: continuous phase, amplitude ramped between updates.
+
+    `render(n, value_end)` returns n samples (float64, -1..1) whose amplitude (or pitch) moves
+    linearly from the previous feedback value to `value_end` (nan = silence), so successive calls
+    join without clicks. Chimes queued with `chime()` are mixed in from the next sample.
+    """
+
+    def __init__(self, audio: AudioSettings, seed: int = 0) -> None:
+        self.tone = audio.tone
+        self.sr = audio.sample_rate_hz
+        self._chime = chime_waveform(audio.chime, self.sr) if audio.chime.enabled else None
+        self._chimes: list[int] = []  # read positions of chimes still sounding
+        self._phase = 0.0
+        self._amp = 0.0
+        self._freq = self.tone.freq_hz
+        self._rng = np.random.default_rng(seed)
+        self._noise_zi = np.zeros(1)
+        self._noise_a = math.exp(-2 * math.pi * NOISE_SMOOTH_HZ / self.sr)
+
+    def _targets(self, value: float) -> tuple[float, float]:
+        tone = self.tone
+        if not tone.enabled or not math.isfinite(value):
+            return 0.0, self._freq
+        v0, v1 = tone.volume_range
+        if tone.follows == "volume":
+            return v0 + (v1 - v0) * value, tone.freq_hz
+        f0, f1 = tone.pitch_range_hz
+        return v1, f0 + (f1 - f0) * value
+
+    def chime(self) -> None:
+        if self._chime is not None:
+            self._chimes.append(0)
+
+    def render(self, n: int, value_end: float) -> np.ndarray:
+        out = np.zeros(n)
+        if n == 0:
+            return out
+        amp_end, freq_end = self._targets(value_end)
+        ramp = np.arange(1, n + 1) / n
+        amp = self._amp + (amp_end - self._amp) * ramp
+        if self.tone.kind == "sine":
+            freq = self._freq + (freq_end - self._freq) * ramp
+            phase = self._phase + 2 * np.pi * np.cumsum(freq) / self.sr
+            out += amp * np.sin(phase)
+            self._phase = float(phase[-1] % (2 * np.pi))
+        else:
+            white = self._rng.standard_normal(n)
+            # one-pole low-pass y[k] = a y[k-1] + (1-a) x[k], gain-corrected to unit RMS
+            a = self._noise_a
+            y, self._noise_zi = lfilter([1 - a], [1, -a], white, zi=self._noise_zi)
+            out += amp * y * math.sqrt((1 + a) / (1 - a))
+        self._amp, self._freq = amp_end, freq_end
+        if self._chimes and self._chime is not None:
+            still = []
+            for pos in self._chimes:
+                seg = self._chime[pos : pos + n]
+                out[: len(seg)] += seg
+                if pos + n < len(self._chime):
+                    still.append(pos + n)
+            self._chimes = still
+        return out
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * INT16_FULL_SCALE), -INT16_FULL_SCALE, INT16_FULL_SCALE).astype("<i2")
+
+
+# ---- feedback audio sinks --------------------------------------------------------------------
+class WavFeedbackAudio:
+    """Renders the feedback sound to a mono 16-bit WAV, sample-aligned to stream time.
+
+    Sample k of the file is stream time `t0 + k / sample_rate`, t0 the first fed update, so the
+    file lines up with the EEG and the feedback trace whatever the replay speed. `feed` is called
+    by the feedback writer thread (never the acquisition thread).
+    """
+
+    kind = "wav"
+
+    def __init__(self, audio: AudioSettings, path: Path) -> None:
+        self.path = Path(path)
+        self.synth = Synth(audio)
+        self.sr = audio.sample_rate_hz
+        self._wav = wave.open(str(self.path), "wb")  # noqa: SIM115 - closed in close()
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(WAV_SAMPLE_WIDTH)
+        self._wav.setframerate(self.sr)
+        self.t0: float | None = None
+        self.n_written = 0
+        self.chimes_at: list[float] = []  # stream times of the chimes rendered
+
+    def feed(self, t: np.ndarray, value: np.ndarray, entry: np.ndarray) -> None:
+        """Render up to each update: t (n,) stream s, value (n,) 0..1 or nan, entry (n,) bool."""
+        if self._wav is None or len(t) == 0:
+            return
+        if self.t0 is None:
+            self.t0 = float(t[0])
+        parts = []
+        for ti, vi, ei in zip(t.tolist(), value.tolist(), entry.tolist(), strict=True):
+            target_k = round((ti - self.t0) * self.sr)
+            n = target_k - self.n_written
+            if n <= 0:
+                if ei:
+                    self.synth.chime()
+                    self.chimes_at.append(ti)
+                continue
+            if n > MAX_SEGMENT_S * self.sr:  # a gap (stream loss): silence, no long ramp
+                parts.append(self.synth.render(n, math.nan))
+            else:
+                parts.append(self.synth.render(n, vi))
+            self.n_written = target_k
+            if ei:  # the chime starts at the entry's sample
+                self.synth.chime()
+                self.chimes_at.append(ti)
+        if parts:
+            self._wav.writeframes(to_int16(np.concatenate(parts)).tobytes())
+
+    def close(self) -> None:
+        if self._wav is not None:
+            # let a chime still sounding finish
+            self._wav.writeframes(to_int16(self.synth.render(round(0.5 * self.sr), math.nan)).tobytes())
+            self._wav.close()
+            self._wav = None
+
+
+class DeviceFeedbackAudio:
+    """Plays the feedback sound on the default output through QtMultimedia's QAudioSink.
+
+    Push mode from the feedback writer thread: each `feed` writes audio up to the newest update
+    plus a small lead, using the latest value. Needs PySide6-Addons and a device; NOT exercised on
+    the build machine (no QtMultimedia, no device): the WAV path is the tested one.
+    """
+
+    kind = "device"
+    LEAD_S = 0.06  # audio kept queued ahead of the newest update (writer period 50 ms + margin)
+
+    def __init__(self, audio: AudioSettings) -> None:
+        qtm = _qt_multimedia()
+        if qtm is None or not qtm.QMediaDevices.audioOutputs():
+            raise AudioError("no audio output device (or PySide6 without QtMultimedia)")
+        fmt = qtm.QAudioFormat()
+        fmt.setSampleRate(audio.sample_rate_hz)
+        fmt.setChannelCount(1)
+        fmt.setSampleFormat(qtm.QAudioFormat.SampleFormat.Int16)
+        self.sr = audio.sample_rate_hz
+        self.synth = Synth(audio)
+        self._sink = qtm.QAudioSink(qtm.QMediaDevices.defaultAudioOutput(), fmt)
+        self._io = self._sink.start()
+        self.chimes_at: list[float] = []
+
+    def feed(self, t: np.ndarray, value: np.ndarray, entry: np.ndarray) -> None:
+        if self._io is None or len(t) == 0:
+            return
+        for ti in t[entry].tolist():
+            self.synth.chime()
+            self.chimes_at.append(ti)
+        n = min(self._sink.bytesFree() // WAV_SAMPLE_WIDTH, round(self.LEAD_S * self.sr))
+        if n > 0:
+            self._io.write(to_int16(self.synth.render(n, float(value[-1]))).tobytes())
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._sink.stop()
+            self._io = None
+
+
+def open_feedback_audio(audio: AudioSettings, folder: Path) -> WavFeedbackAudio | DeviceFeedbackAudio:
+    """The device sink where one exists (output auto/device), else the WAV renderer."""
+    if audio.output in ("auto", "device") and audio_outputs():
+        return DeviceFeedbackAudio(audio)
+    if audio.output == "device":
+        raise AudioError(
+            "audio.output is 'device' but no audio output exists here "
+            "(QtMultimedia missing or no device); use 'auto' or 'wav'"
+        )
+    return WavFeedbackAudio(audio, Path(folder) / audio.wav_name)
+
+
+# ---- guided audio ----------------------------------------------------------------------------
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Decode a PCM WAV. Returns (data (n_frames, n_channels) float32 in -1..1, sample rate)."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            n_ch, width, sr, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError) as exc:
+        raise AudioError(f"{path}: not a PCM WAV file ({exc})") from exc
+    if width == 1:
+        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        data = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8  # sign-extend 24-bit
+        data = ints.astype(np.float32) / 8388608.0
+    elif width == 4:
+        data = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
+    else:
+        raise AudioError(f"{path}: unsupported WAV sample width {width} bytes")
+    return data.reshape(-1, n_ch), sr
+
+
+def write_wav(path: Path, data: np.ndarray, sample_rate_hz: int) -> None:
+    """Write float data (n,) or (n, n_channels) in -1..1 as 16-bit PCM WAV."""
+    data = np.asarray(data, dtype=float)
+    if data.ndim == 1:
+        data = data[:, None]
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(data.shape[1])
+        w.setsampwidth(WAV_SAMPLE_WIDTH)
+        w.setframerate(sample_rate_hz)
+        w.writeframes(to_int16(data).tobytes())
+
+
+class GuidedAudio:
+    """Plays a recording through the session and marks its start, pauses, resumes and end.
+
+    Markers are JSON strings on an irregular-rate LSL 'Markers' stream, e.g.
+    `{"guided_audio": "pause", "file": "guide.wav", "position_s": 12.345}`, timestamped with
+    `pylsl.local_clock()` at the action (the end marker carries the computed end time, not the
+    timer's wake-up). The same actions go to the bus as 'guided_audio' events. Without an audio
+    device the playback is timed (position, end) but silent, and a 'no_device' event says so.
+
+    Life cycle: start() -> pause()/resume() ... -> end (automatic) or stop(); close() is idempotent.
+    """
+
+    def __init__(
+        self,
+        settings: GuidedAudioSettings,
+        source_id: str,
+        emit: Callable[..., None] | None = None,
+        clock: Callable[[], float] = pylsl.local_clock,
+    ) -> None:
+        if settings.path is None:
+            raise AudioError("guided audio: no path configured")
+        path = Path(settings.path)
+        if not path.is_file():
+            raise AudioError(f"guided audio file not found: {path}")
+        if path.suffix.lower() not in DECODABLE_HERE and _qt_multimedia() is None:
+            raise AudioError(
+                f"guided audio {path.name!r}: {path.suffix} needs QtMultimedia (PySide6-Addons), "
+                "which is not installed; convert it to WAV"
+            )
+        self.path = path
+        self.emit = emit
+        self.clock = clock
+        if path.suffix.lower() == ".wav":
+            data, sr = read_wav(path)
+            self.duration_s = len(data) / sr
+        else:  # pragma: no cover - needs QtMultimedia (absent on the build machine)
+            raise AudioError(f"guided audio {path.name!r}: only WAV is decoded in this build")
+        self.device = bool(audio_outputs())
+        info = pylsl.StreamInfo(settings.marker_stream, "Markers", 1, pylsl.IRREGULAR_RATE,
+                                pylsl.cf_string, source_id)
+        info.desc().append_child_value("file", path.name)
+        info.desc().append_child_value("duration_s", f"{self.duration_s:.6f}")
+        self.source_id = source_id
+        self._outlet: pylsl.StreamOutlet | None = pylsl.StreamOutlet(info)
+        self._lock = threading.Lock()
+        self.state: Literal["ready", "playing", "paused", "ended", "stopped"] = "ready"
+        self._pos_s = 0.0          # position at the last start/resume/pause
+        self._t_resumed = math.nan  # local clock when playing (re)started
+        self._timer: threading.Timer | None = None
+        self.markers: list[tuple[float, str]] = []  # (local time, marker) as pushed
+
+    @property
+    def position_s(self) -> float:
+        with self._lock:
+            return self._position(self.clock())
+
+    def _position(self, now: float) -> float:
+        if self.state == "playing":
+            return min(self.duration_s, self._pos_s + now - self._t_resumed)
+        return self._pos_s
+
+    def _mark(self, action: str, t: float, **extra) -> None:
+        marker = json.dumps({"guided_audio": action, "file": self.path.name,
+                             "position_s": round(self._pos_s, 6), **extra})
+        if self._outlet is not None:
+            self._outlet.push_sample([marker], t)
+        self.markers.append((t, marker))
+        if self.emit is not None:
+            self.emit("guided_audio", action=action, file=self.path.name,
+                      position_s=self._pos_s, t_marker=t, **extra)
+
+    def _schedule_end(self, now: float) -> None:
+        remaining = self.duration_s - self._pos_s
+        t_end = now + remaining
+        self._timer = threading.Timer(max(0.0, remaining), self._on_end, args=(t_end,))
+        self._timer.daemon = True
+        self._timer.name = "guided-audio-end"
+        self._timer.start()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self.state != "ready":
+                raise AudioError(f"guided audio already {self.state}")
+            now = self.clock()
+            self.state, self._t_resumed = "playing", now
+            self._mark("start", now, duration_s=self.duration_s, device=self.device)
+            if not self.device and self.emit is not None:
+                self.emit("guided_audio", action="no_device", file=self.path.name,
+                          detail="no audio output: playback is timed and marked but silent")
+            self._schedule_end(now)
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.state != "playing":
+                return
+            now = self.clock()
+            self._cancel_timer()
+            self._pos_s = self._position(now)
+            self.state = "paused"
+            self._mark("pause", now)
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.state != "paused":
+                return
+            now = self.clock()
+            self.state, self._t_resumed = "playing", now
+            self._mark("resume", now)
+            self._schedule_end(now)
+
+    def _on_end(self, t_end: float) -> None:
+        with self._lock:
+            if self.state != "playing":
+                return
+            self._timer = None
+            self._pos_s, self.state = self.duration_s, "ended"
+            self._mark("end", t_end)
+
+    def wait_end(self, timeout: float | None = None) -> bool:
+        """Block until the recording ended (True) or timeout (False); for tests and scripts."""
+        timer = self._timer
+        if timer is not None:
+            timer.join(timeout)
+        return self.state == "ended"
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End playback early (a 'stop' marker); no-op once ended or stopped."""
+        with self._lock:
+            if self.state in ("ended", "stopped"):
+                return
+            now = self.clock()
+            self._cancel_timer()
+            was_started = self.state != "ready"
+            self._pos_s = self._position(now)
+            self.state = "stopped"
+            if was_started:
+                self._mark("stop", now, reason=reason)
+
+    def close(self) -> None:
+        self.stop("session ended")
+        self._outlet = None
