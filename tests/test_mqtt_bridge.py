@@ -330,6 +330,7 @@ def _make_certs(tmp_path: Path) -> dict[str, Path]:
     return {"ca": ca, "cert": cert, "key": key}
 
 
+@pytest.mark.slow
 def test_tls_connection(tmp_path: Path) -> None:
     certs = _make_certs(tmp_path)
     with running_broker(tmp_path, tls=certs) as broker:
@@ -415,6 +416,7 @@ def test_stop_is_bounded_with_a_stalled_broker(broker: Broker) -> None:
     assert not bridge.connected
 
 
+@pytest.mark.slow
 def test_broker_restart_changes_no_pulse_timing_and_telemetry_resumes(broker: Broker) -> None:
     period_s = 0.01  # a 100 Hz chunk loop: fake pulse + state event each tick
     bus = EventBus()
@@ -510,7 +512,7 @@ WILL_SCRIPT = textwrap.dedent("""
         (signal.SIGKILL, 0.0, 1.5),
         # frozen (hung process, pulled cable): no PINGREQ, so the will comes 1.5 x keepalive
         # (2 s) after the last packet, plus the broker's check granularity (measured 5.3 s)
-        (signal.SIGSTOP, 1.0, 8.0),
+        pytest.param(signal.SIGSTOP, 1.0, 8.0, marks=pytest.mark.slow),
     ],
     ids=["killed", "frozen"],
 )
