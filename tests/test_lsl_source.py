@@ -409,3 +409,20 @@ def test_frozen_replayer_is_stale_not_lost_and_flows_again(tmp_path):
     parts = [p.data[:, -1] for p in (got, frozen, more, back) if p.chunks]
     counter = np.concatenate(parts)
     assert set(np.diff(counter) % 500) == {1}  # nothing lost while frozen (loops wrap at 500)
+
+
+@pytest.mark.lsl
+@pytest.mark.parametrize(("stype", "scale"), [("EEG", 1e-6), ("Accelerometer", 1.0)])
+def test_a_stream_without_description_gets_fallback_labels_and_units(stype, scale):
+    name = new_stream_name()
+    info = pylsl.StreamInfo(name, stype, 3, SFREQ, pylsl.cf_int16, name)
+    outlet = pylsl.StreamOutlet(info)
+    with LslSource(name=name) as src:
+        assert src.ch_names == ("ch0", "ch1", "ch2")
+        # unit-less EEG follows the LSL convention (microvolts); other types pass through
+        np.testing.assert_allclose(src.scales, scale)
+        src.pull()
+        outlet.push_chunk(np.array([[1, -2, 300]] * 4, dtype=np.int16), grid(0, 4, 0.0))
+        got = pull_until(src, lambda p: n_samples(p) >= 4, 5.0)
+    assert got.data.dtype == np.float64
+    np.testing.assert_allclose(got.data, np.array([[1, -2, 300]] * 4) * scale)
