@@ -1,0 +1,864 @@
+"""`closedloop tune`: run the offline pipeline over a grid of settings and recommend one.
+
+Every setting runs through `Session` exactly as `closedloop offline` does (FileSource, calibration,
+arming with 'offline_run', policy, interlock, audit); the tuner only reads the session folder back
+(`closedloop.scoring.read_outcome`) and scores the pulses against the annotated target epochs. So
+a setting's scores equal those of `closedloop offline` on the same file with the same config.
+
+Two things differ from a plain offline run, neither of which changes a decision: outputs are
+replaced by the simulated stimulator (a tuner must never drive a TTL box or publish markers from
+worker processes), and `session.publish_lsl` is off.
+
+Work is spread over processes (spawn, so it is safe with Qt/LSL libraries loaded); each worker
+loads a recording once and reuses its FileSource across settings (disconnect/connect rewinds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from closedloop.config import SessionConfig, apply_overrides, dump_config, validate_for_stream
+from closedloop.errors import ConfigError, UserError
+from closedloop.scoring import (
+    LOWER_IS_BETTER,
+    METRICS,
+    PULSE_SETS,
+    Counts,
+    Outcome,
+    read_outcome,
+    score_outcome,
+    score_table,
+    target_epochs,
+)
+
+MAX_GRID_VALUES = 10_000      # values one range may expand to (a typo like 0:100:0.0001 stops here)
+MAX_SETTINGS = 100_000        # combinations in one grid
+ARM_ACTION = "offline_run"    # the operator action `closedloop offline` arms with
+DEFAULT_REQUIRE = ("hit_rate>=0.8",)
+TUNER_OVERRIDES: dict[str, Any] = {
+    # never drive hardware or open LSL outlets from a tuner; decisions do not depend on either
+    "outputs.outputs": [{"kind": "simulated"}],
+    "session.publish_lsl": False,
+}
+_RANGE = re.compile(r"^\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*$")
+_REQUIRE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<)\s*([-+0-9.eE]+%?)\s*$")
+
+
+# ------------------------------------------------------------------------------ the grid
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: '1,[8,12],3' -> ['1', '[8,12]', '3']."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return parts
+
+
+def parse_values(text: str, key: str = "?") -> list[Any]:
+    """Grid values: 'a:b:step' (inclusive range), 'v1,v2,...' (YAML scalars), or one value."""
+    m = _RANGE.match(text)
+    if m:
+        try:
+            start, stop, step = (float(g) for g in m.groups())
+        except ValueError:
+            raise UserError(f"--grid {key}={text}: range must be START:STOP:STEP numbers") from None
+        if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)):
+            raise UserError(f"--grid {key}={text}: range bounds must be finite")
+        if step <= 0:
+            raise UserError(f"--grid {key}={text}: step must be > 0 (got {step:g})")
+        if stop < start:
+            raise UserError(f"--grid {key}={text}: stop ({stop:g}) is below start ({start:g})")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        if n > MAX_GRID_VALUES:
+            raise UserError(f"--grid {key}={text}: {n} values (limit {MAX_GRID_VALUES})")
+        values = [round(start + i * step, 10) for i in range(n)]
+        all_int = all(float(g).is_integer() for g in (start, step)) and "." not in text and "e" not in text.lower()
+        return [int(v) for v in values] if all_int else values
+    parts = _split_top_level(text)
+    if any(not p.strip() for p in parts):
+        raise UserError(f"--grid {key}={text}: empty value in the list")
+    out = []
+    for p in parts:
+        try:
+            out.append(yaml.safe_load(p))
+        except yaml.YAMLError as exc:
+            raise UserError(f"--grid {key}={text}: cannot read value {p!r}: {exc}") from None
+    return out
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """['state.enter=0.5:2.5:0.25', 'trigger.dwell_s=0.5,1,2'] -> {key: values} (order kept)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise UserError(f"--grid {item!r}: expected KEY=VALUES, e.g. state.enter=0.5:2.5:0.25")
+        if key in grid:
+            raise UserError(f"--grid {key}: given twice")
+        values = parse_values(text.strip(), key)
+        if len(set(map(repr, values))) != len(values):
+            raise UserError(f"--grid {key}={text}: repeated values")
+        grid[key] = values
+    return grid
+
+
+def _check_keys(base: SessionConfig, keys: Sequence[str]) -> None:
+    """Unknown keys as one ConfigError (with "did you mean" from apply_overrides)."""
+    errors = []
+    data = base.model_dump(mode="json")
+    for key in keys:
+        node: Any = data
+        ok = True
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                ok = False
+                break
+            node = node[part]
+        if not ok:
+            try:
+                apply_overrides(base, {key: node})
+            except ConfigError as exc:
+                errors += exc.errors
+            else:  # pragma: no cover - apply_overrides refuses what the walk refused
+                errors.append(f"{key}: unknown key")
+    if errors:
+        raise ConfigError("--grid", errors)
+
+
+@dataclass
+class Grid:
+    """Validated settings: `settings[i]` is the overrides dict of setting i, `configs[i]` its config."""
+
+    keys: list[str]
+    settings: list[dict[str, Any]]
+    configs: list[SessionConfig]
+    skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+
+def build_grid(
+    base: SessionConfig, grid: dict[str, list[Any]], streams: Sequence[tuple[str, list[str], float]] = ()
+) -> Grid:
+    """Every combination validated (config and, per recording, against its channels and rate).
+
+    A value that is invalid in every combination it appears in is an error (ConfigError listing
+    all of them); combinations that fail only together (e.g. state.enter <= state.leave) are
+    skipped and listed in `skipped`. streams: (name, ch_names, sfreq) per recording.
+    """
+    keys = list(grid)
+    _check_keys(base, keys)
+    n = math.prod(len(v) for v in grid.values()) if grid else 1
+    if n > MAX_SETTINGS:
+        raise UserError(f"--grid: {n} combinations (limit {MAX_SETTINGS}); use coarser ranges")
+    ok_values: dict[str, set[int]] = {k: set() for k in keys}
+    first_error: dict[tuple[str, int], str] = {}
+    settings, configs, skipped = [], [], []
+    for combo in itertools.product(*(range(len(grid[k])) for k in keys)):
+        overrides = {k: grid[k][i] for k, i in zip(keys, combo)}
+        try:
+            config = apply_overrides(base, {**overrides, **TUNER_OVERRIDES})
+            for name, ch_names, sfreq in streams:
+                try:
+                    validate_for_stream(config, ch_names, sfreq)
+                except ConfigError as exc:
+                    raise ConfigError(f"{name}", exc.errors) from None
+        except ConfigError as exc:
+            msg = "; ".join(exc.errors)
+            skipped.append((overrides, msg))
+            for k, i in zip(keys, combo):
+                first_error.setdefault((k, i), msg)
+            continue
+        for k, i in zip(keys, combo):
+            ok_values[k].add(i)
+        settings.append(overrides)
+        configs.append(config)
+    errors = [
+        f"{k}={grid[k][i]!r}: invalid in every combination ({first_error[(k, i)]})"
+        for k in keys for i in range(len(grid[k])) if i not in ok_values[k]
+    ]
+    if not keys and skipped:
+        errors = [skipped[0][1]]
+    if errors:
+        raise ConfigError("--grid", errors)
+    return Grid(keys, settings, configs, skipped)
+
+
+# ------------------------------------------------------------------------------ the objective
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Best `metric` (max or min) among settings meeting every (metric, op, value) constraint."""
+
+    metric: str
+    maximize: bool = True
+    constraints: tuple[tuple[str, str, float], ...] = ()
+
+    def describe(self) -> str:
+        goal = f"{'highest' if self.maximize else 'lowest'} {self.metric}"
+        if not self.constraints:
+            return goal
+        return goal + " with " + " and ".join(f"{m} {op} {v:g}" for m, op, v in self.constraints)
+
+
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+_EXTRA_COLUMNS = ("time_in_state_s", "time_in_state_frac", "epochs")
+
+
+def metric_column(name: str) -> str:
+    """'precision' -> 'precision_fired' (what really fired is the default); full names pass."""
+    if name in _EXTRA_COLUMNS or any(name == f"{m}_{s}" for m in METRICS for s in PULSE_SETS):
+        return name
+    if name in METRICS:
+        return f"{name}_fired"
+    known = [*METRICS, *(f"{m}_{s}" for m in METRICS for s in PULSE_SETS), *_EXTRA_COLUMNS]
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+    raise UserError(f"unknown metric {name!r}{hint}")
+
+
+def parse_objective(maximize: str | None, minimize: str | None, require: Sequence[str]) -> Objective:
+    if maximize and minimize:
+        raise UserError("give --maximize or --minimize, not both")
+    metric = metric_column(minimize or maximize or "precision")
+    constraints = []
+    for text in require:
+        m = _REQUIRE.match(text)
+        if not m:
+            raise UserError(f"--require {text!r}: expected METRIC OP VALUE, e.g. hit_rate>=0.8")
+        name, op, value = m.groups()
+        v = float(value[:-1]) / 100.0 if value.endswith("%") else float(value)
+        constraints.append((metric_column(name), op, v))
+    return Objective(metric, not minimize, tuple(constraints))
+
+
+def _sort_value(row: dict[str, float], column: str, higher_better: bool) -> float:
+    v = row.get(column, math.nan)
+    if v is None or not math.isfinite(v):
+        return math.inf  # undefined sorts last
+    return -v if higher_better else v
+
+
+def rank(rows: Sequence[dict[str, float]], objective: Objective) -> tuple[list[int], list[bool]]:
+    """Indices best first, and whether each row meets every constraint (nan never does).
+
+    Order: meets all constraints, then fewer constraints missed, then the objective, then
+    higher hit rate, fewer false pulses per minute, shorter median delay, then grid order.
+    """
+    feasible = []
+    missed = []
+    for row in rows:
+        bad = 0
+        for col, op, value in objective.constraints:
+            v = row.get(col, math.nan)
+            if v is None or not math.isfinite(v) or not _OPS[op](v, value):
+                bad += 1
+        missed.append(bad)
+        feasible.append(bad == 0)
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (
+            missed[i],
+            _sort_value(rows[i], objective.metric, objective.maximize),
+            _sort_value(rows[i], "hit_rate_fired", True),
+            _sort_value(rows[i], "false_per_min_fired", False),
+            _sort_value(rows[i], "delay_median_s_fired", False),
+            i,
+        ),
+    )
+    return order, feasible
+
+
+# ------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class Task:
+    setting: int
+    recording: int
+    path: str
+    config: SessionConfig
+    keep_dir: str | None = None  # keep the session folder under this root
+
+
+_RAWS: dict[str, Any] = {}
+_SOURCES: dict[tuple[str, int], Any] = {}
+
+
+def _source_for(path: str, chunk_size: int):
+    """A FileSource per (recording, chunk size), loaded once per process and rewound per run."""
+    from acquisition.file_source import FileSource
+    from acquisition.readers import load_recording
+
+    key = (path, chunk_size)
+    src = _SOURCES.get(key)
+    if src is None:
+        raw = _RAWS.get(path)
+        if raw is None:
+            raw = _RAWS[path] = load_recording(path)
+        src = _SOURCES[key] = FileSource(raw, chunk_size=chunk_size)
+    src.disconnect()  # Session.run connects, which rewinds to sample 0
+    return src
+
+
+def run_session(path: str, config: SessionConfig, out_root: Path, bus=None):
+    """One offline Session on a recording, exactly as `closedloop offline` runs it.
+
+    Returns (session, wall seconds). The session folder is `session.folder`.
+    """
+    from closedloop.session import Session
+
+    source = _source_for(path, config.source.chunk_size)
+    session = Session(config, source, live=False, bus=bus, out_root=out_root, arm_action=ARM_ACTION)
+    t = time.perf_counter()
+    session.run()
+    return session, time.perf_counter() - t
+
+
+def run_task(task: Task) -> tuple[int, int, Outcome]:
+    """Worker entry point: run one (setting, recording) and read its outcome."""
+    with tempfile.TemporaryDirectory(prefix="cltune-") as tmp:
+        root = Path(task.keep_dir) if task.keep_dir else Path(tmp)
+        session, wall = run_session(task.path, task.config, root)
+        outcome = read_outcome(session.folder)
+        outcome.wall_s = wall
+        if task.keep_dir:
+            session.folder.rename(root / f"setting{task.setting:04d}-rec{task.recording}")
+    return task.setting, task.recording, outcome
+
+
+def run_all(tasks: Sequence[Task], jobs: int, progress: bool = True) -> dict[tuple[int, int], Outcome]:
+    """Run tasks (in-process with jobs=1, else a spawn process pool) with a tqdm bar and ETA."""
+    from tqdm import tqdm
+
+    results: dict[tuple[int, int], Outcome] = {}
+    bar = tqdm(total=len(tasks), desc="tune", unit="run", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        if jobs <= 1:
+            for task in tasks:
+                s, r, out = run_task(task)
+                results[(s, r)] = out
+                bar.update()
+            return results
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            pending = {pool.submit(run_task, t): t for t in tasks}
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        task = pending.pop(fut)
+                        exc = fut.exception()
+                        if exc is not None:
+                            raise RuntimeError(
+                                f"setting {task.setting} on {task.path} failed: {type(exc).__name__}: {exc}"
+                            ) from exc
+                        s, r, out = fut.result()
+                        results[(s, r)] = out
+                        bar.update()
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        return results
+    finally:
+        bar.close()
+
+
+def trace_run(path: str, config: SessionConfig, out_root: Path) -> tuple[Outcome, dict[str, np.ndarray]]:
+    """Re-run one setting collecting the state trace from the bus (t, score, label per chunk)."""
+    from closedloop.bus import EventBus
+
+    bus = EventBus()
+    src = _source_for(path, config.source.chunk_size)
+    n_chunks = src.n_samples // config.source.chunk_size + 16
+    sub = bus.subscribe("tune-trace", maxlen=n_chunks, kinds={"state"})
+    session, wall = run_session(path, config, out_root, bus=bus)
+    outcome = read_outcome(session.folder)
+    outcome.wall_s = wall
+    events = sub.drain()
+    trace = {
+        "t": np.array([e.t_stream for e in events], dtype=float),
+        "score": np.array([_nan(e.payload.get("score")) for e in events], dtype=float),
+        "target": np.array([e.payload.get("label") == "target" for e in events], dtype=bool),
+    }
+    return outcome, trace
+
+
+def _nan(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+# ------------------------------------------------------------------------------ scoring tables
+
+
+@dataclass
+class Recording:
+    path: str
+    name: str
+    epochs: np.ndarray       # (n, 2) target epochs in stream seconds
+    duration_s: float
+    ch_names: list[str]
+    sfreq: float
+
+
+def score_rows(
+    grid: Grid, recs: Sequence[Recording], outcomes: dict[tuple[int, int], Outcome],
+    rec_idx: Sequence[int], min_epoch_s: float,
+) -> list[dict[str, float]]:
+    """Pooled scores per setting over the recordings `rec_idx`."""
+    rows = []
+    for s in range(len(grid.settings)):
+        counts: list[dict[str, Counts]] = []
+        target_s = window_s = 0.0
+        for r in rec_idx:
+            out = outcomes[(s, r)]
+            counts.append(score_outcome(out, recs[r].epochs, min_epoch_s))
+            target_s += out.target_s
+            window_s += max(out.t_end - out.scored_from, 0.0) if math.isfinite(out.scored_from) else 0.0
+        rows.append(score_table(counts, target_s, window_s))
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return ""
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for row in rows:
+            w.writerow([_fmt(v) if isinstance(v, float) else v for v in row])
+
+
+SCORE_COLUMNS = [f"{m}_{s}" for s in PULSE_SETS for m in METRICS] + list(_EXTRA_COLUMNS)
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def plot_trace(path: Path, rec: Recording, trace: dict[str, np.ndarray], outcome: Outcome,
+               enter: float, leave: float, title: str) -> None:
+    """Score over time with thresholds, target epochs shaded, fired and vetoed pulses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 3.8), dpi=100)
+    for i, (a, b) in enumerate(rec.epochs):
+        ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0, label="target epochs" if i == 0 else None)
+    if math.isfinite(outcome.scored_from):
+        ax.axvspan(0, outcome.scored_from, color="0.85", alpha=0.6, lw=0, label="calibration (not scored)")
+    t, score = trace["t"], trace["score"]
+    ax.plot(t, score, color="tab:blue", lw=0.8, label="score")
+    ax.axhline(enter, color="tab:red", ls="--", lw=1, label=f"enter {enter:g}")
+    ax.axhline(leave, color="tab:orange", ls=":", lw=1, label=f"leave {leave:g}")
+    finite = score[np.isfinite(score)]
+    top = float(np.percentile(finite, 99.5)) if finite.size else enter + 1
+    bottom = float(np.percentile(finite, 0.5)) if finite.size else leave - 1
+    top, bottom = max(top, enter) + 0.5, min(bottom, leave) - 0.5
+    vetoed = np.setdiff1d(outcome.requested, outcome.fired)
+    if vetoed.size:
+        ax.plot(vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.4", ms=6, label="vetoed request")
+    if outcome.fired.size:
+        ax.vlines(outcome.fired, bottom, top, color="k", lw=0.9, label="pulse (fired)")
+    ax.set_ylim(bottom, top)
+    ax.set_xlim(0, max(rec.duration_s, float(t[-1]) if t.size else 0.0))
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("state score (z)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=7, ncol=4, framealpha=0.8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: Path, rows: Sequence[dict[str, float]], chosen: int, objective: Objective,
+                  held_out: dict[str, float] | None = None) -> None:
+    """Precision against hit rate (what fired) for every setting; the chosen one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=100)
+    hit = np.array([r["hit_rate_fired"] for r in rows], dtype=float)
+    prec = np.array([r["precision_fired"] for r in rows], dtype=float)
+    fpm = np.array([r["false_per_min_fired"] for r in rows], dtype=float)
+    ok = np.isfinite(hit) & np.isfinite(prec)
+    sc = ax.scatter(hit[ok], prec[ok], c=np.nan_to_num(fpm[ok]), cmap="viridis", s=22, alpha=0.85)
+    fig.colorbar(sc, ax=ax, label="false pulses / min (fired)")
+    for col, op, value in objective.constraints:
+        if col == "hit_rate_fired":
+            ax.axvline(value, color="tab:red", ls="--", lw=1, label=f"hit rate {op} {value:g}")
+        if col == "precision_fired":
+            ax.axhline(value, color="tab:red", ls="--", lw=1, label=f"precision {op} {value:g}")
+    ax.plot(hit[chosen], prec[chosen], marker="*", color="tab:red", ms=18, ls="", mec="k",
+            label="recommended (tuned)")
+    if held_out is not None and math.isfinite(held_out.get("hit_rate_fired", math.nan)):
+        ax.plot(held_out["hit_rate_fired"], _nan(held_out.get("precision_fired")), marker="D",
+                color="tab:orange", ms=9, ls="", mec="k", label="held-out (pooled LORO)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("target epochs hit (fraction)")
+    ax.set_ylabel("precision (pulses inside target epochs)")
+    ax.set_title(f"{len(rows)} settings ({int((~ok).sum())} without pulses not shown)", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _setting_str(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(base config)"
+
+
+def _md_scores(row: dict[str, float], columns: Sequence[str]) -> str:
+    return " | ".join(_fmt(float(row.get(c, math.nan))) or "n/a" for c in columns)
+
+
+def write_report(path: Path, ctx: dict[str, Any]) -> None:
+    """report.md: objective, recommendation, scores with/without vetoes, speed, plots, validation."""
+    lines = [
+        "# closedloop tune report",
+        "",
+        f"- written: {ctx['written']}",
+        f"- recordings: {', '.join(r.name for r in ctx['recs'])}",
+        f"- target label: `{ctx['target']}` ({ctx['n_epochs']} scored epochs; epochs starting before "
+        f"the interlock armed or shorter than {ctx['min_epoch_s']:g} s in the window are not scored)",
+        f"- grid: {', '.join(f'`{k}` ({len(v)} values)' for k, v in ctx['grid'].items()) or 'none'}; "
+        f"{ctx['n_settings']} settings run, {ctx['n_skipped']} invalid combinations skipped",
+        f"- objective: {ctx['objective'].describe()}",
+        f"- speed: one setting on one recording ran at **{ctx['speed_median']:.0f}x real time** "
+        f"(median; range {ctx['speed_min']:.0f}-{ctx['speed_max']:.0f}x; "
+        f"{ctx['data_s']:.0f} s of data per setting; {ctx['jobs']} worker(s), {ctx['wall_total']:.1f} s in all)",
+        "",
+        "## Recommendation",
+        "",
+    ]
+    if ctx["feasible"]:
+        lines.append(f"**{_setting_str(ctx['chosen_overrides'])}** meets the objective on the tuning data.")
+    else:
+        lines.append(f"**No setting meets the objective.** Closest: **{_setting_str(ctx['chosen_overrides'])}** "
+                     "(fewest constraints missed, then best objective). Widen the grid or relax the objective.")
+    lines += [
+        "",
+        f"Ready config: [`recommended.yaml`](recommended.yaml). All settings: [`scores.csv`](scores.csv).",
+        "",
+        "| pulses counted | hit rate | precision | false/min | delay median (s) | delay p90 (s) | pulses/min | pulses |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    row = ctx["chosen_row"]
+    for name, label in (("fired", "fired (with interlock vetoes)"), ("requested", "requested by the policy")):
+        cols = [f"{m}_{name}" for m in ("hit_rate", "precision", "false_per_min", "delay_median_s",
+                                         "delay_p90_s", "pulses_per_min", "n_pulses")]
+        lines.append(f"| {label} | {_md_scores(row, cols)} |")
+    lines += [
+        "",
+        f"Time in the target state: {_fmt(row['time_in_state_s'])} s "
+        f"({_fmt(100 * row['time_in_state_frac'])} % of the scored time).",
+        "",
+    ]
+    if ctx.get("validation"):
+        v = ctx["validation"]
+        lines += [
+            "## Held-out validation (leave one recording out)",
+            "",
+            "For each recording, the objective picked a setting on the *other* recordings; that "
+            "setting is then scored on the held-out one. Held-out figures are what to expect on new data.",
+            "",
+            "| held out | setting chosen on the others | tuned hit rate | tuned precision | held-out hit rate | held-out precision | held-out false/min | meets objective |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for f in v["folds"]:
+            lines.append(
+                f"| {f['held_out']} | {_setting_str(f['overrides'])} | {_fmt(f['train']['hit_rate_fired'])} | "
+                f"{_fmt(f['train']['precision_fired'])} | {_fmt(f['test']['hit_rate_fired'])} | "
+                f"{_fmt(f['test']['precision_fired'])} | {_fmt(f['test']['false_per_min_fired'])} | "
+                f"{'yes' if f['test_meets'] else 'no'} |"
+            )
+        p = v["pooled"]
+        lines += [
+            "",
+            f"Pooled held-out (all folds): hit rate {_fmt(p['hit_rate_fired'])}, precision "
+            f"{_fmt(p['precision_fired'])}, false pulses/min {_fmt(p['false_per_min_fired'])}, median delay "
+            f"{_fmt(p['delay_median_s_fired'])} s; objective "
+            f"{'met' if v['pooled_meets'] else '**not met**'} held out. Tuned on all recordings, the "
+            f"recommended setting scores hit rate {_fmt(row['hit_rate_fired'])} and precision "
+            f"{_fmt(row['precision_fired'])}: the gap is the optimism of tuning on the same data.",
+            "",
+        ]
+    lines += ["## Plots", ""]
+    for png, caption in ctx["plots"]:
+        lines += [f"![{caption}]({png})", "", f"*{caption}*", ""]
+    lines += ["## Top settings", "", "| # | setting | " + " | ".join(ctx["top_columns"]) + " |",
+              "|---|---|" + "---|" * len(ctx["top_columns"])]
+    for i in ctx["top"]:
+        lines.append(f"| {i} | {_setting_str(ctx['settings'][i])} | {_md_scores(ctx['rows'][i], ctx['top_columns'])} |")
+    if ctx["skipped"]:
+        lines += ["", "## Skipped combinations", ""]
+        for overrides, msg in ctx["skipped"][:20]:
+            lines.append(f"- {_setting_str(overrides)}: {msg}")
+        if len(ctx["skipped"]) > 20:
+            lines.append(f"- ... and {len(ctx['skipped']) - 20} more")
+    lines += ["", "## Definitions", ""]
+    lines += [f"- `{k}`: {v}" for k, v in METRICS.items()]
+    lines += ["- `_fired`: pulses the interlock let through (what would really have fired); "
+              "`_requested`: every pulse request of the policy, fired or vetoed.", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `closedloop tune` (the lead wires this into closedloop/cli.py)."""
+    parser.add_argument("recordings", type=Path, nargs="+", metavar="RECORDING",
+                        help="annotated recordings (any format load_recording reads)")
+    parser.add_argument("--config", "-c", type=Path, default=None, help="base session YAML (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base config key (repeatable)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
+                        help="a tuned key: a range START:STOP:STEP (inclusive) or a list v1,v2,... "
+                        "e.g. --grid state.enter=0.5:2.5:0.25 --grid trigger.dwell_s=0.5,1,2")
+    parser.add_argument("--target", default="meditation", help="annotation label of the target epochs")
+    parser.add_argument("--maximize", default=None, metavar="METRIC",
+                        help="metric to maximise (default precision; '_fired' unless '_requested' is named)")
+    parser.add_argument("--minimize", default=None, metavar="METRIC", help="metric to minimise instead")
+    parser.add_argument("--require", action="append", default=None, metavar="EXPR",
+                        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 (repeatable; "
+                        "default hit_rate>=0.8; 'none' for no constraint)")
+    parser.add_argument("--validate", action="store_true",
+                        help="leave-one-recording-out: report held-out scores beside the tuned ones")
+    parser.add_argument("--min-epoch-s", type=float, default=5.0,
+                        help="target epochs with less than this inside the scored window are not scored")
+    parser.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: tune-<time>)")
+    parser.add_argument("--keep-sessions", action="store_true",
+                        help="keep every run's session folder under OUT/sessions")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_recordings(paths: Sequence[Path], target: str, chunk_size: int) -> list[Recording]:
+    from acquisition.file_source import FileSource
+    from acquisition.readers import RecordingError, load_recording
+
+    recs = []
+    for p in paths:
+        try:
+            raw = load_recording(p)
+        except RecordingError as exc:
+            raise UserError(str(exc)) from None
+        _RAWS[str(p)] = raw
+        src = FileSource(raw, chunk_size=chunk_size)  # its annotations are what the Session sees
+        _SOURCES[(str(p), chunk_size)] = src
+        epochs = target_epochs(src.annotations, target)
+        if not len(epochs):
+            labels = sorted(set(src.annotations.description))
+            raise UserError(f"{p}: no '{target}' annotation (labels: {', '.join(labels) or 'none'}); "
+                            "set --target")
+        recs.append(Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names), src.sfreq))
+    names = [r.name for r in recs]
+    if len(set(names)) != len(names):
+        for r in recs:
+            r.name = r.path
+    return recs
+
+
+def validate_loro(grid: Grid, recs: Sequence[Recording], outcomes, objective: Objective,
+                  min_epoch_s: float) -> dict[str, Any]:
+    """Leave-one-recording-out: pick on the others, score the held-out recording."""
+    folds = []
+    held_counts: list[dict[str, Counts]] = []
+    target_s = window_s = 0.0
+    for k in range(len(recs)):
+        train = [r for r in range(len(recs)) if r != k]
+        rows = score_rows(grid, recs, outcomes, train, min_epoch_s)
+        order, feasible = rank(rows, objective)
+        s = order[0]
+        out = outcomes[(s, k)]
+        counts = score_outcome(out, recs[k].epochs, min_epoch_s)
+        held_counts.append(counts)
+        ws = max(out.t_end - out.scored_from, 0.0) if math.isfinite(out.scored_from) else 0.0
+        target_s += out.target_s
+        window_s += ws
+        test = score_table([counts], out.target_s, ws)
+        folds.append({
+            "held_out": recs[k].name, "setting": s, "overrides": grid.settings[s],
+            "train": rows[s], "train_meets": feasible[s], "test": test,
+            "test_meets": rank([test], objective)[1][0],
+        })
+    pooled = score_table(held_counts, target_s, window_s)
+    return {"folds": folds, "pooled": pooled, "pooled_meets": rank([pooled], objective)[1][0]}
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """`closedloop tune`: validate everything, run the grid, score, write the output folder."""
+    from closedloop.cli import _config
+
+    wall0 = time.perf_counter()
+    base = _config(args)
+    grid_values = parse_grid(args.grid)
+    require = DEFAULT_REQUIRE if args.require is None else [r for r in args.require if r.lower() != "none"]
+    objective = parse_objective(args.maximize, args.minimize, require)
+    if args.min_epoch_s < 0 or not math.isfinite(args.min_epoch_s):
+        raise UserError(f"--min-epoch-s must be >= 0 (got {args.min_epoch_s})")
+    if args.validate and len(args.recordings) < 2:
+        raise UserError("--validate needs at least two recordings (it holds one out at a time)")
+    jobs = args.jobs or os.cpu_count() or 1
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (got {jobs})")
+    _check_keys(base, list(grid_values))  # key typos before reading any recording
+    recs = _load_recordings(args.recordings, args.target, base.source.chunk_size)
+    grid = build_grid(base, grid_values, [(r.name, r.ch_names, r.sfreq) for r in recs])
+
+    out_dir = args.out or Path(f"tune-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = None
+    if args.keep_sessions:
+        keep = out_dir / "sessions"
+        keep.mkdir(exist_ok=True)
+    tasks = [Task(s, r, rec.path, cfg, str(keep) if keep else None)
+             for s, cfg in enumerate(grid.configs) for r, rec in enumerate(recs)]
+    print(f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs on "
+          f"{min(jobs, len(tasks))} worker(s); {len(grid.skipped)} invalid combinations skipped",
+          file=sys.stderr)
+    outcomes = run_all(tasks, min(jobs, len(tasks)), progress=not args.no_progress)
+
+    rows = score_rows(grid, recs, outcomes, range(len(recs)), args.min_epoch_s)
+    order, feasible = rank(rows, objective)
+    chosen = order[0]
+    validation = validate_loro(grid, recs, outcomes, objective, args.min_epoch_s) if args.validate else None
+
+    # scores.csv: one row per setting, pooled over recordings; per-recording rows beside it
+    header = ["setting", *grid.keys, *SCORE_COLUMNS, "meets_objective", "rank"]
+    rank_of = {s: i + 1 for i, s in enumerate(order)}
+    write_csv(out_dir / "scores.csv", header,
+              [[s, *grid.settings[s].values(), *(rows[s][c] for c in SCORE_COLUMNS),
+                int(feasible[s]), rank_of[s]] for s in range(len(rows))])
+    per_rec = []
+    for r in range(len(recs)):
+        rr = score_rows(grid, recs, outcomes, [r], args.min_epoch_s)
+        per_rec += [[s, recs[r].name, *grid.settings[s].values(), *(rr[s][c] for c in SCORE_COLUMNS),
+                     outcomes[(s, r)].duration_s / outcomes[(s, r)].wall_s] for s in range(len(rr))]
+    write_csv(out_dir / "scores_per_recording.csv",
+              ["setting", "recording", *grid.keys, *SCORE_COLUMNS, "x_real_time"], per_rec)
+    if validation:
+        write_csv(out_dir / "validation.csv",
+                  ["held_out", "setting", *grid.keys, *(f"tuned_{c}" for c in SCORE_COLUMNS),
+                   *(f"heldout_{c}" for c in SCORE_COLUMNS), "heldout_meets_objective"],
+                  [[f["held_out"], f["setting"], *f["overrides"].values(),
+                    *(f["train"][c] for c in SCORE_COLUMNS), *(f["test"][c] for c in SCORE_COLUMNS),
+                    int(f["test_meets"])] for f in validation["folds"]])
+
+    # the recommended setting as a ready config (the user's base, outputs included, + overrides)
+    rec_config = apply_overrides(base, grid.settings[chosen])
+    row = rows[chosen]
+    head = [
+        "# closedloop tune: recommended setting",
+        f"# recordings: {', '.join(r.name for r in recs)}; target '{args.target}'",
+        f"# objective: {objective.describe()} -> {'met' if feasible[chosen] else 'NOT met by any setting'}",
+        f"# tuned: {_setting_str(grid.settings[chosen])}",
+        f"# tuned scores (fired): hit rate {_fmt(row['hit_rate_fired'])}, precision {_fmt(row['precision_fired'])}, "
+        f"false/min {_fmt(row['false_per_min_fired'])}, median delay {_fmt(row['delay_median_s_fired'])} s",
+    ]
+    if validation:
+        p = validation["pooled"]
+        head.append(f"# held-out (LORO, pooled): hit rate {_fmt(p['hit_rate_fired'])}, precision "
+                    f"{_fmt(p['precision_fired'])}, false/min {_fmt(p['false_per_min_fired'])}")
+    (out_dir / "recommended.yaml").write_text("\n".join(head) + "\n" + dump_config(rec_config), encoding="utf-8")
+
+    # plots: trace of the chosen setting on each recording (up to 4), trade-off across the grid
+    plots = []
+    cfg = grid.configs[chosen]
+    with tempfile.TemporaryDirectory(prefix="cltune-trace-") as tmp:
+        for r, rec in enumerate(recs[:4]):
+            outcome, trace = trace_run(rec.path, cfg, Path(tmp))
+            if not np.array_equal(outcome.fired, outcomes[(chosen, r)].fired):
+                print(f"tune: warning: re-running setting {chosen} on {rec.name} gave other pulses "
+                      "(the pipeline is not deterministic?)", file=sys.stderr)
+            png = f"trace_{r}.png"
+            sc = score_table([score_outcome(outcome, rec.epochs, args.min_epoch_s)])
+            plot_trace(out_dir / png, rec, trace, outcome, cfg.state.enter, cfg.state.leave,
+                       f"{rec.name}: {_setting_str(grid.settings[chosen])} | hit rate "
+                       f"{_fmt(sc['hit_rate_fired'])}, precision {_fmt(sc['precision_fired'])}, "
+                       f"{int(sc['n_pulses_fired'])} pulses")
+            plots.append((png, f"score over time on {rec.name}, recommended setting: thresholds, "
+                               "target epochs (green), pulses (black), vetoed requests (x)"))
+    plot_tradeoff(out_dir / "tradeoff.png", rows, chosen, objective,
+                  validation["pooled"] if validation else None)
+    plots.insert(0, ("tradeoff.png", "precision against epochs hit for every setting (what fired); "
+                                     "star: recommended"))
+
+    speeds = np.array([o.duration_s / o.wall_s for o in outcomes.values() if o.wall_s > 0])
+    wall_total = time.perf_counter() - wall0
+    top_cols = ["hit_rate_fired", "precision_fired", "false_per_min_fired", "delay_median_s_fired",
+                "hit_rate_requested", "precision_requested", "pulses_per_min_fired"]
+    write_report(out_dir / "report.md", {
+        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "recs": recs, "target": args.target, "min_epoch_s": args.min_epoch_s,
+        "n_epochs": int(row["epochs"]), "grid": grid_values, "n_settings": len(grid.settings),
+        "n_skipped": len(grid.skipped), "objective": objective, "feasible": feasible[chosen],
+        "chosen_overrides": grid.settings[chosen], "chosen_row": row, "validation": validation,
+        "plots": plots, "top": order[:10], "top_columns": top_cols, "settings": grid.settings,
+        "rows": rows, "skipped": grid.skipped,
+        "speed_median": float(np.median(speeds)) if speeds.size else math.nan,
+        "speed_min": float(speeds.min()) if speeds.size else math.nan,
+        "speed_max": float(speeds.max()) if speeds.size else math.nan,
+        "data_s": sum(r.duration_s for r in recs), "jobs": min(jobs, len(tasks)), "wall_total": wall_total,
+    })
+
+    print(f"recommended: {_setting_str(grid.settings[chosen])}  ({objective.describe()}: "
+          f"{'met' if feasible[chosen] else 'NOT met by any setting'})")
+    print(f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision {_fmt(row['precision_fired'])}  "
+          f"false/min {_fmt(row['false_per_min_fired'])}  median delay {_fmt(row['delay_median_s_fired'])} s")
+    if validation:
+        p = validation["pooled"]
+        print(f"  held-out  hit rate {_fmt(p['hit_rate_fired'])}  precision {_fmt(p['precision_fired'])}  "
+              f"false/min {_fmt(p['false_per_min_fired'])}  ({'meets' if validation['pooled_meets'] else 'misses'} "
+              "the objective)")
+    if speeds.size:
+        print(f"  speed     {np.median(speeds):.0f}x real time per run (median of {speeds.size})")
+    print(f"  wrote {out_dir}/ (report.md, scores.csv, recommended.yaml, plots)")
+    return 0 if feasible[chosen] else 1
