@@ -55,14 +55,18 @@ from pydantic import (
     model_validator,
 )
 
-from closedloop.bus import Event, EventBus
+from closedloop.bus import Event, EventBus, Subscription
 from closedloop.control import ControlError, SessionControl
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 POLL_S = 0.02  # bus drain period: 20 ms keeps the added telemetry latency below a state period
-BUS_QUEUE_LEN = 4096  # events buffered between two drains (a 20 ms drain sees ~10 at most)
+# Events buffered between two drains. Live, a 20 ms drain sees ~10; a faster-than-real-time
+# replay can overflow them (counted). States have their own small queue, so that a flood of
+# states (only the newest of which is sent anyway) never pushes out an attempt.
+BUS_QUEUE_LEN = 4096
+STATE_QUEUE_LEN = 64
 PUBLISH_TIMEOUT_S = 5.0  # a QoS 1 publish with no PUBACK after this means the link is dead
 CLIENT_TIMEOUT_S = 5.0  # CONNACK / SUBACK / graceful DISCONNECT wait
 THRESHOLDS_RETRY_S = 1.0  # ask a session that is still starting for its thresholds again
@@ -578,7 +582,8 @@ class MqttBridge:
             command_max_age_s=settings.command_max_age_s,
         )
         self._state_period_s = 1.0 / settings.state_rate_hz if settings.state_rate_hz else 0.0
-        self._sub = None  # subscribed in start(): events before start are not ours
+        self._sub: Subscription | None = None  # subscribed in start(), not before
+        self._state_sub: Subscription | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -614,8 +619,10 @@ class MqttBridge:
         self._reset()
         self._sub = self._bus.subscribe(
             "mqtt", maxlen=BUS_QUEUE_LEN,
-            kinds={"state", "attempt", "health", "interlock", "thresholds", *EVENT_KINDS},
+            kinds={"attempt", "health", "interlock", "thresholds", *EVENT_KINDS},
         )
+        self._state_sub = self._bus.subscribe("mqtt-state", maxlen=STATE_QUEUE_LEN,
+                                              kinds={"state"})
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name=f"mqtt-{self.session_id}", daemon=True
@@ -635,8 +642,9 @@ class MqttBridge:
         thread.join(timeout_s + 1.0)
         if thread.is_alive():
             log.error("MQTT thread did not stop within %.1f s", timeout_s)
-        if self._sub is not None:
-            self._bus.unsubscribe(self._sub)
+        for sub in (self._sub, self._state_sub):
+            if sub is not None:
+                self._bus.unsubscribe(sub)
         self._thread = None
 
     def __enter__(self) -> MqttBridge:
@@ -661,7 +669,10 @@ class MqttBridge:
             "connected": self.connected,
             "sent": self._sent,
             "dropped": self._dropped,  # outbox full: oldest attempt/interlock/event/reply dropped
-            "superseded": self._superseded,  # unsent state/health replaced by a newer one
+            # unsent state/health/thresholds replaced by a newer one (incl. states the bus
+            # dropped because newer ones came faster than the 20 ms drain)
+            "superseded": self._superseded
+            + (self._state_sub.dropped if self._state_sub is not None else 0),
             "queued": len(self._outbox),
             "bus_dropped": self._sub.dropped if self._sub is not None else 0,
             "connects": self._connects,
@@ -834,12 +845,14 @@ class MqttBridge:
 
     def _drain_bus(self, now: float, *, final: bool = False) -> None:
         assert self._sub is not None
+        assert self._state_sub is not None
         topics = self.topics
+        states = self._state_sub.drain()
+        if states:
+            self._pending_state = states[-1]  # rate-limited below: only the newest matters
         for event in self._sub.drain():
             kind = event.kind
-            if kind == "state":
-                self._pending_state = event
-            elif kind == "attempt":
+            if kind == "attempt":
                 self._enqueue(_Outgoing(topics.attempt, self._event_doc(event), 1, False))
             elif kind == "health":
                 self._last_health = dict(event.payload)

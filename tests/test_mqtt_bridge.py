@@ -371,6 +371,24 @@ def test_queue_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     assert time.monotonic() - t_stop < 2.0  # stop() with no broker is quick
 
 
+def test_a_flood_of_states_never_pushes_out_an_attempt(broker: Broker) -> None:
+    """As in a faster-than-real-time replay: 20 000 states in a burst, 100 attempts among them."""
+    bus = EventBus()
+    with Subscriber(broker, f"{BASE}/#") as sub, running_bridge(broker, bus=bus) as bridge:
+        for i in range(20_000):
+            bus.emit("state", t_stream=i / 1000, label="target", score=1.0)
+            if i % 200 == 0:
+                bus.emit("attempt", pulse_number=i // 200, fired=True, reason="ok")
+        assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/attempt")) == 100)
+        stats = bridge.stats
+    assert [m.json()["data"]["pulse_number"] for m in sub.on(f"{BASE}/attempt")] == list(
+        range(100)
+    )
+    assert stats["bus_dropped"] == 0
+    assert stats["superseded"] > 10_000  # the states nobody needed, counted
+    assert sub.on(f"{BASE}/state")  # the newest state still went out
+
+
 def test_stalled_broker_bounds_the_queue_and_delivers_the_newest(broker: Broker) -> None:
     """SIGSTOP freezes the broker with all sockets open: publishes stall, nothing errors."""
     bus = EventBus()
