@@ -25,7 +25,6 @@ from acquisition.lsl_source import (  # noqa: E402
     StreamNotFoundError,
     list_streams,
 )
-from acquisition.replayer import Replayer, ReplayStats  # noqa: E402
 
 __all__ += [
     "LslSource",
@@ -35,3 +34,13 @@ __all__ += [
     "StreamNotFoundError",
     "list_streams",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy (PEP 562): importing acquisition.replayer here would make
+    # `python -m acquisition.replayer` warn that the module was imported before it ran.
+    if name in {"Replayer", "ReplayStats"}:
+        from acquisition import replayer  # noqa: PLC0415
+
+        return getattr(replayer, name)
+    raise AttributeError(f"module 'acquisition' has no attribute {name!r}")

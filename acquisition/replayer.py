@@ -33,6 +33,8 @@ import numpy as np
 import pylsl
 from tqdm import tqdm
 
+from acquisition.readers import RecordingError, load_recording
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -74,9 +76,6 @@ class ReplayStats:
 def _load(raw_or_path: mne.io.BaseRaw | str | Path) -> mne.io.BaseRaw:
     if isinstance(raw_or_path, mne.io.BaseRaw):
         return raw_or_path.copy().load_data(verbose=False)
-    # Lazy: the readers pull in every format's dependencies, a Raw caller needs none of them.
-    from acquisition.readers import load_recording  # noqa: PLC0415
-
     return load_recording(raw_or_path)
 
 
@@ -473,7 +472,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Replay a recording as an LSL stream (plus a <name>-markers stream).",
     )
     add_replay_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (RecordingError, OSError, ValueError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

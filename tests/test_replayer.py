@@ -13,7 +13,7 @@ from mne_lsl.stream import StreamLSL
 
 from acquisition.chunk import HealthKind
 from acquisition.lsl_source import LslSource
-from acquisition.replayer import Replayer, add_replay_arguments
+from acquisition.replayer import Replayer, add_replay_arguments, main
 from tests.lsl_helpers import (
     make_recording,
     new_stream_name,
@@ -250,3 +250,10 @@ def test_no_drift_over_a_60_s_real_time_replay(tmp_path):
     assert abs(tail - head) < 1 / SFREQ
     assert abs(slope * duration_s) < 1 / SFREQ
     assert not [e for e in got.events if e.is_fault and e.kind is not HealthKind.LOST]
+
+
+def test_main_reports_a_missing_file_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "missing_raw.fif")])
+    assert exc.value.code == 2
+    assert "missing_raw.fif" in capsys.readouterr().err
