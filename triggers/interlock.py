@@ -106,6 +106,7 @@ class SafetyInterlock:
         self.settings = settings
         self._clock = clock
         self._live = live
+        self.live = live  # read-only for callers: limits also hold on `clock` when True
         self._lock = threading.Lock()
         self._observers: list[Observer] = []
         self._min_interval_s = float(settings.min_interval_s)
@@ -133,6 +134,8 @@ class SafetyInterlock:
 
     # ---- observers -------------------------------------------------------------------------
     def add_observer(self, fn: Observer) -> None:
+        """Call fn(old, new, reason, t_stream) on every state change, in the thread that caused
+        it (possibly the acquisition thread between decision and outputs): keep fn cheap."""
         self._observers.append(fn)
 
     def _notify(self, changes: list[tuple[InterlockState, InterlockState, str, float]]) -> None:
