@@ -221,21 +221,26 @@ def _read_jsonl(path: Path) -> list[dict]:
 def read_outcome(folder: str | Path) -> Outcome:
     """The Outcome of a session folder written by `Session` (offline or tuner run)."""
     folder = Path(folder)
-    audit = [a for a in _read_jsonl(folder / "audit.jsonl") if "fired" in a]
+    records = _read_jsonl(folder / "audit.jsonl")
+    audit = [a for a in records if a.get("event", "attempt") == "attempt" and "fired" in a]
     events = _read_jsonl(folder / "events.jsonl")
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     started = next((e for e in events if e.get("kind") == "session" and e.get("phase") == "started"), {})
     sfreq = float(started.get("sfreq") or math.nan)
     t0 = float(started.get("t0_stream") or 0.0)
 
-    def first_t(pred) -> float:
-        for e in events:
+    def first_t(items, pred) -> float:
+        for e in items:
             if pred(e) and e.get("t_stream") is not None:
                 return float(e["t_stream"])
         return math.nan
 
-    armed = first_t(lambda e: e.get("kind") == "interlock" and e.get("state") == "armed")
-    calibrated = first_t(lambda e: e.get("kind") == "calibration" and e.get("phase") == "done")
+    # the audit log stamps arming with the exact stream time; the event log only to the status
+    # period (0.5 s), so it is the fallback
+    armed = first_t(records, lambda e: e.get("event") == "interlock" and e.get("new") == "armed")
+    if not math.isfinite(armed):
+        armed = first_t(events, lambda e: e.get("kind") == "interlock" and e.get("state") == "armed")
+    calibrated = first_t(events, lambda e: e.get("kind") == "calibration" and e.get("phase") == "done")
     scored_from = armed if math.isfinite(armed) else calibrated
     samples = int(summary.get("samples") or 0)
     duration_s = samples / sfreq if sfreq > 0 else math.nan

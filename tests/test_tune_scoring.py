@@ -126,7 +126,7 @@ def test_build_grid_skips_combinations_invalid_only_together():
     assert g.configs[5].state.leave == 1.5
     # a value invalid in every combination is an error, not a silent skip
     with pytest.raises(ConfigError, match=r"state.enter=0.5: invalid in every combination"):
-        build_grid(SessionConfig(), parse_grid(["state.enter=0.5:1.5:0.5"]))
+        build_grid(SessionConfig(), parse_grid(["state.enter=0.5:1.5:0.5", "state.leave=0.5"]))
 
 
 def test_build_grid_checks_against_the_stream():
