@@ -66,7 +66,7 @@ POLL_S = 0.02  # bus drain period: 20 ms keeps the added telemetry latency below
 # replay can overflow them (counted). States have their own small queue, so that a flood of
 # states (only the newest of which is sent anyway) never pushes out an attempt.
 BUS_QUEUE_LEN = 4096
-STATE_QUEUE_LEN = 64
+STATE_QUEUE_LEN = 256
 PUBLISH_TIMEOUT_S = 5.0  # a QoS 1 publish with no PUBACK after this means the link is dead
 CLIENT_TIMEOUT_S = 5.0  # CONNACK / SUBACK / graceful DISCONNECT wait
 THRESHOLDS_RETRY_S = 1.0  # ask a session that is still starting for its thresholds again
