@@ -550,8 +550,14 @@ class LslSource:
         self._lost_at = now
         self._lost_uid = desc.uid
         self._inlet = None
+        # Only the same device may come back: match the lost stream's own name and source_id
+        # (the user's selector may be as loose as type='EEG', which another amplifier matches).
+        try:
+            pred = build_predicate(desc.name, self._stype, desc.source_id or None)
+        except ValueError:
+            pred = self._pred
         # Resolution runs in liblsl's thread; results() is a ~50 µs non-blocking read.
-        self._resolver = pylsl.ContinuousResolver(pred=self._pred, forget_after=RESOLVER_FORGET_S)
+        self._resolver = pylsl.ContinuousResolver(pred=pred, forget_after=RESOLVER_FORGET_S)
         self._next_restore_poll = now + RESTORE_POLL_S
         since = now - self._last_sample_local
         events.append(HealthEvent(

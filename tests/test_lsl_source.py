@@ -426,3 +426,35 @@ def test_a_stream_without_description_gets_fallback_labels_and_units(stype, scal
         got = pull_until(src, lambda p: n_samples(p) >= 4, 5.0)
     assert got.data.dtype == np.float64
     np.testing.assert_allclose(got.data, np.array([[1, -2, 300]] * 4) * scale)
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+def test_only_the_same_name_and_source_id_is_restored():
+    """Selected by name only, a lost stream is not 'restored' by another device of that name."""
+    name = new_stream_name()
+
+    def outlet_with(source_id: str) -> pylsl.StreamOutlet:
+        info = pylsl.StreamInfo(name, "EEG", 3, SFREQ, pylsl.cf_float32, source_id)
+        return pylsl.StreamOutlet(info)
+
+    outlet = outlet_with("device-A")
+    src = LslSource(name=name).connect()
+    try:
+        src.pull()
+        del outlet
+        assert HealthKind.LOST in pull_until(
+            src, lambda p: HealthKind.LOST in p.kinds(), 10.0).kinds()
+        other = outlet_with("device-B")
+        # the resolver sees a new outlet within ~1.8 s (one query wave); wait two waves
+        impostor = pull_until(src, lambda p: HealthKind.RESTORED in p.kinds(), 4.0)
+        assert HealthKind.RESTORED not in impostor.kinds()
+        assert src.lost
+        same = outlet_with("device-A")
+        back = pull_until(src, lambda p: HealthKind.RESTORED in p.kinds(), 10.0)
+        assert back.kinds() == [HealthKind.RESTORED]
+        assert src.info.source_id == "device-A"
+        assert other is not None
+        assert same is not None
+    finally:
+        src.disconnect()
