@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a session config and exit (0 ok, 2 errors)")
     p.add_argument("config", type=Path)
+    p.add_argument("--write-defaults", action="store_true",
+                   help="write the built-in defaults, commented, to CONFIG instead of checking it")
     p.add_argument("--recording", type=Path, default=None,
                    help="also check channels and bands against this recording")
 
@@ -124,8 +126,12 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_check_config(args) -> int:
-    from closedloop.config import load_config, validate_for_stream
+    from closedloop.config import default_yaml, load_config, validate_for_stream
 
+    if args.write_defaults:
+        args.config.write_text(default_yaml(), encoding="utf-8")
+        print(f"wrote {args.config}")
+        return 0
     config = load_config(args.config)
     if args.recording:
         from acquisition.readers import load_recording
