@@ -69,6 +69,26 @@ class Attempt:
     interlock: str
     output_ms: dict[str, float] = field(default_factory=dict)
 
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict (the core of the audit line; also the bus 'attempt' payload)."""
+        return {
+            "event": "attempt",
+            "fired": self.fired,
+            "reason": self.reason,
+            "detail": self.detail,
+            "attempt": self.attempt_number,
+            "pulse_number": self.pulse_number,
+            "t_stream": self.t_stream,
+            "t_local": self.t_local,
+            "latency_ms": round(self.latency_ms, 4),
+            "output_ms": {k: round(v, 4) for k, v in self.output_ms.items()},
+            "label": self.label,
+            "score": self.score,
+            "features": self.features,
+            "request": self.request,
+            "interlock": self.interlock,
+        }
+
 
 class TriggerUnit:
     """The trigger stage facade. Construct with validated parts; `close()` when done."""
@@ -203,27 +223,11 @@ class TriggerUnit:
         )
 
     def _write(self, attempt: Attempt, state: State) -> None:
-        record: dict[str, Any] = {
-            "event": "attempt",
-            "t_wall": time.time(),  # for humans only; intervals use the clocks
-            "fired": attempt.fired,
-            "reason": attempt.reason,
-            "detail": attempt.detail,
-            "attempt": attempt.attempt_number,
-            "pulse_number": attempt.pulse_number,
-            "t_stream": attempt.t_stream,
-            "t_local": attempt.t_local,
-            "latency_ms": round(attempt.latency_ms, 4),
-            "output_ms": {k: round(v, 4) for k, v in attempt.output_ms.items()},
-            "label": attempt.label,
-            "score": attempt.score,
-            "time_in_state_s": state.time_in_state_s,
-            "features": attempt.features,
-            "z": state.z,
-            "artifacts": list(state.artifacts),
-            "request": attempt.request,
-            "interlock": attempt.interlock,
-        }
+        record = attempt.to_record()
+        record["t_wall"] = time.time()  # for humans only; intervals use the clocks
+        record["time_in_state_s"] = state.time_in_state_s
+        record["z"] = state.z
+        record["artifacts"] = list(state.artifacts)
         try:
             self.audit.write(record)
         except Exception as exc:
@@ -239,9 +243,30 @@ class TriggerUnit:
             self.interlock.fault(reason, event.t_stream, detail)
             self._flush_pending()
 
+    def fault(self, reason: str | VetoReason, t_stream: float = math.nan, detail: str = "") -> None:
+        """Any fault found outside the trigger stage (exception in features, a tap): DISARMED.
+        A plain string is a generic fault ('fault: <reason>')."""
+        if isinstance(reason, VetoReason):
+            self.interlock.fault(reason, t_stream, detail)
+        else:
+            self.interlock.fault(VetoReason.FAULT, t_stream, f"{reason}: {detail}" if detail else reason)
+        self._flush_pending()
+
+    def fault(self, detail: str, t_stream: float = math.nan) -> None:
+        """A fault outside the trigger stage (e.g. an exception in features): DISARMED, audited."""
+        self.interlock.fault(VetoReason.FAULT, t_stream, detail)
+        self._flush_pending()
+
     # ---- operator (any thread) -------------------------------------------------------------
-    def arm(self, action: str, operator: str = "", calibrated: bool = True) -> None:
-        """Check every output (serial opened and probed), then arm. Raises ArmError if refused."""
+    def arm(self, action: str, operator: str = "", *, t_stream: float = math.nan,
+            calibrated: bool = True) -> None:
+        """Check every output (serial opened and probed), then arm. Raises ArmError if refused.
+
+        action: the operator action ('gui_button', 'cli_flag', 'mqtt_remote'). t_stream: stream
+        time of the arming (for arm expiry offline); defaults to the newest state's time.
+        """
+        if not math.isfinite(t_stream):
+            t_stream = self._t_stream_last
         if self._closed:
             raise ArmError("trigger unit is closed")
         with self._io_lock:
@@ -251,11 +276,11 @@ class TriggerUnit:
                 except Exception as exc:
                     msg = f"output {out.name} not ready: {exc}"
                     self._audit_event("arm_refused", msg, action=action, operator=operator)
-                    self.interlock.disarm(f"arm refused: {msg}", self._t_stream_last)
+                    self.interlock.disarm(f"arm refused: {msg}", t_stream)
                     self._flush_pending()
                     raise ArmError(msg) from exc
         try:
-            self.interlock.arm(action, self._t_stream_last, operator, calibrated=calibrated)
+            self.interlock.arm(action, t_stream, operator, calibrated=calibrated)
         except ArmError as exc:
             self._audit_event("arm_refused", str(exc), action=action, operator=operator)
             raise
@@ -271,11 +296,11 @@ class TriggerUnit:
         self.interlock.emergency_stop(f"emergency stop ({source})", self._t_stream_last)
         self._flush_pending()
 
-    def close(self) -> None:
+    def close(self, reason: str = "shutdown") -> None:
         """Disarm, close every output, then flush and close the audit log. Idempotent."""
         if self._closed:
             return
-        self.interlock.disarm("shutdown", self._t_stream_last)
+        self.interlock.disarm(reason, self._t_stream_last)
         self._flush_pending()
         self._closed = True
         errors = []
@@ -294,6 +319,12 @@ class TriggerUnit:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def add_observer(self, fn: Callable[[str, str], None]) -> None:
+        """Call fn(state, reason) (e.g. 'disarmed', 'sample_gap: 12 ms') on each interlock state
+        change, in the thread that caused it (maybe the acquisition thread just before the
+        outputs fire): fn must be cheap and must not block (a bus emit is fine)."""
+        self.interlock.add_observer(lambda old, new, reason, t: fn(new.value, reason))
 
     # ---- records -------------------------------------------------------------------------
     def _on_interlock_change(self, old: InterlockState, new: InterlockState, reason: str,
@@ -331,7 +362,8 @@ class TriggerUnit:
             "attempts": self._n_attempts,
             "fired": self._n_fired,
             "output_errors": self._n_output_errors,
-            "vetoes": dict(self._vetoes),
+            "vetoed": sum(self._vetoes.values()),
+            "vetoes_by_reason": dict(self._vetoes),
             "latency_ms": summary,
             "output_max_ms": dict(self._output_max_ms),
             "pulse_count": self.interlock.pulse_count,
