@@ -33,6 +33,7 @@ INT16_FULL_SCALE = 32767.0
 NOISE_SMOOTH_HZ = 800.0        # one-pole low-pass corner of the "soft noise" (white noise is harsh)
 CHIME_HARMONIC = 2.76          # partial ratio of a small bell (free-free bar mode 2 / mode 1)
 MAX_SEGMENT_S = 1.0            # a gap in the feedback trace longer than this renders as silence
+GAP_FADE_S = 0.02              # fade-out at the start of such a gap (no click)
 DECODABLE_HERE = (".wav",)     # guided-audio formats decoded without QtMultimedia
 
 
@@ -180,12 +181,13 @@ class Synth:
         if self._chime is not None:
             self._chimes.append(0)
 
-    def render(self, n: int, value_end: float) -> np.ndarray:
+    def render(self, n: int, value_end: float, ramp_n: int | None = None) -> np.ndarray:
+        """n samples moving to `value_end` over the first `ramp_n` samples (default: all n)."""
         out = np.zeros(n)
         if n == 0:
             return out
         amp_end, freq_end = self._targets(value_end)
-        ramp = np.arange(1, n + 1) / n
+        ramp = np.minimum(np.arange(1, n + 1) / (ramp_n or n), 1.0)
         amp = self._amp + (amp_end - self._amp) * ramp
         if self.tone.kind == "sine":
             freq = self._freq + (freq_end - self._freq) * ramp
@@ -252,8 +254,8 @@ class WavFeedbackAudio:
                     self.synth.chime()
                     self.chimes_at.append(ti)
                 continue
-            if n > MAX_SEGMENT_S * self.sr:  # a gap (stream loss): silence, no long ramp
-                parts.append(self.synth.render(n, math.nan))
+            if n > MAX_SEGMENT_S * self.sr:  # a gap (stream loss): fade out, then silence
+                parts.append(self.synth.render(n, math.nan, ramp_n=round(GAP_FADE_S * self.sr)))
             else:
                 parts.append(self.synth.render(n, vi))
             self.n_written = target_k
