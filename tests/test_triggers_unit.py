@@ -87,7 +87,8 @@ def test_fires_only_when_armed_and_audits_every_attempt(tmp_path):
     s = unit.stats
     assert s["attempts"] == 5
     assert s["fired"] == 4
-    assert s["vetoes"] == {"not_armed": 1}
+    assert s["vetoes_by_reason"] == {"not_armed": 1}
+    assert s["vetoed"] == 1
     assert s["latency_ms"]["n"] == 4
     unit.close()
 
@@ -277,6 +278,32 @@ def test_emergency_stop_latches_and_close_is_ordered(tmp_path):
     assert unit.audit._file.closed
     with pytest.raises(ArmError, match="closed"):
         unit.arm("gui_button")
+
+
+def test_lead_facing_api(tmp_path):
+    """fault(str), observers (state, reason), arm(t_stream=...), to_record(), close(reason)."""
+    unit, _ = make_unit(tmp_path, arm_expiry_min=1.0)
+    seen = []
+    unit.add_observer(lambda state, reason: seen.append((state, reason)))
+    unit.on_state(State(100.0, Label.NON_TARGET, 0.0, 0.0))
+    unit.arm("gui_button", operator="bob", t_stream=150.0)  # expiry counts from 150 s
+    unit.on_state(State(209.0, Label.NON_TARGET, 0.0, 1.0))
+    assert unit.interlock.state is InterlockState.ARMED
+    a = unit.on_state(target(209.5, t_entry=209.5))
+    assert a.fired
+    rec = a.to_record()
+    assert rec["event"] == "attempt"
+    assert rec["pulse_number"] == 1
+    assert rec["reason"] == "fired"
+    unit.fault("exception in features: ValueError: x", 209.6)
+    assert unit.interlock.state is InterlockState.DISARMED
+    assert unit.interlock.last_reason == "fault: exception in features: ValueError: x"
+    assert seen == [("armed", "armed: gui_button by bob"), ("refractory", "pulse 1"),
+                    ("disarmed", "fault: exception in features: ValueError: x")]
+    unit.arm("gui_button")
+    unit.close("session ended")
+    assert seen[-1] == ("disarmed", "session ended")
+    assert read_audit(unit.audit.path)[-1]["reason"] == "session ended"
 
 
 def test_uncalibrated_arm_refused(tmp_path):

@@ -249,12 +249,8 @@ class TriggerUnit:
         if isinstance(reason, VetoReason):
             self.interlock.fault(reason, t_stream, detail)
         else:
-            self.interlock.fault(VetoReason.FAULT, t_stream, f"{reason}: {detail}" if detail else reason)
-        self._flush_pending()
-
-    def fault(self, detail: str, t_stream: float = math.nan) -> None:
-        """A fault outside the trigger stage (e.g. an exception in features): DISARMED, audited."""
-        self.interlock.fault(VetoReason.FAULT, t_stream, detail)
+            text = f"{reason}: {detail}" if detail else reason
+            self.interlock.fault(VetoReason.FAULT, t_stream, text)
         self._flush_pending()
 
     # ---- operator (any thread) -------------------------------------------------------------
