@@ -9,8 +9,9 @@ Choices, with the numbers measured on this machine (pylsl 1.18.6 / liblsl 1.18, 
 - Loss: the inlet is opened with `recover=False`, so liblsl raises `LostError` as soon as the
   outlet's TCP connection closes: 4.5-5 ms after SIGKILL of the outlet process. With the
   default `recover=True` nothing is raised for > 20 s (liblsl silently waits to re-resolve).
-  A hung peer that never closes its socket gives no `LostError`: the staleness timer (STALE, a
-  fault) covers that case.
+  A hung or unreachable peer never closes its socket, so no `LostError` comes: it is STALE
+  (a fault) at once, and LOST once it has also not answered resolver queries for
+  `UNANSWERED_LOST_S` (a frozen replayer: STALE after 0.3 s, LOST ~4 s later).
 - Reconnection without blocking: after a loss a `pylsl.ContinuousResolver` (liblsl resolves in
   its own thread) is polled every `RESTORE_POLL_S`; `results()` costs about 50 µs. A restarted
   outlet shows up 1.1-1.8 s after it starts (the resolver's query wave period). The dead stream
@@ -56,6 +57,8 @@ RESTORE_POLL_S = 0.1
 # A resolver forgets a vanished stream after this long; liblsl re-queries every ~1.75 s here
 # (measured: with forget_after=1.0 a live stream flickered in and out), so stay well above it.
 RESOLVER_FORGET_S = 5.0
+# Stale and not answering resolver queries for this long -> LOST (two ~1.75 s query waves).
+UNANSWERED_LOST_S = 4.0
 # Bound on the blocking full-info fetch when reopening a restored stream (0.4-2.5 ms measured).
 RESTORE_INFO_TIMEOUT_S = 0.05
 # After the first sample of a chunk wakes a blocking pull, let liblsl queue the rest (see pull()).
@@ -280,6 +283,9 @@ class LslSource:
         self._lost_uid = ""
         self._resolver: pylsl.ContinuousResolver | None = None
         self._next_restore_poll = 0.0
+        self._liveness: pylsl.ContinuousResolver | None = None
+        self._liveness_since = math.nan
+        self._next_liveness_poll = 0.0
         self._n_received = 0
 
     # -------------------------------------------------------------- life cycle
@@ -430,6 +436,9 @@ class LslSource:
                     f"no sample for {now - self._last_sample_local:.3f} s "
                     f"(limit {self._stale_after_s} s)",
                 ))
+                self._start_liveness_check(now)
+            elif self._liveness is not None and now >= self._next_liveness_poll:
+                self._check_liveness(now, events)
             return self._empty_chunk(events, now)
 
         if now >= self._next_tc_refresh:
@@ -442,6 +451,7 @@ class LslSource:
 
         if self._stale:
             self._stale = False
+            self._liveness = None
             events.append(HealthEvent(
                 HealthKind.FLOWING, float(timestamps[0]), now,
                 f"samples again after {now - self._last_sample_local:.3f} s",
@@ -544,26 +554,56 @@ class LslSource:
             self._next_tc_refresh = now + RESTORE_POLL_S
 
     # ---------------------------------------------------------- loss / restore
-    def _on_lost(self, now: float, events: list[HealthEvent]) -> None:
+    def _on_lost(self, now: float, events: list[HealthEvent], why: str = "connection closed"
+                 ) -> None:
         desc = self._require_desc()
         self._lost = True
         self._lost_at = now
         self._lost_uid = desc.uid
         self._inlet = None
-        # Only the same device may come back: match the lost stream's own name and source_id
-        # (the user's selector may be as loose as type='EEG', which another amplifier matches).
-        try:
-            pred = build_predicate(desc.name, self._stype, desc.source_id or None)
-        except ValueError:
-            pred = self._pred
+        self._liveness = None
         # Resolution runs in liblsl's thread; results() is a ~50 µs non-blocking read.
-        self._resolver = pylsl.ContinuousResolver(pred=pred, forget_after=RESOLVER_FORGET_S)
+        self._resolver = pylsl.ContinuousResolver(
+            pred=self._restore_predicate(), forget_after=RESOLVER_FORGET_S)
         self._next_restore_poll = now + RESTORE_POLL_S
         since = now - self._last_sample_local
         events.append(HealthEvent(
             HealthKind.LOST, self._last_ts, now,
-            f"stream {desc.name!r} (uid {desc.uid}) lost; last sample {since:.3f} s ago",
+            f"stream {desc.name!r} (uid {desc.uid}) lost ({why}); last sample {since:.3f} s ago",
         ))
+
+    def _start_liveness_check(self, now: float) -> None:
+        """While stale, ask the network whether the stream still answers (see _check_liveness)."""
+        self._liveness = pylsl.ContinuousResolver(
+            pred=self._restore_predicate(), forget_after=UNANSWERED_LOST_S)
+        self._liveness_since = now
+        self._next_liveness_poll = now + RESTORE_POLL_S
+
+    def _check_liveness(self, now: float, events: list[HealthEvent]) -> None:
+        """A hung or unreachable peer (crash, cable, frozen app) never closes its socket, so no
+        LostError comes. If the stream stays stale and does not answer resolver queries for
+        UNANSWERED_LOST_S, declare it LOST (a restarted outlet then gets RESTORED). A live
+        stream answers a fresh resolver within ~10 ms (measured); a quiet but alive one stays
+        only STALE."""
+        self._next_liveness_poll = now + RESTORE_POLL_S
+        assert self._liveness is not None
+        uid = self._require_desc().uid
+        # The resolver drops a stream UNANSWERED_LOST_S after its last answer, so "not listed"
+        # means "silent on the network that long" (or never answered since we started asking).
+        listed = any(info.uid() == uid for info in self._liveness.results())
+        if not listed and now - self._liveness_since > UNANSWERED_LOST_S:
+            self._liveness = None
+            self._on_lost(now, events, f"no data, and no answer to resolver queries for "
+                                       f"{UNANSWERED_LOST_S:g} s")
+
+    def _restore_predicate(self) -> str:
+        """Only the same device may come back: the stream's own name and source_id (the
+        user's selector may be as loose as type='EEG', which another amplifier matches)."""
+        desc = self._require_desc()
+        try:
+            return build_predicate(desc.name, self._stype, desc.source_id or None)
+        except ValueError:
+            return self._pred
 
     def _wait_for_restore(self, timeout_s: float, events: list[HealthEvent]) -> None:
         now = pylsl.local_clock()

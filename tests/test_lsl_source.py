@@ -13,6 +13,7 @@ from mne_lsl.player import PlayerLSL
 
 from acquisition.chunk import FAULT_KINDS, HealthKind
 from acquisition.lsl_source import (
+    UNANSWERED_LOST_S,
     LslSource,
     StreamNotFoundError,
     build_predicate,
@@ -386,8 +387,12 @@ def test_lost_stream_while_waiting_does_not_spin(tmp_path):
 @pytest.mark.lsl
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_frozen_replayer_is_stale_not_lost_and_flows_again(tmp_path):
-    """SIGSTOP keeps the socket open (like a hung amplifier): STALE, then FLOWING on SIGCONT."""
+def test_frozen_replayer_is_stale_then_lost_then_restored(tmp_path):
+    """SIGSTOP keeps the socket open (like a hung amplifier or a pulled cable): no LostError.
+
+    STALE at once; LOST when it has not answered resolver queries for UNANSWERED_LOST_S;
+    RESTORED (same uid) once it answers again after SIGCONT.
+    """
     name = new_stream_name("frozen")
     path = save_recording_fif(make_recording(duration_s=2.0), tmp_path)
     with (
@@ -396,19 +401,36 @@ def test_frozen_replayer_is_stale_not_lost_and_flows_again(tmp_path):
     ):
         got = pull_until(src, lambda p: n_samples(p) >= 50, 10.0)
         assert n_samples(got) >= 50
+        t_stop = pylsl.local_clock()
         rp.proc.send_signal(signal.SIGSTOP)
         try:
-            frozen = pull_until(src, lambda p: HealthKind.STALE in p.kinds(), 5.0)
-            assert HealthKind.STALE in frozen.kinds()
-            more = pull_until(src, lambda p: False, 1.0)  # stays stale, never LOST
-            assert HealthKind.LOST not in frozen.kinds() + more.kinds()
+            frozen = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
         finally:
             rp.proc.send_signal(signal.SIGCONT)
-        back = pull_until(src, lambda p: HealthKind.FLOWING in p.kinds(), 10.0)
-    assert back.kinds() == [HealthKind.FLOWING]  # the replayer catches up on its grid: no GAP
-    parts = [p.data[:, -1] for p in (got, frozen, more, back) if p.chunks]
-    counter = np.concatenate(parts)
-    assert set(np.diff(counter) % 500) == {1}  # nothing lost while frozen (loops wrap at 500)
+        assert frozen.kinds() == [HealthKind.STALE, HealthKind.LOST]
+        stale, lost = frozen.events
+        assert stale.t_local - t_stop < 0.3 + 0.5
+        assert lost.t_local - stale.t_local == pytest.approx(UNANSWERED_LOST_S, abs=1.5)
+        assert "no answer to resolver queries" in lost.detail
+        back = pull_until(src, lambda p: HealthKind.FLOWING in p.kinds(), 20.0)
+    assert back.kinds() == [HealthKind.RESTORED, HealthKind.FLOWING]
+    assert "same uid" in back.events[0].detail
+    assert n_samples(back) > 0
+
+
+@pytest.mark.lsl
+@pytest.mark.slow
+def test_a_quiet_but_alive_stream_stays_stale_and_is_never_lost():
+    name = new_stream_name()
+    outlet = make_outlet(name)
+    with LslSource(name=name, stale_after_s=0.2) as src:
+        src.pull()
+        quiet = pull_until(src, lambda p: False, UNANSWERED_LOST_S + 2.0)
+        assert quiet.kinds() == [HealthKind.STALE]  # it answers queries: not LOST
+        t0 = pylsl.local_clock()
+        outlet.push_chunk(block(0, 10), grid(0, 10, t0))
+        again = pull_until(src, lambda p: n_samples(p) >= 10, 5.0)
+    assert again.kinds() == [HealthKind.FLOWING]
 
 
 @pytest.mark.lsl
