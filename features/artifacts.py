@@ -47,8 +47,8 @@ class ArtifactDetector:
         n = len(names)
         self.holdoff_n = round(settings.holdoff_s * sfreq)
         s = settings
-        # Flat: start the RMS state at 4x the threshold so a flat channel is flagged after
-        # tau * ln(4) (1.4 s with the 1 s default), and a live one never at the start.
+        # Flat: start the mean square at 4x the threshold so a channel flat from the start is
+        # flagged after tau * ln(4) (0.28 s with the 0.2 s default), a live one never.
         self._flat = (
             StatefulEma(s.flat_window_s, sfreq, n, init=(2.0 * s.flat_uv * UV) ** 2)
             if s.flat_uv is not None else None

@@ -55,7 +55,7 @@ class FeatureConfigError(ValueError):
 
 def _missing_channel_msg(path: str, name: str, ch_names: Sequence[str]) -> str:
     have = ", ".join(ch_names[:40]) + (" ..." if len(ch_names) > 40 else "")
-    close = difflib.get_close_matches(name, list(ch_names), n=1)
+    close = difflib.get_close_matches(name, list(ch_names), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"{path}: channel '{name}' not in stream (have: {have}){hint}"
 
@@ -264,8 +264,10 @@ class ArtifactSettings(_Base):
         0.5, gt=0,
         description="RMS of the preprocessed signal over flat_window_s below this (µV) flags 'flat'.",
     )
+    # 0.2 s: a power average falls by e per time constant, so from 12 µV RMS EEG to 0.5 µV takes
+    # ln(576) = 6.4 time constants: 1.3 s here (6.4 s with 1 s); EEG never stays that quiet.
     flat_window_s: float = Field(
-        1.0, gt=0, description="Time constant (s) of the RMS used by the flat check."
+        0.2, gt=0, description="Time constant (s) of the RMS used by the flat check."
     )
     rail_uv: float | None = Field(
         180_000.0, gt=0,

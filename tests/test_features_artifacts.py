@@ -1,0 +1,142 @@
+"""Artifact flags: each check, reasons, hold-off, chunking invariance, veto of state entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.artifacts import ArtifactDetector
+from features.preprocess import Preprocessor
+from features.settings import ArtifactSettings, PreprocessSettings
+
+FS = 250.0
+NAMES = ("Fp1", "Fp2", "C3", "C4", "O1", "O2")
+
+
+def _eeg(seconds: float = 20.0, seed: int = 0) -> np.ndarray:
+    """(n, 6) volts: ~12 µV RMS 1/f noise (EEG-like spectrum), 10 Hz, and DC offsets."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * FS)
+    spec = np.fft.rfft(rng.standard_normal((n, len(NAMES))), axis=0)
+    f = np.fft.rfftfreq(n, 1 / FS)
+    spec /= np.sqrt(np.maximum(f, 1.0))[:, None]  # power ~ 1/f
+    x = np.fft.irfft(spec, n, axis=0)
+    x *= 12e-6 / x.std(axis=0)
+    t = np.arange(n) / FS
+    x += 6e-6 * np.sin(2 * np.pi * 10 * t)[:, None]
+    return x + np.linspace(-20e-3, 20e-3, len(NAMES))
+
+
+def _run(x: np.ndarray, settings: ArtifactSettings, chunk: int = 10):
+    pre = Preprocessor(PreprocessSettings(notch_hz=None), NAMES, FS)
+    det = ArtifactDetector(settings, NAMES, FS)
+    active, reasons = [], []
+    for i in range(0, len(x), chunk):
+        raw = x[i : i + chunk]
+        nonfinite = ~np.isfinite(raw)
+        filled = np.nan_to_num(raw) if nonfinite.any() else raw
+        filt = pre.filter(filled)
+        ref = pre.reference(filt)
+        active.append(det.process(raw, filt, ref, nonfinite if nonfinite.any() else None))
+        reasons.append(det.reasons)
+    return np.concatenate(active), reasons, det
+
+
+def test_clean_eeg_raises_nothing():
+    active, reasons, _ = _run(_eeg(), ArtifactSettings())
+    assert not active.any()
+    assert all(r == () for r in reasons)
+
+
+def test_blink_flags_amplitude_with_holdoff():
+    x = _eeg()
+    t = np.arange(len(x)) / FS
+    blink = 250e-6 * np.exp(-0.5 * ((t - 8.0) / 0.08) ** 2)
+    x[:, 0] += blink
+    x[:, 1] += blink
+    active, reasons, _ = _run(x, ArtifactSettings(amplitude_uv=100.0, holdoff_s=1.0))
+    on = np.flatnonzero(active)
+    assert 7.8 < t[on[0]] < 8.0
+    last_bad = t[on[-1]] - 1.0  # active ends one hold-off after the last offending sample
+    assert 8.0 < last_bad < 8.2
+    assert any("amplitude:Fp1" in r and "amplitude:Fp2" in r for r in reasons)
+    assert not any("amplitude:O1" in r for r in reasons)
+    assert reasons[-1] == ()  # cleared after the hold-off
+
+
+def test_flat_channel():
+    x = _eeg()
+    x[round(5 * FS) :, 4] = x[round(5 * FS) - 1, 4]  # O1 holds its value from 5 s on
+    active, reasons, _ = _run(x, ArtifactSettings())
+    t = np.arange(len(x)) / FS
+    on = np.flatnonzero(active)
+    assert 5.5 < t[on[0]] < 7.0  # the 0.2 s mean square needs ~1.3 s to fall below 0.5² µV²
+    assert active[round(7 * FS) :].all()
+    assert "flat:O1" in reasons[-1]
+    assert not any(r.startswith("flat:") and r != "flat:O1" for r in reasons[-1])
+
+
+def test_rail_and_nonfinite():
+    x = _eeg()
+    x[round(4 * FS) : round(6 * FS), 2] = 0.1875  # C3 rails (OpenBCI full scale)
+    x[round(12 * FS) : round(12 * FS) + 3, 5] = np.nan
+    active, reasons, _ = _run(x, ArtifactSettings(holdoff_s=0.5))
+    flat = {r for rs in reasons for r in rs}
+    assert "rail:C3" in flat
+    assert "nonfinite:O2" in flat
+    assert "rail:O2" not in flat
+    t = np.arange(len(x)) / FS
+    assert active[(t > 4.0) & (t < 6.0)].all()
+    assert active[(t > 12.0) & (t < 12.4)].all()
+
+
+def test_muscle_burst():
+    x = _eeg()
+    rng = np.random.default_rng(9)
+    emg = rng.standard_normal(len(x)) * 30e-6
+    from scipy import signal
+
+    emg = signal.sosfilt(signal.butter(4, [20, 120], "bandpass", fs=FS, output="sos"), emg)
+    t = np.arange(len(x)) / FS
+    x[:, 3] += np.where((t > 10) & (t < 12), emg, 0.0)
+    active, reasons, det = _run(x, ArtifactSettings(amplitude_uv=None))
+    flat = {r for rs in reasons for r in rs}
+    assert "muscle:C4" in flat
+    assert active[(t > 10.5) & (t < 12)].all()
+    assert not active[t < 9.5].any()
+
+
+def test_disabled_and_chunking_invariant():
+    x = _eeg()
+    x[round(3 * FS) : round(3 * FS) + 20, 0] += 300e-6
+    a1, _, _ = _run(x, ArtifactSettings(), chunk=1)
+    a2, _, _ = _run(x, ArtifactSettings(), chunk=77)
+    np.testing.assert_array_equal(a1, a2)
+    off, reasons, _ = _run(x, ArtifactSettings(enabled=False))
+    assert not off.any() and all(r == () for r in reasons)
+
+
+def test_channel_subset():
+    x = _eeg()
+    x[round(3 * FS) : round(3 * FS) + 20, 0] += 300e-6  # Fp1 blink only
+    pre = Preprocessor(PreprocessSettings(reference="none"), NAMES, FS)
+    det = ArtifactDetector(ArtifactSettings(channels=["O1", "O2"]), NAMES, FS, ["O1", "O2"])
+    filt = pre.filter(x)
+    assert not det.process(x, filt, filt).any()
+    assert det.check_names == ("O1", "O2")
+
+
+def test_reset_clears_flags():
+    x = _eeg(5)
+    x[100:120, 0] += 300e-6
+    _, reasons, det = _run(x[:130], ArtifactSettings(holdoff_s=10.0))
+    assert det.active
+    det.reset()
+    assert not det.active and det.reasons == ()
+
+
+@pytest.mark.parametrize("bad", [{"channels": []}, {"channels": ["Oz"]},
+                                 {"muscle_band_hz": (30.0, 200.0)}])
+def test_validation(bad):
+    errors = ArtifactSettings(**bad).validate_for(NAMES, FS)
+    assert errors and all(e.startswith("artifacts.") for e in errors)
