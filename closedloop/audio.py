@@ -28,13 +28,13 @@ import pylsl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.signal import lfilter
 
-WAV_SAMPLE_WIDTH = 2           # bytes: 16-bit PCM output
+WAV_SAMPLE_WIDTH = 2  # bytes: 16-bit PCM output
 INT16_FULL_SCALE = 32767.0
-NOISE_SMOOTH_HZ = 800.0        # one-pole low-pass corner of the "soft noise" (white noise is harsh)
-CHIME_HARMONIC = 2.76          # partial ratio of a small bell (free-free bar mode 2 / mode 1)
-MAX_SEGMENT_S = 1.0            # a gap in the feedback trace longer than this renders as silence
-GAP_FADE_S = 0.02              # fade-out at the start of such a gap (no click)
-DECODABLE_HERE = (".wav",)     # guided-audio formats decoded without QtMultimedia
+NOISE_SMOOTH_HZ = 800.0  # one-pole low-pass corner of the "soft noise" (white noise is harsh)
+CHIME_HARMONIC = 2.76  # partial ratio of a small bell (free-free bar mode 2 / mode 1)
+MAX_SEGMENT_S = 1.0  # a gap in the feedback trace longer than this renders as silence
+GAP_FADE_S = 0.02  # fade-out at the start of such a gap (no click)
+DECODABLE_HERE = (".wav",)  # guided-audio formats decoded without QtMultimedia
 
 
 class AudioError(RuntimeError):
@@ -49,11 +49,15 @@ class ToneSettings(_Strict):
     """The continuous sound that follows the feedback value (0..1)."""
 
     enabled: bool = Field(True, description="play a continuous sound that follows the feedback")
-    kind: Literal["sine", "noise"] = Field("sine", description="a pure tone or soft (low-passed) noise")
+    kind: Literal["sine", "noise"] = Field(
+        "sine", description="a pure tone or soft (low-passed) noise"
+    )
     follows: Literal["volume", "pitch"] = Field(
         "volume", description="what the feedback value drives (noise: volume only)"
     )
-    freq_hz: float = Field(220.0, gt=20, le=8000, description="tone frequency when following volume")
+    freq_hz: float = Field(
+        220.0, gt=20, le=8000, description="tone frequency when following volume"
+    )
     pitch_range_hz: tuple[float, float] = Field(
         (196.0, 392.0), description="tone frequency at feedback 0 and 1 when following pitch"
     )
@@ -67,7 +71,9 @@ class ToneSettings(_Strict):
         if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
             raise ValueError(f"volume_range values must be within 0..1, got {self.volume_range}")
         if not all(20.0 < f <= 8000.0 for f in self.pitch_range_hz):
-            raise ValueError(f"pitch_range_hz must be within 20..8000 Hz, got {self.pitch_range_hz}")
+            raise ValueError(
+                f"pitch_range_hz must be within 20..8000 Hz, got {self.pitch_range_hz}"
+            )
         if self.kind == "noise" and self.follows == "pitch":
             raise ValueError("tone.kind 'noise' has no pitch: use follows: volume")
         return self
@@ -79,7 +85,9 @@ class ChimeSettings(_Strict):
     enabled: bool = Field(True, description="chime on entry into the target state")
     freq_hz: float = Field(880.0, gt=50, le=8000, description="fundamental of the chime")
     duration_s: float = Field(0.6, gt=0.02, le=5.0, description="length of the chime (s)")
-    volume: float = Field(0.3, ge=0.0, le=1.0, description="peak amplitude (fraction of full scale)")
+    volume: float = Field(
+        0.3, ge=0.0, le=1.0, description="peak amplitude (fraction of full scale)"
+    )
 
 
 class AudioSettings(_Strict):
@@ -93,7 +101,8 @@ class AudioSettings(_Strict):
     )
     sample_rate_hz: int = Field(22050, ge=8000, le=96000, description="synthesis sample rate")
     wav_name: str = Field(
-        "feedback_audio.wav", pattern=r"^[A-Za-z0-9_.-]+\.wav$",
+        "feedback_audio.wav",
+        pattern=r"^[A-Za-z0-9_.-]+\.wav$",
         description="file name (in the session folder) of the rendered audio",
     )
     tone: ToneSettings = ToneSettings()
@@ -142,7 +151,11 @@ def chime_waveform(settings: ChimeSettings, sample_rate_hz: int) -> np.ndarray:
     decay = np.exp(-t * (6.0 / settings.duration_s))  # -52 dB by the end: no click on cut
     attack = np.minimum(1.0, t / 0.005)
     f = settings.freq_hz
-    partial2 = 0.3 * np.sin(2 * np.pi * f * CHIME_HARMONIC * t) if f * CHIME_HARMONIC < sample_rate_hz / 2 else 0
+    partial2 = (
+        0.3 * np.sin(2 * np.pi * f * CHIME_HARMONIC * t)
+        if f * CHIME_HARMONIC < sample_rate_hz / 2
+        else 0
+    )
     wave_ = (np.sin(2 * np.pi * f * t) + partial2) / 1.3
     return settings.volume * attack * decay * wave_
 
@@ -213,7 +226,9 @@ class Synth:
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x * INT16_FULL_SCALE), -INT16_FULL_SCALE, INT16_FULL_SCALE).astype("<i2")
+    return np.clip(np.round(x * INT16_FULL_SCALE), -INT16_FULL_SCALE, INT16_FULL_SCALE).astype(
+        "<i2"
+    )
 
 
 # ---- feedback audio sinks --------------------------------------------------------------------
@@ -268,7 +283,9 @@ class WavFeedbackAudio:
     def close(self) -> None:
         if self._wav is not None:
             # let a chime still sounding finish
-            self._wav.writeframes(to_int16(self.synth.render(round(0.5 * self.sr), math.nan)).tobytes())
+            self._wav.writeframes(
+                to_int16(self.synth.render(round(0.5 * self.sr), math.nan)).tobytes()
+            )
             self._wav.close()
             self._wav = None
 
@@ -314,7 +331,9 @@ class DeviceFeedbackAudio:
             self._io = None
 
 
-def open_feedback_audio(audio: AudioSettings, folder: Path) -> WavFeedbackAudio | DeviceFeedbackAudio:
+def open_feedback_audio(
+    audio: AudioSettings, folder: Path
+) -> WavFeedbackAudio | DeviceFeedbackAudio:
     """The device sink where one exists (output auto/device), else the WAV renderer."""
     if audio.output in ("auto", "device") and audio_outputs():
         return DeviceFeedbackAudio(audio)
@@ -331,7 +350,12 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Decode a PCM WAV. Returns (data (n_frames, n_channels) float32 in -1..1, sample rate)."""
     try:
         with wave.open(str(path), "rb") as w:
-            n_ch, width, sr, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            n_ch, width, sr, n = (
+                w.getnchannels(),
+                w.getsampwidth(),
+                w.getframerate(),
+                w.getnframes(),
+            )
             raw = w.readframes(n)
     except (wave.Error, EOFError) as exc:
         raise AudioError(f"{path}: not a PCM WAV file ({exc})") from exc
@@ -400,15 +424,16 @@ class GuidedAudio:
         else:  # pragma: no cover - needs QtMultimedia (absent on the build machine)
             raise AudioError(f"guided audio {path.name!r}: only WAV is decoded in this build")
         self.device = bool(audio_outputs())
-        info = pylsl.StreamInfo(settings.marker_stream, "Markers", 1, pylsl.IRREGULAR_RATE,
-                                pylsl.cf_string, source_id)
+        info = pylsl.StreamInfo(
+            settings.marker_stream, "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string, source_id
+        )
         info.desc().append_child_value("file", path.name)
         info.desc().append_child_value("duration_s", f"{self.duration_s:.6f}")
         self.source_id = source_id
         self._outlet: pylsl.StreamOutlet | None = pylsl.StreamOutlet(info)
         self._lock = threading.Lock()
         self.state: Literal["ready", "playing", "paused", "ended", "stopped"] = "ready"
-        self._pos_s = 0.0          # position at the last start/resume/pause
+        self._pos_s = 0.0  # position at the last start/resume/pause
         self._t_resumed = math.nan  # local clock when playing (re)started
         self._timer: threading.Timer | None = None
         self.markers: list[tuple[float, str]] = []  # (local time, marker) as pushed
@@ -424,14 +449,26 @@ class GuidedAudio:
         return self._pos_s
 
     def _mark(self, action: str, t: float, **extra) -> None:
-        marker = json.dumps({"guided_audio": action, "file": self.path.name,
-                             "position_s": round(self._pos_s, 6), **extra})
+        marker = json.dumps(
+            {
+                "guided_audio": action,
+                "file": self.path.name,
+                "position_s": round(self._pos_s, 6),
+                **extra,
+            }
+        )
         if self._outlet is not None:
             self._outlet.push_sample([marker], t)
         self.markers.append((t, marker))
         if self.emit is not None:
-            self.emit("guided_audio", action=action, file=self.path.name,
-                      position_s=self._pos_s, t_marker=t, **extra)
+            self.emit(
+                "guided_audio",
+                action=action,
+                file=self.path.name,
+                position_s=self._pos_s,
+                t_marker=t,
+                **extra,
+            )
 
     def _schedule_end(self, now: float) -> None:
         remaining = self.duration_s - self._pos_s
@@ -454,8 +491,12 @@ class GuidedAudio:
             self.state, self._t_resumed = "playing", now
             self._mark("start", now, duration_s=self.duration_s, device=self.device)
             if not self.device and self.emit is not None:
-                self.emit("guided_audio", action="no_device", file=self.path.name,
-                          detail="no audio output: playback is timed and marked but silent")
+                self.emit(
+                    "guided_audio",
+                    action="no_device",
+                    file=self.path.name,
+                    detail="no audio output: playback is timed and marked but silent",
+                )
             self._schedule_end(now)
 
     def pause(self) -> None:

@@ -43,10 +43,10 @@ from features.types import Label, State
 TRACE_NAME = "feedback.csv"
 SUMMARY_NAME = "feedback.json"
 TRACE_COLUMNS = ("t_stream", "elapsed_s", "score", "value", "target", "entry", "mode")
-RING_ROWS = 1 << 16            # 65536 updates: > 10 min of 10-sample chunks at 1 kHz
-WRITER_PERIOD_S = 0.05         # trace / audio writer wake-up period
-SHAM_TOL_S = 1e-6              # elapsed-time match tolerance: absorbs float rounding of t - t0
-FRAME_RING = 4096              # participant-window frame latencies kept for percentiles
+RING_ROWS = 1 << 16  # 65536 updates: > 10 min of 10-sample chunks at 1 kHz
+WRITER_PERIOD_S = 0.05  # trace / audio writer wake-up period
+SHAM_TOL_S = 1e-6  # elapsed-time match tolerance: absorbs float rounding of t - t0
+FRAME_RING = 4096  # participant-window frame latencies kept for percentiles
 COLOUR_PATTERN = r"^#[0-9A-Fa-f]{6}$"
 
 
@@ -58,12 +58,14 @@ class DisplaySettings(_Strict):
     """The participant window: one calm shape, nothing of the operator's controls."""
 
     kind: Literal["circle", "bar"] = Field(
-        "circle", description="'circle': a disc whose size follows the feedback; 'bar': a "
-        "vertical bar whose height follows it"
+        "circle",
+        description="'circle': a disc whose size follows the feedback; 'bar': a "
+        "vertical bar whose height follows it",
     )
     size_range: tuple[float, float] = Field(
-        (0.15, 0.8), description="shape size at feedback 0 and 1, fraction of the window's "
-        "shorter side (circle diameter) or height (bar)"
+        (0.15, 0.8),
+        description="shape size at feedback 0 and 1, fraction of the window's "
+        "shorter side (circle diameter) or height (bar)",
     )
     brightness_follows: bool = Field(True, description="the shape also brightens with the feedback")
     min_brightness: float = Field(0.35, ge=0.0, le=1.0, description="brightness at feedback 0")
@@ -72,8 +74,10 @@ class DisplaySettings(_Strict):
         "#3FBF7F", pattern=COLOUR_PATTERN, description="shape colour in the target state"
     )
     idle_colour: str = Field(
-        "#404040", pattern=COLOUR_PATTERN, description="shape colour when there is no feedback "
-        "(before calibration, after a sham trace ends)"
+        "#404040",
+        pattern=COLOUR_PATTERN,
+        description="shape colour when there is no feedback "
+        "(before calibration, after a sham trace ends)",
     )
     background: str = Field("#000000", pattern=COLOUR_PATTERN, description="window background")
     fullscreen: bool = Field(False, description="open full-screen")
@@ -106,11 +110,14 @@ class FeedbackSettings(_Strict):
 
     enabled: bool = Field(False, description="run participant feedback in this session")
     mode: Literal["live", "sham"] = Field(
-        "live", description="'live': feedback follows this session's score; 'sham': it replays "
-        "an earlier session's feedback trace (see sham)"
+        "live",
+        description="'live': feedback follows this session's score; 'sham': it replays "
+        "an earlier session's feedback trace (see sham)",
     )
     smoothing_s: float = Field(
-        1.0, ge=0.0, le=60.0,
+        1.0,
+        ge=0.0,
+        le=60.0,
         description="time constant (stream s) of the exponential smoothing of the score; 0: none",
     )
     score_range: tuple[float, float] = Field(
@@ -219,8 +226,9 @@ class FeedbackOutlet:
     CHANNELS = ("feedback", "target", "score")
 
     def __init__(self, name: str, source_id: str, mode: str) -> None:
-        info = pylsl.StreamInfo(name, "Feedback", len(self.CHANNELS), pylsl.IRREGULAR_RATE,
-                                pylsl.cf_float32, source_id)
+        info = pylsl.StreamInfo(
+            name, "Feedback", len(self.CHANNELS), pylsl.IRREGULAR_RATE, pylsl.cf_float32, source_id
+        )
         chans = info.desc().append_child("channels")
         for label in self.CHANNELS:
             ch = chans.append_child("channel")
@@ -267,13 +275,21 @@ class Feedback:
         tag = uuid.uuid4().hex[:8]
         self.outlet = (
             FeedbackOutlet(settings.lsl_name, f"{settings.lsl_name}-{tag}", settings.mode)
-            if settings.publish_lsl else None
+            if settings.publish_lsl
+            else None
         )
-        self.audio = open_feedback_audio(settings.audio, self.folder) if settings.audio.enabled else None
+        self.audio = (
+            open_feedback_audio(settings.audio, self.folder) if settings.audio.enabled else None
+        )
         self.guided = (
-            GuidedAudio(settings.guided, f"{settings.guided.marker_stream}-{tag}", emit=self._emit,
-                        clock=clock)
-            if settings.guided.path is not None else None
+            GuidedAudio(
+                settings.guided,
+                f"{settings.guided.marker_stream}-{tag}",
+                emit=self._emit,
+                clock=clock,
+            )
+            if settings.guided.path is not None
+            else None
         )
         # ring of updates, written by the acquisition thread only (single producer)
         self._t = np.full(RING_ROWS, np.nan)
@@ -283,19 +299,21 @@ class Feedback:
         self._target = np.zeros(RING_ROWS, dtype=bool)
         self._entry = np.zeros(RING_ROWS, dtype=bool)
         self._t_local = np.full(RING_ROWS, np.nan)
-        self.n = 0                 # updates so far (published after the row is written)
-        self._n_written = 0        # rows drained by the writer
-        self.overruns = 0          # rows lost because the writer fell RING_ROWS behind
+        self.n = 0  # updates so far (published after the row is written)
+        self._n_written = 0  # rows drained by the writer
+        self.overruns = 0  # rows lost because the writer fell RING_ROWS behind
         self.entries = 0
         self.t_first = math.nan
         self._prev_target = False
         self._sham_exhausted = False
         self._frame_ms = np.full(FRAME_RING, np.nan)
         self.n_frames = 0
-        self._trace = (self.folder / TRACE_NAME).open("w", encoding="utf-8")  # noqa: SIM115
+        self._trace = (self.folder / TRACE_NAME).open("w", encoding="utf-8")
         self._trace.write(",".join(TRACE_COLUMNS) + "\n")
         self._stop = threading.Event()
-        self._writer = threading.Thread(target=self._run_writer, name="feedback-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=self._run_writer, name="feedback-writer", daemon=True
+        )
         self._closed = False
         self.error: str | None = None
 
@@ -361,7 +379,12 @@ class Feedback:
         self._prev_target = target
         i = self.n % RING_ROWS
         self._t[i], self._elapsed[i], self._score[i] = t_stream, elapsed, score
-        self._value[i], self._target[i], self._entry[i], self._t_local[i] = value, target, entry, t_local
+        self._value[i], self._target[i], self._entry[i], self._t_local[i] = (
+            value,
+            target,
+            entry,
+            t_local,
+        )
         self.n += 1
         if self.outlet is not None:
             self.outlet.push(t_stream, value, target, score)
@@ -397,8 +420,13 @@ class Feedback:
         lines = [
             f"{a!r},{b!r},{c!r},{d!r},{int(e)},{int(f)},{self.mode}\n"
             for a, b, c, d, e, f in zip(
-                t.tolist(), self._elapsed[idx].tolist(), self._score[idx].tolist(),
-                value.tolist(), self._target[idx].tolist(), entry.tolist(), strict=True,
+                t.tolist(),
+                self._elapsed[idx].tolist(),
+                self._score[idx].tolist(),
+                value.tolist(),
+                self._target[idx].tolist(),
+                entry.tolist(),
+                strict=True,
             )
         ]
         self._trace.writelines(lines)
@@ -439,7 +467,9 @@ class Feedback:
             "overruns": self.overruns,
             "sham_exhausted": self._sham_exhausted,
             "frame_latency_ms": self.frame_latency_ms(),
-            "guided_markers": [m for _, m in self.guided.markers] if self.guided is not None else [],
+            "guided_markers": [m for _, m in self.guided.markers]
+            if self.guided is not None
+            else [],
             "error": self.error,
             "settings": json.loads(self.settings.model_dump_json()),
         }
@@ -465,8 +495,14 @@ class Feedback:
         (self.folder / SUMMARY_NAME).write_text(
             json.dumps(summary, indent=2, default=str, allow_nan=True), encoding="utf-8"
         )
-        self._emit("feedback", event="stopped", mode=self.mode, updates=self.n,
-                   target_entries=self.entries, overruns=self.overruns)
+        self._emit(
+            "feedback",
+            event="stopped",
+            mode=self.mode,
+            updates=self.n,
+            target_entries=self.entries,
+            overruns=self.overruns,
+        )
         return summary
 
     def __enter__(self) -> Feedback:

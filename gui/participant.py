@@ -56,7 +56,7 @@ def shape_colour(settings: DisplaySettings, value: float, target: bool) -> QColo
         return base
     h, s, v, _ = base.getHsvF()
     b = settings.min_brightness + (1.0 - settings.min_brightness) * value
-    return QColor.fromHsvF(max(h, 0.0), s, v * b)
+    return QColor.fromHsvF(max(h, 0.0), s, v * b).toRgb()
 
 
 class ParticipantWindow(QWidget):
@@ -88,9 +88,9 @@ class ParticipantWindow(QWidget):
         self.shape = item_cls()
         self.shape.setPen(QPen(Qt.PenStyle.NoPen))
         self.scene.addItem(self.shape)
-        self.value = math.nan      # value and target currently drawn
+        self.value = math.nan  # value and target currently drawn
         self.target = False
-        self.n_shown = 0           # update count of the drawn value
+        self.n_shown = 0  # update count of the drawn value
         self._pending_t_local = math.nan  # tap time of a drawn-but-not-yet-painted update
         self._apply(math.nan, False)
         self.timer = QTimer(self)

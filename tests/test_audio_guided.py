@@ -33,7 +33,9 @@ def open_marker_inlet(source_id: str) -> pylsl.StreamInlet:
     return inlet
 
 
-def pull_markers(inlet: pylsl.StreamInlet, n: int, timeout_s: float = 5.0) -> list[tuple[float, dict]]:
+def pull_markers(
+    inlet: pylsl.StreamInlet, n: int, timeout_s: float = 5.0
+) -> list[tuple[float, dict]]:
     out = []
     deadline = pylsl.local_clock() + timeout_s
     while len(out) < n and pylsl.local_clock() < deadline:
@@ -48,8 +50,11 @@ def pull_markers(inlet: pylsl.StreamInlet, n: int, timeout_s: float = 5.0) -> li
 def test_guided_markers_order_and_timing_in_a_separate_inlet(guide_wav, unique_name):
     bus = EventBus()
     sub = bus.subscribe("t", kinds={"guided_audio"})
-    guided = GuidedAudio(GuidedAudioSettings(path=guide_wav, marker_stream=unique_name),
-                         source_id=unique_name, emit=bus.emit)
+    guided = GuidedAudio(
+        GuidedAudioSettings(path=guide_wav, marker_stream=unique_name),
+        source_id=unique_name,
+        emit=bus.emit,
+    )
     assert guided.duration_s == pytest.approx(DURATION_S)
     inlet = open_marker_inlet(unique_name)
     t_calls = {}
@@ -85,15 +90,19 @@ def test_guided_markers_order_and_timing_in_a_separate_inlet(guide_wav, unique_n
     assert ordered == ["start", "pause", "resume", "end"]
     if not guided.device:
         assert any(e["action"] == "no_device" for e in events)
-    np.testing.assert_allclose([e["t_marker"] for e in events if e["action"] != "no_device"],
-                               [t for t, _ in markers], atol=1e-9)
+    np.testing.assert_allclose(
+        [e["t_marker"] for e in events if e["action"] != "no_device"],
+        [t for t, _ in markers],
+        atol=1e-9,
+    )
 
 
 @pytest.mark.lsl
 @pytest.mark.timeout(30)
 def test_guided_stop_before_end_and_commands_out_of_order(guide_wav, unique_name):
-    guided = GuidedAudio(GuidedAudioSettings(path=guide_wav, marker_stream=unique_name),
-                         source_id=unique_name)
+    guided = GuidedAudio(
+        GuidedAudioSettings(path=guide_wav, marker_stream=unique_name), source_id=unique_name
+    )
     guided.pause()  # not playing: ignored
     guided.resume()  # not paused: ignored
     guided.start()
@@ -115,7 +124,9 @@ def test_feedback_autostarts_guided_audio_and_records_its_markers(guide_wav, tmp
     bus = EventBus()
     sub = bus.subscribe("t", kinds={"guided_audio"})
     settings = FeedbackSettings(
-        enabled=True, publish_lsl=False, audio={"enabled": False},
+        enabled=True,
+        publish_lsl=False,
+        audio={"enabled": False},
         guided={"path": guide_wav, "marker_stream": unique_name},
     )
     fb = Feedback.from_settings(settings, tmp_path, bus)
@@ -125,7 +136,9 @@ def test_feedback_autostarts_guided_audio_and_records_its_markers(guide_wav, tmp
     summary = fb.close()  # ends the guidance early: a 'stop' marker
     actions = [json.loads(m)["guided_audio"] for m in summary["guided_markers"]]
     assert actions == ["start", "stop"]
-    assert [e.payload["action"] for e in sub.drain() if e.payload["action"] != "no_device"] == actions
+    assert [
+        e.payload["action"] for e in sub.drain() if e.payload["action"] != "no_device"
+    ] == actions
     record = json.loads((tmp_path / SUMMARY_NAME).read_text())
     assert record["guided_file"] == str(guide_wav)
 

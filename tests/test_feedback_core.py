@@ -110,7 +110,9 @@ def test_trace_records_every_update_and_live_mode(tmp_path):
     score, target = scripted_scores(600, seed=1)
     bus = EventBus()
     sub = bus.subscribe("t")
-    summary = run(Feedback.from_settings(quiet(smoothing_s=0.3), tmp_path, bus), 50.0, score, target)
+    summary = run(
+        Feedback.from_settings(quiet(smoothing_s=0.3), tmp_path, bus), 50.0, score, target
+    )
     tr = read_trace(tmp_path)
     assert len(tr["t_stream"]) == 600
     np.testing.assert_array_equal(tr["t_stream"], 50.0 + np.arange(600) * CHUNK_S)
@@ -165,8 +167,10 @@ def test_sham_reproduces_the_earlier_trace_exactly(tmp_path):
     np.testing.assert_array_equal(b["target"], a["target"])
     np.testing.assert_array_equal(b["entry"], a["entry"])
     np.testing.assert_array_equal(b["score"], score_b)  # the live score is still recorded
-    assert not np.array_equal(np.nan_to_num(b["value"]), np.nan_to_num(
-        [FeedbackMapper(0.5, (-2, 2)).step(0, s) for s in score_b]))
+    assert not np.array_equal(
+        np.nan_to_num(b["value"]),
+        np.nan_to_num([FeedbackMapper(0.5, (-2, 2)).step(0, s) for s in score_b]),
+    )
     assert set(b["mode"]) == {"sham"}
     record = json.loads((later / SUMMARY_NAME).read_text())
     assert record["mode"] == "sham"
@@ -188,7 +192,9 @@ def test_sham_holds_values_across_a_coarser_grid_and_ends_with_nan(tmp_path):
 
     bus = EventBus()
     sub = bus.subscribe("t")
-    fb = Feedback.from_settings(quiet(mode="sham", sham={"source": earlier / TRACE_NAME}), later, bus)
+    fb = Feedback.from_settings(
+        quiet(mode="sham", sham={"source": earlier / TRACE_NAME}), later, bus
+    )
     assert fb.pulses_allowed  # sham.pulses defaults to 'live'
     fb.start()
     # 25 ms updates (a different chunk size), running 1 s past the earlier session's end
@@ -236,7 +242,8 @@ def test_feedback_lsl_stream_carries_value_target_score(tmp_path, unique_name):
     assert len(got) == len(sent)
     got = np.array(got)
     np.testing.assert_allclose(stamps, [t for t, _, _ in sent], atol=1e-6)
-    np.testing.assert_allclose(got[:, 0], np.clip((np.array([s for _, s, _ in sent]) + 2) / 4, 0, 1),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        got[:, 0], np.clip((np.array([s for _, s, _ in sent]) + 2) / 4, 0, 1), atol=1e-6
+    )
     np.testing.assert_array_equal(got[:, 1], [float(tg) for _, _, tg in sent])
     np.testing.assert_allclose(got[:, 2], [s for _, s, _ in sent], atol=1e-6)
