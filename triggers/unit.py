@@ -145,8 +145,8 @@ class TriggerUnit:
         self.interlock.tick(state.t_stream)
         request = self.policy.update(state)
         if request is None:
-            if self._pending:  # e.g. arm expiry, end of refractory
-                self._flush_pending()
+            if self._pending:  # e.g. end of refractory, arm expiry: durable with the next fsync
+                self._flush_pending(sync=False)
             return None
         t_start = t_arrival if math.isfinite(t_arrival) else t_enter
         calibrated = state.label not in UNCALIBRATED_LABELS and math.isfinite(state.score)
@@ -163,7 +163,6 @@ class TriggerUnit:
         else:
             attempt = self._fire(state, request, t_decided, t_start)
         self._write(attempt, state)
-        self._flush_pending()
         return attempt
 
     def _fire(self, state: State, request: PulseRequest, t_fire: float, t_start: float) -> Attempt:
@@ -228,8 +227,9 @@ class TriggerUnit:
         record["time_in_state_s"] = state.time_in_state_s
         record["z"] = state.z
         record["artifacts"] = list(state.artifacts)
+        records = [*self._drain_pending(), record]  # interlock lines first: the log stays in order
         try:
-            self.audit.write(record)
+            self.audit.write_many(records)  # one fsync per attempt
         except Exception as exc:
             # an attempt that cannot be audited must not be followed by more pulses
             self.interlock.fault(VetoReason.FAULT, attempt.t_stream, f"audit log: {exc}")
@@ -331,13 +331,19 @@ class TriggerUnit:
             "pulse_count": self.interlock.pulse_count,
         })
 
-    def _flush_pending(self) -> None:
+    def _drain_pending(self) -> list[dict[str, Any]]:
+        out = []
         while self._pending:
             try:
-                record = self._pending.popleft()
+                out.append(self._pending.popleft())
             except IndexError:  # drained by another thread
-                return
-            self.audit.write(record)
+                break
+        return out
+
+    def _flush_pending(self, sync: bool = True) -> None:
+        records = self._drain_pending()
+        if records:
+            self.audit.write_many(records, sync)
 
     def _audit_event(self, event: str, reason: str, **extra: Any) -> None:
         self._flush_pending()  # keep the log in order
