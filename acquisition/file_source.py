@@ -53,6 +53,7 @@ class FileSource:
         if not raw.preload:
             raw = raw.copy().load_data(verbose="error")
         self._name = getattr(raw, "filenames", [None])[0] or "<Raw>"
+        self.raw = raw  # the recording itself (offline sessions save it as their EEG record)
         self._chunk_size = int(chunk_size)
         self._t0 = float(t0)
         self._sfreq = float(raw.info["sfreq"])

@@ -361,8 +361,11 @@ def _read_xdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     for s in streams:
         if s is stream or _n_samples(s) == 0:
             continue
-        is_marker = (
-            not _is_numeric_stream(s) or float(_xdf_text(s["info"], "nominal_srate", "0")) == 0
+        # Markers are string streams, or numeric irregular streams of type Markers; other
+        # numeric irregular streams (e.g. closedloop's own State stream) are data, not events.
+        is_marker = not _is_numeric_stream(s) or (
+            float(_xdf_text(s["info"], "nominal_srate", "0")) == 0
+            and _xdf_text(s["info"], "type").lower() in ("markers", "marker", "events")
         )
         if not is_marker:
             continue

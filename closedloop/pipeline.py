@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from pylsl import local_clock
 
-from acquisition.chunk import Chunk, HealthKind
+from acquisition.chunk import Chunk
 from closedloop.bus import Event, EventBus
 from closedloop.config import SessionConfig
 from features.chain import FeatureChain
@@ -65,13 +65,17 @@ class Pipeline:
         bus: EventBus | None = None,
         live: bool = True,
         clock=local_clock,
+        extra_outputs: list | None = None,
     ) -> Pipeline:
-        """Wire the stages from a validated config (call `validate_for_stream` first)."""
+        """Wire the stages from a validated config (call `validate_for_stream` first).
+
+        extra_outputs: outputs added to the configured ones (the session's LSL pulse markers).
+        """
         chain = FeatureChain.from_settings(
             config.preprocess, config.bandpower, config.artifacts, config.state, list(ch_names), sfreq
         )
         interlock = SafetyInterlock(config.safety, clock=clock, live=live)
-        outputs = build_outputs(config.outputs, bus=bus)
+        outputs = build_outputs(config.outputs, bus=bus) + list(extra_outputs or [])
         trigger = TriggerUnit(
             TriggerPolicy(config.trigger), interlock, outputs, AuditLog(audit_path), clock=clock
         )
@@ -85,7 +89,7 @@ class Pipeline:
                 self.faults.append(f"{event.kind.value}: {event.detail}")
             if self.bus is not None:
                 self.bus.publish(
-                    Event("health_event", {"kind": event.kind.value, "detail": event.detail},
+                    Event("health_event", {"health": event.kind.value, "detail": event.detail},
                           event.t_stream, event.t_local)
                 )
         if chunk.n_samples == 0:
@@ -99,7 +103,14 @@ class Pipeline:
             if self.bus is not None:
                 self.bus.emit("error", chunk.t_last, reason=reason, traceback=traceback.format_exc())
             return StepResult(self.state, None)
-        attempt = self.trigger.on_state(state, chunk.t_arrival)
+        try:
+            attempt = self.trigger.on_state(state, chunk.t_arrival)
+        except Exception as exc:  # TriggerUnit already disarmed (fault) before re-raising
+            reason = f"exception in trigger: {type(exc).__name__}: {exc}"
+            self.faults.append(reason)
+            if self.bus is not None:
+                self.bus.emit("error", chunk.t_last, reason=reason, traceback=traceback.format_exc())
+            attempt = None
         self.state = state
         self.n_samples += chunk.n_samples
         self.n_chunks += 1
@@ -116,7 +127,7 @@ class Pipeline:
         if self.bus is not None:
             self.bus.publish(Event("state", _state_payload(state), state.t_stream))
             if attempt is not None:
-                self.bus.publish(Event("attempt", attempt.to_record(), attempt.t_stream))
+                self.bus.publish(Event("attempt", asdict(attempt), attempt.t_stream))
         return StepResult(state, attempt)
 
     def latency_percentiles(self) -> tuple[float, float, float]:
@@ -129,8 +140,9 @@ class Pipeline:
         return float(p50), float(p99), float(lat.max())
 
     def close(self, reason: str = "session ended") -> None:
-        """Disarm first, then close outputs, then flush the audit log (TriggerUnit.close order)."""
-        self.trigger.close(reason)
+        """Disarm first (with the reason), then close outputs, then flush the audit log."""
+        self.trigger.disarm(reason)
+        self.trigger.close()
 
 
 def _state_payload(state: State) -> dict:
@@ -143,7 +155,3 @@ def _state_payload(state: State) -> dict:
         "z": state.z,
         "artifacts": list(state.artifacts),
     }
-
-
-def is_stream_loss(kind: HealthKind) -> bool:
-    return kind in (HealthKind.LOST, HealthKind.STALE)

@@ -81,7 +81,11 @@ def target_epochs(annotations, label: str) -> np.ndarray:
     onset = np.asarray(annotations.onset, dtype=float)[keep]
     dur = np.asarray(annotations.duration, dtype=float)[keep]
     order = np.argsort(onset, kind="stable")
-    return np.column_stack([onset[order], onset[order] + dur[order]]) if keep.any() else np.zeros((0, 2))
+    return (
+        np.column_stack([onset[order], onset[order] + dur[order]])
+        if keep.any()
+        else np.zeros((0, 2))
+    )
 
 
 def _union_length(epochs: np.ndarray, t0: float, t1: float) -> float:
@@ -147,7 +151,9 @@ def metrics(c: Counts) -> dict[str, float]:
     return {
         "hit_rate": c.n_hit / c.n_epochs if c.n_epochs else nan,
         "precision": c.n_inside / c.n_pulses if c.n_pulses else nan,
-        "false_per_min": (c.n_pulses - c.n_inside) / (c.outside_s / 60.0) if c.outside_s > 0 else nan,
+        "false_per_min": (c.n_pulses - c.n_inside) / (c.outside_s / 60.0)
+        if c.outside_s > 0
+        else nan,
         "delay_median_s": float(np.median(delays)) if delays.size else nan,
         "delay_p90_s": float(np.percentile(delays, 90)) if delays.size else nan,
         "pulses_per_min": c.n_pulses / (c.window_s / 60.0) if c.window_s > 0 else nan,
@@ -179,7 +185,9 @@ class Outcome:
         return (self.scored_from, self.t_end)
 
 
-def score_outcome(outcome: Outcome, epochs: np.ndarray, min_epoch_s: float = 5.0) -> dict[str, Counts]:
+def score_outcome(
+    outcome: Outcome, epochs: np.ndarray, min_epoch_s: float = 5.0
+) -> dict[str, Counts]:
     """Counts per pulse set ('fired', 'requested') of one run."""
     if not math.isfinite(outcome.scored_from):  # never calibrated: nothing could fire
         return {k: Counts() for k in PULSE_SETS}
@@ -225,7 +233,9 @@ def read_outcome(folder: str | Path) -> Outcome:
     audit = [a for a in records if a.get("event", "attempt") == "attempt" and "fired" in a]
     events = _read_jsonl(folder / "events.jsonl")
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    started = next((e for e in events if e.get("kind") == "session" and e.get("phase") == "started"), {})
+    started = next(
+        (e for e in events if e.get("kind") == "session" and e.get("phase") == "started"), {}
+    )
     sfreq = float(started.get("sfreq") or math.nan)
     t0 = float(started.get("t0_stream") or 0.0)
 
@@ -239,12 +249,18 @@ def read_outcome(folder: str | Path) -> Outcome:
     # period (0.5 s), so it is the fallback
     armed = first_t(records, lambda e: e.get("event") == "interlock" and e.get("new") == "armed")
     if not math.isfinite(armed):
-        armed = first_t(events, lambda e: e.get("kind") == "interlock" and e.get("state") == "armed")
-    calibrated = first_t(events, lambda e: e.get("kind") == "calibration" and e.get("phase") == "done")
+        armed = first_t(
+            events, lambda e: e.get("kind") == "interlock" and e.get("state") == "armed"
+        )
+    calibrated = first_t(
+        events, lambda e: e.get("kind") == "calibration" and e.get("phase") == "done"
+    )
     scored_from = armed if math.isfinite(armed) else calibrated
     samples = int(summary.get("samples") or 0)
     duration_s = samples / sfreq if sfreq > 0 else math.nan
-    times = [(float(a["t_stream"]), bool(a["fired"])) for a in audit if a.get("t_stream") is not None]
+    times = [
+        (float(a["t_stream"]), bool(a["fired"])) for a in audit if a.get("t_stream") is not None
+    ]
     time_in = summary.get("time_in_state_s") or {}
     return Outcome(
         fired=np.array([t for t, f in times if f], dtype=float),

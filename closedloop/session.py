@@ -88,6 +88,7 @@ class Session:
         self.warnings: list[str] = []
         self._lock = threading.RLock()
         self._stimulation_ended = False
+        self._own_source_ids: list[str] = []
 
     # ---- SessionControl -------------------------------------------------------------------
     def arm(self, action: str, operator: str = "") -> None:
@@ -95,10 +96,8 @@ class Session:
             p = self._require_pipeline()
             if self._stimulation_ended:
                 raise ControlError("emergency stop was pressed: stimulation is over for this session")
-            if not p.chain.calibrated:
-                raise ControlError("cannot arm: not calibrated")
             try:
-                p.trigger.arm(action, t_stream=self.status.t_stream, operator=operator)
+                p.trigger.arm(action, operator=operator, calibrated=p.chain.calibrated)
             except Exception as exc:
                 raise ControlError(f"arm refused: {exc}") from exc
 
@@ -111,7 +110,7 @@ class Session:
         with self._lock:
             self._stimulation_ended = True
             if self.pipeline is not None:
-                self.pipeline.trigger.disarm(f"EMERGENCY STOP ({source})")
+                self.pipeline.trigger.emergency_stop(source)
             self.bus.emit("emergency_stop", self.status.t_stream, source=source)
 
     def set_thresholds(self, enter: float, leave: float, source: str) -> None:
@@ -166,16 +165,19 @@ class Session:
         self.folder = self._make_folder()
         (self.folder / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
         events = EventLog(self.bus, self.folder / "events.jsonl").start()
-        xdf = self._start_xdf()
         with self._lock:
             self.pipeline = Pipeline.build(
-                self.config, ch_names, sfreq, self.folder / "audit.jsonl", bus=self.bus, live=self.live
+                self.config, ch_names, sfreq, self.folder / "audit.jsonl", bus=self.bus,
+                live=self.live, extra_outputs=self._live_marker_outputs(),
             )
-            self.pipeline.trigger.add_observer(self._on_interlock_change)
+            self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
+            self._add_live_outlets()
+        xdf = self._start_xdf()
         t_start_local = local_clock()
         try:
             self.bus.emit("session", phase="started", folder=str(self.folder), live=self.live,
-                          ch_names=ch_names, sfreq=sfreq)
+                          ch_names=ch_names, sfreq=sfreq, source_id=self._source_id(),
+                          t0_stream=getattr(self.source, "t0", 0.0) if not self.live else None)
             self.start_calibration("session start")
             self._set_phase("calibrating")
             self._loop()
@@ -206,7 +208,7 @@ class Session:
                     self._set_phase("running")
                     if self.arm_action and not self._stimulation_ended:
                         try:
-                            p.trigger.arm(self.arm_action, t_stream=chunk.t_last, operator="auto")
+                            p.trigger.arm(self.arm_action, operator="auto", calibrated=True)
                         except Exception as exc:
                             self.warnings.append(f"could not arm after calibration: {exc}")
             if chunk.n_samples:
@@ -270,12 +272,50 @@ class Session:
             return None
         return rec
 
+    def _source_id(self) -> str | None:
+        sid = getattr(getattr(self.source, "info", None), "source_id", None)
+        return sid() if callable(sid) else sid
+
+    def _live_marker_outputs(self) -> list:
+        """Live: an LSL marker per attempt is the pulse record, unless the config has its own."""
+        from triggers.outputs import LslMarkerOutput
+
+        if not self.live or any(o.kind == "lsl_marker" for o in self.config.outputs.outputs):
+            return []
+        assert self.folder is not None
+        sid = f"closedloop-pulses-{self.folder.name}"
+        out = LslMarkerOutput(f"{self.config.session.name}-pulses", sid)
+        return [out]
+
+    def _add_live_outlets(self) -> None:
+        """Live: the state and features as an LSL stream (recorded in the XDF with the EEG)."""
+        from closedloop.outlets import StateOutlet
+
+        if not (self.live and self.config.session.publish_lsl):
+            return
+        assert self.pipeline is not None and self.folder is not None
+        for out in self.pipeline.trigger.outputs:
+            if out.kind == "lsl_marker":
+                out.open()  # before LabRecorder starts, so the XDF includes it
+                self._own_source_ids.append(out.source_id)
+        sid = f"closedloop-state-{self.folder.name}"
+        outlet = StateOutlet(f"{self.config.session.name}-state", sid, self.pipeline.chain.feature_names)
+        self.pipeline.taps.append(outlet)
+        self._own_source_ids.append(sid)
+
     def _streams_to_record(self) -> list[str]:
-        ids = [getattr(self.source, "source_id_resolved", None) or self.source.info.source_id()]
+        """Source ids of the EEG stream and of our own outlets (state, trigger markers)."""
+        import pylsl
+
+        eeg = self._source_id()
+        ids = [eeg, *self._own_source_ids]
+        # the source's own marker stream (the replayer's `<source_id>-markers`), when present
+        if eeg and pylsl.resolve_bypred(f"source_id='{eeg}-markers'", 1, 0.5):
+            ids.append(f"{eeg}-markers")
         return [i for i in ids if i]
 
-    def _on_interlock_change(self, state: str, reason: str) -> None:
-        self.bus.emit("interlock", self.status.t_stream, state=state, reason=reason)
+    def _on_interlock_change(self, old, new, reason: str, t_stream: float) -> None:
+        self.bus.emit("interlock", t_stream, state=new.value, previous=old.value, reason=reason)
 
     def _publish_baseline(self, source: str) -> None:
         assert self.pipeline is not None
@@ -335,7 +375,9 @@ class Session:
             p50, p99, pmax = p.latency_percentiles()
             out.update(
                 pulses=st["fired"],
+                attempts=st["attempts"],
                 vetoes_by_reason=st["vetoes_by_reason"],
+                output_errors=st["output_errors"],
                 time_in_state_s=p.chain.time_in_label,
                 latency_ms={"p50": p50, "p99": p99, "max": pmax},
                 samples=p.n_samples,

@@ -21,7 +21,6 @@ import itertools
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,6 @@ import yaml
 from closedloop.config import SessionConfig, apply_overrides, dump_config, validate_for_stream
 from closedloop.errors import ConfigError, UserError
 from closedloop.scoring import (
-    LOWER_IS_BETTER,
     METRICS,
     PULSE_SETS,
     Counts,
@@ -50,9 +48,9 @@ from closedloop.scoring import (
     target_epochs,
 )
 
-MAX_GRID_VALUES = 10_000      # values one range may expand to (a typo like 0:100:0.0001 stops here)
-MAX_SETTINGS = 100_000        # combinations in one grid
-ARM_ACTION = "offline_run"    # the operator action `closedloop offline` arms with
+MAX_GRID_VALUES = 10_000  # values one range may expand to (a typo like 0:100:0.0001 stops here)
+MAX_SETTINGS = 100_000  # combinations in one grid
+ARM_ACTION = "offline_run"  # the operator action `closedloop offline` arms with
 DEFAULT_REQUIRE = ("hit_rate>=0.8",)
 TUNER_OVERRIDES: dict[str, Any] = {
     # never drive hardware or open LSL outlets from a tuner; decisions do not depend on either
@@ -101,7 +99,11 @@ def parse_values(text: str, key: str = "?") -> list[Any]:
         if n > MAX_GRID_VALUES:
             raise UserError(f"--grid {key}={text}: {n} values (limit {MAX_GRID_VALUES})")
         values = [round(start + i * step, 10) for i in range(n)]
-        all_int = all(float(g).is_integer() for g in (start, step)) and "." not in text and "e" not in text.lower()
+        all_int = (
+            all(float(g).is_integer() for g in (start, step))
+            and "." not in text
+            and "e" not in text.lower()
+        )
         return [int(v) for v in values] if all_int else values
     parts = _split_top_level(text)
     if any(not p.strip() for p in parts):
@@ -166,7 +168,9 @@ class Grid:
 
 
 def build_grid(
-    base: SessionConfig, grid: dict[str, list[Any]], streams: Sequence[tuple[str, list[str], float]] = ()
+    base: SessionConfig,
+    grid: dict[str, list[Any]],
+    streams: Sequence[tuple[str, list[str], float]] = (),
 ) -> Grid:
     """Every combination validated (config and, per recording, against its channels and rate).
 
@@ -203,7 +207,9 @@ def build_grid(
         configs.append(config)
     errors = [
         f"{k}={grid[k][i]!r}: invalid in every combination ({first_error[(k, i)]})"
-        for k in keys for i in range(len(grid[k])) if i not in ok_values[k]
+        for k in keys
+        for i in range(len(grid[k]))
+        if i not in ok_values[k]
     ]
     if not keys and skipped:
         errors = [skipped[0][1]]
@@ -230,7 +236,12 @@ class Objective:
         return goal + " with " + " and ".join(f"{m} {op} {v:g}" for m, op, v in self.constraints)
 
 
-_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+_OPS = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+}
 _EXTRA_COLUMNS = ("time_in_state_s", "time_in_state_frac", "epochs")
 
 
@@ -248,7 +259,9 @@ def metric_column(name: str) -> str:
     raise UserError(f"unknown metric {name!r}{hint}")
 
 
-def parse_objective(maximize: str | None, minimize: str | None, require: Sequence[str]) -> Objective:
+def parse_objective(
+    maximize: str | None, minimize: str | None, require: Sequence[str]
+) -> Objective:
     if maximize and minimize:
         raise UserError("give --maximize or --minimize, not both")
     metric = metric_column(minimize or maximize or "precision")
@@ -358,13 +371,21 @@ def run_task(task: Task) -> tuple[int, int, Outcome]:
     return task.setting, task.recording, outcome
 
 
-def run_all(tasks: Sequence[Task], jobs: int, progress: bool = True) -> dict[tuple[int, int], Outcome]:
+def run_all(
+    tasks: Sequence[Task], jobs: int, progress: bool = True
+) -> dict[tuple[int, int], Outcome]:
     """Run tasks (in-process with jobs=1, else a spawn process pool) with a tqdm bar and ETA."""
     from tqdm import tqdm
 
     results: dict[tuple[int, int], Outcome] = {}
-    bar = tqdm(total=len(tasks), desc="tune", unit="run", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(tasks),
+        desc="tune",
+        unit="run",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         if jobs <= 1:
             for task in tasks:
@@ -396,7 +417,9 @@ def run_all(tasks: Sequence[Task], jobs: int, progress: bool = True) -> dict[tup
         bar.close()
 
 
-def trace_run(path: str, config: SessionConfig, out_root: Path) -> tuple[Outcome, dict[str, np.ndarray]]:
+def trace_run(
+    path: str, config: SessionConfig, out_root: Path
+) -> tuple[Outcome, dict[str, np.ndarray]]:
     """Re-run one setting collecting the state trace from the bus (t, score, label per chunk)."""
     from closedloop.bus import EventBus
 
@@ -427,15 +450,18 @@ def _nan(v) -> float:
 class Recording:
     path: str
     name: str
-    epochs: np.ndarray       # (n, 2) target epochs in stream seconds
+    epochs: np.ndarray  # (n, 2) target epochs in stream seconds
     duration_s: float
     ch_names: list[str]
     sfreq: float
 
 
 def score_rows(
-    grid: Grid, recs: Sequence[Recording], outcomes: dict[tuple[int, int], Outcome],
-    rec_idx: Sequence[int], min_epoch_s: float,
+    grid: Grid,
+    recs: Sequence[Recording],
+    outcomes: dict[tuple[int, int], Outcome],
+    rec_idx: Sequence[int],
+    min_epoch_s: float,
 ) -> list[dict[str, float]]:
     """Pooled scores per setting over the recordings `rec_idx`."""
     rows = []
@@ -446,7 +472,9 @@ def score_rows(
             out = outcomes[(s, r)]
             counts.append(score_outcome(out, recs[r].epochs, min_epoch_s))
             target_s += out.target_s
-            window_s += max(out.t_end - out.scored_from, 0.0) if math.isfinite(out.scored_from) else 0.0
+            window_s += (
+                max(out.t_end - out.scored_from, 0.0) if math.isfinite(out.scored_from) else 0.0
+            )
         rows.append(score_table(counts, target_s, window_s))
     return rows
 
@@ -459,12 +487,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.10g}" if math.isfinite(v) else ""  # empty cell: undefined (no pulse, no hit)
+    if isinstance(v, list | dict):
+        return yaml.safe_dump(v, default_flow_style=True).strip()
+    return v
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         for row in rows:
-            w.writerow([_fmt(v) if isinstance(v, float) else v for v in row])
+            w.writerow([_csv_value(v) for v in row])
 
 
 SCORE_COLUMNS = [f"{m}_{s}" for s in PULSE_SETS for m in METRICS] + list(_EXTRA_COLUMNS)
@@ -473,8 +509,15 @@ SCORE_COLUMNS = [f"{m}_{s}" for s in PULSE_SETS for m in METRICS] + list(_EXTRA_
 # ------------------------------------------------------------------------------ plots
 
 
-def plot_trace(path: Path, rec: Recording, trace: dict[str, np.ndarray], outcome: Outcome,
-               enter: float, leave: float, title: str) -> None:
+def plot_trace(
+    path: Path,
+    rec: Recording,
+    trace: dict[str, np.ndarray],
+    outcome: Outcome,
+    enter: float,
+    leave: float,
+    title: str,
+) -> None:
     """Score over time with thresholds, target epochs shaded, fired and vetoed pulses."""
     import matplotlib
 
@@ -483,9 +526,13 @@ def plot_trace(path: Path, rec: Recording, trace: dict[str, np.ndarray], outcome
 
     fig, ax = plt.subplots(figsize=(12, 3.8), dpi=100)
     for i, (a, b) in enumerate(rec.epochs):
-        ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0, label="target epochs" if i == 0 else None)
+        ax.axvspan(
+            a, b, color="tab:green", alpha=0.15, lw=0, label="target epochs" if i == 0 else None
+        )
     if math.isfinite(outcome.scored_from):
-        ax.axvspan(0, outcome.scored_from, color="0.85", alpha=0.6, lw=0, label="calibration (not scored)")
+        ax.axvspan(
+            0, outcome.scored_from, color="0.85", alpha=0.6, lw=0, label="calibration (not scored)"
+        )
     t, score = trace["t"], trace["score"]
     ax.plot(t, score, color="tab:blue", lw=0.8, label="score")
     ax.axhline(enter, color="tab:red", ls="--", lw=1, label=f"enter {enter:g}")
@@ -496,7 +543,9 @@ def plot_trace(path: Path, rec: Recording, trace: dict[str, np.ndarray], outcome
     top, bottom = max(top, enter) + 0.5, min(bottom, leave) - 0.5
     vetoed = np.setdiff1d(outcome.requested, outcome.fired)
     if vetoed.size:
-        ax.plot(vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.4", ms=6, label="vetoed request")
+        ax.plot(
+            vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.4", ms=6, label="vetoed request"
+        )
     if outcome.fired.size:
         ax.vlines(outcome.fired, bottom, top, color="k", lw=0.9, label="pulse (fired)")
     ax.set_ylim(bottom, top)
@@ -510,8 +559,13 @@ def plot_trace(path: Path, rec: Recording, trace: dict[str, np.ndarray], outcome
     plt.close(fig)
 
 
-def plot_tradeoff(path: Path, rows: Sequence[dict[str, float]], chosen: int, objective: Objective,
-                  held_out: dict[str, float] | None = None) -> None:
+def plot_tradeoff(
+    path: Path,
+    rows: Sequence[dict[str, float]],
+    chosen: int,
+    objective: Objective,
+    held_out: dict[str, float] | None = None,
+) -> None:
     """Precision against hit rate (what fired) for every setting; the chosen one marked."""
     import matplotlib
 
@@ -530,11 +584,27 @@ def plot_tradeoff(path: Path, rows: Sequence[dict[str, float]], chosen: int, obj
             ax.axvline(value, color="tab:red", ls="--", lw=1, label=f"hit rate {op} {value:g}")
         if col == "precision_fired":
             ax.axhline(value, color="tab:red", ls="--", lw=1, label=f"precision {op} {value:g}")
-    ax.plot(hit[chosen], prec[chosen], marker="*", color="tab:red", ms=18, ls="", mec="k",
-            label="recommended (tuned)")
+    ax.plot(
+        hit[chosen],
+        prec[chosen],
+        marker="*",
+        color="tab:red",
+        ms=18,
+        ls="",
+        mec="k",
+        label="recommended (tuned)",
+    )
     if held_out is not None and math.isfinite(held_out.get("hit_rate_fired", math.nan)):
-        ax.plot(held_out["hit_rate_fired"], _nan(held_out.get("precision_fired")), marker="D",
-                color="tab:orange", ms=9, ls="", mec="k", label="held-out (pooled LORO)")
+        ax.plot(
+            held_out["hit_rate_fired"],
+            _nan(held_out.get("precision_fired")),
+            marker="D",
+            color="tab:orange",
+            ms=9,
+            ls="",
+            mec="k",
+            label="held-out (pooled LORO)",
+        )
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("target epochs hit (fraction)")
@@ -578,21 +648,38 @@ def write_report(path: Path, ctx: dict[str, Any]) -> None:
         "",
     ]
     if ctx["feasible"]:
-        lines.append(f"**{_setting_str(ctx['chosen_overrides'])}** meets the objective on the tuning data.")
+        lines.append(
+            f"**{_setting_str(ctx['chosen_overrides'])}** meets the objective on the tuning data."
+        )
     else:
-        lines.append(f"**No setting meets the objective.** Closest: **{_setting_str(ctx['chosen_overrides'])}** "
-                     "(fewest constraints missed, then best objective). Widen the grid or relax the objective.")
+        lines.append(
+            f"**No setting meets the objective.** Closest: **{_setting_str(ctx['chosen_overrides'])}** "
+            "(fewest constraints missed, then best objective). Widen the grid or relax the objective."
+        )
     lines += [
         "",
-        f"Ready config: [`recommended.yaml`](recommended.yaml). All settings: [`scores.csv`](scores.csv).",
+        "Ready config: [`recommended.yaml`](recommended.yaml). All settings: [`scores.csv`](scores.csv).",
         "",
         "| pulses counted | hit rate | precision | false/min | delay median (s) | delay p90 (s) | pulses/min | pulses |",
         "|---|---|---|---|---|---|---|---|",
     ]
     row = ctx["chosen_row"]
-    for name, label in (("fired", "fired (with interlock vetoes)"), ("requested", "requested by the policy")):
-        cols = [f"{m}_{name}" for m in ("hit_rate", "precision", "false_per_min", "delay_median_s",
-                                         "delay_p90_s", "pulses_per_min", "n_pulses")]
+    for name, label in (
+        ("fired", "fired (with interlock vetoes)"),
+        ("requested", "requested by the policy"),
+    ):
+        cols = [
+            f"{m}_{name}"
+            for m in (
+                "hit_rate",
+                "precision",
+                "false_per_min",
+                "delay_median_s",
+                "delay_p90_s",
+                "pulses_per_min",
+                "n_pulses",
+            )
+        ]
         lines.append(f"| {label} | {_md_scores(row, cols)} |")
     lines += [
         "",
@@ -632,10 +719,16 @@ def write_report(path: Path, ctx: dict[str, Any]) -> None:
     lines += ["## Plots", ""]
     for png, caption in ctx["plots"]:
         lines += [f"![{caption}]({png})", "", f"*{caption}*", ""]
-    lines += ["## Top settings", "", "| # | setting | " + " | ".join(ctx["top_columns"]) + " |",
-              "|---|---|" + "---|" * len(ctx["top_columns"])]
+    lines += [
+        "## Top settings",
+        "",
+        "| # | setting | " + " | ".join(ctx["top_columns"]) + " |",
+        "|---|---|" + "---|" * len(ctx["top_columns"]),
+    ]
     for i in ctx["top"]:
-        lines.append(f"| {i} | {_setting_str(ctx['settings'][i])} | {_md_scores(ctx['rows'][i], ctx['top_columns'])} |")
+        lines.append(
+            f"| {i} | {_setting_str(ctx['settings'][i])} | {_md_scores(ctx['rows'][i], ctx['top_columns'])} |"
+        )
     if ctx["skipped"]:
         lines += ["", "## Skipped combinations", ""]
         for overrides, msg in ctx["skipped"][:20]:
@@ -644,8 +737,11 @@ def write_report(path: Path, ctx: dict[str, Any]) -> None:
             lines.append(f"- ... and {len(ctx['skipped']) - 20} more")
     lines += ["", "## Definitions", ""]
     lines += [f"- `{k}`: {v}" for k, v in METRICS.items()]
-    lines += ["- `_fired`: pulses the interlock let through (what would really have fired); "
-              "`_requested`: every pulse request of the policy, fired or vetoed.", ""]
+    lines += [
+        "- `_fired`: pulses the interlock let through (what would really have fired); "
+        "`_requested`: every pulse request of the policy, fired or vetoed.",
+        "",
+    ]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -654,29 +750,77 @@ def write_report(path: Path, ctx: dict[str, Any]) -> None:
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `closedloop tune` (the lead wires this into closedloop/cli.py)."""
-    parser.add_argument("recordings", type=Path, nargs="+", metavar="RECORDING",
-                        help="annotated recordings (any format load_recording reads)")
-    parser.add_argument("--config", "-c", type=Path, default=None, help="base session YAML (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base config key (repeatable)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
-                        help="a tuned key: a range START:STOP:STEP (inclusive) or a list v1,v2,... "
-                        "e.g. --grid state.enter=0.5:2.5:0.25 --grid trigger.dwell_s=0.5,1,2")
-    parser.add_argument("--target", default="meditation", help="annotation label of the target epochs")
-    parser.add_argument("--maximize", default=None, metavar="METRIC",
-                        help="metric to maximise (default precision; '_fired' unless '_requested' is named)")
-    parser.add_argument("--minimize", default=None, metavar="METRIC", help="metric to minimise instead")
-    parser.add_argument("--require", action="append", default=None, metavar="EXPR",
-                        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 (repeatable; "
-                        "default hit_rate>=0.8; 'none' for no constraint)")
-    parser.add_argument("--validate", action="store_true",
-                        help="leave-one-recording-out: report held-out scores beside the tuned ones")
-    parser.add_argument("--min-epoch-s", type=float, default=5.0,
-                        help="target epochs with less than this inside the scored window are not scored")
-    parser.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: tune-<time>)")
-    parser.add_argument("--keep-sessions", action="store_true",
-                        help="keep every run's session folder under OUT/sessions")
+    parser.add_argument(
+        "recordings",
+        type=Path,
+        nargs="+",
+        metavar="RECORDING",
+        help="annotated recordings (any format load_recording reads)",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="base session YAML (default: built-in defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key (repeatable)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=VALUES",
+        help="a tuned key: a range START:STOP:STEP (inclusive) or a list v1,v2,... "
+        "e.g. --grid state.enter=0.5:2.5:0.25 --grid trigger.dwell_s=0.5,1,2",
+    )
+    parser.add_argument(
+        "--target", default="meditation", help="annotation label of the target epochs"
+    )
+    parser.add_argument(
+        "--maximize",
+        default=None,
+        metavar="METRIC",
+        help="metric to maximise (default precision; '_fired' unless '_requested' is named)",
+    )
+    parser.add_argument(
+        "--minimize", default=None, metavar="METRIC", help="metric to minimise instead"
+    )
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=None,
+        metavar="EXPR",
+        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 (repeatable; "
+        "default hit_rate>=0.8; 'none' for no constraint)",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="leave-one-recording-out: report held-out scores beside the tuned ones",
+    )
+    parser.add_argument(
+        "--min-epoch-s",
+        type=float,
+        default=5.0,
+        help="target epochs with less than this inside the scored window are not scored",
+    )
+    parser.add_argument(
+        "--jobs", "-j", type=int, default=None, help="worker processes (default: all cores)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: tune-<time>)"
+    )
+    parser.add_argument(
+        "--keep-sessions",
+        action="store_true",
+        help="keep every run's session folder under OUT/sessions",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -696,9 +840,13 @@ def _load_recordings(paths: Sequence[Path], target: str, chunk_size: int) -> lis
         epochs = target_epochs(src.annotations, target)
         if not len(epochs):
             labels = sorted(set(src.annotations.description))
-            raise UserError(f"{p}: no '{target}' annotation (labels: {', '.join(labels) or 'none'}); "
-                            "set --target")
-        recs.append(Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names), src.sfreq))
+            raise UserError(
+                f"{p}: no '{target}' annotation (labels: {', '.join(labels) or 'none'}); "
+                "set --target"
+            )
+        recs.append(
+            Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names), src.sfreq)
+        )
     names = [r.name for r in recs]
     if len(set(names)) != len(names):
         for r in recs:
@@ -706,8 +854,9 @@ def _load_recordings(paths: Sequence[Path], target: str, chunk_size: int) -> lis
     return recs
 
 
-def validate_loro(grid: Grid, recs: Sequence[Recording], outcomes, objective: Objective,
-                  min_epoch_s: float) -> dict[str, Any]:
+def validate_loro(
+    grid: Grid, recs: Sequence[Recording], outcomes, objective: Objective, min_epoch_s: float
+) -> dict[str, Any]:
     """Leave-one-recording-out: pick on the others, score the held-out recording."""
     folds = []
     held_counts: list[dict[str, Counts]] = []
@@ -724,11 +873,17 @@ def validate_loro(grid: Grid, recs: Sequence[Recording], outcomes, objective: Ob
         target_s += out.target_s
         window_s += ws
         test = score_table([counts], out.target_s, ws)
-        folds.append({
-            "held_out": recs[k].name, "setting": s, "overrides": grid.settings[s],
-            "train": rows[s], "train_meets": feasible[s], "test": test,
-            "test_meets": rank([test], objective)[1][0],
-        })
+        folds.append(
+            {
+                "held_out": recs[k].name,
+                "setting": s,
+                "overrides": grid.settings[s],
+                "train": rows[s],
+                "train_meets": feasible[s],
+                "test": test,
+                "test_meets": rank([test], objective)[1][0],
+            }
+        )
     pooled = score_table(held_counts, target_s, window_s)
     return {"folds": folds, "pooled": pooled, "pooled_meets": rank([pooled], objective)[1][0]}
 
@@ -740,7 +895,11 @@ def run_tune(args: argparse.Namespace) -> int:
     wall0 = time.perf_counter()
     base = _config(args)
     grid_values = parse_grid(args.grid)
-    require = DEFAULT_REQUIRE if args.require is None else [r for r in args.require if r.lower() != "none"]
+    require = (
+        DEFAULT_REQUIRE
+        if args.require is None
+        else [r for r in args.require if r.lower() != "none"]
+    )
     objective = parse_objective(args.maximize, args.minimize, require)
     if args.min_epoch_s < 0 or not math.isfinite(args.min_epoch_s):
         raise UserError(f"--min-epoch-s must be >= 0 (got {args.min_epoch_s})")
@@ -759,38 +918,88 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.keep_sessions:
         keep = out_dir / "sessions"
         keep.mkdir(exist_ok=True)
-    tasks = [Task(s, r, rec.path, cfg, str(keep) if keep else None)
-             for s, cfg in enumerate(grid.configs) for r, rec in enumerate(recs)]
-    print(f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs on "
-          f"{min(jobs, len(tasks))} worker(s); {len(grid.skipped)} invalid combinations skipped",
-          file=sys.stderr)
+    tasks = [
+        Task(s, r, rec.path, cfg, str(keep) if keep else None)
+        for s, cfg in enumerate(grid.configs)
+        for r, rec in enumerate(recs)
+    ]
+    print(
+        f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs on "
+        f"{min(jobs, len(tasks))} worker(s); {len(grid.skipped)} invalid combinations skipped",
+        file=sys.stderr,
+    )
     outcomes = run_all(tasks, min(jobs, len(tasks)), progress=not args.no_progress)
 
     rows = score_rows(grid, recs, outcomes, range(len(recs)), args.min_epoch_s)
     order, feasible = rank(rows, objective)
     chosen = order[0]
-    validation = validate_loro(grid, recs, outcomes, objective, args.min_epoch_s) if args.validate else None
+    validation = (
+        validate_loro(grid, recs, outcomes, objective, args.min_epoch_s) if args.validate else None
+    )
 
     # scores.csv: one row per setting, pooled over recordings; per-recording rows beside it
     header = ["setting", *grid.keys, *SCORE_COLUMNS, "meets_objective", "rank"]
     rank_of = {s: i + 1 for i, s in enumerate(order)}
-    write_csv(out_dir / "scores.csv", header,
-              [[s, *grid.settings[s].values(), *(rows[s][c] for c in SCORE_COLUMNS),
-                int(feasible[s]), rank_of[s]] for s in range(len(rows))])
+    write_csv(
+        out_dir / "scores.csv",
+        header,
+        [
+            [
+                s,
+                *grid.settings[s].values(),
+                *(rows[s][c] for c in SCORE_COLUMNS),
+                int(feasible[s]),
+                rank_of[s],
+            ]
+            for s in range(len(rows))
+        ],
+    )
     per_rec = []
     for r in range(len(recs)):
         rr = score_rows(grid, recs, outcomes, [r], args.min_epoch_s)
-        per_rec += [[s, recs[r].name, *grid.settings[s].values(), *(rr[s][c] for c in SCORE_COLUMNS),
-                     outcomes[(s, r)].duration_s / outcomes[(s, r)].wall_s] for s in range(len(rr))]
-    write_csv(out_dir / "scores_per_recording.csv",
-              ["setting", "recording", *grid.keys, *SCORE_COLUMNS, "x_real_time"], per_rec)
+        per_rec += [
+            [
+                s,
+                recs[r].name,
+                *grid.settings[s].values(),
+                *(rr[s][c] for c in SCORE_COLUMNS),
+                outcomes[(s, r)].duration_s / outcomes[(s, r)].wall_s,
+            ]
+            for s in range(len(rr))
+        ]
+    write_csv(
+        out_dir / "scores_per_recording.csv",
+        ["setting", "recording", *grid.keys, *SCORE_COLUMNS, "x_real_time"],
+        per_rec,
+    )
+    pulses = []
+    for (s, r), o in sorted(outcomes.items()):
+        fired = set(o.fired.tolist())
+        pulses += [[s, recs[r].name, float(t), int(t in fired)] for t in o.requested]
+    write_csv(out_dir / "pulses.csv", ["setting", "recording", "t_stream", "fired"], pulses)
     if validation:
-        write_csv(out_dir / "validation.csv",
-                  ["held_out", "setting", *grid.keys, *(f"tuned_{c}" for c in SCORE_COLUMNS),
-                   *(f"heldout_{c}" for c in SCORE_COLUMNS), "heldout_meets_objective"],
-                  [[f["held_out"], f["setting"], *f["overrides"].values(),
-                    *(f["train"][c] for c in SCORE_COLUMNS), *(f["test"][c] for c in SCORE_COLUMNS),
-                    int(f["test_meets"])] for f in validation["folds"]])
+        write_csv(
+            out_dir / "validation.csv",
+            [
+                "held_out",
+                "setting",
+                *grid.keys,
+                *(f"tuned_{c}" for c in SCORE_COLUMNS),
+                *(f"heldout_{c}" for c in SCORE_COLUMNS),
+                "heldout_meets_objective",
+            ],
+            [
+                [
+                    f["held_out"],
+                    f["setting"],
+                    *f["overrides"].values(),
+                    *(f["train"][c] for c in SCORE_COLUMNS),
+                    *(f["test"][c] for c in SCORE_COLUMNS),
+                    int(f["test_meets"]),
+                ]
+                for f in validation["folds"]
+            ],
+        )
 
     # the recommended setting as a ready config (the user's base, outputs included, + overrides)
     rec_config = apply_overrides(base, grid.settings[chosen])
@@ -805,9 +1014,13 @@ def run_tune(args: argparse.Namespace) -> int:
     ]
     if validation:
         p = validation["pooled"]
-        head.append(f"# held-out (LORO, pooled): hit rate {_fmt(p['hit_rate_fired'])}, precision "
-                    f"{_fmt(p['precision_fired'])}, false/min {_fmt(p['false_per_min_fired'])}")
-    (out_dir / "recommended.yaml").write_text("\n".join(head) + "\n" + dump_config(rec_config), encoding="utf-8")
+        head.append(
+            f"# held-out (LORO, pooled): hit rate {_fmt(p['hit_rate_fired'])}, precision "
+            f"{_fmt(p['precision_fired'])}, false/min {_fmt(p['false_per_min_fired'])}"
+        )
+    (out_dir / "recommended.yaml").write_text(
+        "\n".join(head) + "\n" + dump_config(rec_config), encoding="utf-8"
+    )
 
     # plots: trace of the chosen setting on each recording (up to 4), trade-off across the grid
     plots = []
@@ -816,48 +1029,142 @@ def run_tune(args: argparse.Namespace) -> int:
         for r, rec in enumerate(recs[:4]):
             outcome, trace = trace_run(rec.path, cfg, Path(tmp))
             if not np.array_equal(outcome.fired, outcomes[(chosen, r)].fired):
-                print(f"tune: warning: re-running setting {chosen} on {rec.name} gave other pulses "
-                      "(the pipeline is not deterministic?)", file=sys.stderr)
+                print(
+                    f"tune: warning: re-running setting {chosen} on {rec.name} gave other pulses "
+                    "(the pipeline is not deterministic?)",
+                    file=sys.stderr,
+                )
             png = f"trace_{r}.png"
             sc = score_table([score_outcome(outcome, rec.epochs, args.min_epoch_s)])
-            plot_trace(out_dir / png, rec, trace, outcome, cfg.state.enter, cfg.state.leave,
-                       f"{rec.name}: {_setting_str(grid.settings[chosen])} | hit rate "
-                       f"{_fmt(sc['hit_rate_fired'])}, precision {_fmt(sc['precision_fired'])}, "
-                       f"{int(sc['n_pulses_fired'])} pulses")
-            plots.append((png, f"score over time on {rec.name}, recommended setting: thresholds, "
-                               "target epochs (green), pulses (black), vetoed requests (x)"))
-    plot_tradeoff(out_dir / "tradeoff.png", rows, chosen, objective,
-                  validation["pooled"] if validation else None)
-    plots.insert(0, ("tradeoff.png", "precision against epochs hit for every setting (what fired); "
-                                     "star: recommended"))
+            plot_trace(
+                out_dir / png,
+                rec,
+                trace,
+                outcome,
+                cfg.state.enter,
+                cfg.state.leave,
+                f"{rec.name}: {_setting_str(grid.settings[chosen])} | hit rate "
+                f"{_fmt(sc['hit_rate_fired'])}, precision {_fmt(sc['precision_fired'])}, "
+                f"{int(sc['n_pulses_fired'])} pulses",
+            )
+            plots.append(
+                (
+                    png,
+                    f"score over time on {rec.name}, recommended setting: thresholds, "
+                    "target epochs (green), pulses (black), vetoed requests (x)",
+                )
+            )
+    plot_tradeoff(
+        out_dir / "tradeoff.png",
+        rows,
+        chosen,
+        objective,
+        validation["pooled"] if validation else None,
+    )
+    plots.insert(
+        0,
+        (
+            "tradeoff.png",
+            "precision against epochs hit for every setting (what fired); star: recommended",
+        ),
+    )
 
     speeds = np.array([o.duration_s / o.wall_s for o in outcomes.values() if o.wall_s > 0])
     wall_total = time.perf_counter() - wall0
-    top_cols = ["hit_rate_fired", "precision_fired", "false_per_min_fired", "delay_median_s_fired",
-                "hit_rate_requested", "precision_requested", "pulses_per_min_fired"]
-    write_report(out_dir / "report.md", {
-        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "recs": recs, "target": args.target, "min_epoch_s": args.min_epoch_s,
-        "n_epochs": int(row["epochs"]), "grid": grid_values, "n_settings": len(grid.settings),
-        "n_skipped": len(grid.skipped), "objective": objective, "feasible": feasible[chosen],
-        "chosen_overrides": grid.settings[chosen], "chosen_row": row, "validation": validation,
-        "plots": plots, "top": order[:10], "top_columns": top_cols, "settings": grid.settings,
-        "rows": rows, "skipped": grid.skipped,
-        "speed_median": float(np.median(speeds)) if speeds.size else math.nan,
-        "speed_min": float(speeds.min()) if speeds.size else math.nan,
-        "speed_max": float(speeds.max()) if speeds.size else math.nan,
-        "data_s": sum(r.duration_s for r in recs), "jobs": min(jobs, len(tasks)), "wall_total": wall_total,
-    })
+    top_cols = [
+        "hit_rate_fired",
+        "precision_fired",
+        "false_per_min_fired",
+        "delay_median_s_fired",
+        "hit_rate_requested",
+        "precision_requested",
+        "pulses_per_min_fired",
+    ]
+    write_report(
+        out_dir / "report.md",
+        {
+            "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "recs": recs,
+            "target": args.target,
+            "min_epoch_s": args.min_epoch_s,
+            "n_epochs": int(row["epochs"]),
+            "grid": grid_values,
+            "n_settings": len(grid.settings),
+            "n_skipped": len(grid.skipped),
+            "objective": objective,
+            "feasible": feasible[chosen],
+            "chosen_overrides": grid.settings[chosen],
+            "chosen_row": row,
+            "validation": validation,
+            "plots": plots,
+            "top": order[:10],
+            "top_columns": top_cols,
+            "settings": grid.settings,
+            "rows": rows,
+            "skipped": grid.skipped,
+            "speed_median": float(np.median(speeds)) if speeds.size else math.nan,
+            "speed_min": float(speeds.min()) if speeds.size else math.nan,
+            "speed_max": float(speeds.max()) if speeds.size else math.nan,
+            "data_s": sum(r.duration_s for r in recs),
+            "jobs": min(jobs, len(tasks)),
+            "wall_total": wall_total,
+        },
+    )
 
-    print(f"recommended: {_setting_str(grid.settings[chosen])}  ({objective.describe()}: "
-          f"{'met' if feasible[chosen] else 'NOT met by any setting'})")
-    print(f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision {_fmt(row['precision_fired'])}  "
-          f"false/min {_fmt(row['false_per_min_fired'])}  median delay {_fmt(row['delay_median_s_fired'])} s")
+    speed = {
+        "x_real_time_median": float(np.median(speeds)) if speeds.size else None,
+        "x_real_time_min": float(speeds.min()) if speeds.size else None,
+        "runs": int(speeds.size),
+        "wall_total_s": round(wall_total, 3),
+    }
+    from closedloop.recording import write_json
+
+    write_json(
+        out_dir / "summary.json",
+        {
+            "recordings": [r.path for r in recs],
+            "target": args.target,
+            "objective": objective.describe(),
+            "grid": grid_values,
+            "settings": len(grid.settings),
+            "skipped": len(grid.skipped),
+            "recommended": {
+                "setting": chosen,
+                "overrides": grid.settings[chosen],
+                "meets_objective": feasible[chosen],
+                "scores": row,
+            },
+            "validation": None
+            if validation is None
+            else {
+                "pooled": validation["pooled"],
+                "pooled_meets_objective": validation["pooled_meets"],
+                "folds": [
+                    {
+                        k: f[k]
+                        for k in ("held_out", "setting", "overrides", "train", "test", "test_meets")
+                    }
+                    for f in validation["folds"]
+                ],
+            },
+            "speed": speed,
+        },
+    )
+    print(
+        f"recommended: {_setting_str(grid.settings[chosen])}  ({objective.describe()}: "
+        f"{'met' if feasible[chosen] else 'NOT met by any setting'})"
+    )
+    print(
+        f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision {_fmt(row['precision_fired'])}  "
+        f"false/min {_fmt(row['false_per_min_fired'])}  median delay {_fmt(row['delay_median_s_fired'])} s"
+    )
     if validation:
         p = validation["pooled"]
-        print(f"  held-out  hit rate {_fmt(p['hit_rate_fired'])}  precision {_fmt(p['precision_fired'])}  "
-              f"false/min {_fmt(p['false_per_min_fired'])}  ({'meets' if validation['pooled_meets'] else 'misses'} "
-              "the objective)")
+        print(
+            f"  held-out  hit rate {_fmt(p['hit_rate_fired'])}  precision {_fmt(p['precision_fired'])}  "
+            f"false/min {_fmt(p['false_per_min_fired'])}  ({'meets' if validation['pooled_meets'] else 'misses'} "
+            "the objective)"
+        )
     if speeds.size:
         print(f"  speed     {np.median(speeds):.0f}x real time per run (median of {speeds.size})")
     print(f"  wrote {out_dir}/ (report.md, scores.csv, recommended.yaml, plots)")
