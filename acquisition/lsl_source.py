@@ -7,14 +7,14 @@ bounded few-ms inlet handshake on reconnection), then `disconnect()` (idempotent
 Choices, with the numbers measured on this machine (pylsl 1.18.6 / liblsl 1.18, loopback):
 
 - Loss: the inlet is opened with `recover=False`, so liblsl raises `LostError` as soon as the
-  outlet's TCP connection closes: 4.5-5 ms after SIGKILL of the outlet process. With the
+  outlet's TCP connection closes: 5-17 ms after SIGKILL of the outlet process. With the
   default `recover=True` nothing is raised for > 20 s (liblsl silently waits to re-resolve).
   A hung or unreachable peer never closes its socket, so no `LostError` comes: it is STALE
   (a fault) at once, and LOST once it has also not answered resolver queries for
   `UNANSWERED_LOST_S` (a frozen replayer: STALE after 0.3 s, LOST ~4 s later).
 - Reconnection without blocking: after a loss a `pylsl.ContinuousResolver` (liblsl resolves in
   its own thread) is polled every `RESTORE_POLL_S`; `results()` costs about 50 µs. A restarted
-  outlet shows up 1.1-1.8 s after it starts (the resolver's query wave period). The dead stream
+  outlet was RESTORED 0.1-1.8 s after it existed (the resolver queries in waves). The dead stream
   stays listed for `RESOLVER_FORGET_S`, so only a different uid counts at once; the same uid
   counts only once it is still listed after the forget time (it really is alive).
 - Clock: no `proc_clocksync`. With it, the first pull that returns data blocks for 640 ms while
