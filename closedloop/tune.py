@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing import get_context
@@ -397,7 +397,7 @@ def run_all(
             pending = {pool.submit(run_task, t): t for t in tasks}
             try:
                 while pending:
-                    done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         task = pending.pop(fut)
                         exc = fut.exception()

@@ -17,14 +17,22 @@ EPOCHS = np.array([[10.0, 30.0], [50.0, 70.0], [90.0, 95.0]])
 
 
 def test_target_epochs_picks_label_sorted():
-    ann = mne.Annotations([50, 10, 20, 5], [20, 20, 1, 2], ["meditation", "meditation", "blink", "mind_wandering"])
+    ann = mne.Annotations(
+        [50, 10, 20, 5], [20, 20, 1, 2], ["meditation", "meditation", "blink", "mind_wandering"]
+    )
     ep = target_epochs(ann, "meditation")
     np.testing.assert_allclose(ep, [[10, 30], [50, 70]])
     assert target_epochs(ann, "nothing").shape == (0, 2)
 
 
 def test_count_hits_precision_delays_by_hand():
-    pulses = [12.0, 13.0, 40.0, 55.5, 94.0]  # 2 in epoch 1, 1 false, 1 in epoch 2, 1 in short epoch 3
+    pulses = [
+        12.0,
+        13.0,
+        40.0,
+        55.5,
+        94.0,
+    ]  # 2 in epoch 1, 1 false, 1 in epoch 2, 1 in short epoch 3
     c = count(pulses, EPOCHS, (0.0, 100.0), min_epoch_s=10.0)
     assert c.n_epochs == 2  # epoch 3 (5 s) is not scored, but its pulse counts as inside
     assert c.n_hit == 2
@@ -69,8 +77,12 @@ def test_pooling_adds_counts():
     a = count([12.0], EPOCHS, (0.0, 100.0), 1.0)
     b = count([41.0, 60.0], EPOCHS, (0.0, 100.0), 1.0)
     pooled = a + b
-    assert pooled.n_pulses == 3 and pooled.n_inside == 2 and pooled.n_epochs == 6 and pooled.n_hit == 2
-    table = score_table([{"fired": a, "requested": pooled}, {"fired": b, "requested": Counts()}], 30.0, 200.0)
+    assert (
+        pooled.n_pulses == 3 and pooled.n_inside == 2 and pooled.n_epochs == 6 and pooled.n_hit == 2
+    )
+    table = score_table(
+        [{"fired": a, "requested": pooled}, {"fired": b, "requested": Counts()}], 30.0, 200.0
+    )
     assert table["precision_fired"] == pytest.approx(2 / 3)
     assert table["n_pulses_requested"] == 3
     assert table["time_in_state_frac"] == pytest.approx(0.15)
@@ -91,7 +103,10 @@ def test_parse_values_ranges_and_lists():
 
 
 def test_parse_grid_errors():
-    assert parse_grid(["state.enter=1,2", "trigger.dwell_s=0.5"]) == {"state.enter": [1, 2], "trigger.dwell_s": [0.5]}
+    assert parse_grid(["state.enter=1,2", "trigger.dwell_s=0.5"]) == {
+        "state.enter": [1, 2],
+        "trigger.dwell_s": [0.5],
+    }
     for bad in (["state.enter"], ["=1,2"], ["state.enter=1", "state.enter=2"], ["state.enter=1,1"]):
         with pytest.raises(UserError):
             parse_grid(bad)
@@ -118,7 +133,12 @@ def test_build_grid_skips_combinations_invalid_only_together():
     g = build_grid(SessionConfig(), parse_grid(["state.enter=1:2:0.5", "state.leave=0.5,1,1.5"]))
     # every value is valid somewhere; enter <= leave combinations are skipped, not run
     assert [(s["state.enter"], s["state.leave"]) for s in g.settings] == [
-        (1.0, 0.5), (1.5, 0.5), (1.5, 1), (2.0, 0.5), (2.0, 1), (2.0, 1.5)
+        (1.0, 0.5),
+        (1.5, 0.5),
+        (1.5, 1),
+        (2.0, 0.5),
+        (2.0, 1),
+        (2.0, 1.5),
     ]
     assert len(g.skipped) == 3
     assert "must be above leave" in g.skipped[0][1]
@@ -131,8 +151,11 @@ def test_build_grid_skips_combinations_invalid_only_together():
 
 def test_build_grid_checks_against_the_stream():
     with pytest.raises(ConfigError) as exc:
-        build_grid(SessionConfig(), parse_grid(["bandpower.bands.gamma=[30,45],[30,140]"]),
-                   [("rec.fif", ["Fz", "Pz", "Oz"], 256.0)])
+        build_grid(
+            SessionConfig(),
+            parse_grid(["bandpower.bands.gamma=[30,45],[30,140]"]),
+            [("rec.fif", ["Fz", "Pz", "Oz"], 256.0)],
+        )
     assert "Nyquist" in str(exc.value)
 
 
