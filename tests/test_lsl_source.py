@@ -480,3 +480,18 @@ def test_only_the_same_name_and_source_id_is_restored():
         assert same is not None
     finally:
         src.disconnect()
+
+
+@pytest.mark.lsl
+def test_a_backlog_larger_than_max_chunk_comes_in_several_pulls_without_gaps():
+    name = new_stream_name()
+    outlet = make_outlet(name)
+    with LslSource(name=name, max_chunk=16) as src:
+        src.pull()
+        t0 = pylsl.local_clock()
+        outlet.push_chunk(block(0, 100), grid(0, 100, t0))
+        time.sleep(0.2)  # let all 100 samples queue up
+        got = pull_until(src, lambda p: n_samples(p) >= 100, 5.0, pull_timeout_s=0.0)
+    assert max(c.n_samples for c in got.chunks) == 16
+    np.testing.assert_array_equal(got.data[:, -1], np.arange(100))
+    assert not got.events  # no GAP / COUNTER_GAP at the pull boundaries
