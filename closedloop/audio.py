@@ -34,7 +34,12 @@ NOISE_SMOOTH_HZ = 800.0  # one-pole low-pass corner of the "soft noise" (white n
 CHIME_HARMONIC = 2.76  # partial ratio of a small bell (free-free bar mode 2 / mode 1)
 MAX_SEGMENT_S = 1.0  # a gap in the feedback trace longer than this renders as silence
 GAP_FADE_S = 0.02  # fade-out at the start of such a gap (no click)
-DECODABLE_HERE = (".wav",)  # guided-audio formats decoded without QtMultimedia
+DECODABLE_HERE = (".wav",)  # guided-audio formats this module decodes
+NOT_WAV_MESSAGE = (
+    "only WAV guided audio is supported: OGG/MP3 would need QtMultimedia's QMediaPlayer "
+    "(PySide6-Addons), which is not installed; convert the file to WAV "
+    "(e.g. ffmpeg -i in.mp3 out.wav)"
+)
 
 
 class AudioError(RuntimeError):
@@ -112,7 +117,7 @@ class AudioSettings(_Strict):
 class GuidedAudioSettings(_Strict):
     """A recording (e.g. meditation guidance) played through the session."""
 
-    path: Path | None = Field(None, description="WAV file to play (OGG/MP3 need QtMultimedia)")
+    path: Path | None = Field(None, description="WAV file to play (PCM 8/16/24/32-bit)")
     autostart: bool = Field(True, description="start playing when the feedback starts")
     marker_stream: str = Field(
         "closedloop-guided-audio", min_length=1, description="LSL marker stream name"
@@ -120,8 +125,8 @@ class GuidedAudioSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> GuidedAudioSettings:
-        if self.path is not None and self.path.suffix.lower() not in (".wav", ".ogg", ".mp3"):
-            raise ValueError(f"guided audio must be .wav, .ogg or .mp3, got {self.path.name!r}")
+        if self.path is not None and self.path.suffix.lower() not in DECODABLE_HERE:
+            raise ValueError(f"guided audio {self.path.name!r}: {NOT_WAV_MESSAGE}")
         return self
 
 
@@ -386,6 +391,41 @@ def write_wav(path: Path, data: np.ndarray, sample_rate_hz: int) -> None:
         w.writeframes(to_int16(data).tobytes())
 
 
+class _DevicePlayer:
+    """Guided audio on the default device: QAudioSink pulling 16-bit PCM from a QBuffer.
+
+    Create, start, suspend, resume and stop it in the Qt (GUI) thread. Written against the Qt 6
+    QAudioSink API but NOT run on the build machine (no QtMultimedia, no device); the marker
+    timing never depends on it.
+    """
+
+    def __init__(self, data: np.ndarray, sample_rate_hz: int) -> None:
+        from PySide6.QtCore import QBuffer, QByteArray, QIODevice  # noqa: PLC0415 - optional
+
+        qtm = _qt_multimedia()
+        fmt = qtm.QAudioFormat()
+        fmt.setSampleRate(sample_rate_hz)
+        fmt.setChannelCount(data.shape[1])
+        fmt.setSampleFormat(qtm.QAudioFormat.SampleFormat.Int16)
+        self._sink = qtm.QAudioSink(qtm.QMediaDevices.defaultAudioOutput(), fmt)
+        self._buffer = QBuffer()
+        self._buffer.setData(QByteArray(to_int16(data).tobytes()))
+        self._read_only = QIODevice.OpenModeFlag.ReadOnly
+
+    def start(self) -> None:
+        self._buffer.open(self._read_only)
+        self._sink.start(self._buffer)
+
+    def suspend(self) -> None:
+        self._sink.suspend()
+
+    def resume(self) -> None:
+        self._sink.resume()
+
+    def stop(self) -> None:
+        self._sink.stop()
+
+
 class GuidedAudio:
     """Plays a recording through the session and marks its start, pauses, resumes and end.
 
@@ -410,20 +450,15 @@ class GuidedAudio:
         path = Path(settings.path)
         if not path.is_file():
             raise AudioError(f"guided audio file not found: {path}")
-        if path.suffix.lower() not in DECODABLE_HERE and _qt_multimedia() is None:
-            raise AudioError(
-                f"guided audio {path.name!r}: {path.suffix} needs QtMultimedia (PySide6-Addons), "
-                "which is not installed; convert it to WAV"
-            )
+        if path.suffix.lower() not in DECODABLE_HERE:
+            raise AudioError(f"guided audio {path.name!r}: {NOT_WAV_MESSAGE}")
         self.path = path
         self.emit = emit
         self.clock = clock
-        if path.suffix.lower() == ".wav":
-            data, sr = read_wav(path)
-            self.duration_s = len(data) / sr
-        else:  # pragma: no cover - needs QtMultimedia (absent on the build machine)
-            raise AudioError(f"guided audio {path.name!r}: only WAV is decoded in this build")
-        self.device = bool(audio_outputs())
+        data, sr = read_wav(path)
+        self.duration_s = len(data) / sr
+        self._player = _DevicePlayer(data, sr) if audio_outputs() else None
+        self.device = self._player is not None
         info = pylsl.StreamInfo(
             settings.marker_stream, "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string, source_id
         )
@@ -489,6 +524,8 @@ class GuidedAudio:
                 raise AudioError(f"guided audio already {self.state}")
             now = self.clock()
             self.state, self._t_resumed = "playing", now
+            if self._player is not None:
+                self._player.start()
             self._mark("start", now, duration_s=self.duration_s, device=self.device)
             if not self.device and self.emit is not None:
                 self.emit(
@@ -507,6 +544,8 @@ class GuidedAudio:
             self._cancel_timer()
             self._pos_s = self._position(now)
             self.state = "paused"
+            if self._player is not None:
+                self._player.suspend()
             self._mark("pause", now)
 
     def resume(self) -> None:
@@ -515,6 +554,8 @@ class GuidedAudio:
                 return
             now = self.clock()
             self.state, self._t_resumed = "playing", now
+            if self._player is not None:
+                self._player.resume()
             self._mark("resume", now)
             self._schedule_end(now)
 
@@ -543,6 +584,8 @@ class GuidedAudio:
             was_started = self.state != "ready"
             self._pos_s = self._position(now)
             self.state = "stopped"
+            if self._player is not None:
+                self._player.stop()
             if was_started:
                 self._mark("stop", now, reason=reason)
 
