@@ -1,0 +1,269 @@
+"""What the console shows, kept apart from Qt: events in, plain values out (testable headless).
+
+`ConsoleModel.apply(events)` folds bus events (drained on each GUI tick) into counters, the pulse
+raster, calibration results, health figures and the banner. `Snapshot` is what the window reads
+from the running session on each tick without taking the session lock (attribute reads only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from closedloop.bus import Event
+
+GUI_EVENT_KINDS = frozenset({
+    "state", "attempt", "health", "interlock", "calibration", "thresholds", "health_event",
+    "error", "session", "emergency_stop",
+})
+# The console does not need per-chunk 'state' events (the scope tap has them as arrays).
+POLLED_KINDS = GUI_EVENT_KINDS - {"state"}
+MAX_ATTEMPTS_SHOWN = 5000   # raster memory: hours of pulses at the hard rate limit
+RATE_WINDOW_S = 60.0        # rolling-minute count shown next to the per-minute limit
+LOSS_KINDS = frozenset({"lost", "stale"})
+GAP_KINDS = frozenset({"gap", "counter_gap"})
+# Disarm reasons that come from this console's own buttons carry this prefix (no banner).
+GUI_REASON_PREFIX = "operator (console)"
+_NO_BANNER_PREFIXES = (GUI_REASON_PREFIX, "emergency stop", "shutdown",
+                       "calibration restarted (console")
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptMark:
+    """One pulse attempt for the raster: stream time (s), fired or vetoed, and why."""
+
+    t_stream: float
+    fired: bool
+    reason: str = ""
+    latency_ms: float = float("nan")
+
+    @property
+    def tip(self) -> str:
+        what = "fired" if self.fired else f"vetoed: {self.reason or '?'}"
+        lat = "" if math.isnan(self.latency_ms) else f" ({self.latency_ms:.2f} ms)"
+        return f"{what}{lat}"
+
+
+@dataclass
+class Snapshot:
+    """Read from the session on every tick (no lock: single attribute reads)."""
+
+    phase: str = "idle"
+    interlock: str = "disarmed"
+    interlock_reason: str = ""
+    locked_out: bool = False
+    calibrated: bool = False
+    calibrating: bool = False
+    calibration_progress: float = 0.0
+    thresholds: tuple[float, float] = (float("nan"), float("nan"))
+    pulse_count: int = 0
+    session_cap: int = 0
+    max_per_minute: int = 0
+
+
+def snapshot_of(session: Any) -> Snapshot:
+    """Current values of a closedloop Session (or anything with the same attributes)."""
+    snap = Snapshot(phase=getattr(session.status, "phase", "idle"))
+    p = getattr(session, "pipeline", None)
+    if p is None:
+        return snap
+    chain, trig = p.chain, p.trigger
+    il = trig.interlock
+    snap.interlock = getattr(il.state, "value", str(il.state))
+    snap.interlock_reason = getattr(il, "last_reason", "")
+    snap.locked_out = bool(getattr(il, "locked_out", False))
+    snap.calibrated = bool(chain.calibrated)
+    snap.calibrating = bool(chain.calibrating)
+    snap.calibration_progress = float(chain.calibration_progress)
+    snap.thresholds = tuple(chain.thresholds)
+    snap.pulse_count = int(getattr(il, "pulse_count", 0))
+    settings = getattr(il, "settings", None)
+    if settings is not None:
+        snap.session_cap = int(settings.session_cap)
+        snap.max_per_minute = int(settings.max_per_minute)
+    return snap
+
+
+def latency_samples_ms(pipeline: Any) -> np.ndarray:
+    """Recent decision latencies (ms) of a Pipeline, copied (empty when none yet)."""
+    get = getattr(pipeline, "latency_samples", None)
+    if callable(get):
+        return np.asarray(get(), dtype=float)
+    ring = getattr(pipeline, "_latency_ms", None)  # until the pipeline exposes them publicly
+    if ring is None:
+        return np.zeros(0)
+    lat = np.array(ring, dtype=float)
+    return lat[np.isfinite(lat)]
+
+
+@dataclass
+class Banner:
+    text: str
+    t_local: float
+    level: str = "alarm"  # alarm (red) or info (amber)
+
+
+@dataclass
+class ConsoleModel:
+    """Everything the console derives from events (no Qt, no session access)."""
+
+    attempts: deque[AttemptMark] = field(default_factory=lambda: deque(maxlen=MAX_ATTEMPTS_SHOWN))
+    n_fired: int = 0
+    n_vetoed: int = 0
+    interlock: str = "disarmed"
+    interlock_reason: str = ""
+    estopped: bool = False
+    banner: Banner | None = None
+    baseline: dict[str, tuple[float, float]] = field(default_factory=dict)
+    calibration_phase: str = "idle"   # idle, started, done
+    thresholds: tuple[float, float] | None = None
+    thresholds_source: str = ""
+    health: dict[str, Any] = field(default_factory=dict)
+    stream_state: str = "not connected"   # connected, flowing, stale, lost, restored
+    n_gaps: int = 0
+    n_health_faults: int = 0
+    session_phase: str = "idle"
+    session_folder: str = ""
+    stop_reason: str = ""
+    errors: list[str] = field(default_factory=list)
+    changed_attempts: bool = False   # set when the raster needs a redraw
+    changed_baseline: bool = False
+    changed_thresholds: bool = False
+
+    def apply(self, events: Iterable[Event]) -> None:
+        for ev in events:
+            handler = getattr(self, f"_on_{ev.kind}", None)
+            if handler is not None:
+                handler(ev)
+
+    # ---- handlers ---------------------------------------------------------------------------
+    def _on_attempt(self, ev: Event) -> None:
+        p = ev.payload
+        fired = bool(p.get("fired", False))
+        reason = p.get("veto") or p.get("reason") or ""
+        detail = p.get("detail") or ""
+        reason = getattr(reason, "value", reason)
+        if detail and detail != reason:
+            reason = f"{reason} ({detail})" if reason else detail
+        t = p.get("t_stream", ev.t_stream)
+        lat = p.get("latency_ms", float("nan"))
+        self.attempts.append(AttemptMark(float(t), fired, str(reason),
+                                         float(lat) if lat is not None else float("nan")))
+        if fired:
+            self.n_fired += 1
+        else:
+            self.n_vetoed += 1
+        self.changed_attempts = True
+
+    def _on_interlock(self, ev: Event) -> None:
+        p = ev.payload
+        state = str(getattr(p.get("state"), "value", p.get("state", "")))
+        reason = str(p.get("reason", ""))
+        previous = self.interlock
+        self.interlock, self.interlock_reason = state, reason
+        if state == "disarmed" and previous != "disarmed" and not _from_operator(reason):
+            self.raise_banner(f"INTERLOCK DISARMED ITSELF: {reason}. Re-arm is manual.", ev.t_local)
+
+    def _on_emergency_stop(self, ev: Event) -> None:
+        self.estopped = True
+        src = ev.payload.get("source", "?")
+        self.raise_banner(f"EMERGENCY STOP ({src}): stimulation ended for this session.",
+                          ev.t_local)
+
+    def _on_health_event(self, ev: Event) -> None:
+        kind = str(ev.payload.get("kind", ""))
+        detail = str(ev.payload.get("detail", ""))
+        if kind in GAP_KINDS:
+            self.n_gaps += 1
+        if kind in LOSS_KINDS:
+            self.n_health_faults += 1
+            self.stream_state = kind
+            what = "STREAM LOST" if kind == "lost" else "STREAM STALE"
+            self.raise_banner(f"{what}: {detail or 'no data'}. Interlock disarmed; re-arm is "
+                              "manual.", ev.t_local)
+        elif kind in ("connected", "flowing", "restored"):
+            self.stream_state = kind
+            if self.banner is not None and kind in ("flowing", "restored"):
+                self.banner.text += f"  [stream {kind} again]"
+        elif kind in ("nonfinite", "mismatch"):
+            self.n_health_faults += 1
+
+    def _on_health(self, ev: Event) -> None:
+        self.health = dict(ev.payload)
+
+    def _on_calibration(self, ev: Event) -> None:
+        p = ev.payload
+        phase = p.get("phase", "")
+        if phase == "started":
+            self.calibration_phase = "started"
+            self.baseline = {}
+            self.changed_baseline = True
+        elif phase == "done":
+            self.calibration_phase = "done"
+            base = p.get("baseline") or {}
+            self.baseline = {k: (float(v["median"]), float(v["mad"])) if isinstance(v, dict)
+                             else (float(v[0]), float(v[1])) for k, v in base.items()}
+            self.changed_baseline = True
+
+    def _on_thresholds(self, ev: Event) -> None:
+        p = ev.payload
+        self.thresholds = (float(p["enter"]), float(p["leave"]))
+        self.thresholds_source = str(p.get("source", ""))
+        self.changed_thresholds = True
+
+    def _on_session(self, ev: Event) -> None:
+        p = ev.payload
+        self.session_phase = str(p.get("phase", ""))
+        if "folder" in p:
+            self.session_folder = str(p["folder"])
+        if self.session_phase == "stopped":
+            self.stop_reason = str(p.get("reason", ""))
+
+    def _on_error(self, ev: Event) -> None:
+        reason = str(ev.payload.get("reason", "error"))
+        self.errors.append(reason)
+        self.raise_banner(f"ERROR: {reason}", ev.t_local)
+
+    # ---- derived values ----------------------------------------------------------------------
+    def raise_banner(self, text: str, t_local: float, level: str = "alarm") -> None:
+        self.banner = Banner(text, t_local, level)
+
+    def acknowledge(self) -> None:
+        self.banner = None
+
+    def fired_in_window(self, t_now: float, window_s: float = RATE_WINDOW_S) -> int:
+        """Fired pulses within `window_s` stream seconds before `t_now`."""
+        n = 0
+        for a in reversed(self.attempts):
+            if t_now - a.t_stream > window_s:
+                break
+            n += a.fired
+        return n
+
+
+def _from_operator(reason: str) -> bool:
+    """A disarm the operator asked for here, or the session's own end (no banner)."""
+    low = reason.lower()
+    return low.startswith(_NO_BANNER_PREFIXES)
+
+
+def effective_rate(arrival: np.ndarray, n_samples: np.ndarray, t: np.ndarray,
+                   window_s: float = 5.0) -> float:
+    """Samples per second over the last `window_s` (local clock live, stream clock offline).
+
+    arrival / n_samples / t: (n,) from `Scope.decisions`; nan when fewer than two chunks.
+    """
+    if n_samples.size < 2:
+        return float("nan")
+    clock = arrival if np.isfinite(arrival[-1]) else t
+    start = int(np.searchsorted(clock, clock[-1] - window_s))
+    start = min(start, n_samples.size - 2)
+    dt = clock[-1] - clock[start]
+    if not dt > 0:
+        return float("nan")
+    return float((n_samples[-1] - n_samples[start]) / dt)
