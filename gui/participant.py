@@ -64,7 +64,7 @@ class ParticipantWindow(QWidget):
 
     def __init__(
         self,
-        source: FeedbackSource,
+        source: FeedbackSource | None,
         settings: DisplaySettings | None = None,
         clock: Callable[[], float] = local_clock,
         parent: QWidget | None = None,
@@ -99,9 +99,17 @@ class ParticipantWindow(QWidget):
         self.timer.start(max(1, round(1000.0 / self.settings.refresh_hz)))
         self.resize(800, 600)
 
+    def set_source(self, source: FeedbackSource | None) -> None:
+        """Attach the session's Feedback once it exists (None: idle shape)."""
+        self.source = source
+        self.n_shown = 0
+        self._apply(math.nan, False)
+
     # ---- drawing ---------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Timer slot: redraw if a new update arrived. Returns True when it redrew."""
+        if self.source is None:
+            return False
         value, target, t_local, n = self.source.latest()
         if n == self.n_shown:
             return False
@@ -127,7 +135,7 @@ class ParticipantWindow(QWidget):
         self.shape.setBrush(QBrush(shape_colour(self.settings, value, target)))
 
     def _painted(self) -> None:
-        if math.isfinite(self._pending_t_local):
+        if self.source is not None and math.isfinite(self._pending_t_local):
             self.source.note_frame(self.clock() - self._pending_t_local)
             self._pending_t_local = math.nan
 

@@ -152,3 +152,17 @@ def test_fullscreen_on_the_last_screen(qtbot, tmp_path):
     qtbot.waitExposed(win)
     assert win.isFullScreen()
     fb.close()
+
+
+def test_window_without_source_is_idle_until_attached(qtbot, tmp_path):
+    win = ParticipantWindow(None)
+    qtbot.addWidget(win)
+    win.timer.stop()
+    assert not win.refresh()
+    assert win.shape.brush().color() == QColor(DisplaySettings().idle_colour)
+    fb = make_feedback(tmp_path)
+    push(fb, 1.0, 2.0)
+    win.set_source(fb)
+    assert win.refresh()
+    assert win.value == 1.0
+    fb.close()
