@@ -264,8 +264,10 @@ class Feedback:
         folder: Path,
         bus=None,
         clock: Callable[[], float] = pylsl.local_clock,
+        live: bool = True,
     ) -> None:
         self.settings = settings
+        self.live = live
         self.folder = Path(folder)
         self.bus = bus
         self.clock = clock
@@ -278,9 +280,11 @@ class Feedback:
             if settings.publish_lsl
             else None
         )
-        self.audio = (
-            open_feedback_audio(settings.audio, self.folder) if settings.audio.enabled else None
-        )
+        # offline (replay as fast as the CPU allows) a device would play garbage: render to WAV
+        audio = settings.audio if live else settings.audio.model_copy(update={"output": "wav"})
+        self.audio = open_feedback_audio(audio, self.folder) if audio.enabled else None
+        # guided audio runs on the local clock: meaningless against a replay's stream time
+        self.guided_skipped = settings.guided.path is not None and not live
         self.guided = (
             GuidedAudio(
                 settings.guided,
@@ -288,7 +292,7 @@ class Feedback:
                 emit=self._emit,
                 clock=clock,
             )
-            if settings.guided.path is not None
+            if settings.guided.path is not None and live
             else None
         )
         # ring of updates, written by the acquisition thread only (single producer)
@@ -318,8 +322,12 @@ class Feedback:
         self.error: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: FeedbackSettings, session_folder: Path, bus=None) -> Feedback:
-        return cls(settings, session_folder, bus)
+    def from_settings(
+        cls, settings: FeedbackSettings, session_folder: Path, bus=None, live: bool = True
+    ) -> Feedback:
+        """Set up for one session. live=False (offline replay): audio renders to WAV whatever
+        `audio.output` says, and guided audio is skipped (it runs on the local clock)."""
+        return cls(settings, session_folder, bus, live=live)
 
     # ---- properties for the session / GUI ------------------------------------------------------
     @property
@@ -395,6 +403,13 @@ class Feedback:
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> Feedback:
         self._emit("feedback", event="started", **self._record())
+        if self.guided_skipped:
+            self._emit(
+                "guided_audio",
+                action="skipped",
+                file=str(self.settings.guided.path),
+                detail="offline session: guided audio plays only in live sessions",
+            )
         self._writer.start()
         if self.guided is not None and self.settings.guided.autostart:
             self.guided.start()
@@ -454,6 +469,8 @@ class Feedback:
             "audio": None if self.audio is None else self.audio.kind,
             "audio_file": str(getattr(self.audio, "path", "")) or None,
             "guided_file": str(s.guided.path) if s.guided.path is not None else None,
+            "guided_skipped": self.guided_skipped,
+            "live": self.live,
             "lsl_stream": s.lsl_name if s.publish_lsl else None,
         }
 

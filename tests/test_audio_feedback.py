@@ -71,6 +71,13 @@ def test_auto_output_renders_wav_without_a_device(tmp_path):
         open_feedback_audio(AudioSettings(output="device"), tmp_path)
 
 
+def test_offline_feedback_renders_wav_even_when_device_is_asked(tmp_path):
+    settings = FeedbackSettings(enabled=True, publish_lsl=False, audio={"output": "device"})
+    fb = Feedback.from_settings(settings, tmp_path, live=False)
+    assert isinstance(fb.audio, WavFeedbackAudio)
+    fb.close()
+
+
 def test_wav_envelope_follows_score_volume(tmp_path):
     n = 800  # 8 s
     score = slow_score(n, seed=0)

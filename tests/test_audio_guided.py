@@ -144,6 +144,21 @@ def test_feedback_autostarts_guided_audio_and_records_its_markers(guide_wav, tmp
     assert record["guided_file"] == str(guide_wav)
 
 
+def test_offline_feedback_skips_guided_audio_and_says_so(guide_wav, tmp_path):
+    bus = EventBus()
+    sub = bus.subscribe("t", kinds={"guided_audio"})
+    settings = FeedbackSettings(
+        enabled=True, publish_lsl=False, audio={"enabled": False}, guided={"path": guide_wav}
+    )
+    fb = Feedback.from_settings(settings, tmp_path, bus, live=False).start()
+    assert fb.guided is None
+    assert fb.source_ids == []
+    summary = fb.close()
+    assert summary["guided_skipped"] is True
+    assert summary["live"] is False
+    assert [e.payload["action"] for e in sub.drain()] == ["skipped"]
+
+
 def test_guided_ogg_mp3_are_refused_clearly(tmp_path):
     for name in ("guide.ogg", "guide.mp3"):
         path = tmp_path / name
