@@ -232,17 +232,25 @@ COMMANDS = {
 }
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Problems the user can fix: one clear line, exit status 2 (bad file, stream, config)."""
+    from acquisition.lsl_source import StreamNotFoundError
+    from acquisition.readers import RecordingError
+
+    return (UserError, RecordingError, StreamNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except UserError as exc:
+    except _user_errors() as exc:
         if args.debug:
             raise
         print(f"closedloop {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return getattr(exc, "exit_code", 2)
     except Exception as exc:
         if args.debug or os.environ.get("CLOSEDLOOP_RAISE"):
             raise

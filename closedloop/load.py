@@ -35,9 +35,10 @@ class SessionRecord:
         return [a for a in self.audit if a.get("fired")]
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """JSON lines; a torn last line (process killed mid-write) is skipped."""
     out = []
+    path = Path(path)
     if not path.exists():
         return out
     for line in path.read_text(encoding="utf-8").splitlines():
