@@ -1,4 +1,4 @@
-"""Scores of a pulse train against annotated target epochs (pure functions, no I/O but `read_outcome`).
+"""Scores of pulse trains against annotated target epochs (pure functions; I/O: `read_outcome`).
 
 Used by `closedloop tune` and usable on any session folder (`read_outcome` + `score_counts`), so a
 setting's scores are the same whether the tuner ran it or `closedloop offline` did.
@@ -91,8 +91,8 @@ def target_epochs(annotations, label: str) -> np.ndarray:
 def _union_length(epochs: np.ndarray, t0: float, t1: float) -> float:
     """Seconds of [t0, t1) covered by the union of the epochs (n, 2)."""
     total, cur_start, cur_stop = 0.0, None, None
-    for a, b in epochs:
-        a, b = max(a, t0), min(b, t1)
+    for start, stop in epochs:
+        a, b = max(start, t0), min(stop, t1)
         if b <= a:
             continue
         if cur_stop is None or a > cur_stop:
@@ -184,6 +184,11 @@ class Outcome:
     def window(self) -> tuple[float, float]:
         return (self.scored_from, self.t_end)
 
+    @property
+    def window_s(self) -> float:
+        """Seconds scored (0 when the run never armed nor calibrated)."""
+        return max(self.t_end - self.scored_from, 0.0) if math.isfinite(self.scored_from) else 0.0
+
 
 def score_outcome(
     outcome: Outcome, epochs: np.ndarray, min_epoch_s: float = 5.0
@@ -216,8 +221,8 @@ def score_table(
 def _read_jsonl(path: Path) -> list[dict]:
     out = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
+        for raw_line in path.read_text(encoding="utf-8").splitlines():
+            line = raw_line.strip()
             if line:
                 try:
                     out.append(json.loads(line))

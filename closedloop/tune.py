@@ -50,6 +50,7 @@ from closedloop.scoring import (
 
 MAX_GRID_VALUES = 10_000  # values one range may expand to (a typo like 0:100:0.0001 stops here)
 MAX_SETTINGS = 100_000  # combinations in one grid
+MAX_TRACE_PLOTS = 4  # score-over-time plots (one re-run each) for the first recordings
 ARM_ACTION = "offline_run"  # the operator action `closedloop offline` arms with
 DEFAULT_REQUIRE = ("hit_rate>=0.8",)
 TUNER_OVERRIDES: dict[str, Any] = {
@@ -95,7 +96,7 @@ def parse_values(text: str, key: str = "?") -> list[Any]:
             raise UserError(f"--grid {key}={text}: step must be > 0 (got {step:g})")
         if stop < start:
             raise UserError(f"--grid {key}={text}: stop ({stop:g}) is below start ({start:g})")
-        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        n = math.floor((stop - start) / step + 1e-9) + 1
         if n > MAX_GRID_VALUES:
             raise UserError(f"--grid {key}={text}: {n} values (limit {MAX_GRID_VALUES})")
         values = [round(start + i * step, 10) for i in range(n)]
@@ -159,7 +160,7 @@ def _check_keys(base: SessionConfig, keys: Sequence[str]) -> None:
 
 @dataclass
 class Grid:
-    """Validated settings: `settings[i]` is the overrides dict of setting i, `configs[i]` its config."""
+    """Validated settings: `settings[i]` is the overrides of setting i, `configs[i]` its config."""
 
     keys: list[str]
     settings: list[dict[str, Any]]
@@ -187,7 +188,7 @@ def build_grid(
     first_error: dict[tuple[str, int], str] = {}
     settings, configs, skipped = [], [], []
     for combo in itertools.product(*(range(len(grid[k])) for k in keys)):
-        overrides = {k: grid[k][i] for k, i in zip(keys, combo)}
+        overrides = {k: grid[k][i] for k, i in zip(keys, combo, strict=True)}
         try:
             config = apply_overrides(base, {**overrides, **TUNER_OVERRIDES})
             for name, ch_names, sfreq in streams:
@@ -198,10 +199,10 @@ def build_grid(
         except ConfigError as exc:
             msg = "; ".join(exc.errors)
             skipped.append((overrides, msg))
-            for k, i in zip(keys, combo):
+            for k, i in zip(keys, combo, strict=True):
                 first_error.setdefault((k, i), msg)
             continue
-        for k, i in zip(keys, combo):
+        for k, i in zip(keys, combo, strict=True):
             ok_values[k].add(i)
         settings.append(overrides)
         configs.append(config)
@@ -403,7 +404,8 @@ def run_all(
                         exc = fut.exception()
                         if exc is not None:
                             raise RuntimeError(
-                                f"setting {task.setting} on {task.path} failed: {type(exc).__name__}: {exc}"
+                                f"setting {task.setting} on {task.path} failed: "
+                                f"{type(exc).__name__}: {exc}"
                             ) from exc
                         s, r, out = fut.result()
                         results[(s, r)] = out
@@ -472,9 +474,7 @@ def score_rows(
             out = outcomes[(s, r)]
             counts.append(score_outcome(out, recs[r].epochs, min_epoch_s))
             target_s += out.target_s
-            window_s += (
-                max(out.t_end - out.scored_from, 0.0) if math.isfinite(out.scored_from) else 0.0
-            )
+            window_s += out.window_s
         rows.append(score_table(counts, target_s, window_s))
     return rows
 
@@ -509,51 +509,61 @@ SCORE_COLUMNS = [f"{m}_{s}" for s in PULSE_SETS for m in METRICS] + list(_EXTRA_
 # ------------------------------------------------------------------------------ plots
 
 
-def plot_trace(
-    path: Path,
-    rec: Recording,
-    trace: dict[str, np.ndarray],
-    outcome: Outcome,
-    enter: float,
-    leave: float,
-    title: str,
-) -> None:
-    """Score over time with thresholds, target epochs shaded, fired and vetoed pulses."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only; never a window (and no display on lab servers)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+@dataclass
+class TracePlot:
+    """What the score-over-time plot of one recording shows."""
+
+    rec: Recording
+    trace: dict[str, np.ndarray]  # 't', 'score', 'target' per chunk
+    outcome: Outcome
+    enter: float
+    leave: float
+    title: str
+
+
+def plot_trace(path: Path, tp: TracePlot) -> None:
+    """Score over time with thresholds, target epochs shaded, fired pulses and vetoed requests."""
+    plt = _pyplot()
+    rec, trace, outcome = tp.rec, tp.trace, tp.outcome
     fig, ax = plt.subplots(figsize=(12, 3.8), dpi=100)
     for i, (a, b) in enumerate(rec.epochs):
-        ax.axvspan(
-            a, b, color="tab:green", alpha=0.15, lw=0, label="target epochs" if i == 0 else None
-        )
+        ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0,
+                   label="annotated target epochs" if i == 0 else None)
     if math.isfinite(outcome.scored_from):
-        ax.axvspan(
-            0, outcome.scored_from, color="0.85", alpha=0.6, lw=0, label="calibration (not scored)"
-        )
+        ax.axvspan(0, outcome.scored_from, color="0.85", alpha=0.6, lw=0,
+                   label="calibration (not scored)")
     t, score = trace["t"], trace["score"]
     ax.plot(t, score, color="tab:blue", lw=0.8, label="score")
-    ax.axhline(enter, color="tab:red", ls="--", lw=1, label=f"enter {enter:g}")
-    ax.axhline(leave, color="tab:orange", ls=":", lw=1, label=f"leave {leave:g}")
+    ax.axhline(tp.enter, color="tab:red", ls="--", lw=1, label=f"enter {tp.enter:g}")
+    ax.axhline(tp.leave, color="tab:orange", ls=":", lw=1, label=f"leave {tp.leave:g}")
     finite = score[np.isfinite(score)]
-    top = float(np.percentile(finite, 99.5)) if finite.size else enter + 1
-    bottom = float(np.percentile(finite, 0.5)) if finite.size else leave - 1
-    top, bottom = max(top, enter) + 0.5, min(bottom, leave) - 0.5
+    top = float(np.percentile(finite, 99.5)) if finite.size else tp.enter + 1
+    bottom = float(np.percentile(finite, 0.5)) if finite.size else tp.leave - 1
+    top, bottom = max(top, tp.enter) + 0.5, min(bottom, tp.leave) - 0.8
+    # the estimator's label as a strip at the bottom: where the pipeline believed 'target'
+    ax.fill_between(t, bottom, bottom + 0.25, where=trace["target"], color="tab:purple",
+                    step="post", lw=0, label="estimated target state")
     vetoed = np.setdiff1d(outcome.requested, outcome.fired)
     if vetoed.size:
-        ax.plot(
-            vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.4", ms=6, label="vetoed request"
-        )
+        ax.plot(vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.3", ms=7,
+                label="vetoed request")
     if outcome.fired.size:
         ax.vlines(outcome.fired, bottom, top, color="k", lw=0.9, label="pulse (fired)")
     ax.set_ylim(bottom, top)
     ax.set_xlim(0, max(rec.duration_s, float(t[-1]) if t.size else 0.0))
     ax.set_xlabel("time (s)")
     ax.set_ylabel("state score (z)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", fontsize=7, ncol=4, framealpha=0.8)
+    ax.set_title(tp.title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=7, ncol=5, framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -567,49 +577,30 @@ def plot_tradeoff(
     held_out: dict[str, float] | None = None,
 ) -> None:
     """Precision against hit rate (what fired) for every setting; the chosen one marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5), dpi=100)
     hit = np.array([r["hit_rate_fired"] for r in rows], dtype=float)
     prec = np.array([r["precision_fired"] for r in rows], dtype=float)
     fpm = np.array([r["false_per_min_fired"] for r in rows], dtype=float)
     ok = np.isfinite(hit) & np.isfinite(prec)
-    sc = ax.scatter(hit[ok], prec[ok], c=np.nan_to_num(fpm[ok]), cmap="viridis", s=22, alpha=0.85)
+    sc = ax.scatter(hit[ok], prec[ok], c=np.nan_to_num(fpm[ok]), cmap="viridis", s=26, alpha=0.85)
     fig.colorbar(sc, ax=ax, label="false pulses / min (fired)")
     for col, op, value in objective.constraints:
         if col == "hit_rate_fired":
             ax.axvline(value, color="tab:red", ls="--", lw=1, label=f"hit rate {op} {value:g}")
         if col == "precision_fired":
             ax.axhline(value, color="tab:red", ls="--", lw=1, label=f"precision {op} {value:g}")
-    ax.plot(
-        hit[chosen],
-        prec[chosen],
-        marker="*",
-        color="tab:red",
-        ms=18,
-        ls="",
-        mec="k",
-        label="recommended (tuned)",
-    )
-    if held_out is not None and math.isfinite(held_out.get("hit_rate_fired", math.nan)):
-        ax.plot(
-            held_out["hit_rate_fired"],
-            _nan(held_out.get("precision_fired")),
-            marker="D",
-            color="tab:orange",
-            ms=9,
-            ls="",
-            mec="k",
-            label="held-out (pooled LORO)",
-        )
+    ax.plot(hit[chosen], prec[chosen], marker="*", color="tab:red", ms=18, ls="", mec="k",
+            label="recommended (tuned)")
+    if held_out is not None and math.isfinite(held_out["hit_rate_fired"]):
+        ax.plot(held_out["hit_rate_fired"], held_out["precision_fired"], marker="D",
+                color="tab:orange", ms=9, ls="", mec="k", label="held out (pooled LORO)")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("target epochs hit (fraction)")
     ax.set_ylabel("precision (pulses inside target epochs)")
-    ax.set_title(f"{len(rows)} settings ({int((~ok).sum())} without pulses not shown)", fontsize=10)
+    ax.set_title(f"{len(rows)} settings ({int((~ok).sum())} without pulses or epochs not shown)",
+                 fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -617,7 +608,7 @@ def plot_tradeoff(
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------------ results
 
 
 def _setting_str(overrides: dict[str, Any]) -> str:
@@ -628,199 +619,342 @@ def _md_scores(row: dict[str, float], columns: Sequence[str]) -> str:
     return " | ".join(_fmt(float(row.get(c, math.nan))) or "n/a" for c in columns)
 
 
-def write_report(path: Path, ctx: dict[str, Any]) -> None:
-    """report.md: objective, recommendation, scores with/without vetoes, speed, plots, validation."""
+@dataclass
+class TuneResult:
+    """Everything the output files are made from."""
+
+    recs: list[Recording]
+    grid_values: dict[str, list[Any]]
+    grid: Grid
+    objective: Objective
+    target: str
+    min_epoch_s: float
+    outcomes: dict[tuple[int, int], Outcome]
+    rows: list[dict[str, float]]  # pooled scores per setting
+    order: list[int]  # settings best first
+    feasible: list[bool]
+    validation: dict[str, Any] | None
+    jobs: int
+    plots: list[tuple[str, str]] = field(default_factory=list)  # (file, caption)
+    wall_s: float = math.nan
+
+    @property
+    def chosen(self) -> int:
+        return self.order[0]
+
+    @property
+    def row(self) -> dict[str, float]:
+        return self.rows[self.chosen]
+
+    @property
+    def met(self) -> bool:
+        return self.feasible[self.chosen]
+
+    def speeds(self) -> np.ndarray:
+        """Seconds of data per wall second of every run (x real time)."""
+        return np.array([o.duration_s / o.wall_s for o in self.outcomes.values() if o.wall_s > 0])
+
+
+def validate_loro(
+    grid: Grid,
+    recs: Sequence[Recording],
+    outcomes: dict[tuple[int, int], Outcome],
+    objective: Objective,
+    min_epoch_s: float,
+) -> dict[str, Any]:
+    """Leave-one-recording-out: pick on the others, score the held-out recording."""
+    folds = []
+    held_counts: list[dict[str, Counts]] = []
+    target_s = window_s = 0.0
+    for k in range(len(recs)):
+        train = [r for r in range(len(recs)) if r != k]
+        rows = score_rows(grid, recs, outcomes, train, min_epoch_s)
+        order, feasible = rank(rows, objective)
+        s = order[0]
+        out = outcomes[(s, k)]
+        counts = score_outcome(out, recs[k].epochs, min_epoch_s)
+        held_counts.append(counts)
+        target_s += out.target_s
+        window_s += out.window_s
+        test = score_table([counts], out.target_s, out.window_s)
+        folds.append({
+            "held_out": recs[k].name, "setting": s, "overrides": grid.settings[s],
+            "train": rows[s], "train_meets": feasible[s], "test": test,
+            "test_meets": rank([test], objective)[1][0],
+        })
+    pooled = score_table(held_counts, target_s, window_s)
+    return {"folds": folds, "pooled": pooled, "pooled_meets": rank([pooled], objective)[1][0]}
+
+
+def write_tables(out_dir: Path, res: TuneResult) -> None:
+    """scores.csv, scores_per_recording.csv, pulses.csv, validation.csv (full precision)."""
+    grid, keys = res.grid, res.grid.keys
+    rank_of = {s: i + 1 for i, s in enumerate(res.order)}
+    write_csv(
+        out_dir / "scores.csv",
+        ["setting", *keys, *SCORE_COLUMNS, "meets_objective", "rank"],
+        [[s, *grid.settings[s].values(), *(res.rows[s][c] for c in SCORE_COLUMNS),
+          int(res.feasible[s]), rank_of[s]] for s in range(len(res.rows))],
+    )
+    per_rec = []
+    for r, rec in enumerate(res.recs):
+        rows = score_rows(grid, res.recs, res.outcomes, [r], res.min_epoch_s)
+        for s, row in enumerate(rows):
+            o = res.outcomes[(s, r)]
+            per_rec.append([s, rec.name, *grid.settings[s].values(),
+                            *(row[c] for c in SCORE_COLUMNS), o.duration_s / o.wall_s])
+    write_csv(out_dir / "scores_per_recording.csv",
+              ["setting", "recording", *keys, *SCORE_COLUMNS, "x_real_time"], per_rec)
+    pulses = []
+    for (s, r), o in sorted(res.outcomes.items()):
+        fired = set(o.fired.tolist())
+        pulses += [[s, res.recs[r].name, float(t), int(t in fired)] for t in o.requested]
+    write_csv(out_dir / "pulses.csv", ["setting", "recording", "t_stream", "fired"], pulses)
+    if res.validation:
+        write_csv(
+            out_dir / "validation.csv",
+            ["held_out", "setting", *keys, *(f"tuned_{c}" for c in SCORE_COLUMNS),
+             *(f"heldout_{c}" for c in SCORE_COLUMNS), "heldout_meets_objective"],
+            [[f["held_out"], f["setting"], *f["overrides"].values(),
+              *(f["train"][c] for c in SCORE_COLUMNS), *(f["test"][c] for c in SCORE_COLUMNS),
+              int(f["test_meets"])] for f in res.validation["folds"]],
+        )
+
+
+def write_recommended(path: Path, base: SessionConfig, res: TuneResult) -> SessionConfig:
+    """The user's base config (outputs included) with the chosen values, as a ready YAML."""
+    config = apply_overrides(base, res.grid.settings[res.chosen])
+    row = res.row
+    head = [
+        "# closedloop tune: recommended setting",
+        f"# recordings: {', '.join(r.name for r in res.recs)}; target '{res.target}'",
+        f"# objective: {res.objective.describe()}: "
+        f"{'met' if res.met else 'NOT met by any setting (closest shown)'}",
+        f"# tuned: {_setting_str(res.grid.settings[res.chosen])}",
+        f"# tuned scores (fired): hit rate {_fmt(row['hit_rate_fired'])}, precision "
+        f"{_fmt(row['precision_fired'])}, false/min {_fmt(row['false_per_min_fired'])}, "
+        f"median delay {_fmt(row['delay_median_s_fired'])} s",
+    ]
+    if res.validation:
+        p = res.validation["pooled"]
+        head.append(
+            f"# held out (leave one recording out, pooled): hit rate {_fmt(p['hit_rate_fired'])}, "
+            f"precision {_fmt(p['precision_fired'])}, false/min {_fmt(p['false_per_min_fired'])}"
+        )
+    path.write_text("\n".join(head) + "\n" + dump_config(config), encoding="utf-8")
+    return config
+
+
+def make_plots(out_dir: Path, res: TuneResult) -> None:
+    """tradeoff.png, and trace_<i>.png of the chosen setting on the first 4 recordings.
+
+    The traces come from re-running the chosen setting with a bus subscriber (the grid runs keep
+    no trace); a re-run that fires differently would mean a non-deterministic pipeline: warned.
+    """
+    plot_tradeoff(out_dir / "tradeoff.png", res.rows, res.chosen, res.objective,
+                  res.validation["pooled"] if res.validation else None)
+    res.plots.append(("tradeoff.png", "precision against epochs hit for every setting (what "
+                                      "fired); star: recommended"))
+    cfg = res.grid.configs[res.chosen]
+    setting = _setting_str(res.grid.settings[res.chosen])
+    with tempfile.TemporaryDirectory(prefix="cltune-trace-") as tmp:
+        for r, rec in enumerate(res.recs[:MAX_TRACE_PLOTS]):
+            outcome, trace = trace_run(rec.path, cfg, Path(tmp))
+            if not np.array_equal(outcome.fired, res.outcomes[(res.chosen, r)].fired):
+                print(f"tune: warning: re-running setting {res.chosen} on {rec.name} fired other "
+                      "pulses than the grid run (non-deterministic pipeline?)", file=sys.stderr)
+            sc = score_table([score_outcome(outcome, rec.epochs, res.min_epoch_s)])
+            title = (f"{rec.name}: {setting} | hit rate {_fmt(sc['hit_rate_fired'])}, precision "
+                     f"{_fmt(sc['precision_fired'])}, {int(sc['n_pulses_fired'])} pulses")
+            png = f"trace_{r}.png"
+            plot_trace(out_dir / png,
+                       TracePlot(rec, trace, outcome, cfg.state.enter, cfg.state.leave, title))
+            res.plots.append((png, f"score over time on {rec.name} with the recommended setting: "
+                                   "thresholds, annotated target epochs (green), pulses (black), "
+                                   "vetoed requests (x), estimated target state (purple strip)"))
+
+
+def write_report(path: Path, res: TuneResult) -> None:
+    """report.md: objective, recommendation, scores with and without vetoes, speed, plots."""
+    row, speeds = res.row, res.speeds()
+    n_data = sum(r.duration_s for r in res.recs)
+    grid_desc = ", ".join(f"`{k}` ({len(v)} values)" for k, v in res.grid_values.items())
     lines = [
         "# closedloop tune report",
         "",
-        f"- written: {ctx['written']}",
-        f"- recordings: {', '.join(r.name for r in ctx['recs'])}",
-        f"- target label: `{ctx['target']}` ({ctx['n_epochs']} scored epochs; epochs starting before "
-        f"the interlock armed or shorter than {ctx['min_epoch_s']:g} s in the window are not scored)",
-        f"- grid: {', '.join(f'`{k}` ({len(v)} values)' for k, v in ctx['grid'].items()) or 'none'}; "
-        f"{ctx['n_settings']} settings run, {ctx['n_skipped']} invalid combinations skipped",
-        f"- objective: {ctx['objective'].describe()}",
-        f"- speed: one setting on one recording ran at **{ctx['speed_median']:.0f}x real time** "
-        f"(median; range {ctx['speed_min']:.0f}-{ctx['speed_max']:.0f}x; "
-        f"{ctx['data_s']:.0f} s of data per setting; {ctx['jobs']} worker(s), {ctx['wall_total']:.1f} s in all)",
-        "",
-        "## Recommendation",
-        "",
+        f"- written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- recordings: {', '.join(r.name for r in res.recs)} ({n_data:.0f} s in all)",
+        f"- target label: `{res.target}` ({int(row['epochs'])} scored epochs; epochs that start "
+        f"before the interlock armed, or have less than {res.min_epoch_s:g} s in the scored "
+        "window, are not scored)",
+        f"- grid: {grid_desc or 'none (base config only)'}; {len(res.grid.settings)} settings "
+        f"run, {len(res.grid.skipped)} invalid combinations skipped",
+        f"- objective: {res.objective.describe()}",
     ]
-    if ctx["feasible"]:
+    if speeds.size:
         lines.append(
-            f"**{_setting_str(ctx['chosen_overrides'])}** meets the objective on the tuning data."
+            f"- speed: one setting on one recording ran at **{np.median(speeds):.0f}x real time** "
+            f"(median of {speeds.size} runs, {speeds.min():.0f}-{speeds.max():.0f}x) with "
+            f"{res.jobs} worker process(es); {res.wall_s:.0f} s for the whole tuning"
         )
+    lines += ["", "## Recommendation", ""]
+    setting = _setting_str(res.grid.settings[res.chosen])
+    if res.met:
+        lines.append(f"**{setting}** meets the objective on the tuning data.")
     else:
-        lines.append(
-            f"**No setting meets the objective.** Closest: **{_setting_str(ctx['chosen_overrides'])}** "
-            "(fewest constraints missed, then best objective). Widen the grid or relax the objective."
-        )
+        lines.append(f"**No setting meets the objective.** Closest: **{setting}** (fewest "
+                     "constraints missed, then the best objective). Widen the grid or relax the "
+                     "objective.")
     lines += [
         "",
-        "Ready config: [`recommended.yaml`](recommended.yaml). All settings: [`scores.csv`](scores.csv).",
+        "Ready config: [`recommended.yaml`](recommended.yaml). All settings: "
+        "[`scores.csv`](scores.csv) (per recording: `scores_per_recording.csv`; every pulse: "
+        "`pulses.csv`).",
         "",
-        "| pulses counted | hit rate | precision | false/min | delay median (s) | delay p90 (s) | pulses/min | pulses |",
+        "| pulses counted | hit rate | precision | false/min | delay median (s) | delay p90 (s) "
+        "| pulses/min | pulses |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    row = ctx["chosen_row"]
-    for name, label in (
-        ("fired", "fired (with interlock vetoes)"),
-        ("requested", "requested by the policy"),
-    ):
-        cols = [
-            f"{m}_{name}"
-            for m in (
-                "hit_rate",
-                "precision",
-                "false_per_min",
-                "delay_median_s",
-                "delay_p90_s",
-                "pulses_per_min",
-                "n_pulses",
-            )
-        ]
-        lines.append(f"| {label} | {_md_scores(row, cols)} |")
+    metrics_order = ("hit_rate", "precision", "false_per_min", "delay_median_s", "delay_p90_s",
+                     "pulses_per_min", "n_pulses")
+    for name, label in (("fired", "fired (interlock vetoes applied)"),
+                        ("requested", "requested by the policy")):
+        lines.append(f"| {label} | {_md_scores(row, [f'{m}_{name}' for m in metrics_order])} |")
     lines += [
         "",
-        f"Time in the target state: {_fmt(row['time_in_state_s'])} s "
+        f"Time in the estimated target state: {_fmt(row['time_in_state_s'])} s "
         f"({_fmt(100 * row['time_in_state_frac'])} % of the scored time).",
         "",
     ]
-    if ctx.get("validation"):
-        v = ctx["validation"]
-        lines += [
-            "## Held-out validation (leave one recording out)",
-            "",
-            "For each recording, the objective picked a setting on the *other* recordings; that "
-            "setting is then scored on the held-out one. Held-out figures are what to expect on new data.",
-            "",
-            "| held out | setting chosen on the others | tuned hit rate | tuned precision | held-out hit rate | held-out precision | held-out false/min | meets objective |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for f in v["folds"]:
-            lines.append(
-                f"| {f['held_out']} | {_setting_str(f['overrides'])} | {_fmt(f['train']['hit_rate_fired'])} | "
-                f"{_fmt(f['train']['precision_fired'])} | {_fmt(f['test']['hit_rate_fired'])} | "
-                f"{_fmt(f['test']['precision_fired'])} | {_fmt(f['test']['false_per_min_fired'])} | "
-                f"{'yes' if f['test_meets'] else 'no'} |"
-            )
-        p = v["pooled"]
-        lines += [
-            "",
-            f"Pooled held-out (all folds): hit rate {_fmt(p['hit_rate_fired'])}, precision "
-            f"{_fmt(p['precision_fired'])}, false pulses/min {_fmt(p['false_per_min_fired'])}, median delay "
-            f"{_fmt(p['delay_median_s_fired'])} s; objective "
-            f"{'met' if v['pooled_meets'] else '**not met**'} held out. Tuned on all recordings, the "
-            f"recommended setting scores hit rate {_fmt(row['hit_rate_fired'])} and precision "
-            f"{_fmt(row['precision_fired'])}: the gap is the optimism of tuning on the same data.",
-            "",
-        ]
+    if res.validation:
+        lines += _validation_md(res)
     lines += ["## Plots", ""]
-    for png, caption in ctx["plots"]:
+    for png, caption in res.plots:
         lines += [f"![{caption}]({png})", "", f"*{caption}*", ""]
-    lines += [
-        "## Top settings",
-        "",
-        "| # | setting | " + " | ".join(ctx["top_columns"]) + " |",
-        "|---|---|" + "---|" * len(ctx["top_columns"]),
-    ]
-    for i in ctx["top"]:
-        lines.append(
-            f"| {i} | {_setting_str(ctx['settings'][i])} | {_md_scores(ctx['rows'][i], ctx['top_columns'])} |"
-        )
-    if ctx["skipped"]:
+    top_cols = ["hit_rate_fired", "precision_fired", "false_per_min_fired",
+                "delay_median_s_fired", "hit_rate_requested", "precision_requested",
+                "pulses_per_min_fired"]
+    lines += ["## Top settings", "",
+              "| rank | setting # | values | " + " | ".join(top_cols) + " |",
+              "|---|---|---|" + "---|" * len(top_cols)]
+    for i, s in enumerate(res.order[:10]):
+        lines.append(f"| {i + 1} | {s} | {_setting_str(res.grid.settings[s])} | "
+                     f"{_md_scores(res.rows[s], top_cols)} |")
+    if res.grid.skipped:
         lines += ["", "## Skipped combinations", ""]
-        for overrides, msg in ctx["skipped"][:20]:
-            lines.append(f"- {_setting_str(overrides)}: {msg}")
-        if len(ctx["skipped"]) > 20:
-            lines.append(f"- ... and {len(ctx['skipped']) - 20} more")
+        lines += [f"- {_setting_str(o)}: {msg}" for o, msg in res.grid.skipped[:20]]
+        if len(res.grid.skipped) > 20:
+            lines.append(f"- ... and {len(res.grid.skipped) - 20} more")
     lines += ["", "## Definitions", ""]
     lines += [f"- `{k}`: {v}" for k, v in METRICS.items()]
+    lines += ["- `_fired`: pulses the interlock let through (what would really have fired); "
+              "`_requested`: every pulse request of the policy, fired or vetoed.", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _validation_md(res: TuneResult) -> list[str]:
+    v = res.validation
+    assert v is not None
+    lines = [
+        "## Held-out validation (leave one recording out)",
+        "",
+        "For each recording, the objective picked a setting on the *other* recordings; that "
+        "setting was then scored on the held-out one. Held-out figures are what to expect on "
+        "new data.",
+        "",
+        "| held out | chosen on the others | tuned hit rate | tuned precision | held-out hit rate "
+        "| held-out precision | held-out false/min | meets objective |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in v["folds"]:
+        tr, te = f["train"], f["test"]
+        lines.append(
+            f"| {f['held_out']} | {_setting_str(f['overrides'])} | {_fmt(tr['hit_rate_fired'])} "
+            f"| {_fmt(tr['precision_fired'])} | {_fmt(te['hit_rate_fired'])} "
+            f"| {_fmt(te['precision_fired'])} | {_fmt(te['false_per_min_fired'])} "
+            f"| {'yes' if f['test_meets'] else 'no'} |"
+        )
+    p, row = v["pooled"], res.row
     lines += [
-        "- `_fired`: pulses the interlock let through (what would really have fired); "
-        "`_requested`: every pulse request of the policy, fired or vetoed.",
+        "",
+        f"Pooled held out (all folds): hit rate {_fmt(p['hit_rate_fired'])}, precision "
+        f"{_fmt(p['precision_fired'])}, false pulses/min {_fmt(p['false_per_min_fired'])}, "
+        f"median delay {_fmt(p['delay_median_s_fired'])} s: the objective is "
+        f"{'met' if v['pooled_meets'] else '**not met**'} held out. Tuned on all recordings, the "
+        f"recommended setting scores hit rate {_fmt(row['hit_rate_fired'])} and precision "
+        f"{_fmt(row['precision_fired'])}; the difference is the optimism of scoring a setting on "
+        "the data it was chosen on.",
         "",
     ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    return lines
+
+
+def write_summary(path: Path, res: TuneResult) -> None:
+    """summary.json: the recommendation, its scores, validation and speed, for scripts."""
+    from closedloop.recording import write_json
+
+    speeds = res.speeds()
+    v = res.validation
+    write_json(path, {
+        "recordings": [r.path for r in res.recs],
+        "target": res.target,
+        "objective": res.objective.describe(),
+        "grid": res.grid_values,
+        "settings": len(res.grid.settings),
+        "skipped": len(res.grid.skipped),
+        "recommended": {"setting": res.chosen, "overrides": res.grid.settings[res.chosen],
+                        "meets_objective": res.met, "scores": res.row},
+        "validation": None if v is None else {
+            "pooled": v["pooled"], "pooled_meets_objective": v["pooled_meets"],
+            "folds": [{k: f[k] for k in ("held_out", "setting", "overrides", "train", "test",
+                                         "test_meets")} for f in v["folds"]],
+        },
+        "speed": {
+            "x_real_time_median": float(np.median(speeds)) if speeds.size else None,
+            "x_real_time_min": float(speeds.min()) if speeds.size else None,
+            "runs": int(speeds.size),
+            "jobs": res.jobs,
+            "wall_total_s": round(res.wall_s, 3),
+        },
+    })
 
 
 # ------------------------------------------------------------------------------ CLI
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `closedloop tune` (the lead wires this into closedloop/cli.py)."""
-    parser.add_argument(
-        "recordings",
-        type=Path,
-        nargs="+",
-        metavar="RECORDING",
-        help="annotated recordings (any format load_recording reads)",
-    )
-    parser.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=None,
-        help="base session YAML (default: built-in defaults)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config key (repeatable)",
-    )
-    parser.add_argument(
-        "--grid",
-        action="append",
-        default=[],
-        metavar="KEY=VALUES",
-        help="a tuned key: a range START:STOP:STEP (inclusive) or a list v1,v2,... "
-        "e.g. --grid state.enter=0.5:2.5:0.25 --grid trigger.dwell_s=0.5,1,2",
-    )
-    parser.add_argument(
-        "--target", default="meditation", help="annotation label of the target epochs"
-    )
-    parser.add_argument(
-        "--maximize",
-        default=None,
-        metavar="METRIC",
-        help="metric to maximise (default precision; '_fired' unless '_requested' is named)",
-    )
-    parser.add_argument(
-        "--minimize", default=None, metavar="METRIC", help="metric to minimise instead"
-    )
-    parser.add_argument(
-        "--require",
-        action="append",
-        default=None,
-        metavar="EXPR",
-        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 (repeatable; "
-        "default hit_rate>=0.8; 'none' for no constraint)",
-    )
-    parser.add_argument(
-        "--validate",
-        action="store_true",
-        help="leave-one-recording-out: report held-out scores beside the tuned ones",
-    )
-    parser.add_argument(
-        "--min-epoch-s",
-        type=float,
-        default=5.0,
-        help="target epochs with less than this inside the scored window are not scored",
-    )
-    parser.add_argument(
-        "--jobs", "-j", type=int, default=None, help="worker processes (default: all cores)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: tune-<time>)"
-    )
-    parser.add_argument(
-        "--keep-sessions",
-        action="store_true",
-        help="keep every run's session folder under OUT/sessions",
-    )
+    """Arguments of `closedloop tune` (closedloop/cli.py adds the subparser)."""
+    parser.add_argument("recordings", type=Path, nargs="+", metavar="RECORDING",
+                        help="annotated recordings (any format load_recording reads)")
+    parser.add_argument("--config", "-c", type=Path, default=None,
+                        help="base session YAML (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base config key (repeatable)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
+                        help="a tuned key: a range START:STOP:STEP (inclusive) or a list "
+                        "v1,v2,... e.g. --grid state.enter=0.5:2.5:0.25 "
+                        "--grid trigger.dwell_s=0.5,1,2 (repeatable)")
+    parser.add_argument("--target", default="meditation",
+                        help="annotation label of the target epochs (default: meditation)")
+    parser.add_argument("--maximize", default=None, metavar="METRIC",
+                        help="metric to maximise (default: precision); plain names mean what "
+                        "fired, add _requested for every request of the policy")
+    parser.add_argument("--minimize", default=None, metavar="METRIC",
+                        help="metric to minimise instead, e.g. false_per_min")
+    parser.add_argument("--require", action="append", default=None, metavar="EXPR",
+                        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 "
+                        "(repeatable; default hit_rate>=0.8; 'none' for none)")
+    parser.add_argument("--validate", action="store_true",
+                        help="leave-one-recording-out: held-out scores beside the tuned ones")
+    parser.add_argument("--min-epoch-s", type=float, default=5.0,
+                        help="target epochs with less than this inside the scored window are "
+                        "not scored (default 5)")
+    parser.add_argument("--jobs", "-j", type=int, default=None,
+                        help="worker processes (default: all cores)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: tune-<UTC time>)")
+    parser.add_argument("--keep-sessions", action="store_true",
+                        help="keep every run's session folder under OUT/sessions (large)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -839,69 +973,32 @@ def _load_recordings(paths: Sequence[Path], target: str, chunk_size: int) -> lis
         _SOURCES[(str(p), chunk_size)] = src
         epochs = target_epochs(src.annotations, target)
         if not len(epochs):
-            labels = sorted(set(src.annotations.description))
-            raise UserError(
-                f"{p}: no '{target}' annotation (labels: {', '.join(labels) or 'none'}); "
-                "set --target"
-            )
-        recs.append(
-            Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names), src.sfreq)
-        )
-    names = [r.name for r in recs]
-    if len(set(names)) != len(names):
+            labels = ", ".join(sorted(set(src.annotations.description))) or "none"
+            raise UserError(f"{p}: no '{target}' annotation (labels: {labels}); set --target")
+        recs.append(Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names),
+                              src.sfreq))
+    if len({r.name for r in recs}) != len(recs):
         for r in recs:
             r.name = r.path
     return recs
 
 
-def validate_loro(
-    grid: Grid, recs: Sequence[Recording], outcomes, objective: Objective, min_epoch_s: float
-) -> dict[str, Any]:
-    """Leave-one-recording-out: pick on the others, score the held-out recording."""
-    folds = []
-    held_counts: list[dict[str, Counts]] = []
-    target_s = window_s = 0.0
-    for k in range(len(recs)):
-        train = [r for r in range(len(recs)) if r != k]
-        rows = score_rows(grid, recs, outcomes, train, min_epoch_s)
-        order, feasible = rank(rows, objective)
-        s = order[0]
-        out = outcomes[(s, k)]
-        counts = score_outcome(out, recs[k].epochs, min_epoch_s)
-        held_counts.append(counts)
-        ws = max(out.t_end - out.scored_from, 0.0) if math.isfinite(out.scored_from) else 0.0
-        target_s += out.target_s
-        window_s += ws
-        test = score_table([counts], out.target_s, ws)
-        folds.append(
-            {
-                "held_out": recs[k].name,
-                "setting": s,
-                "overrides": grid.settings[s],
-                "train": rows[s],
-                "train_meets": feasible[s],
-                "test": test,
-                "test_meets": rank([test], objective)[1][0],
-            }
-        )
-    pooled = score_table(held_counts, target_s, window_s)
-    return {"folds": folds, "pooled": pooled, "pooled_meets": rank([pooled], objective)[1][0]}
-
-
 def run_tune(args: argparse.Namespace) -> int:
-    """`closedloop tune`: validate everything, run the grid, score, write the output folder."""
-    from closedloop.cli import _config
+    """`closedloop tune`: check everything, run the grid, score, write the output folder.
+
+    Every check (grid keys and values, objective, recordings, target label, each setting against
+    each recording's channels and rate) happens before the first run. Returns 0 when the
+    recommended setting meets the objective on the tuning data, 1 when none does.
+    """
+    from closedloop.cli import _config  # the same base config + --set handling as `offline`
 
     wall0 = time.perf_counter()
     base = _config(args)
     grid_values = parse_grid(args.grid)
-    require = (
-        DEFAULT_REQUIRE
-        if args.require is None
-        else [r for r in args.require if r.lower() != "none"]
-    )
+    require = (DEFAULT_REQUIRE if args.require is None
+               else [r for r in args.require if r.lower() != "none"])
     objective = parse_objective(args.maximize, args.minimize, require)
-    if args.min_epoch_s < 0 or not math.isfinite(args.min_epoch_s):
+    if not (args.min_epoch_s >= 0 and math.isfinite(args.min_epoch_s)):
         raise UserError(f"--min-epoch-s must be >= 0 (got {args.min_epoch_s})")
     if args.validate and len(args.recordings) < 2:
         raise UserError("--validate needs at least two recordings (it holds one out at a time)")
@@ -914,258 +1011,48 @@ def run_tune(args: argparse.Namespace) -> int:
 
     out_dir = args.out or Path(f"tune-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    keep = None
-    if args.keep_sessions:
-        keep = out_dir / "sessions"
+    keep = out_dir / "sessions" if args.keep_sessions else None
+    if keep is not None:
         keep.mkdir(exist_ok=True)
-    tasks = [
-        Task(s, r, rec.path, cfg, str(keep) if keep else None)
-        for s, cfg in enumerate(grid.configs)
-        for r, rec in enumerate(recs)
-    ]
-    print(
-        f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs on "
-        f"{min(jobs, len(tasks))} worker(s); {len(grid.skipped)} invalid combinations skipped",
-        file=sys.stderr,
-    )
-    outcomes = run_all(tasks, min(jobs, len(tasks)), progress=not args.no_progress)
+    tasks = [Task(s, r, rec.path, cfg, str(keep) if keep else None)
+             for s, cfg in enumerate(grid.configs) for r, rec in enumerate(recs)]
+    jobs = min(jobs, len(tasks))
+    print(f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs "
+          f"on {jobs} worker(s); {len(grid.skipped)} invalid combinations skipped",
+          file=sys.stderr)
+    outcomes = run_all(tasks, jobs, progress=not args.no_progress)
 
     rows = score_rows(grid, recs, outcomes, range(len(recs)), args.min_epoch_s)
     order, feasible = rank(rows, objective)
-    chosen = order[0]
-    validation = (
-        validate_loro(grid, recs, outcomes, objective, args.min_epoch_s) if args.validate else None
-    )
+    validation = (validate_loro(grid, recs, outcomes, objective, args.min_epoch_s)
+                  if args.validate else None)
+    res = TuneResult(recs, grid_values, grid, objective, args.target, args.min_epoch_s, outcomes,
+                     rows, order, feasible, validation, jobs)
+    write_tables(out_dir, res)
+    write_recommended(out_dir / "recommended.yaml", base, res)
+    make_plots(out_dir, res)
+    res.wall_s = time.perf_counter() - wall0
+    write_report(out_dir / "report.md", res)
+    write_summary(out_dir / "summary.json", res)
+    _print_result(out_dir, res)
+    return 0 if res.met else 1
 
-    # scores.csv: one row per setting, pooled over recordings; per-recording rows beside it
-    header = ["setting", *grid.keys, *SCORE_COLUMNS, "meets_objective", "rank"]
-    rank_of = {s: i + 1 for i, s in enumerate(order)}
-    write_csv(
-        out_dir / "scores.csv",
-        header,
-        [
-            [
-                s,
-                *grid.settings[s].values(),
-                *(rows[s][c] for c in SCORE_COLUMNS),
-                int(feasible[s]),
-                rank_of[s],
-            ]
-            for s in range(len(rows))
-        ],
-    )
-    per_rec = []
-    for r in range(len(recs)):
-        rr = score_rows(grid, recs, outcomes, [r], args.min_epoch_s)
-        per_rec += [
-            [
-                s,
-                recs[r].name,
-                *grid.settings[s].values(),
-                *(rr[s][c] for c in SCORE_COLUMNS),
-                outcomes[(s, r)].duration_s / outcomes[(s, r)].wall_s,
-            ]
-            for s in range(len(rr))
-        ]
-    write_csv(
-        out_dir / "scores_per_recording.csv",
-        ["setting", "recording", *grid.keys, *SCORE_COLUMNS, "x_real_time"],
-        per_rec,
-    )
-    pulses = []
-    for (s, r), o in sorted(outcomes.items()):
-        fired = set(o.fired.tolist())
-        pulses += [[s, recs[r].name, float(t), int(t in fired)] for t in o.requested]
-    write_csv(out_dir / "pulses.csv", ["setting", "recording", "t_stream", "fired"], pulses)
-    if validation:
-        write_csv(
-            out_dir / "validation.csv",
-            [
-                "held_out",
-                "setting",
-                *grid.keys,
-                *(f"tuned_{c}" for c in SCORE_COLUMNS),
-                *(f"heldout_{c}" for c in SCORE_COLUMNS),
-                "heldout_meets_objective",
-            ],
-            [
-                [
-                    f["held_out"],
-                    f["setting"],
-                    *f["overrides"].values(),
-                    *(f["train"][c] for c in SCORE_COLUMNS),
-                    *(f["test"][c] for c in SCORE_COLUMNS),
-                    int(f["test_meets"]),
-                ]
-                for f in validation["folds"]
-            ],
-        )
 
-    # the recommended setting as a ready config (the user's base, outputs included, + overrides)
-    rec_config = apply_overrides(base, grid.settings[chosen])
-    row = rows[chosen]
-    head = [
-        "# closedloop tune: recommended setting",
-        f"# recordings: {', '.join(r.name for r in recs)}; target '{args.target}'",
-        f"# objective: {objective.describe()} -> {'met' if feasible[chosen] else 'NOT met by any setting'}",
-        f"# tuned: {_setting_str(grid.settings[chosen])}",
-        f"# tuned scores (fired): hit rate {_fmt(row['hit_rate_fired'])}, precision {_fmt(row['precision_fired'])}, "
-        f"false/min {_fmt(row['false_per_min_fired'])}, median delay {_fmt(row['delay_median_s_fired'])} s",
-    ]
-    if validation:
-        p = validation["pooled"]
-        head.append(
-            f"# held-out (LORO, pooled): hit rate {_fmt(p['hit_rate_fired'])}, precision "
-            f"{_fmt(p['precision_fired'])}, false/min {_fmt(p['false_per_min_fired'])}"
-        )
-    (out_dir / "recommended.yaml").write_text(
-        "\n".join(head) + "\n" + dump_config(rec_config), encoding="utf-8"
-    )
-
-    # plots: trace of the chosen setting on each recording (up to 4), trade-off across the grid
-    plots = []
-    cfg = grid.configs[chosen]
-    with tempfile.TemporaryDirectory(prefix="cltune-trace-") as tmp:
-        for r, rec in enumerate(recs[:4]):
-            outcome, trace = trace_run(rec.path, cfg, Path(tmp))
-            if not np.array_equal(outcome.fired, outcomes[(chosen, r)].fired):
-                print(
-                    f"tune: warning: re-running setting {chosen} on {rec.name} gave other pulses "
-                    "(the pipeline is not deterministic?)",
-                    file=sys.stderr,
-                )
-            png = f"trace_{r}.png"
-            sc = score_table([score_outcome(outcome, rec.epochs, args.min_epoch_s)])
-            plot_trace(
-                out_dir / png,
-                rec,
-                trace,
-                outcome,
-                cfg.state.enter,
-                cfg.state.leave,
-                f"{rec.name}: {_setting_str(grid.settings[chosen])} | hit rate "
-                f"{_fmt(sc['hit_rate_fired'])}, precision {_fmt(sc['precision_fired'])}, "
-                f"{int(sc['n_pulses_fired'])} pulses",
-            )
-            plots.append(
-                (
-                    png,
-                    f"score over time on {rec.name}, recommended setting: thresholds, "
-                    "target epochs (green), pulses (black), vetoed requests (x)",
-                )
-            )
-    plot_tradeoff(
-        out_dir / "tradeoff.png",
-        rows,
-        chosen,
-        objective,
-        validation["pooled"] if validation else None,
-    )
-    plots.insert(
-        0,
-        (
-            "tradeoff.png",
-            "precision against epochs hit for every setting (what fired); star: recommended",
-        ),
-    )
-
-    speeds = np.array([o.duration_s / o.wall_s for o in outcomes.values() if o.wall_s > 0])
-    wall_total = time.perf_counter() - wall0
-    top_cols = [
-        "hit_rate_fired",
-        "precision_fired",
-        "false_per_min_fired",
-        "delay_median_s_fired",
-        "hit_rate_requested",
-        "precision_requested",
-        "pulses_per_min_fired",
-    ]
-    write_report(
-        out_dir / "report.md",
-        {
-            "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "recs": recs,
-            "target": args.target,
-            "min_epoch_s": args.min_epoch_s,
-            "n_epochs": int(row["epochs"]),
-            "grid": grid_values,
-            "n_settings": len(grid.settings),
-            "n_skipped": len(grid.skipped),
-            "objective": objective,
-            "feasible": feasible[chosen],
-            "chosen_overrides": grid.settings[chosen],
-            "chosen_row": row,
-            "validation": validation,
-            "plots": plots,
-            "top": order[:10],
-            "top_columns": top_cols,
-            "settings": grid.settings,
-            "rows": rows,
-            "skipped": grid.skipped,
-            "speed_median": float(np.median(speeds)) if speeds.size else math.nan,
-            "speed_min": float(speeds.min()) if speeds.size else math.nan,
-            "speed_max": float(speeds.max()) if speeds.size else math.nan,
-            "data_s": sum(r.duration_s for r in recs),
-            "jobs": min(jobs, len(tasks)),
-            "wall_total": wall_total,
-        },
-    )
-
-    speed = {
-        "x_real_time_median": float(np.median(speeds)) if speeds.size else None,
-        "x_real_time_min": float(speeds.min()) if speeds.size else None,
-        "runs": int(speeds.size),
-        "wall_total_s": round(wall_total, 3),
-    }
-    from closedloop.recording import write_json
-
-    write_json(
-        out_dir / "summary.json",
-        {
-            "recordings": [r.path for r in recs],
-            "target": args.target,
-            "objective": objective.describe(),
-            "grid": grid_values,
-            "settings": len(grid.settings),
-            "skipped": len(grid.skipped),
-            "recommended": {
-                "setting": chosen,
-                "overrides": grid.settings[chosen],
-                "meets_objective": feasible[chosen],
-                "scores": row,
-            },
-            "validation": None
-            if validation is None
-            else {
-                "pooled": validation["pooled"],
-                "pooled_meets_objective": validation["pooled_meets"],
-                "folds": [
-                    {
-                        k: f[k]
-                        for k in ("held_out", "setting", "overrides", "train", "test", "test_meets")
-                    }
-                    for f in validation["folds"]
-                ],
-            },
-            "speed": speed,
-        },
-    )
-    print(
-        f"recommended: {_setting_str(grid.settings[chosen])}  ({objective.describe()}: "
-        f"{'met' if feasible[chosen] else 'NOT met by any setting'})"
-    )
-    print(
-        f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision {_fmt(row['precision_fired'])}  "
-        f"false/min {_fmt(row['false_per_min_fired'])}  median delay {_fmt(row['delay_median_s_fired'])} s"
-    )
-    if validation:
-        p = validation["pooled"]
-        print(
-            f"  held-out  hit rate {_fmt(p['hit_rate_fired'])}  precision {_fmt(p['precision_fired'])}  "
-            f"false/min {_fmt(p['false_per_min_fired'])}  ({'meets' if validation['pooled_meets'] else 'misses'} "
-            "the objective)"
-        )
+def _print_result(out_dir: Path, res: TuneResult) -> None:
+    row = res.row
+    verdict = "met" if res.met else "NOT met by any setting; closest shown"
+    print(f"recommended: {_setting_str(res.grid.settings[res.chosen])}")
+    print(f"  objective {res.objective.describe()}: {verdict}")
+    print(f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision "
+          f"{_fmt(row['precision_fired'])}  false/min {_fmt(row['false_per_min_fired'])}  "
+          f"median delay {_fmt(row['delay_median_s_fired'])} s")
+    if res.validation:
+        p = res.validation["pooled"]
+        meets = "meets" if res.validation["pooled_meets"] else "misses"
+        print(f"  held out  hit rate {_fmt(p['hit_rate_fired'])}  precision "
+              f"{_fmt(p['precision_fired'])}  false/min {_fmt(p['false_per_min_fired'])}  "
+              f"({meets} the objective)")
+    speeds = res.speeds()
     if speeds.size:
         print(f"  speed     {np.median(speeds):.0f}x real time per run (median of {speeds.size})")
     print(f"  wrote {out_dir}/ (report.md, scores.csv, recommended.yaml, plots)")
-    return 0 if feasible[chosen] else 1
