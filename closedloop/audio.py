@@ -300,7 +300,10 @@ class DeviceFeedbackAudio:
 
     Push mode from the feedback writer thread: each `feed` writes audio up to the newest update
     plus a small lead, using the latest value. Needs PySide6-Addons and a device; NOT exercised on
-    the build machine (no QtMultimedia, no device): the WAV path is the tested one.
+    the build machine (no QtMultimedia, no device): the WAV path is the tested one. To verify
+    where a device exists: the sink is created in the session thread and written from the
+    writer thread, which Qt does not promise for QIODevice; if it misbehaves, move the writes to
+    a QTimer in the GUI thread.
     """
 
     kind = "device"

@@ -76,7 +76,7 @@ def test_guided_markers_order_and_timing_in_a_separate_inlet(guide_wav, unique_n
     assert actions == ["start", "pause", "resume", "end"]
     ts = {m["guided_audio"]: t for t, m in markers}
     for action, t_call in t_calls.items():  # stamped at the call (local clock), not on arrival
-        assert 0.0 <= ts[action] - t_call < 0.05
+        assert 0.0 <= ts[action] - t_call < 0.2  # tolerant: a loaded 2-core CI machine
     pos_at_pause = markers[1][1]["position_s"]
     assert pos_at_pause == pytest.approx(ts["pause"] - ts["start"], abs=1e-6)
     # the end marker carries the computed end: resume + what was left to play
