@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--screenshot", type=Path, default=None,
                    help="run the demo offscreen, save a PNG of the window, and exit")
+
+    p = sub.add_parser("tune", help="tune thresholds offline: a grid of settings scored against "
+                       "annotated target epochs")
+    from closedloop.tune import add_tune_arguments
+
+    add_tune_arguments(p)
     return parser
 
 
@@ -226,9 +232,15 @@ def cmd_gui(args) -> int:
     return run_gui(_config(args), screenshot=args.screenshot)
 
 
+def cmd_tune(args) -> int:
+    from closedloop.tune import run_tune
+
+    return run_tune(args)
+
+
 COMMANDS = {
     "demo": cmd_demo, "run": cmd_run, "offline": cmd_offline, "replay": cmd_replay,
-    "simulate": cmd_simulate, "check-config": cmd_check_config, "gui": cmd_gui,
+    "simulate": cmd_simulate, "check-config": cmd_check_config, "gui": cmd_gui, "tune": cmd_tune,
 }
 
 
