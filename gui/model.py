@@ -176,7 +176,7 @@ class ConsoleModel:
                           ev.t_local)
 
     def _on_health_event(self, ev: Event) -> None:
-        kind = str(ev.payload.get("kind", ""))
+        kind = str(ev.payload.get("health", ev.payload.get("kind", "")))  # HealthKind value
         detail = str(ev.payload.get("detail", ""))
         if kind in GAP_KINDS:
             self.n_gaps += 1

@@ -572,8 +572,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._update_thresholds()
         if self.model.changed_attempts:
             self._update_raster()
-        if slow:
+        if slow or self.model.changed_attempts:
+            self.model.changed_attempts = False
             self._update_counts(scope)
+        if slow:
             self._update_calibration()
             self._update_health(scope, local_clock())
             self._update_stream_list(now)
@@ -796,7 +798,6 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         return f"t = {x:.2f} s\n{data}"
 
     def _update_raster(self) -> None:
-        self.model.changed_attempts = False
         t0 = self._t0 if self._t0 is not None else 0.0
         spots = []
         for a in self.model.attempts:

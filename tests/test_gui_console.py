@@ -1,0 +1,197 @@
+"""The operator console against a replayed LSL stream (offscreen Qt, pytest-qt).
+
+One replayer process per test (unique stream name), a real Session in its thread, the window
+polling it: data appear, calibration completes, arming (confirmation auto-accepted), a pulse in
+the raster, a dragged threshold reaching the estimator, the emergency stop (button and keyboard)
+disarming within one timer tick, a stream loss raising the banner, and a clean close.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6 import QtCore  # noqa: E402
+
+from closedloop.config import SessionConfig, apply_overrides  # noqa: E402
+from closedloop.demo import start_replayer  # noqa: E402
+from gui.window import TICK_MS, ConsoleWindow  # noqa: E402
+
+pytestmark = [pytest.mark.gui, pytest.mark.lsl]
+
+RECORDING = Path(__file__).resolve().parents[1] / "replay_data" / "sim_4ch_256hz.fif"
+CONNECT_TIMEOUT_MS = 40_000   # replayer process start (python + mne import) on a busy machine
+CALIBRATION_S = 6.0           # just above the 5 s minimum baseline
+
+
+def _config(name: str, **extra) -> SessionConfig:
+    overrides = {
+        "source.name": name, "source.source_id": name, "source.stype": None,
+        "source.resolve_timeout_s": 40.0,
+        "state.calibration_s": CALIBRATION_S,
+        # the Muse-like file has no 10-20 midline channels
+        "bandpower.groups": {"frontal_midline": ["AF7", "AF8"], "posterior": ["TP9", "TP10"]},
+        # thresholds far below the baseline: the target state holds almost all the time, so a
+        # pulse is requested right after arming (the test is about the console, not the state)
+        "state.enter": -6.0, "state.leave": -7.0,
+        "recording.xdf": False, "session.publish_lsl": False,
+        **extra,
+    }
+    return apply_overrides(SessionConfig(), overrides)
+
+
+@pytest.fixture
+def replayer(unique_name):
+    proc = start_replayer(RECORDING, unique_name, unique_name, speed=1.0, loop="forever")
+    yield proc
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, unique_name, replayer):
+    win = ConsoleWindow(_config(unique_name), out_root=tmp_path)
+    win.confirm_arm = lambda: True  # the confirmation dialog, accepted
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    if win.runner is not None and win.runner.running:
+        win.close()
+
+
+def _wait_running(qtbot, win) -> None:
+    qtbot.waitUntil(lambda: win.runner.scope is not None, timeout=CONNECT_TIMEOUT_MS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_console_session_end_to_end(qtbot, window, tmp_path):
+    win = window
+    runner = win.start_session()
+    _wait_running(qtbot, win)
+    t_pipeline = time.monotonic()
+    # data on screen within a second of the pipeline starting
+    qtbot.waitUntil(lambda: win.trace_curve.xData is not None and win.trace_curve.xData.size > 0,
+                    timeout=1000)
+    assert time.monotonic() - t_pipeline < 1.0
+    n_ch = len(runner.scope.ch_names) - 1  # 'counter' is not EEG: unchecked by default
+    assert win._shown_idx.size == n_ch
+    assert win.connection_label.text().startswith(("calibrating", "running"))
+
+    # calibration: progress bar to 100 %, baseline table filled
+    qtbot.waitUntil(lambda: win.snapshot.calibrated, timeout=int(1000 * (CALIBRATION_S + 15)))
+    qtbot.waitUntil(lambda: win.baseline_table.rowCount() > 0, timeout=2000)
+    assert win.calibration_bar.value() == 100
+    assert win.arm_button.isEnabled()
+
+    # ARM (confirmation accepted) -> armed indicator -> a pulse in the raster
+    qtbot.mouseClick(win.arm_button, QtCore.Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: win.armed_label.text().startswith("ARMED"), timeout=2 * TICK_MS + 500)
+    qtbot.waitUntil(lambda: win.model.n_fired >= 1, timeout=15_000)
+    qtbot.waitUntil(lambda: len(win.raster.data) >= 1, timeout=1000)
+    spots = win.raster.data
+    fired = spots["y"] == 1.0
+    assert fired.any()
+    assert str(spots["data"][fired][0]).startswith("fired")  # the hover text
+    assert f"pulses <b>{win.model.n_fired}</b>" in win.counts_label.text()
+
+    # a dragged threshold reaches the estimator (and is logged as an event)
+    win.enter_line.setValue(2.5)
+    win.enter_line.sigPositionChangeFinished.emit(win.enter_line)
+    assert runner.session.pipeline.chain.thresholds == (2.5, -7.0)
+    # an invalid drag (enter below leave) is refused and snaps back
+    win.enter_line.setValue(-8.0)
+    win.enter_line.sigPositionChangeFinished.emit(win.enter_line)
+    assert runner.session.pipeline.chain.thresholds == (2.5, -7.0)
+    assert win.enter_line.value() == 2.5
+    assert "refused" in win.status_line.text()
+
+    # emergency stop: disarmed within one timer tick, arming refused afterwards
+    win.emergency_stop("test button")
+    assert runner.session.pipeline.trigger.interlock.state.value == "disarmed"
+    qtbot.wait(TICK_MS + 10)
+    assert win.armed_label.text().startswith("EMERGENCY STOP")
+    assert not win.arm_button.isEnabled()
+
+    # closing ends the session and leaves a complete folder
+    win.close()
+    assert not runner.running
+    folder = Path(runner.session.folder)
+    assert folder.parent == tmp_path
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["pulses"] >= 1
+    assert summary["final_interlock"] == "disarmed"
+    events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines() if x]
+    kinds = {e.get("kind") for e in events}
+    assert {"thresholds", "emergency_stop"} <= kinds
+    audit = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines() if x]
+    assert any(a.get("fired") for a in audit)
+
+
+@pytest.mark.timeout(90)
+def test_keyboard_emergency_stop_and_stream_loss_banner(qtbot, window, replayer):
+    win = window
+    runner = win.start_session()
+    _wait_running(qtbot, win)
+    assert not win.banner.isVisible()
+    win.activateWindow()
+    qtbot.keyClick(win, QtCore.Qt.Key.Key_F12)
+    assert runner.session.pipeline.trigger.interlock.locked_out or win.model.estopped
+    qtbot.wait(TICK_MS + 10)
+    assert win.armed_label.text().startswith("EMERGENCY STOP")
+    win.acknowledge_banner()
+
+    replayer.kill()  # the amplifier goes away
+    qtbot.waitUntil(lambda: win.banner.isVisible(), timeout=5000)
+    assert "STREAM LOST" in win.banner_label.text() or "STREAM STALE" in win.banner_label.text()
+    win.close()
+    assert not runner.running
+
+
+@pytest.mark.timeout(60)
+def test_threshold_drag_without_session_snaps_back(qtbot, unique_name):
+    win = ConsoleWindow(_config(unique_name), list_streams=lambda _t: [])
+    qtbot.addWidget(win)
+    win.enter_line.setValue(3.0)
+    win.enter_line.sigPositionChangeFinished.emit(win.enter_line)
+    assert win.enter_line.value() == -6.0
+    assert win.runner is None
+    win.close()
+
+
+def test_trace_lanes_follow_channel_table(qtbot, unique_name):
+    """Per-channel scale and selection reach the stacked curve (no session needed)."""
+    from acquisition.chunk import Chunk
+    from closedloop.scope import Scope
+    from features.types import Label, State
+
+    win = ConsoleWindow(_config(unique_name), list_streams=lambda _t: [])
+    qtbot.addWidget(win)
+    scope = Scope(("Fz", "Cz", "counter"), 100.0)
+    t = np.arange(500) / 100.0
+    data = np.zeros((500, 3))
+    data[:, 0] = 100e-6 * np.sin(2 * np.pi * t)   # ±100 µV on Fz
+    scope(Chunk(data, t, scope.ch_names, 100.0), State(t[-1], Label.NON_TARGET, 0.0, 1.0))
+    win._update_traces(scope)
+    assert win._shown_idx.tolist() == [0, 1]     # counter excluded by default
+    y = win.trace_curve.yData.reshape(2, -1)
+    assert y[0].max() - y[0].min() == pytest.approx(2.0, rel=0.05)  # 200 µV / 100 µV per lane
+    win.channel_table.item(0, 1).setText("200")
+    win._update_traces(scope)
+    y = win.trace_curve.yData.reshape(2, -1)
+    assert y[0].max() - y[0].min() == pytest.approx(1.0, rel=0.05)
+    win.channel_table.item(1, 0).setCheckState(QtCore.Qt.CheckState.Unchecked)
+    win._update_traces(scope)
+    assert win._shown_idx.tolist() == [0]
+    win.close()
