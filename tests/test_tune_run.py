@@ -73,24 +73,14 @@ def _png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def tuned(data, tmp_path_factory) -> dict:
     """One validated tuning run over three recordings, shared by the tests below."""
+    from closedloop.cli import main
+
     out = tmp_path_factory.mktemp("tune-out") / "result"
-    args = _args(
-        *data["recordings"],
-        "--config",
-        data["config"],
-        *(f"--grid={g}" for g in GRID),
-        "--require",
-        "hit_rate>=0.8",
-        "--require",
-        "precision>=0.75",
-        "--validate",
-        "--jobs",
-        "2",
-        "--out",
-        out,
-        "--no-progress",
-    )
-    rc = tune.run_tune(args)
+    argv = ["tune", *data["recordings"], "--config", data["config"],
+            *(f"--grid={g}" for g in GRID), "--require", "hit_rate>=0.8",
+            "--require", "precision>=0.75", "--validate", "--jobs", "2", "--out", out,
+            "--no-progress"]
+    rc = main([str(a) for a in argv])  # the real entry point, with a spawn process pool
     return {"rc": rc, "out": out, "summary": json.loads((out / "summary.json").read_text())}
 
 
@@ -114,7 +104,8 @@ def test_recommendation_meets_objective_held_out(tuned):
     for key, value in rec["overrides"].items():
         section, name = key.split(".")
         assert getattr(getattr(config, section), name) == value
-    assert config.state.calibration_s == 20.0 and config.source.chunk_size == 16
+    assert config.state.calibration_s == 20.0
+    assert config.source.chunk_size == 16
     # the setting 'enter 3' should be too strict to hit 80 % of epochs, so it cannot be chosen
     assert rec["overrides"]["state.enter"] != 3
     assert s["speed"]["x_real_time_median"] > 0  # a figure is reported (no timing assertion)
@@ -143,14 +134,18 @@ def test_output_files(tuned):
     assert {p.name for p in pngs} == {"tradeoff.png", "trace_0.png", "trace_1.png", "trace_2.png"}
     for png in pngs:
         w, h = _png_size(png)
-        assert w >= 400 and h >= 300 and png.stat().st_size > 10_000
+        assert w >= 400
+        assert h >= 300
+        assert png.stat().st_size > 10_000
     report = (out / "report.md").read_text()
     for png in pngs:
         assert f"]({png.name})" in report
-    assert "Held-out validation" in report and "x real time" in report
+    assert "Held-out validation" in report
+    assert "x real time" in report
     # a vetoed request can only come from the requested set: fired is a subset of requested
     pulses = _read_csv(out / "pulses.csv")
-    assert pulses and {r["fired"] for r in pulses} <= {"0", "1"}
+    assert pulses
+    assert {r["fired"] for r in pulses} <= {"0", "1"}
 
 
 @pytest.mark.slow
@@ -247,3 +242,30 @@ def test_other_errors_before_work(data, tmp_path, monkeypatch):
                 _args(*argv, "--grid=state.enter=1,2", "--out", tmp_path / "never", "--no-progress")
             )
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_error_exit_status(data, tmp_path, capsys):
+    from closedloop.cli import main
+
+    rc = main(["tune", str(data["recordings"][0]), "--grid", "state.entre=1,2",
+               "--out", str(tmp_path / "never")])
+    assert rc == 2
+    assert "did you mean 'state.enter'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.timeout(120)
+def test_objective_not_met_is_said_and_exit_1(data, tmp_path):
+    """A grid where nothing can fire: the closest setting is written, flagged as not meeting."""
+    out = tmp_path / "out"
+    args = _args(data["recordings"][0], "--config", data["config"], "--grid=state.enter=50,60",
+                 "--set", "state.leave=0", "--jobs", "1", "--out", out, "--no-progress")
+    assert tune.run_tune(args) == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert s["recommended"]["meets_objective"] is False
+    assert s["recommended"]["scores"]["n_pulses_fired"] == 0
+    assert "No setting meets the objective" in (out / "report.md").read_text()
+    assert "NOT met" in (out / "recommended.yaml").read_text()
+    assert load_config(out / "recommended.yaml").state.leave == 0
+    for png in ("tradeoff.png", "trace_0.png"):
+        assert _png_size(out / png)[0] > 0

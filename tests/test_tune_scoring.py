@@ -1,4 +1,4 @@
-"""Scoring (pure functions), grid parsing, grid validation and the objective of `closedloop tune`."""
+"""Scoring (pure functions), grid parsing and validation, and the objective of `closedloop tune`."""
 
 from __future__ import annotations
 
@@ -78,7 +78,16 @@ def test_pooling_adds_counts():
     b = count([41.0, 60.0], EPOCHS, (0.0, 100.0), 1.0)
     pooled = a + b
     assert (
-        pooled.n_pulses == 3 and pooled.n_inside == 2 and pooled.n_epochs == 6 and pooled.n_hit == 2
+        pooled.n_pulses == 3
+    )
+    assert (
+        pooled.n_inside == 2
+    )
+    assert (
+        pooled.n_epochs == 6
+    )
+    assert (
+        pooled.n_hit == 2
     )
     table = score_table(
         [{"fired": a, "requested": pooled}, {"fired": b, "requested": Counts()}], 30.0, 200.0
@@ -124,7 +133,8 @@ def test_build_grid_invalid_value_is_an_error_before_work():
     with pytest.raises(ConfigError) as exc:
         build_grid(SessionConfig(), parse_grid(["safety.min_interval_s=0.5,2", "state.enter=1,2"]))
     msg = str(exc.value)
-    assert "safety.min_interval_s=0.5" in msg and "HARD_MIN_INTERVAL_S" in msg
+    assert "safety.min_interval_s=0.5" in msg
+    assert "HARD_MIN_INTERVAL_S" in msg
     with pytest.raises(ConfigError):
         build_grid(SessionConfig(), parse_grid(["trigger.mode=sometimes"]))
 
@@ -174,7 +184,8 @@ def test_objective_parse_and_rank():
         {"precision_fired": math.nan, "hit_rate_fired": 1.0},
     ]
     order, feasible = rank(rows, obj)
-    assert order[0] == 2 and feasible == [False, True, True, True]  # nan precision ranks last
+    assert order[0] == 2
+    assert feasible == [False, True, True, True]
     order, _ = rank(rows, parse_objective(None, "false_per_min", []))
     assert order[0] == 3  # no such column anywhere: falls back to hit rate tie-break
     order, feasible = rank(rows, parse_objective(None, None, ["hit_rate>=0.99"]))
