@@ -305,7 +305,7 @@ op_strategy = st.tuples(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     live=st.booleans(),
     min_interval=st.floats(HARD_MIN_INTERVAL_S, 5.0),

@@ -250,7 +250,8 @@ def test_a_pulse_in_flight_vetoes_another(tmp_path):
 
 
 def test_live_late_veto_and_latency_from_arrival(tmp_path):
-    unit, clock = make_unit(tmp_path, live=True, latency_budget_ms=50.0)
+    sim = SimulatedStimulator()
+    unit, clock = make_unit(tmp_path, [sim], live=True, latency_budget_ms=50.0)
     unit.arm("gui_button")
     a = unit.on_state(target(1.0), t_arrival=clock.t - 0.080)
     assert a.reason == "late"
@@ -258,6 +259,9 @@ def test_live_late_veto_and_latency_from_arrival(tmp_path):
     b = unit.on_state(target(2.0), t_arrival=clock.t - 0.010)
     assert b.fired
     assert b.latency_ms == pytest.approx(10.0)
+    # live: records are stamped with the firing time on the local clock, not stream time
+    assert sim.pulses[0].t_marker == sim.pulses[0].t_fire == clock.t
+    assert sim.pulses[0].t_stream == 2.0
     unit.close()
 
 
