@@ -261,7 +261,10 @@ class SafetyInterlock:
         return not (self._live and not self._clock() - last_local >= self._min_interval_s)
 
     def _window_count(self, t_stream: float) -> int:
-        """Fired pulses within RATE_WINDOW_S (closed window) on stream time, and local clock."""
+        """Fired pulses within RATE_WINDOW_S on stream time (or, live, on the local clock).
+
+        The window is closed: pulses 1.0 s apart at 0, 1, ..., 60 s would put 61 in [0, 60], so
+        with max_per_minute=60 the 61st waits until just after 60 s."""
         now = self._clock() if self._live else math.nan
         n = 0
         for ts, tl in self._recent:
