@@ -130,29 +130,39 @@ class ArtifactDetector:
             ms = self._flat(filtered * filtered)
             np.less(ms, (s.flat_uv * UV) ** 2, out=bad[:, 3])
         if s.muscle_ratio is not None:
-            hf = self._mus_hf(referenced)
-            bb = self._mus_bb(referenced)
-            p = self._mus_ema(np.concatenate([hf * hf, bb * bb], axis=1))
-            k = hf.shape[1]
-            ratio = p[:, :k] / np.maximum(p[:, k:], 1e-30)
-            np.greater(ratio, s.muscle_ratio, out=bad[:, 4])
-            self.latest_muscle_ratio[:] = ratio[-1]
-        idx = self._count + np.arange(n, dtype=np.int64)
-        # last offending sample per (kind, channel)
-        any_bad = bad.any(axis=0)
-        if any_bad.any():
+            k = referenced.shape[1]
+            # both band-passes and their smoothing in one (2 * n_ch, n) channel-major buffer
+            sq = np.empty((2 * k, n))
+            sq[:k] = referenced.T
+            sq[k:] = referenced.T
+            self._mus_hf.filter_t(sq[:k])
+            self._mus_bb.filter_t(sq[k:])
+            np.multiply(sq, sq, out=sq)
+            p = self._mus_ema.smooth_t(sq)
+            ratio = p[:k] / np.maximum(p[k:], 1e-30)  # (n_ch, n)
+            np.greater(ratio.T, s.muscle_ratio, out=bad[:, 4])
+            self.latest_muscle_ratio[:] = ratio[:, -1]
+        bad_t = bad.reshape(n, -1).any(axis=1)
+        any_now = bool(bad_t.any())
+        if any_now:
+            idx = self._count + np.arange(n, dtype=np.int64)
+            # last offending sample per (kind, channel)
+            any_bad = bad.any(axis=0)
             last_in_block = n - 1 - np.argmax(bad[::-1], axis=0)
             self._last_bad = np.where(any_bad, self._count + last_in_block, self._last_bad)
-        # per-sample hold-off
-        bad_t = bad.reshape(n, -1).any(axis=1)
-        run = np.where(bad_t, idx, _NEVER)
-        np.maximum.accumulate(run, out=run)
-        np.maximum(run, self._last_bad_any, out=run)
-        self._last_bad_any = int(run[-1])
-        active = (idx - run) <= self.holdoff_n
+            # per-sample hold-off
+            run = np.where(bad_t, idx, _NEVER)
+            np.maximum.accumulate(run, out=run)
+            np.maximum(run, self._last_bad_any, out=run)
+            self._last_bad_any = int(run[-1])
+            active = (idx - run) <= self.holdoff_n
+        else:
+            since = self._count - self._last_bad_any
+            active = np.arange(since, since + n, dtype=np.int64) <= self.holdoff_n
         self._count += n
-        mask = (self._count - 1 - self._last_bad) <= self.holdoff_n
-        if not np.array_equal(mask, self._active_mask):
-            self._active_mask = mask
-            self._reasons = tuple(self._reason_names[mask].tolist())
+        if any_now or self._reasons:  # flags can only appear or expire in these cases
+            mask = (self._count - 1 - self._last_bad) <= self.holdoff_n
+            if not np.array_equal(mask, self._active_mask):
+                self._active_mask = mask
+                self._reasons = tuple(self._reason_names[mask].tolist())
         return active

@@ -329,21 +329,27 @@ class FeatureChain:
         else:
             power = self._bp.process(x, art)
 
-        feats = to_output(power[-1], self.bandpower_settings.output)
-        self._latest = feats
+        output = self.bandpower_settings.output
         bi, gi = self._feat_idx
         if m.label in (Label.UNCALIBRATED, Label.CALIBRATING):
+            feats = to_output(power[-1], output)
             self._feat_now = feats[bi, gi]
             self._z_now[:] = _NAN
             self._score_now = _NAN
-        elif k < n:
-            fs = to_output(power[k:], self.bandpower_settings.output)[:, bi, gi]  # (n-k, F)
+        else:
+            # k == n: the calibration finished on the last sample; score that sample without
+            # stepping the label machine (it starts with the next sample)
+            rows = to_output(power[k:] if k < n else power[-1:], output)  # (rows, bands, groups)
+            feats = rows[-1]
+            fs = rows[:, bi, gi]  # (rows, n_features)
             z = (fs - self._median) / self._scale
             score = z @ self._weights
-            m.run(score, art[k:], t[k:])
+            if k < n:
+                m.run(score, art[k:], t[k:])
             self._feat_now = fs[-1]
             self._z_now = z[-1]
             self._score_now = float(score[-1])
+        self._latest = feats
 
         t_last = float(t[-1])
         if self._t_last == self._t_last:  # not nan: account time per label
