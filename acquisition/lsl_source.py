@@ -261,6 +261,8 @@ class LslSource:
     def _reset(self) -> None:
         """All per-connection state, in one place."""
         self._inlet: pylsl.StreamInlet | None = None
+        self._resolved_inlet: pylsl.StreamInlet | None = None  # resolve() done, not subscribed
+        self._resolved_found: pylsl.StreamInfo | None = None
         self._desc: StreamDescription | None = None
         self._buffer: np.ndarray | None = None
         self._buffer_tail: memoryview | None = None
@@ -289,12 +291,15 @@ class LslSource:
         self._n_received = 0
 
     # -------------------------------------------------------------- life cycle
-    def connect(self) -> LslSource:
-        """Resolve, open and subscribe (blocks up to about 2 x resolve_timeout_s).
+    def resolve(self) -> LslSource:
+        """Find the stream and read its description, without subscribing to its data.
 
+        After this, ch_names / sfreq / info are known but the outlet has no consumer yet
+        (measured: inlet.info() and time_correction() do not make have_consumers() true), so a
+        session can set up its recorder before a replayer that waits for consumers starts.
         Raises StreamNotFoundError (listing the visible streams) if none or several match.
         """
-        if self._connected:
+        if self._resolved_inlet is not None or self._connected:
             return self
         found = pylsl.resolve_bypred(self._pred, 1, self._resolve_timeout_s)
         if not found:
@@ -312,16 +317,36 @@ class LslSource:
             # The first estimate takes ~0.64 s (measured); later calls are instantaneous.
             # Subscribe only afterwards, so the first pull does not start with that backlog.
             self._time_correction = inlet.time_correction(timeout=self._resolve_timeout_s)
-            inlet.open_stream(timeout=self._resolve_timeout_s)
         except (LslTimeoutError, LostError) as exc:
             raise StreamNotFoundError(
                 f"found {StreamDescription.from_info(found[0])} but could not open it within "
                 f"{self._resolve_timeout_s:g} s: {exc}"
             ) from exc
+        self._resolved_inlet = inlet
+        self._resolved_found = found[0]
+        self._setup_layout(StreamDescription.from_info(full, with_channels=True))
+        return self
+
+    def connect(self) -> LslSource:
+        """Resolve (if not done yet), then subscribe (blocks up to about 2 x resolve_timeout_s).
+
+        Raises StreamNotFoundError (listing the visible streams) if none or several match.
+        """
+        if self._connected:
+            return self
+        self.resolve()
+        inlet = self._resolved_inlet
+        try:
+            inlet.open_stream(timeout=self._resolve_timeout_s)
+        except (LslTimeoutError, LostError) as exc:
+            raise StreamNotFoundError(
+                f"found {StreamDescription.from_info(self._resolved_found)} but could not open "
+                f"it within {self._resolve_timeout_s:g} s: {exc}"
+            ) from exc
+        self._resolved_inlet = None
         now = pylsl.local_clock()
         self._next_tc_refresh = now + TIME_CORRECTION_REFRESH_S
         self._inlet = inlet
-        self._setup_layout(StreamDescription.from_info(full, with_channels=True))
         self._connected = True
         self._last_sample_local = now
         self._pending.append(HealthEvent(HealthKind.CONNECTED, math.nan, now, str(self._desc)))

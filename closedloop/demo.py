@@ -28,10 +28,14 @@ def has_display() -> bool:
 
 
 def start_replayer(recording: Path, name: str, source_id: str, speed: float = 1.0,
-                   loop: str = "1") -> subprocess.Popen:
-    """Run `python -m acquisition.replayer` in its own process (as a lab's amplifier would be)."""
+                   loop: str = "1", wait_consumers_s: float = 60.0) -> subprocess.Popen:
+    """Run `python -m acquisition.replayer` in its own process (as a lab's amplifier would be).
+
+    It waits for its first consumer (the session's XDF recorder) so nothing is missed.
+    """
     cmd = [sys.executable, "-m", "acquisition.replayer", str(recording), "--name", name,
-           "--source-id", source_id, "--speed", str(speed), "--loop", loop, "--no-progress"]
+           "--source-id", source_id, "--speed", str(speed), "--loop", loop, "--no-progress",
+           "--wait-consumers", str(wait_consumers_s)]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 

@@ -157,7 +157,13 @@ class Session:
     def run(self) -> dict[str, Any]:
         """Run until the source ends, the duration passes or `stop()`; return the summary."""
         self._set_phase("connecting")
-        if not getattr(self.source, "connected", False):
+        # Live: learn the stream's layout without subscribing, set up our outlets and the XDF
+        # recorder, and only then subscribe, so LabRecorder is the first consumer and a replayer
+        # that waits for consumers is recorded from its first sample.
+        resolve = getattr(self.source, "resolve", None)
+        if resolve is not None:
+            resolve()
+        elif not getattr(self.source, "connected", False):
             self.source.connect()
         ch_names, sfreq = list(self.source.ch_names), float(self.source.sfreq)
         validate_for_stream(self.config, ch_names, sfreq)
@@ -175,6 +181,8 @@ class Session:
         xdf = self._start_xdf()
         t_start_local = local_clock()
         try:
+            if not getattr(self.source, "connected", False):
+                self.source.connect()
             self.bus.emit("session", phase="started", folder=str(self.folder), live=self.live,
                           ch_names=ch_names, sfreq=sfreq, source_id=self._source_id(),
                           t0_stream=getattr(self.source, "t0", 0.0) if not self.live else None)
@@ -212,7 +220,9 @@ class Session:
                         except Exception as exc:
                             self.warnings.append(f"could not arm after calibration: {exc}")
             if chunk.n_samples:
-                t0_stream = chunk.timestamps[0] if t0_stream is None else t0_stream
+                if t0_stream is None:
+                    t0_stream = float(chunk.timestamps[0])
+                    self.bus.emit("first_sample", t0_stream)
                 now = local_clock() if self.live else chunk.t_last
                 if duration_s is not None and chunk.t_last - t0_stream >= duration_s:
                     self.stop_reason = self.stop_reason or f"duration {duration_s:g} s reached"
@@ -232,6 +242,10 @@ class Session:
         with self._lock:
             if self.pipeline is not None:
                 self.pipeline.close(reason)
+        try:
+            self.source.disconnect()
+        except Exception as exc:  # the stream may be gone already; nothing is lost by this
+            self.warnings.append(f"source disconnect: {exc}")
         self._set_phase("stopped")
         self.bus.emit("session", phase="stopped", reason=reason)
         if xdf is not None:
