@@ -650,6 +650,22 @@ class TuneResult:
     def met(self) -> bool:
         return self.feasible[self.chosen]
 
+    def warnings(self) -> list[str]:
+        """What makes the scores weak or undefined, in words."""
+        out = []
+        never = sorted({self.recs[r].name for (_, r), o in self.outcomes.items()
+                        if not math.isfinite(o.scored_from)})
+        n_never = sum(not math.isfinite(o.scored_from) for o in self.outcomes.values())
+        if n_never:
+            out.append(f"{n_never} of {len(self.outcomes)} runs never armed, so they score nothing "
+                       f"(calibration did not finish on {', '.join(never)}: recording too short "
+                       "for state.calibration_s, or every sample flagged as an artifact?)")
+        if not self.row["epochs"]:
+            out.append("no target epoch was scored (epochs that start before arming or have less "
+                       "than --min-epoch-s in the scored window are left out): hit rate and delays "
+                       "are undefined")
+        return out
+
     def speeds(self) -> np.ndarray:
         """Seconds of data per wall second of every run (x real time)."""
         return np.array([o.duration_s / o.wall_s for o in self.outcomes.values() if o.wall_s > 0])
@@ -797,6 +813,7 @@ def write_report(path: Path, res: TuneResult) -> None:
             f"(median of {speeds.size} runs, {speeds.min():.0f}-{speeds.max():.0f}x) with "
             f"{res.jobs} worker process(es); {res.wall_s:.0f} s for the whole tuning"
         )
+    lines += [f"- **warning**: {w}" for w in res.warnings()]
     lines += ["", "## Recommendation", ""]
     setting = _setting_str(res.grid.settings[res.chosen])
     if res.met:
@@ -899,6 +916,7 @@ def write_summary(path: Path, res: TuneResult) -> None:
         "recordings": [r.path for r in res.recs],
         "target": res.target,
         "objective": res.objective.describe(),
+        "warnings": res.warnings(),
         "grid": res.grid_values,
         "settings": len(res.grid.settings),
         "skipped": len(res.grid.skipped),
@@ -1055,4 +1073,6 @@ def _print_result(out_dir: Path, res: TuneResult) -> None:
     speeds = res.speeds()
     if speeds.size:
         print(f"  speed     {np.median(speeds):.0f}x real time per run (median of {speeds.size})")
+    for w in res.warnings():
+        print(f"  warning: {w}")
     print(f"  wrote {out_dir}/ (report.md, scores.csv, recommended.yaml, plots)")

@@ -269,3 +269,26 @@ def test_objective_not_met_is_said_and_exit_1(data, tmp_path):
     assert load_config(out / "recommended.yaml").state.leave == 0
     for png in ("tradeoff.png", "trace_0.png"):
         assert _png_size(out / png)[0] > 0
+
+
+@pytest.mark.timeout(120)
+def test_real_edf_recording(shared_data, tmp_path):
+    """Real EEG (PhysioNet EDF+, 64 ch, 160 Hz, 4 s T0/T1/T2 epochs): the tuner runs and scores.
+
+    Artifact checks are off here: this is about the tuner on a real file, not the detector.
+    """
+    out = tmp_path / "out"
+    args = _args(shared_data / "eegmmidb-S003R03-motor.edf", "--target", "T1", "--min-epoch-s", "3",
+                 "--set", "state.calibration_s=20", "--set", "artifacts.enabled=false",
+                 "--grid=state.enter=0.5,2", "--require", "none", "--jobs", "1", "--out", out,
+                 "--no-progress")
+    assert tune.run_tune(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["warnings"] == []
+    assert s["recommended"]["scores"]["epochs"] >= 5
+    rows = _read_csv(out / "scores.csv")
+    assert len(rows) == 2
+    # a higher enter threshold never asks for more pulses on the same data
+    n = {float(r["state.enter"]): int(r["n_pulses_requested"]) for r in rows}
+    assert n[2.0] <= n[0.5]
+    assert _png_size(out / "trace_0.png")[0] > 0
