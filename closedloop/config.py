@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from closedloop.errors import ConfigError
+from closedloop.feedback import FeedbackSettings
 from closedloop.mqtt import MqttSettings
 from features.settings import (
     ArtifactSettings,
@@ -83,6 +84,7 @@ class SessionConfig(_Strict):
     session: SessionSettings = SessionSettings()
     recording: RecordingSettings = RecordingSettings()
     mqtt: MqttSettings = MqttSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
 
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:

@@ -89,6 +89,7 @@ class Session:
         self._lock = threading.RLock()
         self._stimulation_ended = False
         self._own_source_ids: list[str] = []
+        self.feedback = None  # closedloop.feedback.Feedback when config.feedback.enabled
 
     # ---- SessionControl -------------------------------------------------------------------
     def arm(self, action: str, operator: str = "") -> None:
@@ -96,6 +97,8 @@ class Session:
             p = self._require_pipeline()
             if self._stimulation_ended:
                 raise ControlError("emergency stop was pressed: stimulation is over for this session")
+            if self.feedback is not None and not self.feedback.pulses_allowed:
+                raise ControlError("sham feedback with sham.pulses 'disabled': no pulses this session")
             try:
                 p.trigger.arm(action, operator=operator, calibrated=p.chain.calibrated)
             except Exception as exc:
@@ -178,6 +181,7 @@ class Session:
             )
             self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
             self._add_live_outlets()
+            self._add_feedback()
         xdf = self._start_xdf()
         t_start_local = local_clock()
         try:
@@ -186,6 +190,8 @@ class Session:
             self.bus.emit("session", phase="started", folder=str(self.folder), live=self.live,
                           ch_names=ch_names, sfreq=sfreq, source_id=self._source_id(),
                           t0_stream=getattr(self.source, "t0", 0.0) if not self.live else None)
+            if self.feedback is not None:
+                self.feedback.start()
             self.start_calibration("session start")
             self._set_phase("calibrating")
             self._loop()
@@ -214,7 +220,8 @@ class Session:
                     calibrating = False
                     self._publish_baseline("auto")
                     self._set_phase("running")
-                    if self.arm_action and not self._stimulation_ended:
+                    sham_off = self.feedback is not None and not self.feedback.pulses_allowed
+                    if self.arm_action and not self._stimulation_ended and not sham_off:
                         try:
                             p.trigger.arm(self.arm_action, operator="auto", calibrated=True)
                         except Exception as exc:
@@ -242,6 +249,8 @@ class Session:
         with self._lock:
             if self.pipeline is not None:
                 self.pipeline.close(reason)
+        if self.feedback is not None:
+            self.feedback.close()
         try:
             self.source.disconnect()
         except Exception as exc:  # the stream may be gone already; nothing is lost by this
@@ -300,6 +309,17 @@ class Session:
         sid = f"closedloop-pulses-{self.folder.name}"
         out = LslMarkerOutput(f"{self.config.session.name}-pulses", sid)
         return [out]
+
+    def _add_feedback(self) -> None:
+        """Participant feedback (display value, audio, guided audio, sham) as a pipeline tap."""
+        if not self.config.feedback.enabled:
+            return
+        from closedloop.feedback import Feedback
+
+        assert self.pipeline is not None and self.folder is not None
+        self.feedback = Feedback.from_settings(self.config.feedback, self.folder, self.bus, live=self.live)
+        self.pipeline.taps.append(self.feedback.tap)
+        self._own_source_ids.extend(self.feedback.source_ids)
 
     def _add_live_outlets(self) -> None:
         """Live: the state and features as an LSL stream (recorded in the XDF with the EEG)."""
@@ -399,6 +419,8 @@ class Session:
                 final_interlock=p.trigger.interlock.state.value,
                 events_dropped=events.dropped,
             )
+        if self.feedback is not None:
+            out["feedback"] = {k: v for k, v in self.feedback.summary().items() if k != "settings"}
         return out
 
 
