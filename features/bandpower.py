@@ -23,15 +23,17 @@ POWER_FLOOR_V2 = 1e-30
 
 # ----------------------------------------------------------------------------- pure functions
 def welch_psd(
-    data: np.ndarray, sfreq: float, n_per_seg: int, n_overlap: int
+    data: np.ndarray, sfreq: float, n_per_seg: int, n_overlap: int,
+    window: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Welch PSD with a periodic Hann window, constant detrend per segment, mean over segments.
 
     data (n_samples, n_channels) -> freqs (n_freqs,), psd (n_channels, n_freqs) in V²/Hz (one-sided,
     density scaling; the same as `mne.time_frequency.psd_array_welch(..., window='hann')`).
+    window: the Hann window of n_per_seg samples, if precomputed.
     """
     step = n_per_seg - n_overlap
-    win = signal.get_window("hann", n_per_seg)
+    win = signal.get_window("hann", n_per_seg) if window is None else window
     scale = 1.0 / (sfreq * float(np.sum(win**2)))
     segs = np.lib.stride_tricks.sliding_window_view(data, n_per_seg, axis=0)[::step]
     # segs: (n_segs, n_channels, n_per_seg)
@@ -207,6 +209,7 @@ class WelchBandPower:
         n_ch = len(ch_names)
         self._n_ch = n_ch
         freqs = np.fft.rfftfreq(self.seg_n, 1.0 / sfreq)
+        self._hann = signal.get_window("hann", self.seg_n)
         df = freqs[1] - freqs[0]
         # (n_freqs, n_bands): integrate PSD over each band
         self._band_mat = np.stack([band_mask(freqs, b) for b in bands.values()], axis=1) * df
@@ -239,7 +242,7 @@ class WelchBandPower:
 
     def _compute(self) -> None:
         window = self._ring[self._pos : self._pos + self.window_n]
-        _, psd = welch_psd(window, self.sfreq, self.seg_n, self.overlap_n)
+        _, psd = welch_psd(window, self.sfreq, self.seg_n, self.overlap_n, self._hann)
         self._latest = (psd @ self._band_mat).T @ self._gm  # (n_bands, n_groups)
 
     def process(self, x: np.ndarray, hold: np.ndarray | None = None) -> np.ndarray:

@@ -47,7 +47,7 @@ class FeatureChain:
     Raises FeatureConfigError (every problem with its key path) when settings do not fit.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the session calls it with the four sections positionally
         self,
         preprocess: PreprocessSettings,
         bandpower: BandPowerSettings,
@@ -115,7 +115,7 @@ class FeatureChain:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_settings(
+    def from_settings(  # noqa: PLR0917 - same positional call as __init__
         cls,
         preprocess: PreprocessSettings | Any,
         bandpower: BandPowerSettings | None = None,
@@ -207,8 +207,9 @@ class FeatureChain:
         if not self._calibrating:
             raise ValueError("not calibrating")
         if self._cal_clean < MIN_BASELINE_S * self.sfreq:
-            raise ValueError(f"too little clean calibration data: {self._cal_clean / self.sfreq:.1f}"
-                             f" s (need {MIN_BASELINE_S:g} s)")
+            clean_s = self._cal_clean / self.sfreq
+            raise ValueError(f"too little clean calibration data: {clean_s:.1f} s "
+                             f"(need {MIN_BASELINE_S:g} s)")
         self._finish(self._cal_x[: self._cal_len], self._cal_art[: self._cal_len], replace=True)
         self._pending_label = Label.NON_TARGET
 
@@ -280,7 +281,9 @@ class FeatureChain:
             self._set_bands(bands)
             self._bp = est if replace else self._make_estimator(bands)
         names = self._all_feature_names
-        self._baseline = {n: (float(m), float(d)) for n, m, d in zip(names, med, mad)}
+        self._baseline = {
+            n: (float(m), float(d)) for n, m, d in zip(names, med, mad, strict=True)
+        }
         bi, gi = self._feat_idx
         flat = bi * len(self._groups) + gi
         self._median = med[flat].copy()
@@ -363,8 +366,9 @@ class FeatureChain:
             time_in_state_s=t_last - m.t_changed if m.t_changed == m.t_changed else 0.0,
             dwell_progress=m.dwell_progress if m.label in (Label.NON_TARGET, Label.TARGET)
             else 0.0,
-            features=dict(zip(self.feature_names, self._feat_now.tolist())),
-            z=dict(zip(self.feature_names, self._z_now.tolist())) if self.calibrated else {},
+            features=dict(zip(self.feature_names, self._feat_now.tolist(), strict=True)),
+            z=dict(zip(self.feature_names, self._z_now.tolist(), strict=True))
+            if self.calibrated else {},
             artifacts=self._art.reasons,
         )
         return self._state
@@ -447,7 +451,7 @@ class FeatureChain:
     def latest_band_powers(self) -> dict[str, float]:
         """'band@group' -> latest band power (log10 V² or relative, as configured)."""
         vals = self._latest.ravel().tolist()
-        return dict(zip(self._all_feature_names, vals))
+        return dict(zip(self._all_feature_names, vals, strict=True))
 
     @property
     def artifact_flags(self) -> tuple[str, ...]:

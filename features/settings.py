@@ -1,4 +1,4 @@
-"""Settings of the feature stages (pydantic v2), validated once against a stream's channels and rate.
+"""Settings of the feature stages (pydantic v2), validated once against a stream's channels/rate.
 
 The lead composes these four models into the session config as the YAML sections `preprocess`,
 `bandpower`, `artifacts` and `state`. Each model has `validate_for(ch_names, sfreq) -> list[str]`
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Default bands (Hz), half-open [lo, hi). Gamma stops at 45 Hz to stay clear of 50 Hz mains.
@@ -210,7 +211,7 @@ class BandPowerSettings(_Base):
     def validate_for(self, ch_names: Sequence[str], sfreq: float) -> list[str]:
         errors: list[str] = []
         nyq = sfreq / 2.0
-        for name, (lo, hi) in self.bands.items():
+        for name, (_lo, hi) in self.bands.items():
             if hi >= nyq:
                 errors.append(f"bandpower.bands.{name}: {hi:g} Hz above Nyquist ({nyq:g} Hz)")
         if self.groups is not None:
@@ -262,7 +263,8 @@ class ArtifactSettings(_Base):
     )
     flat_uv: float | None = Field(
         0.5, gt=0,
-        description="RMS of the preprocessed signal over flat_window_s below this (µV) flags 'flat'.",
+        description="RMS of the filtered, unreferenced signal (time constant flat_window_s) below "
+        "this (µV) flags 'flat'.",
     )
     # 0.2 s: a power average falls by e per time constant, so from 12 µV RMS EEG to 0.5 µV takes
     # ln(576) = 6.4 time constants: 1.3 s here (6.4 s with 1 s); EEG never stays that quiet.
@@ -427,7 +429,7 @@ class StateSettings(_Base):
         return errors
 
 
-def validate_feature_settings(
+def validate_feature_settings(  # noqa: PLR0917 - mirrors the chain's positional sections
     ch_names: Sequence[str],
     sfreq: float,
     preprocess: PreprocessSettings,
@@ -453,8 +455,6 @@ def load_feature_settings(
 
     A stand-in for tests; the session config layer (closedloop.config) replaces it.
     """
-    import yaml  # local: only this helper needs it
-
     with Path(yaml_path).open(encoding="utf-8") as fh:
         doc = yaml.safe_load(fh) or {}
     if "features" in doc and isinstance(doc["features"], dict):

@@ -1,4 +1,4 @@
-"""Robust baseline statistics and the per-sample label machine (hysteresis, dwell, artifact veto)."""
+"""Robust baseline statistics and the per-sample label machine (hysteresis, dwell, veto)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class LabelMachine:
         tr = self.transitions
         resume = self.resume
         target, non_target, art_label = Label.TARGET, Label.NON_TARGET, Label.ARTIFACT
-        for s, a, ti in zip(score.tolist(), artifact.tolist(), t.tolist()):
+        for s, a, ti in zip(score.tolist(), artifact.tolist(), t.tolist(), strict=True):
             if a:
                 above = below = 0
                 if label is not art_label:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import signal
 
 from features.artifacts import ArtifactDetector
 from features.preprocess import Preprocessor
@@ -94,12 +95,10 @@ def test_muscle_burst():
     x = _eeg()
     rng = np.random.default_rng(9)
     emg = rng.standard_normal(len(x)) * 30e-6
-    from scipy import signal
-
     emg = signal.sosfilt(signal.butter(4, [20, 120], "bandpass", fs=FS, output="sos"), emg)
     t = np.arange(len(x)) / FS
     x[:, 3] += np.where((t > 10) & (t < 12), emg, 0.0)
-    active, reasons, det = _run(x, ArtifactSettings(amplitude_uv=None))
+    active, reasons, _det = _run(x, ArtifactSettings(amplitude_uv=None))
     flat = {r for rs in reasons for r in rs}
     assert "muscle:C4" in flat
     assert active[(t > 10.5) & (t < 12)].all()
@@ -113,7 +112,8 @@ def test_disabled_and_chunking_invariant():
     a2, _, _ = _run(x, ArtifactSettings(), chunk=77)
     np.testing.assert_array_equal(a1, a2)
     off, reasons, _ = _run(x, ArtifactSettings(enabled=False))
-    assert not off.any() and all(r == () for r in reasons)
+    assert not off.any()
+    assert all(r == () for r in reasons)
 
 
 def test_channel_subset():
@@ -129,14 +129,16 @@ def test_channel_subset():
 def test_reset_clears_flags():
     x = _eeg(5)
     x[100:120, 0] += 300e-6
-    _, reasons, det = _run(x[:130], ArtifactSettings(holdoff_s=10.0))
+    _, _reasons, det = _run(x[:130], ArtifactSettings(holdoff_s=10.0))
     assert det.active
     det.reset()
-    assert not det.active and det.reasons == ()
+    assert not det.active
+    assert det.reasons == ()
 
 
 @pytest.mark.parametrize("bad", [{"channels": []}, {"channels": ["Oz"]},
                                  {"muscle_band_hz": (30.0, 200.0)}])
 def test_validation(bad):
     errors = ArtifactSettings(**bad).validate_for(NAMES, FS)
-    assert errors and all(e.startswith("artifacts.") for e in errors)
+    assert errors
+    assert all(e.startswith("artifacts.") for e in errors)

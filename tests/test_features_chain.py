@@ -111,7 +111,8 @@ def test_meditation_labels_on_sim32(sim32, method, min_ba):
     reference, slower) 0.893, 3.19 s."""
     chain = _chain(sim32, bandpower=BandPowerSettings(method=method))
     chain.calibrate_on(sim32.copy().crop(0, 60))
-    assert chain.calibrated and chain.calibration_progress == 1.0
+    assert chain.calibrated
+    assert chain.calibration_progress == 1.0
     _, changes = _run(chain, sim32, 10)
     ba, delay, delays = _score_meditation(sim32, changes, 60.0)
     assert ba >= min_ba, (method, ba, delays)
@@ -168,12 +169,14 @@ def test_decisions_do_not_depend_on_chunking(sim32):
         runs[size] = (changes, states[-1], chain.baseline)
     ref_changes, ref_last, ref_base = runs[10]
     labels = [lab for _, lab in ref_changes]
-    assert Label.TARGET in labels and Label.ARTIFACT in labels and len(labels) > 5
+    assert Label.TARGET in labels
+    assert Label.ARTIFACT in labels
+    assert len(labels) > 5
     ref_idx = [round(t * fs) for t, _ in ref_changes]
     for size, (changes, last, base) in runs.items():
         assert [lab for _, lab in changes] == labels, size
         idx = [round(t * fs) for t, _ in changes]
-        assert max(abs(a - b) for a, b in zip(idx, ref_idx)) <= 1, size
+        assert max(abs(a - b) for a, b in zip(idx, ref_idx, strict=True)) <= 1, size
         assert last.label is ref_last.label
         assert last.score == pytest.approx(ref_last.score, rel=1e-9, abs=1e-9)
         for k, (m, d) in ref_base.items():
@@ -191,11 +194,13 @@ def test_same_chunks_twice_give_identical_states(sim32):
     chain.reset()
     b2, cb = _run(chain, raw, 10)
     assert ca == cb
-    for x, y, z in zip(a, b1, b2):
+    for x, y, z in zip(a, b1, b2, strict=True):
         assert x.label is y.label is z.label
         assert x.t_stream == y.t_stream == z.t_stream
         np.testing.assert_equal([x.score, x.time_in_state_s], [z.score, z.time_in_state_s])
-        assert x.features == z.features and x.z == z.z and x.artifacts == z.artifacts
+        assert x.features == z.features
+        assert x.z == z.z
+        assert x.artifacts == z.artifacts
 
 
 # ---------------------------------------------------------------- life cycle and API
@@ -217,7 +222,7 @@ def _synthetic(seconds: float, sfreq: float = 250.0, *, alpha_from: float | None
     return x, t, names
 
 
-def _feed(chain, x, t, names, sfreq=250.0, size=25):
+def _feed(chain, x, t, names, *, sfreq=250.0, size=25):
     states = []
     for i in range(0, len(x), size):
         states.append(chain.step(Chunk(x[i : i + size], t[i : i + size], names, sfreq)))
@@ -235,13 +240,15 @@ def _alpha_chain(names, **state_kw):
 def test_auto_calibration_then_target():
     x, t, names = _synthetic(40, alpha_from=25.0)
     chain = _alpha_chain(names)
-    assert chain.state.label is Label.UNCALIBRATED and chain.calibration_progress == 0.0
+    assert chain.state.label is Label.UNCALIBRATED
+    assert chain.calibration_progress == 0.0
     progress = []
     states = []
     for i in range(0, len(x), 25):
         states.append(chain.step(Chunk(x[i : i + 25], t[i : i + 25], names, 250.0)))
         progress.append(chain.calibration_progress)
-    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert progress == sorted(progress)
+    assert progress[-1] == 1.0
     first_cal = next(i for i, s in enumerate(states) if s.label is not Label.CALIBRATING)
     # 1 s warm-up + 2.25 s settle + 10 s clean data
     assert 13.0 < states[first_cal].t_stream < 13.6
@@ -249,10 +256,14 @@ def test_auto_calibration_then_target():
                                    for g in ("frontal_midline", "posterior")}
     assert all(s.label is not Label.TARGET for s in states if s.t_stream < 25.0)
     target = [s for s in states if s.label is Label.TARGET]
-    assert target and 25.0 < target[0].t_stream < 27.0
+    assert target
+    assert 25.0 < target[0].t_stream < 27.0
     last = states[-1]
-    assert last.is_target and last.dwell_progress == 1.0 and last.score > 2.5
-    assert set(last.features) == {"alpha@posterior"} and last.z["alpha@posterior"] > 2.5
+    assert last.is_target
+    assert last.dwell_progress == 1.0
+    assert last.score > 2.5
+    assert set(last.features) == {"alpha@posterior"}
+    assert last.z["alpha@posterior"] > 2.5
     k = max(i for i, st in enumerate(states) if st.label is not Label.TARGET) + 1
     t_change = last.t_stream - last.time_in_state_s  # the sample where TARGET began
     assert states[k - 1].t_stream < t_change <= states[k].t_stream
@@ -273,7 +284,8 @@ def test_blink_vetoes_target_entry():
     chain = _alpha_chain(names)
     states = _feed(chain, x, t, names)
     around = [s for s in states if 30.0 <= s.t_stream <= 31.0]
-    assert around and all(s.label is Label.ARTIFACT for s in around)
+    assert around
+    assert all(s.label is Label.ARTIFACT for s in around)
     assert any("amplitude:Fz" in s.artifacts for s in around)
     assert all(np.isfinite(s.score) for s in around)
     assert states[-1].is_target  # back after the hold-off
@@ -281,12 +293,14 @@ def test_blink_vetoes_target_entry():
 
 def test_nonfinite_samples_flag_and_do_not_poison():
     x, t, names = _synthetic(40, alpha_from=25.0)
-    x[round(30 * 250) : round(30 * 250) + 5, 2] = np.nan
+    x[(30 * 250) : (30 * 250) + 5, 2] = np.nan
     chain = _alpha_chain(names)
     states = _feed(chain, x, t, names)
     hit = [s for s in states if "nonfinite:O1" in s.artifacts]
-    assert hit and all(s.label is Label.ARTIFACT for s in hit)
-    assert np.isfinite(states[-1].score) and states[-1].is_target
+    assert hit
+    assert all(s.label is Label.ARTIFACT for s in hit)
+    assert np.isfinite(states[-1].score)
+    assert states[-1].is_target
     assert all(np.isfinite(v) for v in chain.latest_band_powers.values())
 
 
@@ -294,7 +308,8 @@ def test_manual_calibration_and_thresholds():
     x, t, names = _synthetic(30)
     chain = _alpha_chain(names, auto_calibrate=False)
     _feed(chain, x[:500], t[:500], names)
-    assert chain.state.label is Label.UNCALIBRATED and not chain.calibrating
+    assert chain.state.label is Label.UNCALIBRATED
+    assert not chain.calibrating
     with pytest.raises(ValueError, match="not calibrating"):
         chain.finish_calibration()
     chain.start_calibration()
@@ -303,21 +318,25 @@ def test_manual_calibration_and_thresholds():
     with pytest.raises(ValueError, match="too little clean calibration data"):
         chain.finish_calibration()  # 4 s of data, 2.25 s of it settling
     _feed(chain, x[1500:3000], t[1500:3000], names)  # 7.75 s clean: under calibration_s
-    assert chain.calibrating and 0.7 < chain.calibration_progress < 0.8
+    assert chain.calibrating
+    assert 0.7 < chain.calibration_progress < 0.8
     chain.finish_calibration()
     assert chain.calibrated
     s = _feed(chain, x[4000:4100], t[4000:4100], names)[-1]
-    assert s.label in (Label.NON_TARGET, Label.TARGET) and np.isfinite(s.score)
-    with pytest.raises(ValueError, match="enter .* must be above leave"):
+    assert s.label in (Label.NON_TARGET, Label.TARGET)
+    assert np.isfinite(s.score)
+    with pytest.raises(ValueError, match=r"enter .* must be above leave"):
         chain.set_thresholds(0.0, 0.0)
     with pytest.raises(ValueError, match="finite"):
         chain.set_thresholds(np.nan, 0.0)
     chain.set_thresholds(2.0, 1.0)
     assert chain.thresholds == (2.0, 1.0)
     chain.start_calibration()  # restart drops the baseline
-    assert not chain.calibrated and chain.baseline == {}
+    assert not chain.calibrated
+    assert chain.baseline == {}
     chain.reset()
-    assert chain.state.label is Label.UNCALIBRATED and chain.latest_band_powers
+    assert chain.state.label is Label.UNCALIBRATED
+    assert chain.latest_band_powers
 
 
 def test_calibrate_on_separate_recording_with_individual_alpha():
@@ -330,8 +349,10 @@ def test_calibrate_on_separate_recording_with_individual_alpha():
     base = chain.calibrate_on(raw.copy().crop(0, 40))
     assert chain.individual_alpha_hz == pytest.approx(11.5, abs=0.5)
     lo, hi = chain.bands["alpha"]
-    assert hi - lo == pytest.approx(5.0) and lo == pytest.approx(chain.individual_alpha_hz - 2)
-    assert "alpha@posterior" in base and base["alpha@posterior"][1] > 0
+    assert hi - lo == pytest.approx(5.0)
+    assert lo == pytest.approx(chain.individual_alpha_hz - 2)
+    assert "alpha@posterior" in base
+    assert base["alpha@posterior"][1] > 0
     states, _ = _run(chain, raw, 32)
     assert states[-1].label in (Label.NON_TARGET, Label.TARGET, Label.ARTIFACT)
     assert np.isfinite(states[-1].score)

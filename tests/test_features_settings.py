@@ -122,7 +122,8 @@ def test_every_yaml_key_is_commented():
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        if stripped.endswith(":") or ":" in stripped.split("#")[0] and not stripped.startswith("-"):
+        head = stripped.split("#")[0]
+        if stripped.endswith(":") or (":" in head and not stripped.startswith("-")):
             key = stripped.split(":")[0]
             if key in {"delta", "theta", "alpha", "beta", "gamma", "occipital", "frontal"}:
                 continue  # band / group entries, named by their section comment
