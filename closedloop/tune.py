@@ -394,29 +394,42 @@ def run_all(
                 results[(s, r)] = out
                 bar.update()
             return results
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            pending = {pool.submit(run_task, t): t for t in tasks}
-            try:
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        task = pending.pop(fut)
-                        exc = fut.exception()
-                        if exc is not None:
-                            raise RuntimeError(
-                                f"setting {task.setting} on {task.path} failed: "
-                                f"{type(exc).__name__}: {exc}"
-                            ) from exc
-                        s, r, out = fut.result()
-                        results[(s, r)] = out
-                        bar.update()
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+        _run_pool(tasks, jobs, results, bar)
         return results
+    except KeyboardInterrupt:
+        raise UserError("interrupted: no output written") from None
     finally:
         bar.close()
+
+
+def _run_pool(tasks: Sequence[Task], jobs: int, results: dict, bar) -> None:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+    pending: dict = {}
+    try:
+        pending = {pool.submit(run_task, t): t for t in tasks}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = pending.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    raise RuntimeError(
+                        f"setting {task.setting} on {task.path} failed: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                s, r, out = fut.result()
+                results[(s, r)] = out
+                bar.update()
+    except BaseException:
+        # stop now rather than finish the runs in flight: end our own workers, by their handles
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            proc.join(timeout=5)
+        raise
+    pool.shutdown(wait=True)
 
 
 def trace_run(
@@ -1028,10 +1041,9 @@ def run_tune(args: argparse.Namespace) -> int:
     grid = build_grid(base, grid_values, [(r.name, r.ch_names, r.sfreq) for r in recs])
 
     out_dir = args.out or Path(f"tune-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     keep = out_dir / "sessions" if args.keep_sessions else None
     if keep is not None:
-        keep.mkdir(exist_ok=True)
+        keep.mkdir(parents=True, exist_ok=True)
     tasks = [Task(s, r, rec.path, cfg, str(keep) if keep else None)
              for s, cfg in enumerate(grid.configs) for r, rec in enumerate(recs)]
     jobs = min(jobs, len(tasks))
@@ -1039,6 +1051,7 @@ def run_tune(args: argparse.Namespace) -> int:
           f"on {jobs} worker(s); {len(grid.skipped)} invalid combinations skipped",
           file=sys.stderr)
     outcomes = run_all(tasks, jobs, progress=not args.no_progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = score_rows(grid, recs, outcomes, range(len(recs)), args.min_epoch_s)
     order, feasible = rank(rows, objective)
