@@ -5,9 +5,9 @@ arming with 'offline_run', policy, interlock, audit); the tuner only reads the s
 (`closedloop.scoring.read_outcome`) and scores the pulses against the annotated target epochs. So
 a setting's scores equal those of `closedloop offline` on the same file with the same config.
 
-Two things differ from a plain offline run, neither of which changes a decision: outputs are
-replaced by the simulated stimulator (a tuner must never drive a TTL box or publish markers from
-worker processes), and `session.publish_lsl` is off.
+A few things differ from a plain offline run, none of which changes a decision (TUNER_OVERRIDES):
+outputs are replaced by the simulated stimulator (a tuner must never drive a TTL box or publish
+markers from worker processes), `session.publish_lsl` and participant feedback are off.
 
 Work is spread over processes (spawn, so it is safe with Qt/LSL libraries loaded); each worker
 loads a recording once and reuses its FileSource across settings (disconnect/connect rewinds it).
@@ -57,6 +57,7 @@ TUNER_OVERRIDES: dict[str, Any] = {
     # never drive hardware or open LSL outlets from a tuner; decisions do not depend on either
     "outputs.outputs": [{"kind": "simulated"}],
     "session.publish_lsl": False,
+    "feedback.enabled": False,  # participant feedback is a tap after the decision: no effect
 }
 _RANGE = re.compile(r"^\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*$")
 _REQUIRE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<)\s*([-+0-9.eE]+%?)\s*$")
