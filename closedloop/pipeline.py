@@ -52,6 +52,8 @@ class Pipeline:
         self.n_samples = 0
         self.n_chunks = 0
         self.faults: list[str] = []
+        self.first_t = float("nan")  # stream time of the first sample processed
+        self._railing = False
         self._latency_ms = np.full(LATENCY_RING, np.nan)
         self._n_latency = 0
 
@@ -94,6 +96,8 @@ class Pipeline:
                 )
         if chunk.n_samples == 0:
             return StepResult(self.state, None)
+        if self.n_chunks == 0:
+            self.first_t = float(chunk.timestamps[0])
         try:
             state = self.chain.step(chunk)
         except Exception as exc:  # a bug in a feature must not fire or crash the loop silently
@@ -103,6 +107,10 @@ class Pipeline:
             if self.bus is not None:
                 self.bus.emit("error", chunk.t_last, reason=reason, traceback=traceback.format_exc())
             return StepResult(self.state, None)
+        if state.artifacts:
+            self._check_railing(state)
+        elif self._railing:
+            self._railing = False
         try:
             attempt = self.trigger.on_state(state, chunk.t_arrival)
         except Exception as exc:  # TriggerUnit already disarmed (fault) before re-raising
@@ -129,6 +137,15 @@ class Pipeline:
             if attempt is not None:
                 self.bus.publish(Event("attempt", asdict(attempt), attempt.t_stream))
         return StepResult(state, attempt)
+
+    def _check_railing(self, state: State) -> None:
+        """A railing amplifier is a fault (DESIGN.md safety model), not only an artifact veto."""
+        railing = [a for a in state.artifacts if a.startswith(("rail:", "nonfinite:"))]
+        if railing and not self._railing:
+            reason = f"railing or non-finite input: {', '.join(railing[:4])}"
+            self.trigger.fault(reason, state.t_stream)
+            self.faults.append(reason)
+        self._railing = bool(railing)
 
     def latency_percentiles(self) -> tuple[float, float, float]:
         """Decision latency (pull return -> outputs returned) p50, p99, max in ms (nan if none)."""

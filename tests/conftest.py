@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -27,4 +28,5 @@ def shared_data() -> Path:
 @pytest.fixture
 def unique_name(request) -> str:
     """A unique LSL stream name / source id for this test."""
-    return f"cltest-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name[:40])
+    return f"cltest-{safe}-{uuid.uuid4().hex[:8]}"
