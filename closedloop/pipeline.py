@@ -84,7 +84,12 @@ class Pipeline:
         return cls(chain, trigger, bus, live)
 
     def step(self, chunk: Chunk) -> StepResult:
-        """Process one chunk; never raises for data problems (they become faults -> DISARMED)."""
+        """Process one chunk; never raises for data problems (they become faults -> DISARMED).
+
+        Decision latency: live, from the pull returning (chunk.t_arrival) to the outputs having
+        returned; offline (no arrival time), the compute time of this step.
+        """
+        t_start = chunk.t_arrival if self.live else local_clock()
         for event in chunk.events:
             if event.is_fault:
                 self.trigger.on_health(event)
@@ -122,9 +127,8 @@ class Pipeline:
         self.state = state
         self.n_samples += chunk.n_samples
         self.n_chunks += 1
-        if self.live:
-            self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - chunk.t_arrival) * 1e3
-            self._n_latency += 1
+        self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
+        self._n_latency += 1
         for tap in self.taps:
             try:
                 tap(chunk, state)
