@@ -392,3 +392,26 @@ def test_no_memory_growth_per_chunk():
     finally:
         tracemalloc.stop()
     assert second - first < 50_000, (first, second)
+
+
+def test_live_individual_alpha_is_chunking_invariant():
+    """Auto-calibration with individual_alpha: the peak, the new bands and the decisions are
+    the same for any chunking (the new estimator takes over at the finishing sample)."""
+    raw = simulate(50.0, 250.0, ["Fz", "FCz", "Pz", "O1", "Oz", "O2"], 11, alpha_hz=11.5,
+                   blinks_per_min=0.0, emg_per_min=0.0, bad_channel=False)
+    results = []
+    for size in (7, 64):
+        chain = FeatureChain(
+            PreprocessSettings(), BandPowerSettings(individual_alpha=True), ArtifactSettings(),
+            StateSettings(calibration_s=15.0), raw.ch_names, 250.0,
+        )
+        states, changes = _run(chain, raw, size)
+        assert chain.calibrated
+        results.append((chain.individual_alpha_hz, chain.bands, changes, states[-1].score))
+    (iaf, bands, changes, score), other = results
+    assert iaf == pytest.approx(11.5, abs=0.5)
+    assert bands["alpha"] == (iaf - 2.0, iaf + 3.0)
+    assert other[:2] == (iaf, bands)
+    assert [lab for _, lab in other[2]] == [lab for _, lab in changes]
+    assert all(abs(a - b) <= 1.5 / 250 for (a, _), (b, _) in zip(changes, other[2], strict=True))
+    assert other[3] == pytest.approx(score, rel=1e-9)
