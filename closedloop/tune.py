@@ -851,7 +851,15 @@ def write_report(path: Path, res: TuneResult) -> None:
     for name, label in (("fired", "fired (interlock vetoes applied)"),
                         ("requested", "requested by the policy")):
         lines.append(f"| {label} | {_md_scores(row, [f'{m}_{name}' for m in metrics_order])} |")
+    vetoes: dict[str, int] = {}
+    for (s, _), o in res.outcomes.items():
+        if s == res.chosen:
+            for reason, n in o.vetoes_by_reason.items():
+                vetoes[reason] = vetoes.get(reason, 0) + int(n)
+    veto_text = ", ".join(f"{k} {v}" for k, v in sorted(vetoes.items(), key=lambda kv: -kv[1]))
     lines += [
+        "",
+        f"Requests the interlock vetoed, by reason: {veto_text or 'none'}.",
         "",
         f"Time in the estimated target state: {_fmt(row['time_in_state_s'])} s "
         f"({_fmt(100 * row['time_in_state_frac'])} % of the scored time).",

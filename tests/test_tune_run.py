@@ -128,7 +128,11 @@ def test_output_files(tuned):
         "meets_objective",
     } <= set(rows[0])
     assert sorted(int(r["rank"]) for r in rows) == list(range(1, 7))
-    assert len(_read_csv(out / "scores_per_recording.csv")) == 18
+    per_rec = _read_csv(out / "scores_per_recording.csv")
+    assert len(per_rec) == 18
+    for r in per_rec:  # the interlock can only remove pulses from what the policy asked for
+        assert int(r["n_pulses_fired"]) <= int(r["n_pulses_requested"])
+    assert "vetoed, by reason" in (out / "report.md").read_text()
     assert len(_read_csv(out / "validation.csv")) == 3
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == {"tradeoff.png", "trace_0.png", "trace_1.png", "trace_2.png"}
