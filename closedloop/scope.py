@@ -143,10 +143,9 @@ class Scope:
         for _ in range(_READ_RETRIES):
             total = self.n_samples
             n = min(want, total)
-            idx = _ring_index(total, n, self.capacity)
-            t, data, art = self._t[idx], self._data[idx], self._art[idx]
+            t, data, art = (_ring_copy(a, total, n) for a in (self._t, self._data, self._art))
             if self.n_samples - total <= self.capacity - n:  # nothing we copied was overwritten
-                return SampleView(t, data, art, total)
+                break
         return SampleView(t, data, art, total)
 
     def decisions(self, seconds: float) -> DecisionView:
@@ -169,6 +168,15 @@ class Scope:
                                     view.features[keep], view.arrival[keep], view.n_samples[keep],
                                     view.n_total)
         return view
+
+
+def _ring_copy(ring: np.ndarray, total: int, n: int) -> np.ndarray:
+    """Copy of the newest `n` of `total` rows written to `ring`, oldest first (two slices)."""
+    cap = ring.shape[0]
+    end = total % cap
+    if n <= end:
+        return ring[end - n : end].copy()
+    return np.concatenate([ring[cap - (n - end) :], ring[:end]])
 
 
 def _ring_index(total: int, n: int, capacity: int) -> np.ndarray:

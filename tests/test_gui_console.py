@@ -82,8 +82,8 @@ def test_console_session_end_to_end(qtbot, window, tmp_path):
     _wait_running(qtbot, win)
     t_pipeline = time.monotonic()
     # data on screen within a second of the pipeline starting
-    qtbot.waitUntil(lambda: win.trace_curve.xData is not None and win.trace_curve.xData.size > 0,
-                    timeout=1000)
+    qtbot.waitUntil(lambda: bool(win.trace_curves) and win.trace_curves[0].xData is not None
+                    and win.trace_curves[0].xData.size > 0, timeout=1000)
     assert time.monotonic() - t_pipeline < 1.0
     n_ch = len(runner.scope.ch_names) - 1  # 'counter' is not EEG: unchecked by default
     assert win._shown_idx.size == n_ch
@@ -185,13 +185,15 @@ def test_trace_lanes_follow_channel_table(qtbot, unique_name):
     scope(Chunk(data, t, scope.ch_names, 100.0), State(t[-1], Label.NON_TARGET, 0.0, 1.0))
     win._update_traces(scope)
     assert win._shown_idx.tolist() == [0, 1]     # counter excluded by default
-    y = win.trace_curve.yData.reshape(2, -1)
-    assert y[0].max() - y[0].min() == pytest.approx(2.0, rel=0.05)  # 200 µV / 100 µV per lane
+    y = win.trace_curves[0].yData
+    assert y.max() - y.min() == pytest.approx(2.0, rel=0.05)  # 200 µV / 100 µV per lane
     win.channel_table.item(0, 1).setText("200")
     win._update_traces(scope)
-    y = win.trace_curve.yData.reshape(2, -1)
-    assert y[0].max() - y[0].min() == pytest.approx(1.0, rel=0.05)
+    y = win.trace_curves[0].yData
+    assert y.max() - y.min() == pytest.approx(1.0, rel=0.05)
+    assert win.trace_curves[1].yData.mean() == pytest.approx(0.0, abs=1e-6)  # lane 1 of 2: y=0
     win.channel_table.item(1, 0).setCheckState(QtCore.Qt.CheckState.Unchecked)
     win._update_traces(scope)
     assert win._shown_idx.tolist() == [0]
+    assert not win.trace_curves[1].isVisible()
     win.close()
