@@ -23,10 +23,10 @@ import numpy as np
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from closedloop.config import SessionConfig, apply_overrides  # noqa: E402
-from closedloop.demo import start_replayer  # noqa: E402
-from gui.model import latency_samples_ms  # noqa: E402
-from gui.runner import SessionRunner, make_lsl_source  # noqa: E402
+from closedloop.config import SessionConfig, apply_overrides
+from closedloop.demo import start_replayer
+from gui.model import latency_samples_ms
+from gui.runner import SessionRunner, make_lsl_source
 
 N_CHANNELS = 64
 SFREQ = 1000.0

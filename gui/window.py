@@ -754,10 +754,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         ds = max(1, n // TRACE_BINS)
         nb = n // ds
         start = n - nb * ds
-        if idx.size == view.data.shape[1]:  # all channels: skip the fancy-index copy (1.3 ms)
-            data = view.data[start:]                        # (nb*ds, k) float32
-        else:
-            data = view.data[start:, idx]
+        # (nb*ds, k) float32; with all channels shown, skip the fancy-index copy (1.3 ms)
+        data = view.data[start:] if idx.size == view.data.shape[1] else view.data[start:, idx]
         t = view.t[start:] - view.t[-1]
         if ds > 1:  # min/max per bin keeps spikes visible (pyqtgraph's 'peak' mode)
             # a loop over the ds samples of a bin: 10x faster than .min(axis=1) on the

@@ -18,11 +18,14 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from PySide6 import QtCore  # noqa: E402
+from PySide6 import QtCore
 
-from closedloop.config import SessionConfig, apply_overrides  # noqa: E402
-from closedloop.demo import start_replayer  # noqa: E402
-from gui.window import TICK_MS, ConsoleWindow  # noqa: E402
+from acquisition.chunk import Chunk
+from closedloop.config import SessionConfig, apply_overrides
+from closedloop.demo import start_replayer
+from closedloop.scope import Scope
+from features.types import Label, State
+from gui.window import TICK_MS, ConsoleWindow
 
 pytestmark = [pytest.mark.gui, pytest.mark.lsl]
 
@@ -153,7 +156,7 @@ def test_keyboard_emergency_stop_and_stream_loss_banner(qtbot, window, replayer)
     win.acknowledge_banner()
 
     replayer.kill()  # the amplifier goes away
-    qtbot.waitUntil(lambda: win.banner.isVisible(), timeout=5000)
+    qtbot.waitUntil(win.banner.isVisible, timeout=5000)
     assert "STREAM LOST" in win.banner_label.text() or "STREAM STALE" in win.banner_label.text()
     win.close()
     assert not runner.running
@@ -172,10 +175,6 @@ def test_threshold_drag_without_session_snaps_back(qtbot, unique_name):
 
 def test_trace_lanes_follow_channel_table(qtbot, unique_name):
     """Per-channel scale and selection reach the stacked curve (no session needed)."""
-    from acquisition.chunk import Chunk
-    from closedloop.scope import Scope
-    from features.types import Label, State
-
     win = ConsoleWindow(_config(unique_name), list_streams=lambda _t: [])
     qtbot.addWidget(win)
     scope = Scope(("Fz", "Cz", "counter"), 100.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,8 @@ def _chunk(start: int, n: int, n_ch: int = 3, sfreq: float = 100.0, t_arrival=np
 
 
 def _state(t: float, label=Label.NON_TARGET, score=0.5, artifacts=(), feats=(1.0, 2.0)) -> State:
-    return State(t, label, score, 1.0, 0.0, dict(zip(("a", "b"), feats)), {}, artifacts)
+    features = dict(zip(("a", "b"), feats, strict=True))
+    return State(t, label, score, 1.0, 0.0, features, {}, artifacts)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 10, 333, 500])
@@ -37,7 +40,8 @@ def test_scope_keeps_newest_samples_in_order_across_wraps(chunk_size):
     np.testing.assert_array_equal(view.data[:, 2], np.arange(total - 100, total) + 2e6)
     np.testing.assert_allclose(view.t, np.arange(total - 100, total) / 100.0)
     if chunk_size <= 50:  # artifact flags of the newest chunks only
-        assert view.art[-1] and not view.art[0]
+        assert view.art[-1]
+        assert not view.art[0]
 
 
 def test_scope_decisions_window_and_labels():
@@ -57,8 +61,6 @@ def test_scope_decisions_window_and_labels():
 
 def test_scope_tap_is_cheap():
     """The tap runs in the acquisition thread: no allocation-heavy work (64 ch, 10 samples)."""
-    import time
-
     scope = Scope(tuple(f"c{i}" for i in range(64)), 1000.0, ("a", "b"))
     chunk = _chunk(0, 10, n_ch=64)
     state = _state(0.01)
@@ -82,7 +84,8 @@ def test_model_banner_only_for_self_disarm_and_stream_loss():
     assert m.banner is None
     m.apply([_ev("interlock", state="armed", reason="armed: gui_button")])
     m.apply([_ev("interlock", state="disarmed", reason="stale_data: stale: no sample for 0.5 s")])
-    assert m.banner is not None and "stale_data" in m.banner.text
+    assert m.banner is not None
+    assert "stale_data" in m.banner.text
     m.acknowledge()
     m.apply([_ev("health_event", health="lost", detail="outlet gone")])
     assert "STREAM LOST" in m.banner.text
@@ -112,6 +115,8 @@ def test_model_calibration_thresholds_and_estop():
                  baseline={"alpha@posterior": {"median": -11.0, "mad": 0.2}})])
     assert m.baseline == {"alpha@posterior": (-11.0, 0.2)}
     m.apply([_ev("thresholds", enter=1.5, leave=0.2, source="mqtt")])
-    assert m.thresholds == (1.5, 0.2) and m.changed_thresholds
+    assert m.thresholds == (1.5, 0.2)
+    assert m.changed_thresholds
     m.apply([_ev("emergency_stop", source="mqtt")])
-    assert m.estopped and "EMERGENCY STOP" in m.banner.text
+    assert m.estopped
+    assert "EMERGENCY STOP" in m.banner.text
