@@ -4,12 +4,13 @@ Everything runs per sample with state kept between chunks, so any chunking gives
 numbers and the same label changes at the same samples; one State is returned per chunk (the
 state after its last sample). Nothing here does I/O, reads a clock, logs or validates per chunk.
 
-Calibration: the preprocessed samples of the grouped channels (and their artifact mask) are stored
-in a buffer preallocated for calibration_max_s. When calibration_s of clean samples (after the
-estimator settled) are in, a fresh estimator runs over the buffer (with individualised bands when
-`individual_alpha` is on) and the baseline is the median / MAD of every band@group feature over
-the clean samples. The re-run is a one-off cost at the finishing chunk (about 60 s x 6 channels
-x 5 bands of `sosfilt`: tens of ms).
+Calibration: the live band-power features (every band@group) of each calibration sample and its
+artifact flag go into buffers preallocated for calibration_max_s. When calibration_s of clean
+samples (after the estimator settled) are in, the baseline is their median / MAD. With
+`individual_alpha` the preprocessed signal is kept too: the alpha peak is found in it, the bands
+move, and a fresh estimator re-runs over it and takes over live (one-off cost at the finishing
+chunk, ~150 ms for 60 s at 1000 Hz x 6 channels). A separate calibration recording
+(`calibrate_on`) is preprocessed and estimated with fresh filter states.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from features.artifacts import ArtifactDetector
 from features.bandpower import individual_alpha_peak, make_estimator, to_output
 from features.preprocess import Preprocessor, fill_nonfinite
 from features.settings import (
+    MIN_BASELINE_S,
     ArtifactSettings,
     BandPowerSettings,
     FeatureConfigError,
@@ -34,8 +36,6 @@ from features.settings import (
 from features.state import MAD_TO_SD, LabelMachine, robust_stats
 from features.types import Label, State
 
-# A baseline needs at least this many clean seconds (finish_calibration refuses less).
-MIN_BASELINE_S = 5.0
 # Rate (Hz) at which stored calibration features enter the median / MAD.
 BASELINE_RATE_HZ = 100.0
 _NAN = float("nan")

@@ -46,6 +46,10 @@ DEFAULT_NON_EEG_NAMES: tuple[str, ...] = (
 )
 
 
+# A baseline needs at least this many clean seconds (finish_calibration refuses less).
+MIN_BASELINE_S = 5.0
+
+
 class FeatureConfigError(ValueError):
     """One or more feature settings do not fit the stream; `errors` lists them with key paths."""
 
@@ -344,7 +348,7 @@ class StateSettings(_Base):
         "keeping those whose group exists.",
     )
     calibration_s: float = Field(
-        60.0, gt=0, description="Artifact-free seconds of baseline to collect."
+        60.0, ge=MIN_BASELINE_S, description="Artifact-free seconds of baseline to collect."
     )
     calibration_max_s: float = Field(
         180.0, gt=0,

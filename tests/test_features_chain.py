@@ -415,3 +415,18 @@ def test_live_individual_alpha_is_chunking_invariant():
     assert [lab for _, lab in other[2]] == [lab for _, lab in changes]
     assert all(abs(a - b) <= 1.5 / 250 for (a, _), (b, _) in zip(changes, other[2], strict=True))
     assert other[3] == pytest.approx(score, rel=1e-9)
+
+
+def test_relative_output():
+    x, t, names = _synthetic(30, alpha_from=20.0)
+    chain = FeatureChain(PreprocessSettings(), BandPowerSettings(output="relative"),
+                         ArtifactSettings(),
+                         StateSettings(features=[{"group": "posterior", "band": "alpha"}],
+                                       calibration_s=10.0, warmup_s=1.0, enter=2.5, leave=1.0),
+                         names, 250.0)
+    states = _feed(chain, x, t, names)
+    powers = chain.latest_band_powers
+    total = sum(v for k, v in powers.items() if k.endswith("@posterior"))
+    assert total == pytest.approx(1.0)
+    assert 0.0 < states[-1].features["alpha@posterior"] < 1.0
+    assert states[-1].is_target  # alpha x4 raises its share well above the baseline

@@ -98,6 +98,7 @@ def test_every_error_is_reported_at_once():
         (BandPowerSettings, {"method": "fft"}, "iir"),
         (StateSettings, {"enter": 0.5, "leave": 0.5}, "enter .* must be above leave"),
         (StateSettings, {"features": []}, "empty list"),
+        (StateSettings, {"calibration_s": 2.0}, "greater than or equal to 5"),
         (PreprocessSettings, {"notch_hz": 55}, "50"),
         (PreprocessSettings, {"bogus": 1}, "Extra inputs"),
     ],
