@@ -18,13 +18,15 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from PySide6 import QtCore
+from PySide6 import QtCore, QtGui
 
 from acquisition.chunk import Chunk
 from closedloop.config import SessionConfig, apply_overrides
 from closedloop.demo import start_replayer
+from closedloop.load import load_session
 from closedloop.scope import Scope
 from features.types import Label, State
+from gui.app import SCREENSHOT_SIZE, take_screenshot
 from gui.window import TICK_MS, ConsoleWindow
 
 pytestmark = [pytest.mark.gui, pytest.mark.lsl]
@@ -63,8 +65,9 @@ def replayer(unique_name):
 
 
 @pytest.fixture
-def window(qtbot, tmp_path, unique_name, replayer):
-    win = ConsoleWindow(_config(unique_name), out_root=tmp_path)
+def window(request, qtbot, tmp_path, unique_name, replayer):
+    extra = getattr(request, "param", {})
+    win = ConsoleWindow(_config(unique_name, **extra), out_root=tmp_path)
     win.confirm_arm = lambda: True  # the confirmation dialog, accepted
     qtbot.addWidget(win)
     win.show()
@@ -79,6 +82,7 @@ def _wait_running(qtbot, win) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("window", [{"recording.xdf": True}], indirect=True)
 def test_console_session_end_to_end(qtbot, window, tmp_path):
     win = window
     runner = win.start_session()
@@ -140,6 +144,11 @@ def test_console_session_end_to_end(qtbot, window, tmp_path):
     assert {"thresholds", "emergency_stop"} <= kinds
     audit = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines() if x]
     assert any(a.get("fired") for a in audit)
+    # the XDF recording is closed and readable, with the pulse on it
+    record = load_session(folder)
+    assert record.eeg_source == "xdf"
+    assert record.raw is not None
+    assert "pulse" in set(record.raw.annotations.description)
 
 
 @pytest.mark.timeout(90)
@@ -196,3 +205,16 @@ def test_trace_lanes_follow_channel_table(qtbot, unique_name):
     assert win._shown_idx.tolist() == [0]
     assert not win.trace_curves[1].isVisible()
     win.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_screenshot_command_writes_png_of_a_firing_session(tmp_path):
+    """`closedloop gui --screenshot PATH` (what `./dev screenshot` runs): a PNG after a pulse."""
+    out = tmp_path / "gui.png"
+    assert take_screenshot(SessionConfig(), out, out_root=tmp_path / "sessions") == 0
+    image = QtGui.QImage(str(out))
+    assert (image.width(), image.height()) == SCREENSHOT_SIZE
+    summaries = list((tmp_path / "sessions").glob("*/summary.json"))
+    assert len(summaries) == 1
+    assert json.loads(summaries[0].read_text())["pulses"] >= 1
