@@ -1,0 +1,173 @@
+"""Offline speed and memory over a long accelerated run.
+
+    python -m benchmarks offline memory [--quick]
+
+offline: the bundled 32-channel 500 Hz recording (replay_data/sim_32ch_500hz.fif, 150 s) through
+`Session(config, FileSource(...), live=False, arm_action=...)` with the default config at chunks
+of 10, 100 and 500 samples (source.chunk_size), best of three runs: stream seconds / wall seconds,
+for the whole `session.run()` (folder,
+audit, events, summary and the saved eeg_raw.fif included) and for the processing loop alone
+(`Pipeline.step` over the same chunks). Loading the file is not counted.
+
+memory: an offline Session over a synthetic 64-channel 1000 Hz stream served in a loop (target
+blocks every 2.5 s, so pulses fire and the audit log grows) for one hour of stream time (five
+minutes with --quick), as fast as the CPU allows; resident memory (RSS) is sampled every stream
+minute. Growth = RSS at the end - RSS after the first tenth of the run (filters, buffers and
+imports settled); the slope is a least-squares fit over the second half.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from acquisition.chunk import Chunk
+from acquisition.file_source import FileSource
+from acquisition.simulator import replay_data_dir
+from benchmarks.synth import CHUNK_SAMPLES, alternating_blocks, bench_config, synth
+from closedloop.config import SessionConfig, apply_overrides
+from closedloop.pipeline import Pipeline
+from closedloop.session import Session
+
+OFFLINE_FILE = "sim_32ch_500hz.fif"
+OFFLINE_GOAL_X = 500.0
+CHUNK_SIZES = (10, 100, 500)
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") / 1024 if hasattr(os, "sysconf") else 4.0
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (MB) from /proc (nan elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * PAGE_KB / 1024
+    except OSError:
+        return math.nan
+
+
+def _offline_one(path: Path, chunk_size: int, runs: int, tmp: Path) -> dict[str, Any]:
+    config = apply_overrides(SessionConfig(), {"session.name": "bench-offline",
+                                               "source.chunk_size": chunk_size})
+    session_x, loop_x, cpu_x, pulses, duration_s = [], [], [], 0, 0.0
+    for _ in range(runs):
+        src = FileSource(path, chunk_size=chunk_size)
+        duration_s = src.duration_s
+        gc.collect()
+        w0, c0 = time.perf_counter(), time.process_time()
+        summary = Session(config, src, live=False, out_root=tmp, arm_action="benchmark").run()
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        session_x.append(duration_s / wall)
+        cpu_x.append(duration_s / cpu)
+        pulses = summary["pulses"]
+        src = FileSource(path, chunk_size=chunk_size).connect()
+        p = Pipeline.build(config, src.ch_names, src.sfreq, tmp / "audit.jsonl", live=False)
+        chunks = list(src)
+        gc.collect()
+        w0 = time.perf_counter()
+        for c in chunks:
+            p.step(c)
+        loop_x.append(duration_s / (time.perf_counter() - w0))
+        p.close()
+    return {"chunk_samples": chunk_size, "duration_s": duration_s, "pulses": pulses,
+            "session_x_realtime": max(session_x), "session_x_per_cpu_s": max(cpu_x),
+            "loop_x_realtime": max(loop_x)}
+
+
+def offline(quick: bool, log=print) -> dict[str, Any]:
+    """Default config on the bundled recording at 10-sample chunks (the live chunking: the same
+    decisions as live) and at 100 / 500 samples (features are chunk-independent; the policy and
+    interlock then decide once per chunk, so a pulse can come up to one chunk later)."""
+    path = replay_data_dir() / OFFLINE_FILE
+    runs = 1 if quick else 3
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cs in CHUNK_SIZES:
+            row = _offline_one(path, cs, runs, Path(tmp))
+            rows.append(row)
+            log(f"  offline 32 ch x 500 Hz ({row['duration_s']:.0f} s), chunk {cs:3d}: session "
+                f"{row['session_x_realtime']:.0f}x real time ({row['session_x_per_cpu_s']:.0f}x "
+                f"per CPU s), processing loop alone {row['loop_x_realtime']:.0f}x "
+                f"({row['pulses']} pulses)")
+    return {"recording": OFFLINE_FILE, "channels": 32, "sfreq_hz": 500.0, "runs": runs,
+            "goal_x": OFFLINE_GOAL_X, "by_chunk": rows}
+
+
+class LoopSource:
+    """A synthetic recording served in a loop for `total_s` stream seconds (offline source)."""
+
+    def __init__(self, names, data: np.ndarray, sfreq: float, total_s: float, *,
+                 sample_every_s: float, samples: list[tuple[float, float]]) -> None:
+        self.ch_names = tuple(names)
+        self.sfreq = float(sfreq)
+        self._data = data
+        self._n_total = round(total_s * sfreq) // CHUNK_SAMPLES * CHUNK_SAMPLES
+        self._pos = 0
+        self._every = round(sample_every_s * sfreq)
+        self._next_sample = 0
+        self.samples = samples  # (stream s, RSS MB)
+        self.connected = False
+        self.t0 = 0.0
+
+    def connect(self) -> LoopSource:
+        self.connected = True
+        return self
+
+    def disconnect(self) -> None:
+        self.connected = False
+
+    def pull(self, timeout_s: float = 0.0) -> Chunk | None:
+        if self._pos >= self._n_total:
+            return None
+        n = self._data.shape[0]
+        a = self._pos % n
+        if a + CHUNK_SAMPLES > n:  # data length is a multiple of the chunk: never happens
+            a = 0
+        ts = (self._pos + np.arange(CHUNK_SAMPLES)) / self.sfreq
+        if self._pos >= self._next_sample:
+            self.samples.append((self._pos / self.sfreq, rss_mb()))
+            self._next_sample += self._every
+        self._pos += CHUNK_SAMPLES
+        return Chunk(self._data[a : a + CHUNK_SAMPLES], ts, self.ch_names, self.sfreq)
+
+
+def memory(quick: bool, log=print) -> dict[str, Any]:
+    total_s = 300.0 if quick else 3600.0
+    loop_s = 60.0  # one minute of signal, served again and again (a multiple of 2.5 s)
+    blocks = alternating_blocks(0.5, int(loop_s // 2.5), 1.0, 1.5)
+    names, data = synth(64, 1000.0, loop_s, blocks, seed=5)
+    samples: list[tuple[float, float]] = []
+    src = LoopSource(names, data, 1000.0, total_s, sample_every_s=10.0 if quick else 60.0,
+                     samples=samples)
+    config = bench_config(**{"session.name": "bench-memory"})
+    with tempfile.TemporaryDirectory() as tmp:
+        gc.collect()
+        rss0 = rss_mb()
+        w0 = time.perf_counter()
+        summary = Session(config, src, live=False, out_root=Path(tmp),
+                          arm_action="benchmark").run()
+        wall = time.perf_counter() - w0
+    samples.append((total_s, rss_mb()))
+    t = np.array([s[0] for s in samples])
+    m = np.array([s[1] for s in samples])
+    settled = m[t >= 0.1 * total_s][0]
+    half = t >= 0.5 * total_s
+    slope = float(np.polyfit(t[half] / 3600.0, m[half], 1)[0]) if half.sum() >= 2 else math.nan
+    res = {
+        "channels": 64, "sfreq_hz": 1000.0, "stream_s": total_s, "wall_s": wall,
+        "x_realtime": total_s / wall, "pulses": summary["pulses"],
+        "attempts": summary["attempts"], "rss_start_mb": rss0, "rss_settled_mb": float(settled),
+        "rss_end_mb": float(m[-1]), "rss_max_mb": float(m.max()),
+        "growth_mb": float(m[-1] - settled), "slope_mb_per_stream_hour": slope,
+        "samples": [[float(a), float(b)] for a, b in samples],
+    }
+    log(f"  memory 64 ch x 1000 Hz, {total_s / 60:.0f} stream min in {wall:.0f} s: RSS settled "
+        f"{settled:.1f} MB -> end {m[-1]:.1f} MB (growth {res['growth_mb']:+.1f} MB, slope "
+        f"{slope:+.2f} MB per stream hour; {summary['pulses']} pulses, "
+        f"{summary['attempts']} attempts)")
+    return res
