@@ -267,8 +267,8 @@ class ArtifactSettings(_Base):
     )
     flat_uv: float | None = Field(
         0.5, gt=0,
-        description="RMS of the filtered, unreferenced signal (time constant flat_window_s) below "
-        "this (µV) flags 'flat'.",
+        description="RMS of the preprocessed signal over flat_window_s below this (µV) flags "
+        "'flat'.",
     )
     # 0.2 s: a power average falls by e per time constant, so from 12 µV RMS EEG to 0.5 µV takes
     # ln(576) = 6.4 time constants: 1.3 s here (6.4 s with 1 s); EEG never stays that quiet.
