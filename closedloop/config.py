@@ -169,11 +169,14 @@ def load_config(path: str | Path | None) -> SessionConfig:
 def validate_for_stream(config: SessionConfig, ch_names: list[str], sfreq: float) -> None:
     """Check what depends on the stream (channels, Nyquist); raise ConfigError with all problems."""
     errors: list[str] = []
-    for section in ("preprocess", "bandpower", "artifacts", "state"):
-        settings = getattr(config, section)
-        validate = getattr(settings, "validate_for", None)
-        if validate is not None:
-            errors += [e if e.startswith(section) else f"{section}.{e}" for e in validate(ch_names, sfreq)]
+    found = [
+        *config.preprocess.validate_for(ch_names, sfreq),
+        *config.bandpower.validate_for(ch_names, sfreq),
+        *config.artifacts.validate_for(ch_names, sfreq),
+        # the state's features name groups and bands: check them against the bandpower section
+        *config.state.validate_for(ch_names, sfreq, bandpower=config.bandpower),
+    ]
+    errors += list(dict.fromkeys(found))  # the same problem seen by two sections: report once
     src = config.source
     if src.expected_sfreq is not None and abs(src.expected_sfreq - sfreq) > 1e-6:
         errors.append(f"source.expected_sfreq: stream runs at {sfreq:g} Hz, config expects {src.expected_sfreq:g} Hz")
