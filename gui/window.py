@@ -111,6 +111,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._dragging = False
         self._scope_ready: Scope | None = None
         self._banner_shown: tuple | None = None
+        self._history_scope: Scope | None = None
         self._failure_shown = False
         self.tick_durations_ms: list[float] = []
         self.tick_interval_ms = TICK_MS
@@ -252,10 +253,12 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.channel_table = QtWidgets.QTableWidget(0, 2)
         self.channel_table.setHorizontalHeaderLabels(["channel", "µV/lane"])
         self.channel_table.verticalHeader().setVisible(False)
-        self.channel_table.setMaximumWidth(200)
+        self.channel_table.setMaximumWidth(150)
+        self.channel_table.horizontalHeader().setStretchLastSection(True)
         self.channel_table.itemChanged.connect(self._channel_table_changed)
         inner.addWidget(self.channel_table)
         inner.setStretchFactor(0, 5)
+        inner.setSizes([700, 140])
         lay.addWidget(inner, 1)
         return box
 
@@ -803,7 +806,11 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         target = dec.label == LABELS.index(Label.TARGET)
         score_top = np.nan_to_num(dec.score, nan=0.0)
         self.target_fill.setData(x, np.where(target, score_top, 0.0))
-        if not self.band_curves and scope.feature_names:
+        if self._history_scope is not scope:  # new session: its features, curves made once
+            self._history_scope = scope
+            for curve in self.band_curves:
+                self.band_plot.removeItem(curve)
+            self.band_curves = []
             colours = ["#6a1b9a", "#00838f", "#ef6c00", "#2e7d32", "#ad1457", "#283593"]
             for k, name in enumerate(scope.feature_names):
                 self.band_curves.append(self.band_plot.plot(

@@ -218,3 +218,29 @@ def test_screenshot_command_writes_png_of_a_firing_session(tmp_path):
     summaries = list((tmp_path / "sessions").glob("*/summary.json"))
     assert len(summaries) == 1
     assert json.loads(summaries[0].read_text())["pulses"] >= 1
+
+
+@pytest.mark.timeout(90)
+def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, replayer):
+    """The demo's entry point: the window starts the session itself; closing it ends cleanly."""
+    from PySide6 import QtWidgets  # noqa: PLC0415 -- the qtbot fixture made the QApplication
+
+    from gui.app import run_gui  # noqa: PLC0415
+
+    seen = {}
+
+    def close_when_data() -> None:
+        wins = [w for w in QtWidgets.QApplication.topLevelWidgets()
+                if isinstance(w, ConsoleWindow) and w.isVisible()]
+        if wins and wins[0].runner is not None and wins[0].runner.scope is not None \
+                and wins[0].runner.scope.n_samples:
+            seen["window"] = wins[0]
+            wins[0].close()
+        else:
+            QtCore.QTimer.singleShot(100, close_when_data)
+
+    QtCore.QTimer.singleShot(100, close_when_data)
+    assert run_gui(_config(unique_name), autostart=True, out_root=tmp_path) == 0
+    runner = seen["window"].runner
+    assert not runner.running
+    assert (Path(runner.session.folder) / "summary.json").exists()
