@@ -103,6 +103,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._list_streams = list_streams
         self._streams: list = []
         self._stream_result: list | None = None
+        self._stream_error = ""
         self._stream_thread: threading.Thread | None = None
         self._next_stream_refresh = 0.0
         self._tick_count = 0
@@ -532,12 +533,12 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             return
         lister = self._list_streams
 
-        def work() -> None:
+        def work() -> None:  # worker thread: no Qt calls here, the tick shows the result
             try:
                 self._stream_result = lister(STREAM_LIST_TIMEOUT_S)
             except Exception as exc:  # shown, never fatal
+                self._stream_error = f"stream listing failed: {exc}"
                 self._stream_result = []
-                self._message(f"stream listing failed: {exc}", error=True)
 
         self.refresh_button.setEnabled(False)
         self._stream_thread = threading.Thread(target=work, name="gui-list-streams", daemon=True)
@@ -547,6 +548,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         if self._stream_result is not None:
             result, self._stream_result = self._stream_result, None
             self.refresh_button.setEnabled(True)
+            if self._stream_error:
+                self._message(self._stream_error, error=True)
+                self._stream_error = ""
             current = self.stream_combo.currentData()
             keep_uid = getattr(current, "uid", None)
             self.stream_combo.blockSignals(True)

@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -244,3 +245,46 @@ def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, 
     runner = seen["window"].runner
     assert not runner.running
     assert (Path(runner.session.folder) / "summary.json").exists()
+
+
+def test_stream_picker_lists_streams_and_starts_on_the_picked_one(
+        qtbot, unique_name, tmp_path, monkeypatch):
+    """Listing runs in a worker thread; the picked stream's name and source_id reach the source."""
+    import gui.window as window_module  # noqa: PLC0415
+    from acquisition.lsl_source import StreamDescription  # noqa: PLC0415
+
+    found = [
+        StreamDescription("amp-A", "EEG", "sid-A", "host", "uid-A", 32, 500.0, "float32", 0.0),
+        StreamDescription("pulses", "Markers", "sid-M", "host", "uid-M", 1, 0.0, "string", 0.0),
+    ]
+    calls, made = [], []
+
+    def lister(timeout_s):
+        calls.append(timeout_s)
+        return found
+
+    class FakeRunner:  # records what the window would run, starts nothing
+        def __init__(self, config, source, **kwargs):
+            made.append(source)
+            self.running = self.started = False
+            self.scope = self.error = None
+            self.subscription = SimpleNamespace(drain=list)
+            self.session = SimpleNamespace(status=SimpleNamespace(phase="idle"), pipeline=None)
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(window_module, "make_lsl_source",
+                        lambda config, name=None, source_id=None, stype=None:
+                        (name, source_id, stype))
+    monkeypatch.setattr(window_module, "SessionRunner", FakeRunner)
+    win = ConsoleWindow(_config(unique_name), out_root=tmp_path, list_streams=lister)
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitUntil(lambda: win.stream_combo.count() == 2, timeout=3000)  # markers left out
+    assert calls
+    win.stream_combo.setCurrentIndex(1)
+    qtbot.mouseClick(win.start_button, QtCore.Qt.MouseButton.LeftButton)
+    assert made == [("amp-A", "sid-A", "EEG")]
+    win.tick()  # a tick with the (idle) runner is harmless
+    win.close()
