@@ -248,7 +248,10 @@ def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(sig, record
             folders = list((out_dir / "sessions").glob("*/audit.jsonl"))
             return bool(folders) and any(a.get("new") == "armed" for a in read_jsonl(folders[0]))
 
-        assert wait_for(armed, 60.0), "never armed"
+        if not wait_for(armed, 90.0):
+            run.kill()
+            out, err = run.communicate()
+            pytest.fail(f"never armed; closedloop run said:\n{err[-3000:]}")
         run.send_signal(sig)
         out, err = run.communicate(timeout=30)
     finally:
