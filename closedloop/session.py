@@ -90,6 +90,7 @@ class Session:
         self._stimulation_ended = False
         self._own_source_ids: list[str] = []
         self.feedback = None  # closedloop.feedback.Feedback when config.feedback.enabled
+        self._health_mark = (float("nan"), 0)  # (clock, samples) at the last health event
 
     # ---- SessionControl -------------------------------------------------------------------
     def arm(self, action: str, operator: str = "") -> None:
@@ -114,7 +115,7 @@ class Session:
             self._stimulation_ended = True
             if self.pipeline is not None:
                 self.pipeline.trigger.emergency_stop(source)
-            self.bus.emit("emergency_stop", self.status.t_stream, source=source)
+            self.bus.emit("emergency_stop", self._t_now(), source=source)
 
     def set_thresholds(self, enter: float, leave: float, source: str) -> None:
         with self._lock:
@@ -123,14 +124,14 @@ class Session:
                 p.chain.set_thresholds(enter, leave)
             except ValueError as exc:
                 raise ControlError(str(exc)) from exc
-            self.bus.emit("thresholds", self.status.t_stream, enter=enter, leave=leave, source=source)
+            self.bus.emit("thresholds", self._t_now(), enter=enter, leave=leave, source=source)
 
     def start_calibration(self, source: str) -> None:
         with self._lock:
             p = self._require_pipeline()
             p.trigger.disarm(f"calibration restarted ({source})")
             p.chain.start_calibration()
-            self.bus.emit("calibration", self.status.t_stream, phase="started", source=source)
+            self.bus.emit("calibration", self._t_now(), phase="started", source=source)
 
     def stop_calibration(self, source: str) -> None:
         with self._lock:
@@ -150,6 +151,11 @@ class Session:
         if not self.stop_event.is_set():
             self.stop_reason = reason
             self.stop_event.set()
+
+    def _t_now(self) -> float:
+        """Stream time of the newest processed sample (nan before the first)."""
+        p = self.pipeline
+        return p.state.t_stream if p is not None and p.state is not None else float("nan")
 
     def _require_pipeline(self) -> Pipeline:
         if self.pipeline is None:
@@ -354,25 +360,35 @@ class Session:
     def _publish_baseline(self, source: str) -> None:
         assert self.pipeline is not None
         baseline = {k: {"median": m, "mad": d} for k, (m, d) in self.pipeline.chain.baseline.items()}
-        self.bus.emit("calibration", self.status.t_stream, phase="done", source=source, baseline=baseline)
+        self.bus.emit("calibration", self._t_now(), phase="done", source=source, baseline=baseline)
 
     def _publish_health(self, chunk) -> None:
         p = self.pipeline
         assert p is not None
         p50, p99, pmax = p.latency_percentiles()
-        health = getattr(self.source, "health", None)
-        stats = health() if callable(health) else {}
+        # effective rate over the last period: samples processed / clock elapsed (local clock
+        # live, stream clock offline)
+        now = local_clock() if self.live else p.state.t_stream if p.state else float("nan")
+        last_now, last_n = self._health_mark
+        self._health_mark = (now, p.n_samples)
+        rate = (p.n_samples - last_n) / (now - last_now) if now > last_now else float("nan")
+        age = local_clock() - p.state.t_stream if (self.live and p.state) else float("nan")
         self.bus.emit(
             "health",
             chunk.t_last if chunk.n_samples else float("nan"),
+            effective_sfreq=rate,
+            nominal_sfreq=float(self.source.sfreq),
+            stream_age_s=age,
+            gaps=sum(1 for f in p.faults if f.startswith(("gap", "counter_gap"))),
             latency_p50_ms=p50,
             latency_p99_ms=p99,
             latency_max_ms=pmax,
             samples=p.n_samples,
-            dropped=sum(self.bus.dropped.values()),
+            # queue overruns per consumer; the MQTT state queue drops on purpose (newest wins)
+            dropped=sum(v for k, v in self.bus.dropped.items() if k != "mqtt-state"),
+            dropped_by_queue=self.bus.dropped,
             interlock=p.trigger.interlock.state.value,
             faults=len(p.faults),
-            **stats,
         )
 
     def _update_status(self, state) -> None:
