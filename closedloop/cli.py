@@ -143,7 +143,7 @@ def cmd_check_config(args) -> int:
         from acquisition.readers import load_recording
 
         raw = load_recording(args.recording)
-        validate_for_stream(config, raw.ch_names, raw.info["sfreq"])
+        validate_for_stream(config, raw.ch_names, raw.info["sfreq"], f"{args.config} vs {args.recording}")
     print(f"{args.config}: ok")
     return 0
 

@@ -166,7 +166,9 @@ def load_config(path: str | Path | None) -> SessionConfig:
     return parse_config(data, str(path))
 
 
-def validate_for_stream(config: SessionConfig, ch_names: list[str], sfreq: float) -> None:
+def validate_for_stream(
+    config: SessionConfig, ch_names: list[str], sfreq: float, where: str = "config vs stream"
+) -> None:
     """Check what depends on the stream (channels, Nyquist); raise ConfigError with all problems."""
     errors: list[str] = []
     found = [
@@ -185,7 +187,7 @@ def validate_for_stream(config: SessionConfig, ch_names: list[str], sfreq: float
             f"source.expected_n_channels: stream has {len(ch_names)} channels, config expects {src.expected_n_channels}"
         )
     if errors:
-        raise ConfigError("config vs stream", errors)
+        raise ConfigError(where, errors)
 
 
 def dump_config(config: SessionConfig) -> str:
