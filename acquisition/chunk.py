@@ -11,16 +11,16 @@ import numpy as np
 class HealthKind(str, Enum):
     """What a source noticed about its stream. Faults disarm the interlock."""
 
-    CONNECTED = "connected"      # stream opened (info)
-    STALE = "stale"              # no sample for longer than the staleness time (fault)
-    FLOWING = "flowing"          # samples arrive again after STALE (info; never re-arms)
-    GAP = "gap"                  # timestamp step above 1.5 / fs (fault)
+    CONNECTED = "connected"  # stream opened (info)
+    STALE = "stale"  # no sample for longer than the staleness time (fault)
+    FLOWING = "flowing"  # samples arrive again after STALE (info; never re-arms)
+    GAP = "gap"  # timestamp step above 1.5 / fs (fault)
     COUNTER_GAP = "counter_gap"  # sample-counter channel skipped values (fault)
-    LOST = "lost"                # stream gone from the network (fault)
-    RESTORED = "restored"        # a lost stream is back, possibly restarted (info; never re-arms)
-    NONFINITE = "nonfinite"      # NaN or inf samples in the chunk (fault)
-    MISMATCH = "mismatch"        # channel count / rate differ from what was expected (fault)
-    END = "end"                  # a finite source has no more data (info)
+    LOST = "lost"  # stream gone from the network (fault)
+    RESTORED = "restored"  # a lost stream is back, possibly restarted (info; never re-arms)
+    NONFINITE = "nonfinite"  # NaN or inf samples in the chunk (fault)
+    MISMATCH = "mismatch"  # channel count / rate differ from what was expected (fault)
+    END = "end"  # a finite source has no more data (info)
 
 
 FAULT_KINDS = frozenset(

@@ -25,9 +25,20 @@ EPILOG = """examples:
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--config", "-c", type=Path, required=required, help="session YAML (default: built-in defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set state.enter=1.5 (repeatable)")
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        required=required,
+        help="session YAML (default: built-in defaults)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set state.enter=1.5 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,25 +51,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="replay a bundled recording over LSL and run the closed loop on it")
-    p.add_argument("--recording", type=Path, default=None, help="recording to replay (default: bundled 32-ch simulation)")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: the whole recording)")
+    p = sub.add_parser(
+        "demo", help="replay a bundled recording over LSL and run the closed loop on it"
+    )
+    p.add_argument(
+        "--recording",
+        type=Path,
+        default=None,
+        help="recording to replay (default: bundled 32-ch simulation)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: the whole recording)",
+    )
     p.add_argument("--speed", type=float, default=1.0, help="replay speed factor")
     p.add_argument("--headless", action="store_true", help="no window even where a display exists")
-    p.add_argument("--out", type=Path, default=Path("sessions"), help="where the session folder goes")
+    p.add_argument(
+        "--out", type=Path, default=Path("sessions"), help="where the session folder goes"
+    )
     _add_config(p)
 
     p = sub.add_parser("run", help="run a live session on an LSL stream")
     _add_config(p, required=True)
-    p.add_argument("--arm", action="store_true", help="arm right after calibration (operator action 'cli_flag')")
+    p.add_argument(
+        "--arm",
+        action="store_true",
+        help="arm right after calibration (operator action 'cli_flag')",
+    )
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--out", type=Path, default=None, help="session folder root (default: session.out_dir)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="session folder root (default: session.out_dir)"
+    )
 
     p = sub.add_parser("offline", help="run a config on a recording as fast as possible (no LSL)")
     p.add_argument("recording", type=Path)
     _add_config(p)
-    p.add_argument("--no-arm", action="store_true", help="leave the interlock disarmed (policy only)")
-    p.add_argument("--out", type=Path, default=None, help="session folder root (default: session.out_dir)")
+    p.add_argument(
+        "--no-arm", action="store_true", help="leave the interlock disarmed (policy only)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="session folder root (default: session.out_dir)"
+    )
 
     p = sub.add_parser("replay", help="stream a recording as a live LSL outlet")
     from acquisition.replayer import add_replay_arguments
@@ -66,29 +101,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(p)
 
     p = sub.add_parser("simulate", help="write a synthetic EEG recording with labelled states")
-    p.add_argument("out", type=Path, nargs="?", default=None,
-                   help="output file (.fif, .edf, .bdf); omit with --regenerate")
-    p.add_argument("--preset", default="sim_32ch_500hz",
-                   help="sim_32ch_500hz (32 ch, 500 Hz) or sim_4ch_256hz (4 ch, 256 Hz)")
+    p.add_argument(
+        "out",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="output file (.fif, .edf, .bdf); omit with --regenerate",
+    )
+    p.add_argument(
+        "--preset",
+        default="sim_32ch_500hz",
+        help="sim_32ch_500hz (32 ch, 500 Hz) or sim_4ch_256hz (4 ch, 256 Hz)",
+    )
     p.add_argument("--duration", type=float, default=None, help="seconds (default: the preset's)")
     p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
-    p.add_argument("--regenerate", action="store_true",
-                   help="rewrite the bundled replay_data/*.fif byte for byte")
+    p.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="rewrite the bundled replay_data/*.fif byte for byte",
+    )
 
     p = sub.add_parser("check-config", help="validate a session config and exit (0 ok, 2 errors)")
     p.add_argument("config", type=Path)
-    p.add_argument("--write-defaults", action="store_true",
-                   help="write the built-in defaults, commented, to CONFIG instead of checking it")
-    p.add_argument("--recording", type=Path, default=None,
-                   help="also check channels and bands against this recording")
+    p.add_argument(
+        "--write-defaults",
+        action="store_true",
+        help="write the built-in defaults, commented, to CONFIG instead of checking it",
+    )
+    p.add_argument(
+        "--recording",
+        type=Path,
+        default=None,
+        help="also check channels and bands against this recording",
+    )
 
     p = sub.add_parser("gui", help="open the operator console")
     _add_config(p)
-    p.add_argument("--screenshot", type=Path, default=None,
-                   help="run the demo offscreen, save a PNG of the window, and exit")
+    p.add_argument(
+        "--screenshot",
+        type=Path,
+        default=None,
+        help="run the demo offscreen, save a PNG of the window, and exit",
+    )
 
-    p = sub.add_parser("tune", help="tune thresholds offline: a grid of settings scored against "
-                       "annotated target epochs")
+    p = sub.add_parser(
+        "tune",
+        help="tune thresholds offline: a grid of settings scored against annotated target epochs",
+    )
     from closedloop.tune import add_tune_arguments
 
     add_tune_arguments(p)
@@ -125,8 +184,16 @@ def _print_status(status) -> None:
 
 def _print_summary(summary: dict) -> None:
     print("\nsession summary", file=sys.stdout)
-    for key in ("folder", "stop_reason", "pulses", "vetoes_by_reason", "time_in_state_s",
-                "latency_ms", "final_interlock", "warnings"):
+    for key in (
+        "folder",
+        "stop_reason",
+        "pulses",
+        "vetoes_by_reason",
+        "time_in_state_s",
+        "latency_ms",
+        "final_interlock",
+        "warnings",
+    ):
         if key in summary:
             print(f"  {key:<17} {summary[key]}")
 
@@ -143,7 +210,9 @@ def cmd_check_config(args) -> int:
         from acquisition.readers import load_recording
 
         raw = load_recording(args.recording)
-        validate_for_stream(config, raw.ch_names, raw.info["sfreq"], f"{args.config} vs {args.recording}")
+        validate_for_stream(
+            config, raw.ch_names, raw.info["sfreq"], f"{args.config} vs {args.recording}"
+        )
     print(f"{args.config}: ok")
     return 0
 
@@ -154,8 +223,13 @@ def cmd_offline(args) -> int:
 
     config = _config(args)
     source = FileSource(args.recording, chunk_size=config.source.chunk_size)
-    session = Session(config, source, live=False, out_root=args.out,
-                      arm_action=None if args.no_arm else "offline_run")
+    session = Session(
+        config,
+        source,
+        live=False,
+        out_root=args.out,
+        arm_action=None if args.no_arm else "offline_run",
+    )
     _install_signal_handlers(session)
     summary = session.run()
     _print_summary(summary)
@@ -170,12 +244,24 @@ def cmd_run(args) -> int:
     if args.duration:
         config.session.duration_s = args.duration
     src = config.source
-    source = LslSource(name=src.name, stype=src.stype, source_id=src.source_id,
-                       resolve_timeout_s=src.resolve_timeout_s, stale_after_s=src.stale_after_s,
-                       counter_channel=src.counter_channel, expected_sfreq=src.expected_sfreq,
-                       expected_n_channels=src.expected_n_channels)
-    session = Session(config, source, live=True, out_root=args.out,
-                      arm_action="cli_flag" if args.arm else None, on_status=_print_status)
+    source = LslSource(
+        name=src.name,
+        stype=src.stype,
+        source_id=src.source_id,
+        resolve_timeout_s=src.resolve_timeout_s,
+        stale_after_s=src.stale_after_s,
+        counter_channel=src.counter_channel,
+        expected_sfreq=src.expected_sfreq,
+        expected_n_channels=src.expected_n_channels,
+    )
+    session = Session(
+        config,
+        source,
+        live=True,
+        out_root=args.out,
+        arm_action="cli_flag" if args.arm else None,
+        on_status=_print_status,
+    )
     _install_signal_handlers(session)
     bridge = _start_mqtt(config, session)
     try:
@@ -201,8 +287,14 @@ def cmd_demo(args) -> int:
     from closedloop.demo import run_demo
 
     config = _config(args)
-    return run_demo(config, recording=args.recording, duration_s=args.duration, speed=args.speed,
-                    headless=args.headless, out_root=args.out)
+    return run_demo(
+        config,
+        recording=args.recording,
+        duration_s=args.duration,
+        speed=args.speed,
+        headless=args.headless,
+        out_root=args.out,
+    )
 
 
 def cmd_replay(args) -> int:
@@ -212,7 +304,8 @@ def cmd_replay(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from acquisition.simulator import PRESETS, main as simulator_main, write_simulated
+    from acquisition.simulator import PRESETS, write_simulated
+    from acquisition.simulator import main as simulator_main
 
     if args.regenerate:
         return simulator_main(["--regenerate"])
@@ -239,8 +332,14 @@ def cmd_tune(args) -> int:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "run": cmd_run, "offline": cmd_offline, "replay": cmd_replay,
-    "simulate": cmd_simulate, "check-config": cmd_check_config, "gui": cmd_gui, "tune": cmd_tune,
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "offline": cmd_offline,
+    "replay": cmd_replay,
+    "simulate": cmd_simulate,
+    "check-config": cmd_check_config,
+    "gui": cmd_gui,
+    "tune": cmd_tune,
 }
 
 
@@ -254,8 +353,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as exc:
@@ -266,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug or os.environ.get("CLOSEDLOOP_RAISE"):
             raise
-        print(f"closedloop {args.command}: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"closedloop {args.command}: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -38,7 +38,9 @@ class SourceSettings(_Strict):
     stype: str | None = Field("EEG", description="LSL stream type to resolve")
     source_id: str | None = Field(None, description="LSL source_id to resolve")
     path: Path | None = Field(None, description="recording path when kind=file")
-    resolve_timeout_s: float = Field(5.0, gt=0, le=120, description="seconds to wait for the stream")
+    resolve_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="seconds to wait for the stream"
+    )
     stale_after_s: float = Field(0.5, gt=0, le=10, description="no sample this long = stale fault")
     chunk_size: int = Field(10, ge=1, le=10_000, description="samples per chunk (file source)")
     counter_channel: str | None = Field("counter", description="sample-counter channel, if any")
@@ -59,7 +61,9 @@ class SessionSettings(_Strict):
 
     name: str = Field("session", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name prefix")
     out_dir: Path = Field(Path("sessions"), description="where session folders are written")
-    duration_s: float | None = Field(None, gt=0, description="stop after this long (None: until Ctrl-C)")
+    duration_s: float | None = Field(
+        None, gt=0, description="stop after this long (None: until Ctrl-C)"
+    )
     publish_lsl: bool = Field(True, description="publish features and state as LSL streams")
 
 
@@ -141,7 +145,9 @@ def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> Sessi
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, [f"<root>: expected a mapping of sections, got {type(data).__name__}"])
+        raise ConfigError(
+            source, [f"<root>: expected a mapping of sections, got {type(data).__name__}"]
+        )
     try:
         return SessionConfig.model_validate(data)
     except ValidationError as exc:
@@ -181,7 +187,9 @@ def validate_for_stream(
     errors += list(dict.fromkeys(found))  # the same problem seen by two sections: report once
     src = config.source
     if src.expected_sfreq is not None and abs(src.expected_sfreq - sfreq) > 1e-6:
-        errors.append(f"source.expected_sfreq: stream runs at {sfreq:g} Hz, config expects {src.expected_sfreq:g} Hz")
+        errors.append(
+            f"source.expected_sfreq: stream runs at {sfreq:g} Hz, config expects {src.expected_sfreq:g} Hz"
+        )
     if src.expected_n_channels is not None and src.expected_n_channels != len(ch_names):
         errors.append(
             f"source.expected_n_channels: stream has {len(ch_names)} channels, config expects {src.expected_n_channels}"
@@ -229,7 +237,9 @@ def commented_yaml(config: BaseModel, indent: int = 0) -> str:
             lines.append(f"{pad}{name}:{'  # ' + doc[0] if doc and indent == 0 else comment}")
             lines.append(commented_yaml(value, indent + 1))
             continue
-        dumped = yaml.safe_dump(_jsonable(value), default_flow_style=True, width=10_000, sort_keys=False)
+        dumped = yaml.safe_dump(
+            _jsonable(value), default_flow_style=True, width=10_000, sort_keys=False
+        )
         dumped = dumped.strip().removesuffix("...").strip()  # scalars end with a document marker
         lines.append(f"{pad}{name}: {dumped}{comment}")
     return "\n".join(lines)

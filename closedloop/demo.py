@@ -27,15 +27,35 @@ def has_display() -> bool:
     )
 
 
-def start_replayer(recording: Path, name: str, source_id: str, speed: float = 1.0,
-                   loop: str = "1", wait_consumers_s: float = 60.0) -> subprocess.Popen:
+def start_replayer(
+    recording: Path,
+    name: str,
+    source_id: str,
+    speed: float = 1.0,
+    loop: str = "1",
+    wait_consumers_s: float = 60.0,
+) -> subprocess.Popen:
     """Run `python -m acquisition.replayer` in its own process (as a lab's amplifier would be).
 
     It waits for its first consumer (the session's XDF recorder) so nothing is missed.
     """
-    cmd = [sys.executable, "-m", "acquisition.replayer", str(recording), "--name", name,
-           "--source-id", source_id, "--speed", str(speed), "--loop", loop, "--no-progress",
-           "--wait-consumers", str(wait_consumers_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "acquisition.replayer",
+        str(recording),
+        "--name",
+        name,
+        "--source-id",
+        source_id,
+        "--speed",
+        str(speed),
+        "--loop",
+        loop,
+        "--no-progress",
+        "--wait-consumers",
+        str(wait_consumers_s),
+    ]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 
@@ -49,15 +69,23 @@ def demo_config(config: SessionConfig, name: str, source_id: str) -> SessionConf
     return config
 
 
-def run_demo(config: SessionConfig, recording: Path | None = None, duration_s: float | None = None,
-             speed: float = 1.0, headless: bool = False, out_root: Path | None = None) -> int:
+def run_demo(
+    config: SessionConfig,
+    recording: Path | None = None,
+    duration_s: float | None = None,
+    speed: float = 1.0,
+    headless: bool = False,
+    out_root: Path | None = None,
+) -> int:
     from acquisition.lsl_source import LslSource
     from closedloop.cli import _install_signal_handlers, _print_status, _print_summary
     from closedloop.session import Session
 
     recording = Path(recording or BUNDLED)
     if not recording.exists():
-        raise UserError(f"{recording}: recording not found (regenerate with the command in replay_data/README.md)")
+        raise UserError(
+            f"{recording}: recording not found (regenerate with the command in replay_data/README.md)"
+        )
     tag = uuid.uuid4().hex[:8]
     name, source_id = f"closedloop-demo-{tag}", f"closedloop-demo-{tag}"
     config = demo_config(config, name, source_id)
@@ -69,14 +97,26 @@ def run_demo(config: SessionConfig, recording: Path | None = None, duration_s: f
             from gui.app import run_gui
 
             return run_gui(config, autostart=True, arm_action="demo_auto_arm", out_root=out_root)
-        print(f"closedloop demo: headless (no display): replaying {recording.name} as LSL stream "
-              f"'{name}', simulated stimulator, auto-armed after calibration. Ctrl-C stops.",
-              file=sys.stderr)
-        source = LslSource(name=name, source_id=source_id, stype=None,
-                           resolve_timeout_s=config.source.resolve_timeout_s,
-                           stale_after_s=config.source.stale_after_s)
-        session = Session(config, source, live=True, out_root=out_root, arm_action="demo_auto_arm",
-                          on_status=_print_status)
+        print(
+            f"closedloop demo: headless (no display): replaying {recording.name} as LSL stream "
+            f"'{name}', simulated stimulator, auto-armed after calibration. Ctrl-C stops.",
+            file=sys.stderr,
+        )
+        source = LslSource(
+            name=name,
+            source_id=source_id,
+            stype=None,
+            resolve_timeout_s=config.source.resolve_timeout_s,
+            stale_after_s=config.source.stale_after_s,
+        )
+        session = Session(
+            config,
+            source,
+            live=True,
+            out_root=out_root,
+            arm_action="demo_auto_arm",
+            on_status=_print_status,
+        )
         _install_signal_handlers(session)
         replayer_done = _watch_replayer(replayer, session)
         summary = session.run()

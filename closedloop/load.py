@@ -73,12 +73,22 @@ def load_session(folder: str | Path) -> SessionRecord:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a session folder")
-    config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    config = (
+        yaml.safe_load((folder / "config.yaml").read_text())
+        if (folder / "config.yaml").exists()
+        else {}
+    )
+    summary = (
+        json.loads((folder / "summary.json").read_text())
+        if (folder / "summary.json").exists()
+        else {}
+    )
     audit = read_jsonl(folder / "audit.jsonl")
     events = read_jsonl(folder / "events.jsonl")
     rec = SessionRecord(folder, None, config or {}, summary, audit, events)
-    started = next((e for e in events if e.get("kind") == "session" and e.get("phase") == "started"), {})
+    started = next(
+        (e for e in events if e.get("kind") == "session" and e.get("phase") == "started"), {}
+    )
     if (folder / "session.xdf").exists():
         rec.raw, rec.t0_stream = _eeg_from_xdf(folder / "session.xdf", started.get("source_id"))
         rec.eeg_source = "xdf"

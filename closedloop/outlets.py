@@ -19,10 +19,16 @@ class StateOutlet:
 
     def __init__(self, name: str, source_id: str, feature_names: list[str]) -> None:
         self.feature_names = list(feature_names)
-        labels = ["score", "label_code", "dwell_progress", *self.feature_names,
-                  *[f"z:{f}" for f in self.feature_names]]
-        info = pylsl.StreamInfo(name, "State", len(labels), pylsl.IRREGULAR_RATE,
-                                pylsl.cf_float32, source_id)
+        labels = [
+            "score",
+            "label_code",
+            "dwell_progress",
+            *self.feature_names,
+            *[f"z:{f}" for f in self.feature_names],
+        ]
+        info = pylsl.StreamInfo(
+            name, "State", len(labels), pylsl.IRREGULAR_RATE, pylsl.cf_float32, source_id
+        )
         chans = info.desc().append_child("channels")
         for label in labels:
             ch = chans.append_child("channel")

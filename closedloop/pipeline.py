@@ -38,7 +38,11 @@ class Pipeline:
     """Features -> state -> trigger for one stream. Same code live and offline."""
 
     def __init__(
-        self, chain: FeatureChain, trigger: TriggerUnit, bus: EventBus | None = None, live: bool = True
+        self,
+        chain: FeatureChain,
+        trigger: TriggerUnit,
+        bus: EventBus | None = None,
+        live: bool = True,
     ) -> None:
         self.chain = chain
         self.trigger = trigger
@@ -74,7 +78,12 @@ class Pipeline:
         extra_outputs: outputs added to the configured ones (the session's LSL pulse markers).
         """
         chain = FeatureChain.from_settings(
-            config.preprocess, config.bandpower, config.artifacts, config.state, list(ch_names), sfreq
+            config.preprocess,
+            config.bandpower,
+            config.artifacts,
+            config.state,
+            list(ch_names),
+            sfreq,
         )
         interlock = SafetyInterlock(config.safety, clock=clock, live=live)
         outputs = build_outputs(config.outputs, bus=bus) + list(extra_outputs or [])
@@ -96,8 +105,12 @@ class Pipeline:
                 self.faults.append(f"{event.kind.value}: {event.detail}")
             if self.bus is not None:
                 self.bus.publish(
-                    Event("health_event", {"health": event.kind.value, "detail": event.detail},
-                          event.t_stream, event.t_local)
+                    Event(
+                        "health_event",
+                        {"health": event.kind.value, "detail": event.detail},
+                        event.t_stream,
+                        event.t_local,
+                    )
                 )
         if chunk.n_samples == 0:
             return StepResult(self.state, None)
@@ -110,7 +123,9 @@ class Pipeline:
             self.trigger.fault(reason, chunk.t_last)
             self.faults.append(reason)
             if self.bus is not None:
-                self.bus.emit("error", chunk.t_last, reason=reason, traceback=traceback.format_exc())
+                self.bus.emit(
+                    "error", chunk.t_last, reason=reason, traceback=traceback.format_exc()
+                )
             return StepResult(self.state, None)
         if state.artifacts:
             self._check_railing(state)
@@ -122,7 +137,9 @@ class Pipeline:
             reason = f"exception in trigger: {type(exc).__name__}: {exc}"
             self.faults.append(reason)
             if self.bus is not None:
-                self.bus.emit("error", chunk.t_last, reason=reason, traceback=traceback.format_exc())
+                self.bus.emit(
+                    "error", chunk.t_last, reason=reason, traceback=traceback.format_exc()
+                )
             attempt = None
         self.state = state
         self.n_samples += chunk.n_samples

@@ -63,7 +63,9 @@ class EventLog:
             if ev.kind == "state":
                 continue
             self._file.write(
-                to_json_line({"kind": ev.kind, "t_stream": ev.t_stream, "t_local": ev.t_local, **ev.payload})
+                to_json_line(
+                    {"kind": ev.kind, "t_stream": ev.t_stream, "t_local": ev.t_local, **ev.payload}
+                )
             )
         if events:
             self._file.flush()
@@ -129,4 +131,6 @@ class XdfRecorder:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_finite(data), default=_json_default, indent=2) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(_finite(data), default=_json_default, indent=2) + "\n", encoding="utf-8"
+    )

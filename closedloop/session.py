@@ -27,7 +27,7 @@ from features.types import Label
 
 log = logging.getLogger(__name__)
 
-HEALTH_PERIOD_S = 1.0   # health event rate (local clock live, stream clock offline)
+HEALTH_PERIOD_S = 1.0  # health event rate (local clock live, stream clock offline)
 LSL_PULL_TIMEOUT_S = 0.005  # live pull blocks at most this long so commands stay responsive
 
 
@@ -97,9 +97,13 @@ class Session:
         with self._lock:
             p = self._require_pipeline()
             if self._stimulation_ended:
-                raise ControlError("emergency stop was pressed: stimulation is over for this session")
+                raise ControlError(
+                    "emergency stop was pressed: stimulation is over for this session"
+                )
             if self.feedback is not None and not self.feedback.pulses_allowed:
-                raise ControlError("sham feedback with sham.pulses 'disabled': no pulses this session")
+                raise ControlError(
+                    "sham feedback with sham.pulses 'disabled': no pulses this session"
+                )
             try:
                 p.trigger.arm(action, operator=operator, calibrated=p.chain.calibrated)
             except Exception as exc:
@@ -182,8 +186,13 @@ class Session:
         events = EventLog(self.bus, self.folder / "events.jsonl").start()
         with self._lock:
             self.pipeline = Pipeline.build(
-                self.config, ch_names, sfreq, self.folder / "audit.jsonl", bus=self.bus,
-                live=self.live, extra_outputs=self._live_marker_outputs(),
+                self.config,
+                ch_names,
+                sfreq,
+                self.folder / "audit.jsonl",
+                bus=self.bus,
+                live=self.live,
+                extra_outputs=self._live_marker_outputs(),
             )
             self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
             self._add_live_outlets()
@@ -193,9 +202,16 @@ class Session:
         try:
             if not getattr(self.source, "connected", False):
                 self.source.connect()
-            self.bus.emit("session", phase="started", folder=str(self.folder), live=self.live,
-                          ch_names=ch_names, sfreq=sfreq, source_id=self._source_id(),
-                          t0_stream=getattr(self.source, "t0", 0.0) if not self.live else None)
+            self.bus.emit(
+                "session",
+                phase="started",
+                folder=str(self.folder),
+                live=self.live,
+                ch_names=ch_names,
+                sfreq=sfreq,
+                source_id=self._source_id(),
+                t0_stream=getattr(self.source, "t0", 0.0) if not self.live else None,
+            )
             if self.feedback is not None:
                 self.feedback.start()
             self.start_calibration("session start")
@@ -322,8 +338,11 @@ class Session:
             return
         from closedloop.feedback import Feedback
 
-        assert self.pipeline is not None and self.folder is not None
-        self.feedback = Feedback.from_settings(self.config.feedback, self.folder, self.bus, live=self.live)
+        assert self.pipeline is not None
+        assert self.folder is not None
+        self.feedback = Feedback.from_settings(
+            self.config.feedback, self.folder, self.bus, live=self.live
+        )
         self.pipeline.taps.append(self.feedback.tap)
         self._own_source_ids.extend(self.feedback.source_ids)
 
@@ -333,13 +352,16 @@ class Session:
 
         if not (self.live and self.config.session.publish_lsl):
             return
-        assert self.pipeline is not None and self.folder is not None
+        assert self.pipeline is not None
+        assert self.folder is not None
         for out in self.pipeline.trigger.outputs:
             if out.kind == "lsl_marker":
                 out.open()  # before LabRecorder starts, so the XDF includes it
                 self._own_source_ids.append(out.source_id)
         sid = f"closedloop-state-{self.folder.name}"
-        outlet = StateOutlet(f"{self.config.session.name}-state", sid, self.pipeline.chain.feature_names)
+        outlet = StateOutlet(
+            f"{self.config.session.name}-state", sid, self.pipeline.chain.feature_names
+        )
         self.pipeline.taps.append(outlet)
         self._own_source_ids.append(sid)
 
@@ -359,7 +381,9 @@ class Session:
 
     def _publish_baseline(self, source: str) -> None:
         assert self.pipeline is not None
-        baseline = {k: {"median": m, "mad": d} for k, (m, d) in self.pipeline.chain.baseline.items()}
+        baseline = {
+            k: {"median": m, "mad": d} for k, (m, d) in self.pipeline.chain.baseline.items()
+        }
         self.bus.emit("calibration", self._t_now(), phase="done", source=source, baseline=baseline)
 
     def _publish_health(self, chunk) -> None:

@@ -8,10 +8,10 @@ from enum import Enum
 
 class Label(str, Enum):
     UNCALIBRATED = "uncalibrated"  # no baseline yet: never a target
-    CALIBRATING = "calibrating"    # baseline being collected: never a target
-    ARTIFACT = "artifact"          # artifact flag active (incl. hold-off): vetoes state entry
+    CALIBRATING = "calibrating"  # baseline being collected: never a target
+    ARTIFACT = "artifact"  # artifact flag active (incl. hold-off): vetoes state entry
     NON_TARGET = "non_target"
-    TARGET = "target"              # the meditation / target state (score crossed enter, held dwell)
+    TARGET = "target"  # the meditation / target state (score crossed enter, held dwell)
 
 
 @dataclass(frozen=True, slots=True)

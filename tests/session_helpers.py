@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
+
+import numpy as np
 
 from acquisition.simulator import simulate
 from closedloop.config import SessionConfig, apply_overrides
@@ -43,7 +43,9 @@ def target_epochs(raw, label: str = TARGET, t0: float = 0.0) -> list[tuple[float
     ]
 
 
-def fraction_inside(times: list[float], epochs: list[tuple[float, float]], slack_s: float = 0.0) -> float:
+def fraction_inside(
+    times: list[float], epochs: list[tuple[float, float]], slack_s: float = 0.0
+) -> float:
     if not times:
         return float("nan")
     inside = [any(a <= t <= b + slack_s for a, b in epochs) for t in times]

@@ -49,7 +49,9 @@ def test_every_shipped_config_is_valid_and_commented(path):
         # every key carries a comment, or sits inside a commented key (entries of a mapping)
         inside_commented = any(c for _, c in parents[1:]) if parents else False
         if not stripped.endswith(":") or commented:
-            assert commented or inside_commented, f"{path.name}:{n}: key without a comment: {line!r}"
+            assert commented or inside_commented, (
+                f"{path.name}:{n}: key without a comment: {line!r}"
+            )
         parents.append((indent, commented))
 
 
@@ -104,24 +106,29 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     bad.write_text("state:\n  enter: [1.0\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(bad)
-    assert "line" in info.value.errors[0] and str(bad) in str(info.value)
+    assert "line" in info.value.errors[0]
+    assert str(bad) in str(info.value)
 
 
 def test_stream_checks_name_missing_channels_and_nyquist():
     config = parse_config(
-        {"bandpower": {"groups": {"posterior": ["O1", "Oz"]}, "bands": {"gamma": [30.0, 70.0]}},
-         "state": {"features": [{"group": "posterior", "band": "gamma", "weight": 1.0}]}},
+        {
+            "bandpower": {"groups": {"posterior": ["O1", "Oz"]}, "bands": {"gamma": [30.0, 70.0]}},
+            "state": {"features": [{"group": "posterior", "band": "gamma", "weight": 1.0}]},
+        },
     )
     with pytest.raises(ConfigError) as info:
         validate_for_stream(config, ["Fz", "O1", "O2"], 128.0)
     joined = "\n".join(info.value.errors)
-    assert "Oz" in joined and "bandpower.groups.posterior" in joined
+    assert "Oz" in joined
+    assert "bandpower.groups.posterior" in joined
     assert "Nyquist" in joined or "64" in joined
 
 
 def test_overrides_are_validated_and_suggest_keys():
     config = apply_overrides(SessionConfig(), {"state.enter": 1.5, "trigger.dwell_s": 2})
-    assert config.state.enter == 1.5 and config.trigger.dwell_s == 2
+    assert config.state.enter == 1.5
+    assert config.trigger.dwell_s == 2
     with pytest.raises(ConfigError, match=r"did you mean 'state.enter'"):
         apply_overrides(SessionConfig(), {"state.entr": 1.0})
     with pytest.raises(ConfigError, match="safety.min_interval_s"):
@@ -133,18 +140,27 @@ def test_check_config_cli_exit_codes(tmp_path, capsys):
     good.write_text(yaml.safe_dump({"state": {"enter": 1.0, "leave": 0.0}}), encoding="utf-8")
     assert main(["check-config", str(good)]) == 0
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"state": {"enter": "high"}, "safety": {"session_cap": 5000}}),
-                   encoding="utf-8")
+    bad.write_text(
+        yaml.safe_dump({"state": {"enter": "high"}, "safety": {"session_cap": 5000}}),
+        encoding="utf-8",
+    )
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "state.enter" in err and "safety.session_cap" in err and "Traceback" not in err
+    assert "state.enter" in err
+    assert "safety.session_cap" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.timeout(60)
 def test_check_config_subprocess_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("safety:\n  min_interval_s: 0.1\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "closedloop.cli", "check-config", str(bad)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "closedloop.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2
-    assert "safety.min_interval_s" in proc.stderr and "Traceback" not in proc.stderr
+    assert "safety.min_interval_s" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -17,7 +17,7 @@ import yaml
 
 from acquisition.lsl_source import LslSource
 from acquisition.simulator import simulate
-from closedloop.config import apply_overrides, SessionConfig
+from closedloop.config import SessionConfig, apply_overrides
 from closedloop.errors import ConfigError
 from closedloop.load import load_session, read_jsonl
 from closedloop.session import Session
@@ -39,18 +39,40 @@ def recording(tmp_path_factory) -> Path:
 
 
 def config(name: str, **overrides) -> SessionConfig:
-    base = {"state.calibration_s": 8.0, "state.enter": 1.0, "state.leave": 0.0,
-            "trigger.dwell_s": 0.5, "safety.min_interval_s": 1.0, "safety.max_per_minute": 60,
-            "recording.xdf": True, "session.name": name}
+    base = {
+        "state.calibration_s": 8.0,
+        "state.enter": 1.0,
+        "state.leave": 0.0,
+        "trigger.dwell_s": 0.5,
+        "safety.min_interval_s": 1.0,
+        "safety.max_per_minute": 60,
+        "recording.xdf": True,
+        "session.name": name,
+    }
     base.update(overrides)
     return apply_overrides(SessionConfig(), base)
 
 
 def replayer(path: Path, name: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "acquisition.replayer", str(path), "--name", name, "--source-id", name,
-           "--speed", str(SPEED), "--no-progress", "--wait-consumers", "60", *extra]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "acquisition.replayer",
+        str(path),
+        "--name",
+        name,
+        "--source-id",
+        name,
+        "--speed",
+        str(SPEED),
+        "--no-progress",
+        "--wait-consumers",
+        "60",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def end(proc: subprocess.Popen) -> None:
@@ -73,12 +95,19 @@ def run_with(session: Session, action, stop_after_s: float = 3.0) -> dict:
     info: dict = {}
 
     def driver():
-        ok = wait_for(lambda: session.pipeline is not None
-                      and session.pipeline.trigger.interlock.state.value != "disarmed"
-                      and session.pipeline.state is not None
-                      and session.pipeline.state.t_stream - session.pipeline.first_t >= T_FAULT, 60)
+        ok = wait_for(
+            lambda: (
+                session.pipeline is not None
+                and session.pipeline.trigger.interlock.state.value != "disarmed"
+                and session.pipeline.state is not None
+                and session.pipeline.state.t_stream - session.pipeline.first_t >= T_FAULT
+            ),
+            60,
+        )
         info["armed_before_fault"] = ok
-        info["t_fault"] = session.pipeline.state.t_stream if session.pipeline and session.pipeline.state else None
+        info["t_fault"] = (
+            session.pipeline.state.t_stream if session.pipeline and session.pipeline.state else None
+        )
         action(session)
         time.sleep(stop_after_s)
         session.stop("test over")
@@ -93,26 +122,48 @@ def run_with(session: Session, action, stop_after_s: float = 3.0) -> dict:
 def assert_disarmed_with(session: Session, info: dict, *reasons: str) -> list[dict]:
     assert info["armed_before_fault"], "the interlock was never armed before the fault"
     audit = read_jsonl(session.folder / "audit.jsonl")
-    disarms = [a for a in audit if a.get("event") == "interlock" and a["new"] == "disarmed"
-               and a["t_stream"] is not None and a["t_stream"] >= info["t_fault"] - 0.5]
+    disarms = [
+        a
+        for a in audit
+        if a.get("event") == "interlock"
+        and a["new"] == "disarmed"
+        and a["t_stream"] is not None
+        and a["t_stream"] >= info["t_fault"] - 0.5
+    ]
     assert any(r in d["reason"] for d in disarms for r in reasons), (reasons, disarms)
     t_fault = min(d["t_stream"] for d in disarms if any(r in d["reason"] for r in reasons))
-    after = [a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] > t_fault]
+    after = [
+        a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] > t_fault
+    ]
     assert after == [], f"pulses after the fault: {after}"
-    rearmed = [a for a in audit if a.get("event") == "interlock" and a["new"] == "armed"
-               and a["t_stream"] is not None and a["t_stream"] > t_fault]
+    rearmed = [
+        a
+        for a in audit
+        if a.get("event") == "interlock"
+        and a["new"] == "armed"
+        and a["t_stream"] is not None
+        and a["t_stream"] > t_fault
+    ]
     assert rearmed == [], "the interlock re-armed itself"
     # the folder is complete and loads back
     assert (session.folder / "summary.json").exists()
     rec = load_session(session.folder)
-    assert rec.raw is not None and rec.raw.n_times > 0
+    assert rec.raw is not None
+    assert rec.raw.n_times > 0
     return audit
 
 
 def live_session(name: str, **overrides) -> Session:
-    source = LslSource(name=name, source_id=name, stype=None, resolve_timeout_s=20.0, stale_after_s=0.5)
-    return Session(config(name, **overrides), source, live=True, out_root=Path(os.environ.get("CL_TMP", "/tmp")),
-                   arm_action="test_arm")
+    source = LslSource(
+        name=name, source_id=name, stype=None, resolve_timeout_s=20.0, stale_after_s=0.5
+    )
+    return Session(
+        config(name, **overrides),
+        source,
+        live=True,
+        out_root=Path(os.environ.get("CL_TMP", "/tmp")),
+        arm_action="test_arm",
+    )
 
 
 @pytest.fixture
@@ -130,8 +181,12 @@ def test_stream_killed_then_restarted_disarms_and_never_rearms(recording, unique
         proc.send_signal(signal.SIGKILL)
         assert wait_for(lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 5.0)
         procs.append(replayer(recording, unique_name))  # same name and source_id: RESTORED
-        wait_for(lambda: any(e.get("health") == "restored"
-                             for e in read_jsonl(s.folder / "events.jsonl")), 15.0)
+        wait_for(
+            lambda: any(
+                e.get("health") == "restored" for e in read_jsonl(s.folder / "events.jsonl")
+            ),
+            15.0,
+        )
         time.sleep(3.0)  # the restored stream flows (and would be in target state) for a while
 
     try:
@@ -149,7 +204,12 @@ def test_sample_gap_disarms(recording, unique_name, out_dir):
     proc = replayer(recording, unique_name, "--drop", str(first), "25")
     session = live_session(unique_name)
     try:
-        info = run_with(session, lambda s: wait_for(lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 10.0))
+        info = run_with(
+            session,
+            lambda s: wait_for(
+                lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 10.0
+            ),
+        )
     finally:
         end(proc)
     assert_disarmed_with(session, info, "sample_gap")
@@ -165,7 +225,12 @@ def test_nan_and_railing_input_disarm(kind, unique_name, out_dir, tmp_path):
     proc = replayer(path, unique_name)
     session = live_session(unique_name)
     try:
-        info = run_with(session, lambda s: wait_for(lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 10.0))
+        info = run_with(
+            session,
+            lambda s: wait_for(
+                lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 10.0
+            ),
+        )
     finally:
         end(proc)
     assert_disarmed_with(session, info, "bad_input", "nonfinite", "railing")
@@ -196,8 +261,10 @@ def test_serial_port_that_disappears_disarms(recording, unique_name, out_dir):
     master, slave = os.openpty()
     port = os.ttyname(slave)
     proc = replayer(recording, unique_name)
-    session = live_session(unique_name, **{"outputs.outputs": [{"kind": "serial", "port": port},
-                                                             {"kind": "simulated"}]})
+    session = live_session(
+        unique_name,
+        **{"outputs.outputs": [{"kind": "serial", "port": port}, {"kind": "simulated"}]},
+    )
 
     def unplug(s):
         os.close(master)  # the device end goes away: the next write fails
@@ -216,14 +283,25 @@ def test_serial_port_that_disappears_disarms(recording, unique_name, out_dir):
         assert session.pipeline.trigger.interlock.state.value == "disarmed"
 
 
-def test_stream_with_other_channels_or_rate_is_refused_before_anything_starts(recording, unique_name, out_dir):
+def test_stream_with_other_channels_or_rate_is_refused_before_anything_starts(
+    recording, unique_name, out_dir
+):
     proc = replayer(recording, unique_name)
     try:
-        for overrides, key in (({"source.expected_n_channels": 64}, "source.expected_n_channels"),
-                               ({"source.expected_sfreq": 500.0}, "source.expected_sfreq")):
-            source = LslSource(name=unique_name, source_id=unique_name, stype=None, resolve_timeout_s=20.0)
-            session = Session(config(unique_name, **overrides), source, live=True, out_root=out_dir,
-                              arm_action="test_arm")
+        for overrides, key in (
+            ({"source.expected_n_channels": 64}, "source.expected_n_channels"),
+            ({"source.expected_sfreq": 500.0}, "source.expected_sfreq"),
+        ):
+            source = LslSource(
+                name=unique_name, source_id=unique_name, stype=None, resolve_timeout_s=20.0
+            )
+            session = Session(
+                config(unique_name, **overrides),
+                source,
+                live=True,
+                out_root=out_dir,
+                arm_action="test_arm",
+            )
             with pytest.raises(ConfigError, match=key):
                 session.run()
             assert session.folder is None  # nothing started, nothing written
@@ -232,18 +310,26 @@ def test_stream_with_other_channels_or_rate_is_refused_before_anything_starts(re
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(sig, recording, unique_name, out_dir):
+def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(
+    sig, recording, unique_name, out_dir
+):
     cfg = out_dir / "session.yaml"
     data = config(unique_name).model_dump(mode="json")
-    data["source"].update({"name": unique_name, "source_id": unique_name, "stype": None,
-                           "resolve_timeout_s": 20.0})
+    data["source"].update(
+        {"name": unique_name, "source_id": unique_name, "stype": None, "resolve_timeout_s": 20.0}
+    )
     data["session"]["out_dir"] = str(out_dir / "sessions")
     cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
     proc = replayer(recording, unique_name)
-    run = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "run", "--config", str(cfg), "--arm"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "closedloop.cli", "run", "--config", str(cfg), "--arm"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def armed() -> bool:
             folders = list((out_dir / "sessions").glob("*/audit.jsonl"))
             return bool(folders) and any(a.get("new") == "armed" for a in read_jsonl(folders[0]))
@@ -263,7 +349,8 @@ def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(sig, record
     folder = next((out_dir / "sessions").iterdir())
     audit = read_jsonl(folder / "audit.jsonl")
     last = [a for a in audit if a.get("event") == "interlock"][-1]
-    assert last["new"] == "disarmed" and sig.name in last["reason"]
+    assert last["new"] == "disarmed"
+    assert sig.name in last["reason"]
     summary = yaml.safe_load((folder / "summary.json").read_text())
     assert sig.name in summary["stop_reason"]
     assert load_session(folder).raw.n_times > 0

@@ -28,12 +28,28 @@ RECORDING = REPLAY_DATA / "sim_32ch_500hz.fif"
 SPEED = 3.0
 
 
-def start_replayer(name: str, *extra: str, speed: float = SPEED, path=RECORDING) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "acquisition.replayer", str(path), "--name", name,
-           "--source-id", name, "--speed", str(speed), "--no-progress", "--wait-consumers", "60",
-           *extra]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def start_replayer(
+    name: str, *extra: str, speed: float = SPEED, path=RECORDING
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "acquisition.replayer",
+        str(path),
+        "--name",
+        name,
+        "--source-id",
+        name,
+        "--speed",
+        str(speed),
+        "--no-progress",
+        "--wait-consumers",
+        "60",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -77,7 +93,9 @@ class MarkerListener(threading.Thread):
 def run_live_session(name: str, tmp_path, config=None, arm=True, on_session=None):
     config = config or fast_config(**{"recording.xdf": True, "session.name": name})
     source = LslSource(name=name, source_id=name, stype=None, resolve_timeout_s=20.0)
-    session = Session(config, source, live=True, out_root=tmp_path, arm_action="test_arm" if arm else None)
+    session = Session(
+        config, source, live=True, out_root=tmp_path, arm_action="test_arm" if arm else None
+    )
     if on_session is not None:
         on_session(session)
     summary = session.run()
@@ -85,7 +103,9 @@ def run_live_session(name: str, tmp_path, config=None, arm=True, on_session=None
 
 
 @pytest.mark.timeout(240)
-def test_live_replay_fires_in_target_epochs_records_everything_and_matches_offline(unique_name, tmp_path):
+def test_live_replay_fires_in_target_epochs_records_everything_and_matches_offline(
+    unique_name, tmp_path
+):
     replayer = start_replayer(unique_name)
     listener = MarkerListener(f"{unique_name}-pulses")
     listener.start()
@@ -100,7 +120,9 @@ def test_live_replay_fires_in_target_epochs_records_everything_and_matches_offli
         threading.Thread(target=watch, daemon=True).start()
 
     try:
-        session, summary = run_live_session(unique_name, tmp_path, on_session=stop_when_replayer_ends)
+        session, _summary = run_live_session(
+            unique_name, tmp_path, on_session=stop_when_replayer_ends
+        )
     finally:
         listener.stop_event.set()
         stop(replayer)
@@ -127,20 +149,29 @@ def test_live_replay_fires_in_target_epochs_records_everything_and_matches_offli
 
     # an external inlet received every trigger marker, stamped with the firing time
     assert [m["pulse"] for _, m in listener.markers] == [p["pulse_number"] for p in fired]
-    np.testing.assert_allclose([ts for ts, _ in listener.markers], [p["t_local"] for p in fired],
-                               atol=0.005)
+    np.testing.assert_allclose(
+        [ts for ts, _ in listener.markers], [p["t_local"] for p in fired], atol=0.005
+    )
 
     # offline on the samples the live session processed: the same pulse requests within one chunk.
     # (Requests, fired or vetoed, not only fired pulses: at replay speed 3 the live interlock's
     # refractory time also holds on the monotonic clock, so it vetoes more than offline does.)
     first = next(e for e in rec.events if e.get("kind") == "first_sample")
-    k = int(round((first["t_stream"] - rec.t0_stream) * 500.0))
+    k = round((first["t_stream"] - rec.t0_stream) * 500.0)
     offline_raw = bundled_recording().crop(tmin=k / 500.0)
-    offline = Session(fast_config(), FileSource(offline_raw), live=False,
-                      out_root=tmp_path / "offline", arm_action="offline_run")
+    offline = Session(
+        fast_config(),
+        FileSource(offline_raw),
+        live=False,
+        out_root=tmp_path / "offline",
+        arm_action="offline_run",
+    )
     offline.run()
-    t_off = [a["t_stream"] + k / 500.0 for a in read_jsonl(offline.folder / "audit.jsonl")
-             if a.get("event") == "attempt"]
+    t_off = [
+        a["t_stream"] + k / 500.0
+        for a in read_jsonl(offline.folder / "audit.jsonl")
+        if a.get("event") == "attempt"
+    ]
     t_live = [a["t_stream"] - rec.t0_stream for a in rec.audit if a.get("event") == "attempt"]
     assert len(t_off) == len(t_live) >= 2, (t_off, t_live)
     assert np.max(np.abs(np.subtract(t_off, t_live))) <= 10 / 500.0 + 1e-6

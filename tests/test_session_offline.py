@@ -22,17 +22,29 @@ def recording():
 
 
 def run_offline(raw, tmp_path, config=None, arm=True, chunk_size=10):
-    session = Session(config or fast_config(), FileSource(raw, chunk_size=chunk_size), live=False,
-                      out_root=tmp_path, arm_action="offline_run" if arm else None)
+    session = Session(
+        config or fast_config(),
+        FileSource(raw, chunk_size=chunk_size),
+        live=False,
+        out_root=tmp_path,
+        arm_action="offline_run" if arm else None,
+    )
     summary = session.run()
     return session, summary
 
 
-def test_offline_session_fires_inside_target_epochs_and_writes_a_complete_folder(recording, tmp_path):
+def test_offline_session_fires_inside_target_epochs_and_writes_a_complete_folder(
+    recording, tmp_path
+):
     session, summary = run_offline(recording, tmp_path)
     folder = session.folder
-    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "audit.jsonl", "events.jsonl",
-                                                 "summary.json", "eeg_raw.fif"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "config.yaml",
+        "audit.jsonl",
+        "events.jsonl",
+        "summary.json",
+        "eeg_raw.fif",
+    }
     audit = read_jsonl(folder / "audit.jsonl")
     fired = [a for a in audit if a.get("event") == "attempt" and a["fired"]]
     assert summary["pulses"] == len(fired) >= 3
@@ -45,18 +57,28 @@ def test_offline_session_fires_inside_target_epochs_and_writes_a_complete_folder
     assert rec.raw.n_times == recording.n_times
 
 
-def test_same_chunks_give_the_same_pulses_and_chunk_size_moves_them_by_less_than_a_chunk(recording, tmp_path):
+def test_same_chunks_give_the_same_pulses_and_chunk_size_moves_them_by_less_than_a_chunk(
+    recording, tmp_path
+):
     _, a = run_offline(recording, tmp_path / "a")
     _, b = run_offline(recording, tmp_path / "b")
     _, c = run_offline(recording, tmp_path / "c", chunk_size=25)
-    times = [[x["t_stream"] for x in read_jsonl(s["folder"] + "/audit.jsonl")
-              if x.get("event") == "attempt" and x["fired"]] for s in (a, b, c)]
+    times = [
+        [
+            x["t_stream"]
+            for x in read_jsonl(s["folder"] + "/audit.jsonl")
+            if x.get("event") == "attempt" and x["fired"]
+        ]
+        for s in (a, b, c)
+    ]
     assert times[0] == times[1]
     assert len(times[0]) == len(times[2])
     assert np.max(np.abs(np.subtract(times[0], times[2]))) <= 25 / 500.0 + 1e-9
 
 
-def test_exception_inside_a_feature_disarms_with_reason_and_no_pulse_after(recording, tmp_path, monkeypatch):
+def test_exception_inside_a_feature_disarms_with_reason_and_no_pulse_after(
+    recording, tmp_path, monkeypatch
+):
     from features.chain import FeatureChain
 
     original = FeatureChain.step
@@ -70,7 +92,9 @@ def test_exception_inside_a_feature_disarms_with_reason_and_no_pulse_after(recor
     monkeypatch.setattr(FeatureChain, "step", failing_step)
     session, summary = run_offline(recording, tmp_path)
     audit = read_jsonl(session.folder / "audit.jsonl")
-    assert not [a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] >= t_fail]
+    assert not [
+        a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] >= t_fail
+    ]
     disarms = [a for a in audit if a.get("event") == "interlock" and a["new"] == "disarmed"]
     assert any("injected feature failure" in a["reason"] for a in disarms)
     assert any("injected feature failure" in f for f in summary["faults"])
@@ -81,10 +105,12 @@ def test_nan_input_disarms_with_reason_and_no_pulse_after(tmp_path):
     data = raw._data
     i = int(95.0 * raw.info["sfreq"])
     data[3, i : i + 5] = np.nan
-    session, summary = run_offline(raw, tmp_path)
+    session, _summary = run_offline(raw, tmp_path)
     audit = read_jsonl(session.folder / "audit.jsonl")
     assert [a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] < 95.0]
-    assert not [a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] >= 95.0]
+    assert not [
+        a for a in audit if a.get("event") == "attempt" and a["fired"] and a["t_stream"] >= 95.0
+    ]
     disarms = [a for a in audit if a.get("event") == "interlock" and a["new"] == "disarmed"]
     assert any("nonfinite" in a["reason"] or "bad_input" in a["reason"] for a in disarms), disarms
 
@@ -96,7 +122,8 @@ def test_offline_cli_writes_the_session_and_prints_the_summary(recording, tmp_pa
     cfg.write_text("state:\n  enter: 1.5\n  leave: 0.0\n", encoding="utf-8")
     assert main(["offline", str(path), "--config", str(cfg), "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
-    assert "session summary" in out and "pulses" in out
+    assert "session summary" in out
+    assert "pulses" in out
 
 
 def test_offline_cli_bad_recording_is_one_clear_error(tmp_path, capsys):
@@ -104,4 +131,5 @@ def test_offline_cli_bad_recording_is_one_clear_error(tmp_path, capsys):
     bad.write_bytes(b"not an edf at all")
     assert main(["offline", str(bad), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "broken.edf" in err and "Traceback" not in err
+    assert "broken.edf" in err
+    assert "Traceback" not in err
