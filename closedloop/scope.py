@@ -2,7 +2,7 @@
 
 The tap runs in the acquisition thread after every decision (`Pipeline.taps`), so it only copies
 the chunk into buffers preallocated at construction: no allocation, no lock, no logging.
-Measured here (64 ch, 10-sample chunks): about 6 µs per call.
+Measured here (64 ch, 10-sample chunks): about 10 µs per call; `samples(10 s)` copies in 0.16 ms.
 
 Readers (the GUI thread) copy what they need without a lock. The writer stores the samples first
 and publishes the new total (`n_samples`) afterwards; a reader takes the total, copies the newest

@@ -65,6 +65,7 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
     sys.setswitchinterval(switch_s)
     cfg = config_for(name, seconds)
     ticks: list[float] = []
+    frames_per_s = float("nan")
     try:
         if gui:
             from PySide6 import QtCore  # noqa: PLC0415 -- only the GUI runs need Qt
@@ -90,6 +91,7 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
             app.exec()
             poll.stop()
             ticks = list(win.tick_durations_ms)
+            frames_per_s = len(ticks) / max(seconds, 1e-9)
             session = runner.session
             lat = latency_samples_ms(session.pipeline)
             win.close()
@@ -112,6 +114,7 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
         "max_ms": float(lat.max()) if lat.size else np.nan,
         "tick_p50_ms": float(np.percentile(tk, 50)) if tk.size else np.nan,
         "tick_p99_ms": float(np.percentile(tk, 99)) if tk.size else np.nan,
+        "frames_per_s": frames_per_s,
     }
 
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run:<20} switch {switch * 1e3:4.1f} ms  chunks {r['chunks']:5d}  latency "
                   f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms"
                   + (f"  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
-                     if gui else ""), flush=True)
+                     f"  ~{r['frames_per_s']:.0f} frames/s" if gui else ""), flush=True)
     return 0
 
 
