@@ -68,10 +68,10 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
     frames_per_s = float("nan")
     try:
         if gui:
-            from PySide6 import QtCore  # noqa: PLC0415 -- only the GUI runs need Qt
+            from PySide6 import QtCore
 
-            from gui.app import _app  # noqa: PLC0415
-            from gui.window import ConsoleWindow  # noqa: PLC0415
+            from gui.app import _app
+            from gui.window import ConsoleWindow
 
             app = _app()
             win = ConsoleWindow(cfg, out_root=out, list_streams=lambda _t: [])
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="headless,gui,gui_default_switch",
                         help="comma-separated: headless, gui, gui_default_switch")
     args = parser.parse_args(argv)
-    from gui.app import GUI_SWITCH_INTERVAL_S  # noqa: PLC0415
+    from gui.app import GUI_SWITCH_INTERVAL_S
 
     with tempfile.TemporaryDirectory(prefix="clbench-") as tmp:
         rec = write_recording(Path(tmp) / "bench_64ch_1khz_raw.fif", 60.0)

@@ -79,6 +79,29 @@ INTERLOCK_STYLE = {  # text, background
 }
 
 
+class LaneCurve(pg.PlotCurveItem):
+    """A trace curve whose bounds come with its data (from one vectorised min/max per frame).
+
+    PlotCurveItem recomputes nanmin/nanmax bounds on every boundingRect() call (4x per frame and
+    curve): measured 28% of the frame time with 64 curves.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._bounds = QtCore.QRectF()
+
+    def set_lane(self, x: np.ndarray, y: np.ndarray, y_lo: float, y_hi: float) -> None:
+        self._bounds = QtCore.QRectF(float(x[0]), y_lo, float(x[-1] - x[0]), y_hi - y_lo)
+        self.setData(x, y, skipFiniteCheck=True)  # calls prepareGeometryChange()
+
+    def boundingRect(self) -> QtCore.QRectF:  # noqa: N802 (Qt override)
+        return self._bounds
+
+    def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None):  # noqa: N802
+        r = self._bounds
+        return (r.left(), r.right()) if ax == 0 else (r.top(), r.bottom())
+
+
 class ConsoleWindow(QtWidgets.QMainWindow):
     """One window: stream, traces, features, state, calibration, arming, raster, health.
 
@@ -715,8 +738,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         for curve in self.trace_curves:
             self.trace_plot.removeItem(curve)
         pen = pg.mkPen("#0d2a4a", width=1)
-        self.trace_curves = [pg.PlotCurveItem(pen=pen, skipFiniteCheck=True)
-                             for _ in scope.ch_names]
+        self.trace_curves = [LaneCurve(pen=pen, skipFiniteCheck=True) for _ in scope.ch_names]
         for curve in self.trace_curves:
             self.trace_plot.addItem(curve)
         self._channel_table_changed()
@@ -790,8 +812,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         if self._trace_key != seconds:
             self._trace_key = seconds
             self.trace_plot.setXRange(-seconds, 0.0, padding=0)
+        lo, hi = y.min(axis=1) - 0.05, y.max(axis=1) + 0.05
         for k, i in enumerate(idx):
-            self.trace_curves[i].setData(x, y[k], skipFiniteCheck=True)
+            self.trace_curves[i].set_lane(x, y[k], float(lo[k]), float(hi[k]))
         top = np.where(art, idx.size - 0.3, -0.5).astype(np.float32)
         self.artifact_curve.setData(x, top, skipFiniteCheck=True)
 

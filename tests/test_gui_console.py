@@ -224,9 +224,9 @@ def test_screenshot_command_writes_png_of_a_firing_session(tmp_path):
 @pytest.mark.timeout(90)
 def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, replayer):
     """The demo's entry point: the window starts the session itself; closing it ends cleanly."""
-    from PySide6 import QtWidgets  # noqa: PLC0415 -- the qtbot fixture made the QApplication
+    from PySide6 import QtWidgets
 
-    from gui.app import run_gui  # noqa: PLC0415
+    from gui.app import run_gui
 
     seen = {}
 
@@ -250,8 +250,8 @@ def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, 
 def test_stream_picker_lists_streams_and_starts_on_the_picked_one(
         qtbot, unique_name, tmp_path, monkeypatch):
     """Listing runs in a worker thread; the picked stream's name and source_id reach the source."""
-    import gui.window as window_module  # noqa: PLC0415
-    from acquisition.lsl_source import StreamDescription  # noqa: PLC0415
+    import gui.window as window_module
+    from acquisition.lsl_source import StreamDescription
 
     found = [
         StreamDescription("amp-A", "EEG", "sid-A", "host", "uid-A", 32, 500.0, "float32", 0.0),
