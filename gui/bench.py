@@ -6,10 +6,10 @@ the same session config runs (1) headless in a thread, (2) with the console wind
 decision latency p50/p99/max (ms) of each run and the console's tick time.
 
 Measured 2026-11-25 on the shared 2-core VM (load 1.5-3, 40 s per run, 4000 chunks):
-headless p50 0.99 ms, p99 2.05 ms; console p50 1.03 ms, p99 11-15 ms (switch 0.5 ms);
-console with the default 5 ms switch interval p50 1.1 ms, p99 13-19 ms. The median is unchanged;
-the tail comes from GIL contention with painting (see gui/window.py). Only a process boundary
-between the loop and the window would remove it.
+headless p50 0.9-1.0 ms, p99 1.5-2.1 ms; console p50 1.0 ms, p99 9.5-15 ms (switch 0.5 ms);
+console with the default 5 ms switch interval p50 1.0-1.1 ms, p99 13.5-19 ms. The median is
+unchanged; the tail comes from GIL contention with painting (see gui/window.py). Only a process
+boundary between the loop and the window would remove it.
 """
 
 from __future__ import annotations
