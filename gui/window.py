@@ -932,8 +932,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             bad = math.isfinite(rate) and abs(rate - nominal) > 0.05 * nominal
             colour = "#b71c1c" if bad else "#1b5e20"
             rows.append(f"rate <b style='color:{colour}'>{rate:7.1f} Hz</b> / {nominal:g} nominal")
-            age_ms = 1e3 * (now - scope.last_arrival) if math.isfinite(scope.last_arrival) else \
-                math.nan
+            last = scope.last_arrival  # may be newer than `now` by a chunk: clamp at 0
+            age_ms = 1e3 * max(0.0, now - last) if math.isfinite(last) else math.nan
             colour = "#b71c1c" if age_ms > 1e3 * self.config.source.stale_after_s else "#1b5e20"
             rows.append(f"stream age <b style='color:{colour}'>{age_ms:6.0f} ms</b>")
         rows.append(f"gaps {self.model.n_gaps} · faults {self.model.n_health_faults}")
