@@ -263,24 +263,9 @@ def cmd_run(args) -> int:
         on_status=_print_status,
     )
     _install_signal_handlers(session)
-    bridge = _start_mqtt(config, session)
-    try:
-        summary = session.run()
-    finally:
-        if bridge is not None:
-            bridge.stop()
+    summary = session.run()
     _print_summary(summary)
     return 0
-
-
-def _start_mqtt(config, session):
-    if not config.mqtt.enabled:
-        return None
-    from closedloop.mqtt import MqttBridge
-
-    bridge = MqttBridge(config.mqtt, session.bus, session, session_id=config.session.name)
-    bridge.start()
-    return bridge
 
 
 def cmd_demo(args) -> int:

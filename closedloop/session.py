@@ -198,6 +198,7 @@ class Session:
             self._add_live_outlets()
             self._add_feedback()
         xdf = self._start_xdf()
+        mqtt = self._start_mqtt()
         t_start_local = local_clock()
         try:
             if not getattr(self.source, "connected", False):
@@ -222,6 +223,8 @@ class Session:
             raise
         finally:
             self._shutdown(events, xdf, t_start_local)
+            if mqtt is not None:
+                mqtt.stop()  # after the summary: the final interlock and session events go out
         return self.summary
 
     def _loop(self) -> None:
@@ -331,6 +334,17 @@ class Session:
         sid = f"closedloop-pulses-{self.folder.name}"
         out = LslMarkerOutput(f"{self.config.session.name}-pulses", sid)
         return [out]
+
+    def _start_mqtt(self):
+        """Telemetry and remote control on their own thread (never in the firing path)."""
+        if not self.config.mqtt.enabled:
+            return None
+        from closedloop.mqtt import MqttBridge
+
+        assert self.folder is not None
+        bridge = MqttBridge(self.config.mqtt, self.bus, self, session_id=self.folder.name)
+        bridge.start()  # returns at once; retries in the background while the broker is down
+        return bridge
 
     def _add_feedback(self) -> None:
         """Participant feedback (display value, audio, guided audio, sham) as a pipeline tap."""
