@@ -182,6 +182,11 @@ def _print_status(status) -> None:
     print(status.line(), end=end, file=sys.stderr, flush=True)
 
 
+def status_period_s() -> float:
+    """A live status line twice a second on a terminal, every 5 s into a log file or CI."""
+    return 0.5 if sys.stderr.isatty() else 5.0
+
+
 def _print_summary(summary: dict) -> None:
     print("\nsession summary", file=sys.stdout)
     for key in (
@@ -218,20 +223,40 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_offline(args) -> int:
+    from tqdm import tqdm
+
     from acquisition.file_source import FileSource
     from closedloop.session import Session
 
     config = _config(args)
     source = FileSource(args.recording, chunk_size=config.source.chunk_size)
+    bar = tqdm(
+        total=round(source.duration_s, 1),
+        unit="s",
+        desc="offline",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of recording [{elapsed}<{remaining}]",
+    )
+
+    def progress(status) -> None:
+        if status.t_stream == status.t_stream:  # not nan
+            bar.update(max(0.0, status.t_stream - source.t0 - bar.n))
+
     session = Session(
         config,
         source,
         live=False,
         out_root=args.out,
         arm_action=None if args.no_arm else "offline_run",
+        on_status=progress,
+        status_period_s=1.0,  # stream seconds offline
     )
     _install_signal_handlers(session)
-    summary = session.run()
+    try:
+        summary = session.run()
+    finally:
+        bar.close()
     _print_summary(summary)
     return 0
 
@@ -261,6 +286,7 @@ def cmd_run(args) -> int:
         out_root=args.out,
         arm_action="cli_flag" if args.arm else None,
         on_status=_print_status,
+        status_period_s=status_period_s(),
     )
     _install_signal_handlers(session)
     summary = session.run()

@@ -78,7 +78,12 @@ def run_demo(
     out_root: Path | None = None,
 ) -> int:
     from acquisition.lsl_source import LslSource
-    from closedloop.cli import _install_signal_handlers, _print_status, _print_summary
+    from closedloop.cli import (
+        _install_signal_handlers,
+        _print_status,
+        _print_summary,
+        status_period_s,
+    )
     from closedloop.session import Session
 
     recording = Path(recording or BUNDLED)
@@ -116,6 +121,7 @@ def run_demo(
             out_root=out_root,
             arm_action="demo_auto_arm",
             on_status=_print_status,
+            status_period_s=status_period_s(),
         )
         _install_signal_handlers(session)
         replayer_done = _watch_replayer(replayer, session)
