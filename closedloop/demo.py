@@ -111,7 +111,7 @@ def run_demo(
             name=name,
             source_id=source_id,
             stype=None,
-            resolve_timeout_s=config.source.resolve_timeout_s,
+            resolve_timeout_s=max(30.0, config.source.resolve_timeout_s),  # replayer start-up
             stale_after_s=config.source.stale_after_s,
         )
         session = Session(

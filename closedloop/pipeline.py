@@ -168,6 +168,10 @@ class Pipeline:
             self.faults.append(reason)
         self._railing = bool(railing)
 
+    def latency_samples(self) -> np.ndarray:
+        """The recent decision latencies in ms (a copy, oldest order not kept), for histograms."""
+        return self._latency_ms[: min(self._n_latency, LATENCY_RING)].copy()
+
     def latency_percentiles(self) -> tuple[float, float, float]:
         """Decision latency (pull return -> outputs returned) p50, p99, max in ms (nan if none)."""
         n = min(self._n_latency, LATENCY_RING)
