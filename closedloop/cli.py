@@ -188,19 +188,18 @@ def status_period_s() -> float:
 
 
 def _print_summary(summary: dict) -> None:
+    def fmt(value):
+        if isinstance(value, float):
+            return round(value, 2)
+        if isinstance(value, dict):
+            return {k: fmt(v) for k, v in value.items()}
+        return value
+
     print("\nsession summary", file=sys.stdout)
-    for key in (
-        "folder",
-        "stop_reason",
-        "pulses",
-        "vetoes_by_reason",
-        "time_in_state_s",
-        "latency_ms",
-        "final_interlock",
-        "warnings",
-    ):
+    for key in ("folder", "stop_reason", "pulses", "vetoes_by_reason", "time_in_state_s",
+                "latency_ms", "final_interlock", "warnings"):
         if key in summary:
-            print(f"  {key:<17} {summary[key]}")
+            print(f"  {key:<17} {fmt(summary[key])}")
 
 
 def cmd_check_config(args) -> int:
