@@ -7,12 +7,13 @@ live session: `Chunk.t_arrival = local_clock()`) to the trigger outputs having r
 placed first in `Pipeline.taps` stamps the time (taps run right after the outputs). The pipeline
 is the live one: armed, simulated stimulator + LSL marker outlet as outputs, an event bus with a
 subscriber, the state LSL outlet tap; the state enters the target every 2.5 s so pulses fire.
-On a chunk that fires, the decision ends when the
-last output returned (`Attempt.latency_ms`); the audit line is written (fsync) after that.
-Each chunk's thread CPU time is reported beside the wall time: on a shared machine the wall-time
-tail includes time-slices given to other processes. Chunks of 10 samples are fed back to back
-(as fast as the pipeline takes them) after the
-auto-calibration, which is left out of the figures (its one-off cost is reported apart).
+On a chunk that fires, the decision ends when the last output returned (`Attempt.latency_ms`);
+the audit line is written (fsync) after that. Each chunk's thread CPU time is reported beside the
+wall time: on a shared machine the wall-time tail includes time-slices given to other processes.
+After the auto-calibration (fed as fast as possible and left out of the figures; its one-off
+cost is reported apart), 10-sample chunks are fed in real time, each at its due time, as an
+amplifier delivers them. Fed back to back, the same steps take 2-3x less time on this VM (warm
+caches: 64 ch x 1000 Hz p50 0.32 ms back to back, 0.88 ms paced), which would flatter the figures.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from triggers.outputs import LslMarkerOutput
 
 CHANNELS = (8, 32, 64, 128)
 RATES_HZ = (500.0, 1000.0, 5000.0)
+EXTRA_CHANNELS = (256,)  # throughput: tried beyond the grid when 128 x 5000 still passes
 CALIBRATION_DATA_S = 13.0  # warm-up 1 s + settle 0.6 s + 10 s clean baseline, with margin
 REP_ON_S, REP_OFF_S = 1.0, 1.5
 P99_GOAL_MS = 1.0
@@ -81,11 +83,21 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
     cal_chunk_ms = float("nan")
     pulse_step_ms: list[float] = []
     armed = False
+    period_s = CHUNK_SAMPLES / sfreq
+    late = 0
     gc.collect()
     cpu0 = time.process_time()
     wall0 = local_clock()
+    i_armed = 0
     for i in range(n_chunks):
         a = i * CHUNK_SAMPLES
+        if armed:  # real time: each chunk at its due time, as an amplifier delivers them
+            due = wall0 + (i - i_armed) * period_s
+            rest = due - local_clock()
+            if rest > 0.0:
+                time.sleep(rest)
+            elif rest < -period_s:
+                late += 1
         c0 = time.thread_time()
         t_arr = local_clock()
         chunk = Chunk(data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES], names, sfreq, (),
@@ -98,8 +110,9 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
                 cal_chunk_ms = (t_end - t_arr) * 1e3
                 p.trigger.arm("benchmark", operator="bench", calibrated=True)
                 armed = True
+                i_armed = i + 1
                 cpu0 = time.process_time()
-                wall0 = local_clock()
+                wall0 = local_clock() + period_s
             continue
         if res.attempt is not None:
             # a pulse: the decision ends when the last output returned (Attempt.latency_ms); the
@@ -139,14 +152,17 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
         "cpu_max_ms": float(cpu_ms.max()),
         "calibration_chunk_ms": cal_chunk_ms,
         "pulse_chunk_step_max_ms": max(pulse_step_ms, default=float("nan")),
-        "cpu_s_per_stream_s": cpu_s / (lat.size * CHUNK_SAMPLES / sfreq),
-        "realtime_factor": (lat.size * CHUNK_SAMPLES / sfreq) / wall_s,
-        "real_time_ok": bool(step_ms.mean() < period_ms and p99 < P99_GOAL_MS),
+        "cpu_percent_of_one_core": 100.0 * cpu_s / wall_s,
+        "chunks_late": late,  # started more than one chunk period after their due time
+        "real_time_ok": bool(late <= lat.size // 1000 and p99 < P99_GOAL_MS),
+        "real_time_ok_cpu": bool(cpu_ms.mean() < period_ms
+                                 and np.percentile(cpu_ms, 99) < P99_GOAL_MS),
+        "back_to_back": False,
     }
 
 
 def run_grid(quick: bool, channels=CHANNELS, rates=RATES_HZ, log=print) -> list[dict[str, Any]]:
-    run_s = 6.0 if quick else 25.0
+    run_s = 5.0 if quick else 20.0
     before = pin_one_core()
     rows = []
     try:
@@ -160,65 +176,54 @@ def run_grid(quick: bool, channels=CHANNELS, rates=RATES_HZ, log=print) -> list[
                         f"{row['cpu_p50_ms']:.3f} p99 {row['cpu_p99_ms']:.3f} ms "
                         f"({row['chunks']} chunks, {row['pulses']} pulses; step mean "
                         f"{row['step_mean_ms']:.3f} ms of a {row['chunk_period_ms']:.1f} ms "
-                        "period)")
+                        f"period; {row['chunks_late']} late; CPU "
+                        f"{row['cpu_percent_of_one_core']:.1f} %)")
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
     return rows
 
 
-def paced_cpu(n_ch: int, sfreq: float, run_s: float) -> dict[str, Any]:
-    """CPU use of the hot path fed in real time (10-sample chunks at their due times): fraction
-    of one core over the run (process CPU time / wall time), the loop sleeping between chunks."""
-    before = pin_one_core()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            blocks = alternating_blocks(CALIBRATION_DATA_S + 0.5, 100, REP_ON_S, REP_OFF_S)
-            names, data = synth(n_ch, sfreq, CALIBRATION_DATA_S + run_s, blocks, 1)
-            ts = np.arange(data.shape[0]) / sfreq
-            p = Pipeline.build(bench_config(), names, sfreq, Path(tmp) / "audit.jsonl",
-                               bus=EventBus(), live=True)
-            n_cal = round(CALIBRATION_DATA_S * sfreq) // CHUNK_SAMPLES
-            n_chunks = data.shape[0] // CHUNK_SAMPLES
-            for i in range(n_cal):  # calibrate as fast as possible, then go real time
-                a = i * CHUNK_SAMPLES
-                p.step(Chunk(data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES], names, sfreq))
-            p.trigger.arm("benchmark", operator="bench", calibrated=p.chain.calibrated)
-            period = CHUNK_SAMPLES / sfreq
-            cpu0, wall0 = time.process_time(), local_clock()
-            for j, i in enumerate(range(n_cal, n_chunks)):
-                due = wall0 + (j + 1) * period
-                rest = due - local_clock()
-                if rest > 0:
-                    time.sleep(rest)
-                a = i * CHUNK_SAMPLES
-                p.step(Chunk(data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES], names, sfreq,
-                             (), local_clock()))
-            cpu = time.process_time() - cpu0
-            wall = local_clock() - wall0
-            p50, p99, pmax = p.latency_percentiles()
-            p.close()
-    finally:
-        if before is not None:
-            os.sched_setaffinity(0, before)
-    return {"channels": n_ch, "sfreq_hz": sfreq, "wall_s": wall, "cpu_s": cpu,
-            "cpu_percent_of_one_core": 100.0 * cpu / wall,
-            "p50_ms": p50, "p99_ms": p99, "max_ms": pmax}
+def _largest(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if r[key]]
+    best = max(ok, key=lambda r: r["channels"] * r["sfreq_hz"], default=None)
+    if best is None:
+        return None
+    return {"channels": best["channels"], "sfreq_hz": best["sfreq_hz"],
+            "channel_samples_per_s": best["channels"] * best["sfreq_hz"],
+            "p99_ms": best["p99_ms"], "cpu_p99_ms": best["cpu_p99_ms"],
+            "step_mean_ms": best["step_mean_ms"]}
 
 
 def throughput(grid: list[dict[str, Any]], quick: bool, log=print) -> dict[str, Any]:
-    """Largest channels x rate of the grid in real time with p99 < 1 ms; CPU at 64 x 1000."""
-    ok = [r for r in grid if r["real_time_ok"]]
-    best = max(ok, key=lambda r: r["channels"] * r["sfreq_hz"], default=None)
-    cpu = paced_cpu(64, 1000.0, 8.0 if quick else 30.0)
-    log(f"  throughput: largest real-time config with p99 < 1 ms: "
-        f"{best['channels'] if best else '-'} ch x {best['sfreq_hz'] if best else '-'} Hz; "
-        f"CPU at 64 ch x 1000 Hz {cpu['cpu_percent_of_one_core']:.1f} % of one core")
+    """Largest channels x rate in real time on one core with p99 < 1 ms (the grid, extended
+    beyond it while the largest still passes), by wall time and by thread CPU time; CPU use at
+    64 x 1000 fed in real time."""
+    rows = list(grid)
+    if not quick and any(r["real_time_ok_cpu"] for r in rows
+                         if r["channels"] == max(CHANNELS) and r["sfreq_hz"] == max(RATES_HZ)):
+        rows += run_grid(quick, channels=EXTRA_CHANNELS, rates=(max(RATES_HZ),), log=log)
+    by_wall, by_cpu = _largest(rows, "real_time_ok"), _largest(rows, "real_time_ok_cpu")
+    row = next((r for r in rows if r["channels"] == 64 and r["sfreq_hz"] == 1000.0), None)
+    cpu = {"channels": 64, "sfreq_hz": 1000.0,
+           "cpu_percent_of_one_core": row["cpu_percent_of_one_core"] if row else float("nan"),
+           "p50_ms": row["p50_ms"] if row else float("nan"),
+           "p99_ms": row["p99_ms"] if row else float("nan"),
+           "wall_s": row["chunks"] * row["chunk_period_ms"] / 1e3 if row else float("nan")}
+
+    def text(b: dict[str, Any] | None) -> str:
+        return "none" if b is None else f"{b['channels']} ch x {b['sfreq_hz']:g} Hz"
+
+    log(f"  throughput: largest real-time config with p99 < 1 ms: {text(by_wall)} (wall time), "
+        f"{text(by_cpu)} (thread CPU time); CPU at 64 ch x 1000 Hz "
+        f"{cpu['cpu_percent_of_one_core']:.1f} % of one core")
     return {
-        "largest_ok": None if best is None else {
-            "channels": best["channels"], "sfreq_hz": best["sfreq_hz"],
-            "channel_samples_per_s": best["channels"] * best["sfreq_hz"],
-            "p99_ms": best["p99_ms"], "step_mean_ms": best["step_mean_ms"]},
-        "failing": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in grid if not r["real_time_ok"]],
+        "largest_ok": by_wall,
+        "largest_ok_cpu": by_cpu,
+        "tried": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows],
+        "failing": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows if not r["real_time_ok"]],
+        "failing_cpu": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows
+                        if not r["real_time_ok_cpu"]],
+        "extra_rows": rows[len(grid):],
         "cpu_64ch_1000hz": cpu,
     }

@@ -1,4 +1,3 @@
-# ruff: noqa: PLC0415 - each role imports only what its own process needs
 """End-to-end latency over real LSL on loopback: closedloop vs. a baseline a user might write.
 
     python -m benchmarks e2e [--quick]
@@ -165,6 +164,7 @@ def system(name: str, session_name: str, reps: int, out: Path) -> None:
     out.write_text(json.dumps({
         "cpu_s": u1["cpu_s"] - u0["cpu_s"], "wall_s": w1 - w0, "maxrss_kb": u1["maxrss_kb"],
         "pulses": summary.get("pulses"), "decision_latency_ms": summary.get("latency_ms"),
+        "attempts": summary.get("attempts"), "vetoes_by_reason": summary.get("vetoes_by_reason"),
         "stop_reason": summary.get("stop_reason"), "faults": summary.get("faults"),
     }, default=str))
 
