@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +52,19 @@ def fraction_inside(
         return float("nan")
     inside = [any(a <= t <= b + slack_s for a, b in epochs) for t in times]
     return float(np.mean(inside))
+
+
+def start_replayer(path: Path, name: str, *extra: str, speed: float) -> subprocess.Popen:
+    """`python -m acquisition.replayer` in its own process, waiting for its first consumer."""
+    cmd = [sys.executable, "-m", "acquisition.replayer", str(path), "--name", name,
+           "--source-id", name, "--speed", str(speed), "--no-progress",
+           "--wait-consumers", "60", *extra]  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)

@@ -21,6 +21,7 @@ from closedloop.config import SessionConfig, apply_overrides
 from closedloop.errors import ConfigError
 from closedloop.load import load_session, read_jsonl
 from closedloop.session import Session
+from tests.session_helpers import end_process, start_replayer
 
 pytestmark = [pytest.mark.lsl, pytest.mark.slow, pytest.mark.timeout(120)]
 SFREQ = 250.0
@@ -54,31 +55,11 @@ def config(name: str, **overrides) -> SessionConfig:
 
 
 def replayer(path: Path, name: str, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "acquisition.replayer",
-        str(path),
-        "--name",
-        name,
-        "--source-id",
-        name,
-        "--speed",
-        str(SPEED),
-        "--no-progress",
-        "--wait-consumers",
-        "60",
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    return start_replayer(path, name, *extra, speed=SPEED)
 
 
-def end(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+def until_disarmed(session: Session) -> bool:
+    return wait_for(lambda: session.pipeline.trigger.interlock.state.value == "disarmed", 10.0)
 
 
 def wait_for(predicate, timeout_s: float) -> bool:
@@ -193,7 +174,7 @@ def test_stream_killed_then_restarted_disarms_and_never_rearms(recording, unique
         info = run_with(session, kill_then_restart, stop_after_s=0.5)
     finally:
         for p in procs:
-            end(p)
+            end_process(p)
     assert_disarmed_with(session, info, "stream_lost", "stale_data")
     events = read_jsonl(session.folder / "events.jsonl")
     assert any(e.get("health") == "restored" for e in events), "restart was not reported"
@@ -204,14 +185,9 @@ def test_sample_gap_disarms(recording, unique_name, out_dir):
     proc = replayer(recording, unique_name, "--drop", str(first), "25")
     session = live_session(unique_name)
     try:
-        info = run_with(
-            session,
-            lambda s: wait_for(
-                lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 10.0
-            ),
-        )
+        info = run_with(session, until_disarmed)
     finally:
-        end(proc)
+        end_process(proc)
     assert_disarmed_with(session, info, "sample_gap")
 
 
@@ -225,14 +201,9 @@ def test_nan_and_railing_input_disarm(kind, unique_name, out_dir, tmp_path):
     proc = replayer(path, unique_name)
     session = live_session(unique_name)
     try:
-        info = run_with(
-            session,
-            lambda s: wait_for(
-                lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 10.0
-            ),
-        )
+        info = run_with(session, until_disarmed)
     finally:
-        end(proc)
+        end_process(proc)
     assert_disarmed_with(session, info, "bad_input", "nonfinite", "railing")
 
 
@@ -253,7 +224,7 @@ def test_exception_inside_a_feature_disarms(recording, unique_name, out_dir, mon
     try:
         info = run_with(session, lambda s: armed.set())
     finally:
-        end(proc)
+        end_process(proc)
     assert_disarmed_with(session, info, "injected failure in a feature")
 
 
@@ -273,7 +244,7 @@ def test_serial_port_that_disappears_disarms(recording, unique_name, out_dir):
     try:
         info = run_with(session, unplug, stop_after_s=4.0)
     finally:
-        end(proc)
+        end_process(proc)
     audit = read_jsonl(session.folder / "audit.jsonl")
     # the port vanished: either a pulse attempt failed on it or nothing was asked for after it
     errors = [a for a in audit if a.get("event") == "attempt" and a["reason"] == "output_error"]
@@ -306,7 +277,7 @@ def test_stream_with_other_channels_or_rate_is_refused_before_anything_starts(
                 session.run()
             assert session.folder is None  # nothing started, nothing written
     finally:
-        end(proc)
+        end_process(proc)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -344,7 +315,7 @@ def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(
         if run.poll() is None:
             run.kill()
             run.communicate()
-        end(proc)
+        end_process(proc)
     assert run.returncode == 0, err
     folder = next((out_dir / "sessions").iterdir())
     audit = read_jsonl(folder / "audit.jsonl")

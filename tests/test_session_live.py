@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -18,47 +16,16 @@ from closedloop.session import Session
 from tests.session_helpers import (
     REPLAY_DATA,
     bundled_recording,
+    end_process,
     fast_config,
     fraction_inside,
+    start_replayer,
     target_epochs,
 )
 
 pytestmark = [pytest.mark.lsl, pytest.mark.slow]
 RECORDING = REPLAY_DATA / "sim_32ch_500hz.fif"
 SPEED = 3.0
-
-
-def start_replayer(
-    name: str, *extra: str, speed: float = SPEED, path=RECORDING
-) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "acquisition.replayer",
-        str(path),
-        "--name",
-        name,
-        "--source-id",
-        name,
-        "--speed",
-        str(speed),
-        "--no-progress",
-        "--wait-consumers",
-        "60",
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class MarkerListener(threading.Thread):
@@ -106,7 +73,7 @@ def run_live_session(name: str, tmp_path, config=None, arm=True, on_session=None
 def test_live_replay_fires_in_target_epochs_records_everything_and_matches_offline(
     unique_name, tmp_path
 ):
-    replayer = start_replayer(unique_name)
+    replayer = start_replayer(RECORDING, unique_name, speed=SPEED)
     listener = MarkerListener(f"{unique_name}-pulses")
     listener.start()
     done = threading.Event()
@@ -125,7 +92,7 @@ def test_live_replay_fires_in_target_epochs_records_everything_and_matches_offli
         )
     finally:
         listener.stop_event.set()
-        stop(replayer)
+        end_process(replayer)
     listener.join(timeout=10)
     rec = load_session(session.folder)
     raw = rec.raw
