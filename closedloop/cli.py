@@ -21,6 +21,7 @@ EPILOG = """examples:
   closedloop offline replay_data/sim_32ch_500hz.fif --config configs/default.yaml
   closedloop replay replay_data/sim_32ch_500hz.fif --loop forever
   closedloop simulate out.fif --preset sim_4ch_256hz --seed 1
+  closedloop tune replay_data/sim_32ch_500hz.fif --grid state.enter=0.5:2:0.5 --grid trigger.dwell_s=0.5,1
 """
 
 
@@ -30,7 +31,7 @@ def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
         "-c",
         type=Path,
         required=required,
-        help="session YAML (default: built-in defaults)",
+        help="session YAML" + ("" if required else " (default: built-in defaults)"),
     )
     p.add_argument(
         "--set",
