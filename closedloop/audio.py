@@ -134,7 +134,7 @@ class GuidedAudioSettings(_Strict):
 def _qt_multimedia():
     """The QtMultimedia module, or None (PySide6-Essentials has no multimedia)."""
     try:
-        from PySide6 import QtMultimedia  # noqa: PLC0415 - optional module
+        from PySide6 import QtMultimedia
     except ImportError:
         return None
     return QtMultimedia
@@ -403,7 +403,7 @@ class _DevicePlayer:
     """
 
     def __init__(self, data: np.ndarray, sample_rate_hz: int) -> None:
-        from PySide6.QtCore import QBuffer, QByteArray, QIODevice  # noqa: PLC0415 - optional
+        from PySide6.QtCore import QBuffer, QByteArray, QIODevice
 
         qtm = _qt_multimedia()
         fmt = qtm.QAudioFormat()

@@ -21,7 +21,8 @@ EPILOG = """examples:
   closedloop offline replay_data/sim_32ch_500hz.fif --config configs/default.yaml
   closedloop replay replay_data/sim_32ch_500hz.fif --loop forever
   closedloop simulate out.fif --preset sim_4ch_256hz --seed 1
-  closedloop tune replay_data/sim_32ch_500hz.fif --grid state.enter=0.5:2:0.5 --grid trigger.dwell_s=0.5,1
+  closedloop tune replay_data/sim_32ch_500hz.fif --grid state.enter=0.5:2:0.5 \
+      --grid trigger.dwell_s=0.5,1
 """
 
 
@@ -45,7 +46,9 @@ def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="closedloop",
-        description="Closed-loop EEG neurofeedback and brain-state-dependent TMS triggering over LSL.",
+        description=(
+            "Closed-loop EEG neurofeedback and brain-state-dependent TMS triggering over LSL."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("CLOSEDLOOP_RAISE"):
             raise
         print(
-            f"closedloop {args.command}: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            f"closedloop {args.command}: error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

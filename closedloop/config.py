@@ -188,11 +188,13 @@ def validate_for_stream(
     src = config.source
     if src.expected_sfreq is not None and abs(src.expected_sfreq - sfreq) > 1e-6:
         errors.append(
-            f"source.expected_sfreq: stream runs at {sfreq:g} Hz, config expects {src.expected_sfreq:g} Hz"
+            f"source.expected_sfreq: stream runs at {sfreq:g} Hz, "
+            f"config expects {src.expected_sfreq:g} Hz"
         )
     if src.expected_n_channels is not None and src.expected_n_channels != len(ch_names):
         errors.append(
-            f"source.expected_n_channels: stream has {len(ch_names)} channels, config expects {src.expected_n_channels}"
+            f"source.expected_n_channels: stream has {len(ch_names)} channels, "
+            f"config expects {src.expected_n_channels}"
         )
     if errors:
         raise ConfigError(where, errors)

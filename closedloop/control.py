@@ -27,7 +27,7 @@ class SessionControl(Protocol):
         """Disarm, stop firing and end stimulation for the session; always allowed."""
 
     def set_thresholds(self, enter: float, leave: float, source: str) -> None:
-        """Change the state thresholds live; raises ControlError if invalid (enter <= leave, ...)."""
+        """Change the state thresholds live; ControlError if invalid (enter <= leave, ...)."""
 
     def start_calibration(self, source: str) -> None:
         """Begin (or restart) the baseline calibration; disarms first."""

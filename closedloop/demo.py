@@ -89,7 +89,8 @@ def run_demo(
     recording = Path(recording or BUNDLED)
     if not recording.exists():
         raise UserError(
-            f"{recording}: recording not found (regenerate with the command in replay_data/README.md)"
+            f"{recording}: recording not found "
+            "(regenerate it with the command in replay_data/README.md)"
         )
     tag = uuid.uuid4().hex[:8]
     name, source_id = f"closedloop-demo-{tag}", f"closedloop-demo-{tag}"

@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from closedloop.errors import UserError
+from triggers.audit import read_audit
 
 PULSE = "pulse"
 
@@ -36,20 +37,10 @@ class SessionRecord:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """JSON lines; a torn last line (process killed mid-write) is skipped."""
-    out = []
+    """Records of a JSON-lines log ([] if absent); a torn last line (killed mid-write) is skipped,
+    a corrupt line elsewhere is an error (triggers.audit.read_audit)."""
     path = Path(path)
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_audit(path) if path.exists() else []
 
 
 def _eeg_from_xdf(path: Path, eeg_source_id: str | None) -> tuple[mne.io.BaseRaw, float]:

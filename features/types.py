@@ -23,7 +23,8 @@ class State:
     time_in_state_s: stream seconds since `label` last changed.
     dwell_progress: 0..1, fraction of the state dwell time the score has been above `enter`
         while not yet TARGET (1.0 once TARGET).
-    features: feature name (e.g. 'theta@frontal_midline') -> log10 band power (V²) or relative power.
+    features: feature name (e.g. 'theta@frontal_midline') -> log10 band power (V²) or
+        relative power.
     z: feature name -> robust z score (empty before calibration).
     artifacts: reasons of active artifact flags, e.g. ('amplitude:Fp1', 'muscle:T7').
     """

@@ -27,8 +27,11 @@ def bundled_recording():
 
 
 def fast_config(**overrides) -> SessionConfig:
-    """Defaults with thresholds that give precise pulses on the simulated recordings (measured:
-    precision 1.0, every target epoch after calibration hit, on the bundled file and a 5-min one)."""
+    """Defaults with thresholds that give precise pulses on the simulated recordings.
+
+    Measured: precision 1.0 and every target epoch after calibration hit, on the bundled file
+    and on a 5-minute simulation.
+    """
     base = {"state.enter": 1.5, "state.leave": 0.0, "recording.xdf": False}
     base.update(overrides)
     return apply_overrides(SessionConfig(), base)

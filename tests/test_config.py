@@ -30,7 +30,8 @@ def test_defaults_need_no_file():
 
 def test_default_yaml_is_in_sync_with_the_models():
     assert (ROOT / "configs" / "default.yaml").read_text(encoding="utf-8") == default_yaml(), (
-        "configs/default.yaml is stale: run closedloop check-config --write-defaults configs/default.yaml"
+        "configs/default.yaml is stale: "
+        "run closedloop check-config --write-defaults configs/default.yaml"
     )
 
 
@@ -131,7 +132,7 @@ def test_overrides_are_validated_and_suggest_keys():
     assert config.trigger.dwell_s == 2
     with pytest.raises(ConfigError, match=r"did you mean 'state.enter'"):
         apply_overrides(SessionConfig(), {"state.entr": 1.0})
-    with pytest.raises(ConfigError, match="safety.min_interval_s"):
+    with pytest.raises(ConfigError, match=r"safety\.min_interval_s"):
         apply_overrides(SessionConfig(), {"safety.min_interval_s": 0.2})
 
 
