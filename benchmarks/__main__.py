@@ -158,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def render(json_path: Path) -> str:
+    """Re-write latest.md from a latest.json (after a change to the tables only)."""
+    res = json.loads(json_path.read_text())
+    md = markdown(res)
+    json_path.with_suffix(".md").write_text(md)
+    return md
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
@@ -224,8 +232,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "## Decision latency (chunk handed over -> trigger outputs returned), one core",
             "",
-            "10-sample chunks back to back after calibration, armed, pulses firing; wall time "
-            "(p50 / p99 / max) and the thread CPU time of the same steps (p50 / p99).",
+            "10-sample chunks fed in real time after calibration, armed, pulses firing; wall "
+            "time (p50 / p99 / max) and the thread CPU time of the same steps (p50 / p99; it "
+            "spans the chunk's construction and two clock reads more than the wall figure).",
             "",
             "| channels | rate (Hz) | p50 (ms) | p99 (ms) | max (ms) | CPU p50 (ms) | CPU p99 (ms)"
             " | mean step / chunk period (ms) | chunks |",
