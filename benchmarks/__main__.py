@@ -3,8 +3,9 @@
     python -m benchmarks [NAME ...] [--quick] [--out DIR]      (./dev bench does this)
 
 Names: decision, throughput, e2e, offline, memory, feedback, tune_speed (default: all).
---quick: short runs (a minute or two in all) to check that everything works; the committed results
-come from a full run (about 20 minutes on a 2-core machine). Not part of the test suite.
+--quick: short runs (about 5 minutes in all) to check that everything works, written to quick.json
+and quick.md beside latest.*, so the committed results stay; those come from a full run (about 20
+minutes on a 2-core machine). Not part of the test suite.
 The machine, versions, date, git commit and the load average around each benchmark are recorded:
 on a shared machine other processes lengthen the latency tails (compare the CPU-time figures).
 """
@@ -99,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", metavar="NAME",
                     help=f"benchmarks to run (default: all): {', '.join(NAMES)}")
-    ap.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="short runs (a smoke test), written to quick.json / quick.md")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                    help="where latest.json and latest.md go")
+                    help="where latest.json and latest.md (quick.* with --quick) go")
     args = ap.parse_args(argv)
     names = args.names or list(NAMES)
     bad = [n for n in names if n not in NAMES]
@@ -149,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "wall_s": round(time.perf_counter() - t0, 1)}
     res["goals"] = goals(res["results"])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(res, indent=1, default=_jsonable) + "\n")
+    # a quick run never overwrites the committed results of a full run
+    stem = "quick" if args.quick else "latest"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=_jsonable) + "\n")
     md = markdown(res)
-    (args.out / "latest.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     log("")
     log(md)
-    log(f"written: {args.out / 'latest.json'}, {args.out / 'latest.md'}")
+    log(f"written: {args.out / f'{stem}.json'}, {args.out / f'{stem}.md'}")
     return 0
 
 
