@@ -178,8 +178,10 @@ class Pipeline:
         if n == 0:
             return (float("nan"),) * 3
         lat = self._latency_ms[:n]
-        p50, p99 = np.percentile(lat, [50, 99])
-        return float(p50), float(p99), float(lat.max())
+        if not np.isfinite(lat).any():  # e.g. only chunks without an arrival time
+            return (float("nan"),) * 3
+        p50, p99 = np.nanpercentile(lat, [50, 99])  # a chunk without t_arrival gives nan
+        return float(p50), float(p99), float(np.nanmax(lat))
 
     def close(self, reason: str = "session ended") -> None:
         """Disarm first (with the reason), then close outputs, then flush the audit log."""
