@@ -40,7 +40,7 @@ def __getattr__(name: str) -> object:
     # Lazy (PEP 562): importing acquisition.replayer here would make
     # `python -m acquisition.replayer` warn that the module was imported before it ran.
     if name in {"Replayer", "ReplayStats"}:
-        from acquisition import replayer  # noqa: PLC0415
+        from acquisition import replayer
 
         return getattr(replayer, name)
     raise AttributeError(f"module 'acquisition' has no attribute {name!r}")

@@ -176,8 +176,10 @@ class StreamDescription:
 
 def list_streams(timeout_s: float = 1.0) -> list[StreamDescription]:
     """All streams visible within `timeout_s` seconds, sorted by name (blocks `timeout_s`)."""
-    found = {info.uid(): StreamDescription.from_info(info) for info in
-             pylsl.resolve_streams(wait_time=timeout_s)}
+    found = {
+        info.uid(): StreamDescription.from_info(info)
+        for info in pylsl.resolve_streams(wait_time=timeout_s)
+    }
     return sorted(found.values(), key=lambda d: (d.name, d.source_id, d.hostname))
 
 
@@ -444,7 +446,8 @@ class LslSource:
         assert buffer is not None
         try:
             _, ts = inlet.pull_chunk(
-                timeout=0.0, max_samples=self._max_chunk, dest_obj=buffer, as_numpy=True)
+                timeout=0.0, max_samples=self._max_chunk, dest_obj=buffer, as_numpy=True
+            )
             if ts.shape[0] == 0 and timeout_s > 0.0:
                 ts = self._wait_for_samples(inlet, timeout_s)
         except LostError:
@@ -456,11 +459,15 @@ class LslSource:
         if n == 0:
             if not self._stale and now - self._last_sample_local > self._stale_after_s:
                 self._stale = True
-                events.append(HealthEvent(
-                    HealthKind.STALE, self._last_ts, now,
-                    f"no sample for {now - self._last_sample_local:.3f} s "
-                    f"(limit {self._stale_after_s} s)",
-                ))
+                events.append(
+                    HealthEvent(
+                        HealthKind.STALE,
+                        self._last_ts,
+                        now,
+                        f"no sample for {now - self._last_sample_local:.3f} s "
+                        f"(limit {self._stale_after_s} s)",
+                    )
+                )
                 self._start_liveness_check(now)
             elif self._liveness is not None and now >= self._next_liveness_poll:
                 self._check_liveness(now, events)
@@ -477,10 +484,14 @@ class LslSource:
         if self._stale:
             self._stale = False
             self._liveness = None
-            events.append(HealthEvent(
-                HealthKind.FLOWING, float(timestamps[0]), now,
-                f"samples again after {now - self._last_sample_local:.3f} s",
-            ))
+            events.append(
+                HealthEvent(
+                    HealthKind.FLOWING,
+                    float(timestamps[0]),
+                    now,
+                    f"samples again after {now - self._last_sample_local:.3f} s",
+                )
+            )
         self._check_timestamps(timestamps, now, events)
         if self._counter_idx is not None:
             self._check_counter(data[:, self._counter_idx], timestamps, now, events)
@@ -488,10 +499,14 @@ class LslSource:
             bad = ~np.isfinite(data)
             first = int(np.argmax(bad.any(axis=1)))
             chans = [self._require_desc().ch_names[k] for k in np.flatnonzero(bad.any(axis=0))]
-            events.append(HealthEvent(
-                HealthKind.NONFINITE, float(timestamps[first]), now,
-                f"{int(bad.sum())} non-finite values in channels {', '.join(chans)}",
-            ))
+            events.append(
+                HealthEvent(
+                    HealthKind.NONFINITE,
+                    float(timestamps[first]),
+                    now,
+                    f"{int(bad.sum())} non-finite values in channels {', '.join(chans)}",
+                )
+            )
         self._last_sample_local = now
         self._n_received += n
         desc = self._require_desc()
@@ -506,13 +521,14 @@ class LslSource:
         chunk whole (250 / 250) at ~0.2 ms extra latency (median 0.91 ms end to end).
         """
         _, first = inlet.pull_chunk(
-            timeout=timeout_s, max_samples=1, dest_obj=self._buffer, as_numpy=True)
+            timeout=timeout_s, max_samples=1, dest_obj=self._buffer, as_numpy=True
+        )
         if first.shape[0] == 0 or self._max_chunk == 1:
             return first
         time.sleep(CHUNK_SETTLE_S)
         _, rest = inlet.pull_chunk(
-            timeout=0.0, max_samples=self._max_chunk - 1, dest_obj=self._buffer_tail,
-            as_numpy=True)
+            timeout=0.0, max_samples=self._max_chunk - 1, dest_obj=self._buffer_tail, as_numpy=True
+        )
         return np.concatenate((first, rest)) if rest.shape[0] else first
 
     # ------------------------------------------------------------ health checks
@@ -529,11 +545,15 @@ class LslSource:
             return
         idx = np.flatnonzero(bad)
         worst = float(steps[idx[np.argmax(np.abs(steps[idx]))]])
-        events.append(HealthEvent(
-            HealthKind.GAP, float(ts[idx[0] + offset]), now,
-            f"{idx.size} timestamp step(s) outside (0, {self._gap_s * 1e3:.2f} ms]; "
-            f"largest {worst * 1e3:.2f} ms",
-        ))
+        events.append(
+            HealthEvent(
+                HealthKind.GAP,
+                float(ts[idx[0] + offset]),
+                now,
+                f"{idx.size} timestamp step(s) outside (0, {self._gap_s * 1e3:.2f} ms]; "
+                f"largest {worst * 1e3:.2f} ms",
+            )
+        )
 
     def _check_counter(
         self, counter: np.ndarray, ts: np.ndarray, now: float, events: list[HealthEvent]
@@ -551,12 +571,16 @@ class LslSource:
         idx = np.flatnonzero(bad)
         first = int(idx[0])
         missing = float(np.nansum(steps[idx] - 1.0))
-        events.append(HealthEvent(
-            HealthKind.COUNTER_GAP, float(ts[first + offset]), now,
-            f"counter {self._counter_channel!r} jumped {idx.size} time(s) "
-            f"(first by {steps[first]:g} at value {counter[first + offset]:g}); "
-            f"{missing:g} samples missing in total",
-        ))
+        events.append(
+            HealthEvent(
+                HealthKind.COUNTER_GAP,
+                float(ts[first + offset]),
+                now,
+                f"counter {self._counter_channel!r} jumped {idx.size} time(s) "
+                f"(first by {steps[first]:g} at value {counter[first + offset]:g}); "
+                f"{missing:g} samples missing in total",
+            )
+        )
 
     def _check_expected(self, now: float, events: list[HealthEvent]) -> None:
         desc = self._require_desc()
@@ -579,8 +603,9 @@ class LslSource:
             self._next_tc_refresh = now + RESTORE_POLL_S
 
     # ---------------------------------------------------------- loss / restore
-    def _on_lost(self, now: float, events: list[HealthEvent], why: str = "connection closed"
-                 ) -> None:
+    def _on_lost(
+        self, now: float, events: list[HealthEvent], why: str = "connection closed"
+    ) -> None:
         desc = self._require_desc()
         self._lost = True
         self._lost_at = now
@@ -589,18 +614,25 @@ class LslSource:
         self._liveness = None
         # Resolution runs in liblsl's thread; results() is a ~50 µs non-blocking read.
         self._resolver = pylsl.ContinuousResolver(
-            pred=self._restore_predicate(), forget_after=RESOLVER_FORGET_S)
+            pred=self._restore_predicate(), forget_after=RESOLVER_FORGET_S
+        )
         self._next_restore_poll = now + RESTORE_POLL_S
         since = now - self._last_sample_local
-        events.append(HealthEvent(
-            HealthKind.LOST, self._last_ts, now,
-            f"stream {desc.name!r} (uid {desc.uid}) lost ({why}); last sample {since:.3f} s ago",
-        ))
+        events.append(
+            HealthEvent(
+                HealthKind.LOST,
+                self._last_ts,
+                now,
+                f"stream {desc.name!r} (uid {desc.uid}) lost ({why}); "
+                f"last sample {since:.3f} s ago",
+            )
+        )
 
     def _start_liveness_check(self, now: float) -> None:
         """While stale, ask the network whether the stream still answers (see _check_liveness)."""
         self._liveness = pylsl.ContinuousResolver(
-            pred=self._restore_predicate(), forget_after=UNANSWERED_LOST_S)
+            pred=self._restore_predicate(), forget_after=UNANSWERED_LOST_S
+        )
         self._liveness_since = now
         self._next_liveness_poll = now + RESTORE_POLL_S
 
@@ -618,8 +650,11 @@ class LslSource:
         listed = any(info.uid() == uid for info in self._liveness.results())
         if not listed and now - self._liveness_since > UNANSWERED_LOST_S:
             self._liveness = None
-            self._on_lost(now, events, f"no data, and no answer to resolver queries for "
-                                       f"{UNANSWERED_LOST_S:g} s")
+            self._on_lost(
+                now,
+                events,
+                f"no data, and no answer to resolver queries for {UNANSWERED_LOST_S:g} s",
+            )
 
     def _restore_predicate(self) -> str:
         """Only the same device may come back: the stream's own name and source_id (the
@@ -669,19 +704,30 @@ class LslSource:
         self._last_sample_local = now
         self._next_tc_refresh = now  # keep the host's offset until the new inlet has its own
         changed = "uid changed (restarted)" if new.uid != old.uid else "same uid"
-        events.append(HealthEvent(
-            HealthKind.RESTORED, math.nan, now,
-            f"{changed}: uid {old.uid} -> {new.uid}; down {now - self._lost_at:.3f} s; "
-            f"{len(fresh)} candidate(s)",
-        ))
+        events.append(
+            HealthEvent(
+                HealthKind.RESTORED,
+                math.nan,
+                now,
+                f"{changed}: uid {old.uid} -> {new.uid}; down {now - self._lost_at:.3f} s; "
+                f"{len(fresh)} candidate(s)",
+            )
+        )
         layout_changed = (new.n_channels, new.sfreq, new.ch_names) != (
-            old.n_channels, old.sfreq, old.ch_names)
+            old.n_channels,
+            old.sfreq,
+            old.ch_names,
+        )
         if layout_changed:
-            events.append(HealthEvent(
-                HealthKind.MISMATCH, math.nan, now,
-                f"restored stream differs: {old.n_channels} ch @ {old.sfreq:g} Hz "
-                f"{old.ch_names} -> {new.n_channels} ch @ {new.sfreq:g} Hz {new.ch_names}",
-            ))
+            events.append(
+                HealthEvent(
+                    HealthKind.MISMATCH,
+                    math.nan,
+                    now,
+                    f"restored stream differs: {old.n_channels} ch @ {old.sfreq:g} Hz "
+                    f"{old.ch_names} -> {new.n_channels} ch @ {new.sfreq:g} Hz {new.ch_names}",
+                )
+            )
         self._check_expected(now, events)
         return True
 
@@ -706,11 +752,12 @@ class LslSource:
         self._desc = desc
         self._buffer = np.zeros((self._max_chunk, n_ch), dtype=_FORMAT_DTYPES[fmt])
         # The same memory from the second sample on (for the rest of a chunk, see pull()).
-        self._buffer_tail = memoryview(self._buffer).cast("B")[self._buffer[0].nbytes:]
+        self._buffer_tail = memoryview(self._buffer).cast("B")[self._buffer[0].nbytes :]
         self._empty_data = np.zeros((0, n_ch))
         self._counter_idx = (
             desc.ch_names.index(self._counter_channel)
-            if self._counter_channel in desc.ch_names else None
+            if self._counter_channel in desc.ch_names
+            else None
         )
         default_scale = unit_scale(self._missing_unit)
         scales = np.ones(n_ch)
@@ -729,15 +776,23 @@ class LslSource:
 
     def _empty_chunk(self, events: list[HealthEvent], now: float) -> Chunk:
         desc = self._require_desc()
-        return Chunk(self._empty_data, self._empty_ts, desc.ch_names, desc.sfreq,
-                     tuple(events), now)
+        return Chunk(
+            self._empty_data, self._empty_ts, desc.ch_names, desc.sfreq, tuple(events), now
+        )
 
     def _not_found_message(self, head: str) -> str:
-        wanted = ", ".join(
-            f"{k}={v!r}" for k, v in
-            (("name", self._name), ("type", self._stype), ("source_id", self._source_id))
-            if v is not None
-        ) or "any numeric stream"
+        wanted = (
+            ", ".join(
+                f"{k}={v!r}"
+                for k, v in (
+                    ("name", self._name),
+                    ("type", self._stype),
+                    ("source_id", self._source_id),
+                )
+                if v is not None
+            )
+            or "any numeric stream"
+        )
         visible = list_streams(LIST_FOR_ERROR_S)
         lines = [f"{head} ({wanted}) within {self._resolve_timeout_s:g} s."]
         if visible:

@@ -251,7 +251,7 @@ def _n_samples(stream: dict) -> int:
 
 
 def _read_xdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
-    import pyxdf  # noqa: PLC0415 - only needed for XDF
+    import pyxdf
 
     # Check the magic ourselves: pyxdf leaves the file open when it rejects a non-XDF file.
     with path.open("rb") as fid:

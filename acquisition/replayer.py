@@ -61,7 +61,7 @@ class ReplayStats:
     overruns: int = 0
     max_late_s: float = 0.0
     t_start: float = math.nan  # LSL timestamp of sample 0
-    t_stop: float = math.nan   # local_clock() when streaming ended
+    t_stop: float = math.nan  # local_clock() when streaming ended
     stopped_early: bool = False
 
     def summary(self) -> str:
@@ -120,13 +120,17 @@ class Replayer:
         if drop is not None and (drop[0] < 0 or drop[1] < 1):
             raise ValueError(f"drop must be (first >= 0, count >= 1), got {drop}")
         raw = _load(raw_or_path)
-        self._source = str(raw_or_path) if isinstance(raw_or_path, str | Path) else (
-            raw.filenames[0] if raw.filenames and raw.filenames[0] else "<Raw in memory>")
+        self._source = (
+            str(raw_or_path)
+            if isinstance(raw_or_path, str | Path)
+            else (raw.filenames[0] if raw.filenames and raw.filenames[0] else "<Raw in memory>")
+        )
         ch_names = list(raw.ch_names)
         ch_types = raw.get_channel_types()
         if add_counter and COUNTER_CHANNEL in ch_names:
             raise ValueError(
-                f"the recording already has a {COUNTER_CHANNEL!r} channel; drop add_counter")
+                f"the recording already has a {COUNTER_CHANNEL!r} channel; drop add_counter"
+            )
         data = raw.get_data().T  # (n_times, n_channels), SI units (volts)
         units = []
         for k, (ch_name, ch_type) in enumerate(zip(ch_names, ch_types, strict=True)):
@@ -181,14 +185,17 @@ class Replayer:
     # ----------------------------------------------------------------- outlets
     def _eeg_info(self) -> pylsl.StreamInfo:
         info = pylsl.StreamInfo(
-            self.name, self.stype, len(self.ch_names), self.sfreq, pylsl.cf_float32,
+            self.name,
+            self.stype,
+            len(self.ch_names),
+            self.sfreq,
+            pylsl.cf_float32,
             self.source_id,
         )
         desc = info.desc()
         desc.append_child_value("manufacturer", "closedloop")
         channels = desc.append_child("channels")
-        for label, unit, ch_type in zip(self.ch_names, self.ch_units, self.ch_types,
-                                        strict=True):
+        for label, unit, ch_type in zip(self.ch_names, self.ch_units, self.ch_types, strict=True):
             ch = channels.append_child("channel")
             ch.append_child_value("label", label)
             ch.append_child_value("unit", unit)
@@ -205,7 +212,11 @@ class Replayer:
 
     def _marker_info(self) -> pylsl.StreamInfo:
         info = pylsl.StreamInfo(
-            f"{self.name}-markers", "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string,
+            f"{self.name}-markers",
+            "Markers",
+            1,
+            pylsl.IRREGULAR_RATE,
+            pylsl.cf_string,
             f"{self.source_id}-markers",
         )
         ch = info.desc().append_child("channels").append_child("channel")
@@ -220,8 +231,7 @@ class Replayer:
         self._stop_event.clear()
         self.stats = ReplayStats()
         outlet = pylsl.StreamOutlet(self._eeg_info(), self.chunk_size)
-        markers = (pylsl.StreamOutlet(self._marker_info(), 1)
-                   if self._marker_stream else None)
+        markers = pylsl.StreamOutlet(self._marker_info(), 1) if self._marker_stream else None
         self.uid = outlet.get_info().uid()
         self.ready.set()
         if on_ready is not None:
@@ -344,8 +354,9 @@ class Replayer:
                 while marker_pos < len(self._marker_idx) and self._marker_idx[marker_pos] < b:
                     if markers is not None:
                         m = int(self._marker_idx[marker_pos])
-                        markers.push_sample([self._marker_desc[marker_pos]],
-                                            t0 + (loop_idx * n_times + m) / sfreq)
+                        markers.push_sample(
+                            [self._marker_desc[marker_pos]], t0 + (loop_idx * n_times + m) / sfreq
+                        )
                         stats.markers_pushed += 1
                     marker_pos += 1
                 if bar is not None:
@@ -375,8 +386,14 @@ class Replayer:
     def _make_progress(self, total: int | None) -> Any:
         if not self._progress or total is None or not sys.stderr.isatty():
             return None
-        return tqdm(total=total, unit="smp", unit_scale=True, file=sys.stderr,
-                    desc=f"replay {self.name}", dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            unit="smp",
+            unit_scale=True,
+            file=sys.stderr,
+            desc=f"replay {self.name}",
+            dynamic_ncols=True,
+        )
 
 
 # ---------------------------------------------------------------------- command line
@@ -387,7 +404,8 @@ def _parse_loop(text: str) -> int | None:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a number >= 1 or 'forever', got {text!r}") from None
+            f"expected a number >= 1 or 'forever', got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'forever', got {text!r}")
     return value
@@ -403,29 +421,59 @@ def _positive_float(text: str) -> float:
 def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the replay options (shared by `python -m acquisition.replayer` and the CLI)."""
     parser.add_argument("file", type=Path, help="recording to replay (any format the readers load)")
-    parser.add_argument("--name", default=DEFAULT_NAME,
-                        help="LSL stream name (default: %(default)s)")
-    parser.add_argument("--source-id", default=None,
-                        help="LSL source_id (default: the stream name)")
+    parser.add_argument(
+        "--name", default=DEFAULT_NAME, help="LSL stream name (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--source-id", default=None, help="LSL source_id (default: the stream name)"
+    )
     parser.add_argument("--stype", default="EEG", help="LSL stream type (default: %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=10,
-                        help="samples per push (default: %(default)s)")
-    parser.add_argument("--speed", type=_positive_float, default=1.0,
-                        help="replay speed factor; 'inf' = no sleeping (default: %(default)s)")
-    parser.add_argument("--fast", action="store_true",
-                        help="push as fast as possible (= --speed inf)")
-    parser.add_argument("--loop", type=_parse_loop, default=1, metavar="N|forever",
-                        help="passes through the recording (default: 1)")
-    parser.add_argument("--counter", action="store_true",
-                        help=f"add a {COUNTER_CHANNEL!r} channel with the sample index")
-    parser.add_argument("--no-markers", action="store_true",
-                        help="do not create the <name>-markers annotation stream")
+    parser.add_argument(
+        "--chunk-size", type=int, default=10, help="samples per push (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=1.0,
+        help="replay speed factor; 'inf' = no sleeping (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="push as fast as possible (= --speed inf)"
+    )
+    parser.add_argument(
+        "--loop",
+        type=_parse_loop,
+        default=1,
+        metavar="N|forever",
+        help="passes through the recording (default: 1)",
+    )
+    parser.add_argument(
+        "--counter",
+        action="store_true",
+        help=f"add a {COUNTER_CHANNEL!r} channel with the sample index",
+    )
+    parser.add_argument(
+        "--no-markers",
+        action="store_true",
+        help="do not create the <name>-markers annotation stream",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--wait-consumers", type=float, default=0.0, metavar="SECONDS",
-                        help="wait up to SECONDS (inf: forever) for a consumer before streaming")
+    parser.add_argument(
+        "--wait-consumers",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS (inf: forever) for a consumer before streaming",
+    )
     # Fault injection for tests: never push samples [FIRST, FIRST + COUNT).
-    parser.add_argument("--drop", type=int, nargs=2, metavar=("FIRST", "COUNT"),
-                        default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--drop",
+        type=int,
+        nargs=2,
+        metavar=("FIRST", "COUNT"),
+        default=None,
+        help=argparse.SUPPRESS,
+    )
     return parser
 
 
@@ -454,8 +502,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     def announce(r: Replayer) -> None:
         # One machine-readable line on stdout once the outlet exists (tests wait for it).
-        print(f"READY name={r.name} source_id={r.source_id} uid={r.uid} sfreq={r.sfreq:g} "
-              f"n_channels={len(r.ch_names)} n_times={r.n_times}", flush=True)
+        print(
+            f"READY name={r.name} source_id={r.source_id} uid={r.uid} sfreq={r.sfreq:g} "
+            f"n_channels={len(r.ch_names)} n_times={r.n_times}",
+            flush=True,
+        )
 
     try:
         stats = replayer.run(on_ready=announce)

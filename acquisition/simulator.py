@@ -360,7 +360,7 @@ def write_simulated(
     path = Path(path)
     if path.name.lower().endswith(".fif") and not path.name.lower().endswith(".fif.gz"):
         return save_fif_reproducible(raw, path)
-    from acquisition.readers import save_recording  # noqa: PLC0415 - avoid an import cycle
+    from acquisition.readers import save_recording
 
     return save_recording(raw, path)
 

@@ -50,8 +50,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
     try:
@@ -87,23 +92,44 @@ def run_script(script: str, args: list[str]) -> dict[str, Any]:
     """Another helper's benchmark script, run as it is; its printed lines are the result."""
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0:
         lines.append(f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    return {"command": f"python benchmarks/{script} {' '.join(args)}".strip(),
-            "lines": lines, "wall_s": time.perf_counter() - t, "ok": proc.returncode == 0}
+    return {
+        "command": f"python benchmarks/{script} {' '.join(args)}".strip(),
+        "lines": lines,
+        "wall_s": time.perf_counter() - t,
+        "ok": proc.returncode == 0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    ap.add_argument("names", nargs="*", metavar="NAME",
-                    help=f"benchmarks to run (default: all): {', '.join(NAMES)}")
-    ap.add_argument("--quick", action="store_true",
-                    help="short runs (a smoke test), written to quick.json / quick.md")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                    help="where latest.json and latest.md (quick.* with --quick) go")
+    ap.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run (default: all): {', '.join(NAMES)}",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="short runs (a smoke test), written to quick.json / quick.md",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="where latest.json and latest.md (quick.* with --quick) go",
+    )
     args = ap.parse_args(argv)
     names = args.names or list(NAMES)
     bad = [n for n in names if n not in NAMES]
@@ -115,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    res: dict[str, Any] = {"machine": machine(), "quick": args.quick, "results": {},
-                           "load_average": {}}
-    log(f"closedloop benchmarks ({'quick' if args.quick else 'full'}) on "
-        f"{res['machine']['cpu']}, {res['machine']['cores']} cores")
+    res: dict[str, Any] = {
+        "machine": machine(),
+        "quick": args.quick,
+        "results": {},
+        "load_average": {},
+    }
+    log(
+        f"closedloop benchmarks ({'quick' if args.quick else 'full'}) on "
+        f"{res['machine']['cpu']}, {res['machine']['cores']} cores"
+    )
     grid = None
     for name in names:
         load0, t0 = _load(), time.perf_counter()
@@ -142,13 +174,20 @@ def main(argv: list[str] | None = None) -> int:
             for ln in out["lines"]:
                 log(f"  {ln}")
         else:  # tune_speed
-            out = run_script("bench_tune_speed.py", ["--minutes", "1", "--repeat", "1"]
-                             if args.quick else ["--minutes", "10", "--repeat", "2"])
+            out = run_script(
+                "bench_tune_speed.py",
+                ["--minutes", "1", "--repeat", "1"]
+                if args.quick
+                else ["--minutes", "10", "--repeat", "2"],
+            )
             for ln in out["lines"]:
                 log(f"  {ln}")
         res["results"][name] = out
-        res["load_average"][name] = {"before": load0, "after": _load(),
-                                     "wall_s": round(time.perf_counter() - t0, 1)}
+        res["load_average"][name] = {
+            "before": load0,
+            "after": _load(),
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
     res["goals"] = goals(res["results"])
     args.out.mkdir(parents=True, exist_ok=True)
     # a quick run never overwrites the committed results of a full run
@@ -182,25 +221,52 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(goal: str, value: float, limit: float, higher_is_better: bool, unit: str) -> None:
         met = value >= limit if higher_is_better else value < limit
-        out.append({"goal": goal, "value": value, "limit": limit, "unit": unit,
-                    "met": bool(met) if math.isfinite(value) else False})
+        out.append(
+            {
+                "goal": goal,
+                "value": value,
+                "limit": limit,
+                "unit": unit,
+                "met": bool(met) if math.isfinite(value) else False,
+            }
+        )
 
     for row in r.get("decision") or []:
         if row["channels"] == 64 and row["sfreq_hz"] == 1000.0:
-            add("decision latency p99 at 64 ch x 1000 Hz", row["p99_ms"],
-                GOALS["decision_p99_ms_64x1000"], False, "ms")
-            add("decision latency p99 at 64 ch x 1000 Hz, thread CPU time", row["cpu_p99_ms"],
-                GOALS["decision_p99_ms_64x1000"], False, "ms")
+            add(
+                "decision latency p99 at 64 ch x 1000 Hz",
+                row["p99_ms"],
+                GOALS["decision_p99_ms_64x1000"],
+                False,
+                "ms",
+            )
+            add(
+                "decision latency p99 at 64 ch x 1000 Hz, thread CPU time",
+                row["cpu_p99_ms"],
+                GOALS["decision_p99_ms_64x1000"],
+                False,
+                "ms",
+            )
     if "e2e" in r:
         e = r["e2e"]
-        add("end-to-end p50 on loopback", e["closedloop"]["p50_ms"], GOALS["e2e_p50_ms"], False,
-            "ms")
+        add(
+            "end-to-end p50 on loopback",
+            e["closedloop"]["p50_ms"],
+            GOALS["e2e_p50_ms"],
+            False,
+            "ms",
+        )
         add("baseline / closedloop end-to-end p50", e["ratio_p50"], GOALS["e2e_ratio"], True, "x")
     if "offline" in r:
         rows = {row["chunk_samples"]: row for row in r["offline"]["by_chunk"]}
         for cs, row in rows.items():
-            add(f"offline speed, 32 ch x 500 Hz, {cs}-sample chunks (session)",
-                row["session_x_realtime"], GOALS["offline_x"], True, "x real time")
+            add(
+                f"offline speed, 32 ch x 500 Hz, {cs}-sample chunks (session)",
+                row["session_x_realtime"],
+                GOALS["offline_x"],
+                True,
+                "x real time",
+            )
     return out
 
 
@@ -229,8 +295,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
         for g in res["goals"]:
             cmp = ">=" if "x" in g["unit"] else "<"
-            lines.append(f"| {g['goal']} | {_f(g['value'])} {g['unit']} | {cmp} "
-                         f"{_f(g['limit'], 1)} {g['unit']} | {'yes' if g['met'] else '**no**'} |")
+            lines.append(
+                f"| {g['goal']} | {_f(g['value'])} {g['unit']} | {cmp} "
+                f"{_f(g['limit'], 1)} {g['unit']} | {'yes' if g['met'] else '**no**'} |"
+            )
         lines.append("")
     if r.get("decision"):
         lines += [
@@ -249,27 +317,36 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {row['channels']} | {row['sfreq_hz']:.0f} | {row['p50_ms']:.3f} | "
                 f"{row['p99_ms']:.3f} | {row['max_ms']:.3f} | {row['cpu_p50_ms']:.3f} | "
                 f"{row['cpu_p99_ms']:.3f} | {row['step_mean_ms']:.3f} / "
-                f"{row['chunk_period_ms']:.1f} | {row['chunks']} |")
+                f"{row['chunk_period_ms']:.1f} | {row['chunks']} |"
+            )
         lines.append("")
     if "throughput" in r:
         t = r["throughput"]
         cpu = t["cpu_64ch_1000hz"]
         lines += ["## Throughput", "", f"Configurations tried: {', '.join(t['tried'])}.", ""]
-        for key, fail, how in (("largest_ok", "failing", "wall-clock p99"),
-                               ("largest_ok_cpu", "failing_cpu", "thread-CPU-time p99")):
+        for key, fail, how in (
+            ("largest_ok", "failing", "wall-clock p99"),
+            ("largest_ok_cpu", "failing_cpu", "thread-CPU-time p99"),
+        ):
             best = t.get(key)
             lines.append(
                 f"- Largest configuration processed in real time on one core with {how} under "
                 "1 ms: "
-                + (f"**{best['channels']} channels x {best['sfreq_hz']:.0f} Hz** "
-                   f"({best['channel_samples_per_s'] / 1e3:.0f} k channel-samples/s; p99 "
-                   f"{best['p99_ms']:.3f} ms wall, {best['cpu_p99_ms']:.3f} ms CPU)"
-                   if best else "**none**")
-                + (f"; not meeting it: {', '.join(t[fail])}" if t.get(fail) else "") + ".")
+                + (
+                    f"**{best['channels']} channels x {best['sfreq_hz']:.0f} Hz** "
+                    f"({best['channel_samples_per_s'] / 1e3:.0f} k channel-samples/s; p99 "
+                    f"{best['p99_ms']:.3f} ms wall, {best['cpu_p99_ms']:.3f} ms CPU)"
+                    if best
+                    else "**none**"
+                )
+                + (f"; not meeting it: {', '.join(t[fail])}" if t.get(fail) else "")
+                + "."
+            )
         lines.append(
             f"- CPU use at 64 channels x 1000 Hz, fed in real time: "
             f"**{cpu['cpu_percent_of_one_core']:.1f} % of one core** (decision latency p50 "
-            f"{cpu['p50_ms']:.3f} ms, p99 {cpu['p99_ms']:.3f} ms over {cpu['wall_s']:.0f} s).")
+            f"{cpu['p50_ms']:.3f} ms, p99 {cpu['p99_ms']:.3f} ms over {cpu['wall_s']:.0f} s)."
+        )
         lines.append("")
     if "e2e" in r:
         e = r["e2e"]
@@ -285,18 +362,25 @@ def markdown(res: dict[str, Any]) -> str:
             "| signal change -> deciding sample (median s) | process CPU |",
             "|---|---|---|---|---|---|---|",
         ]
-        for key, label in (("closedloop", "closedloop (Session + LslSource)"),
-                           ("baseline", "baseline (mne-lsl StreamLSL + scipy welch + threshold)"),
-                           ("echo", "LSL floor (pull and push back, no processing)")):
+        for key, label in (
+            ("closedloop", "closedloop (Session + LslSource)"),
+            ("baseline", "baseline (mne-lsl StreamLSL + scipy welch + threshold)"),
+            ("echo", "LSL floor (pull and push back, no processing)"),
+        ):
             if key not in e:
                 continue
             x = e[key]
             lines.append(
                 f"| {label} | {x['p50_ms']:.3f} | {x['p99_ms']:.3f} | {x['max_ms']:.3f} | "
                 f"{x['markers']} ({x['markers_in_target']}) / {x['repetitions']} | "
-                f"{x['detection_delay_s_median']:.3f} | {x['process_cpu_percent']:.1f} % |")
-        lines += ["", f"Baseline / closedloop: **{e['ratio_p50']:.1f}x** at p50, "
-                  f"{e['ratio_p99']:.1f}x at p99.", ""]
+                f"{x['detection_delay_s_median']:.3f} | {x['process_cpu_percent']:.1f} % |"
+            )
+        lines += [
+            "",
+            f"Baseline / closedloop: **{e['ratio_p50']:.1f}x** at p50, "
+            f"{e['ratio_p99']:.1f}x at p99.",
+            "",
+        ]
     if "offline" in r:
         o = r["offline"]
         lines += [
@@ -307,9 +391,11 @@ def markdown(res: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for row in o["by_chunk"]:
-            lines.append(f"| {row['chunk_samples']} | {row['session_x_realtime']:.0f} | "
-                         f"{row['session_x_per_cpu_s']:.0f} | {row['loop_x_realtime']:.0f} | "
-                         f"{row['pulses']} |")
+            lines.append(
+                f"| {row['chunk_samples']} | {row['session_x_realtime']:.0f} | "
+                f"{row['session_x_per_cpu_s']:.0f} | {row['loop_x_realtime']:.0f} | "
+                f"{row['pulses']} |"
+            )
         lines.append("")
     if "memory" in r:
         x = r["memory"]
@@ -323,13 +409,25 @@ def markdown(res: dict[str, Any]) -> str:
             f"({x['slope_mb_per_stream_hour']:+.2f} MB per stream hour over the second half).",
             "",
         ]
-    for key, title in (("feedback", "Feedback (bench_feedback_latency.py)"),
-                       ("tune_speed", "Tuner speed (bench_tune_speed.py)")):
+    for key, title in (
+        ("feedback", "Feedback (bench_feedback_latency.py)"),
+        ("tune_speed", "Tuner speed (bench_tune_speed.py)"),
+    ):
         if key in r:
-            lines += [f"## {title}", "", f"`{r[key]['command']}`", "", "```",
-                      *r[key]["lines"], "```", ""]
-    lines.append("Reproduce: `./dev bench` (all, about 20 min) or `./dev bench --quick`; "
-                 "`python -m benchmarks e2e decision` runs a selection.")
+            lines += [
+                f"## {title}",
+                "",
+                f"`{r[key]['command']}`",
+                "",
+                "```",
+                *r[key]["lines"],
+                "```",
+                "",
+            ]
+    lines.append(
+        "Reproduce: `./dev bench` (all, about 20 min) or `./dev bench --quick`; "
+        "`python -m benchmarks e2e decision` runs a selection."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -66,8 +66,15 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
     tag = f"bench-decision-{os.getpid()}-{n_ch}-{int(sfreq)}"
     marker = LslMarkerOutput(tag, tag)
     marker.open()
-    p = Pipeline.build(config, names, sfreq, tmp / f"audit-{n_ch}-{int(sfreq)}.jsonl", bus=bus,
-                       live=True, extra_outputs=[marker])
+    p = Pipeline.build(
+        config,
+        names,
+        sfreq,
+        tmp / f"audit-{n_ch}-{int(sfreq)}.jsonl",
+        bus=bus,
+        live=True,
+        extra_outputs=[marker],
+    )
     t_done = [0.0]
 
     def stamp(chunk: Chunk, state: object) -> None:
@@ -100,8 +107,9 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
                 late += 1
         c0 = time.thread_time()
         t_arr = local_clock()
-        chunk = Chunk(data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES], names, sfreq, (),
-                      t_arr)
+        chunk = Chunk(
+            data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES], names, sfreq, (), t_arr
+        )
         res = p.step(chunk)
         t_end = local_clock()
         c1 = time.thread_time()
@@ -155,8 +163,9 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
         "cpu_percent_of_one_core": 100.0 * cpu_s / wall_s,
         "chunks_late": late,  # started more than one chunk period after their due time
         "real_time_ok": bool(late <= lat.size // 1000 and p99 < P99_GOAL_MS),
-        "real_time_ok_cpu": bool(cpu_ms.mean() < period_ms
-                                 and np.percentile(cpu_ms, 99) < P99_GOAL_MS),
+        "real_time_ok_cpu": bool(
+            cpu_ms.mean() < period_ms and np.percentile(cpu_ms, 99) < P99_GOAL_MS
+        ),
         "back_to_back": False,
     }
 
@@ -171,13 +180,15 @@ def run_grid(quick: bool, channels=CHANNELS, rates=RATES_HZ, log=print) -> list[
                 for n_ch in channels:
                     row = measure(n_ch, sfreq, run_s, Path(tmp))
                     rows.append(row)
-                    log(f"  decision {n_ch:4d} ch x {sfreq:5.0f} Hz: p50 {row['p50_ms']:.3f} ms, "
+                    log(
+                        f"  decision {n_ch:4d} ch x {sfreq:5.0f} Hz: p50 {row['p50_ms']:.3f} ms, "
                         f"p99 {row['p99_ms']:.3f} ms, max {row['max_ms']:.3f} ms; CPU p50 "
                         f"{row['cpu_p50_ms']:.3f} p99 {row['cpu_p99_ms']:.3f} ms "
                         f"({row['chunks']} chunks, {row['pulses']} pulses; step mean "
                         f"{row['step_mean_ms']:.3f} ms of a {row['chunk_period_ms']:.1f} ms "
                         f"period; {row['chunks_late']} late; CPU "
-                        f"{row['cpu_percent_of_one_core']:.1f} %)")
+                        f"{row['cpu_percent_of_one_core']:.1f} %)"
+                    )
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
@@ -189,10 +200,14 @@ def _largest(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     best = max(ok, key=lambda r: r["channels"] * r["sfreq_hz"], default=None)
     if best is None:
         return None
-    return {"channels": best["channels"], "sfreq_hz": best["sfreq_hz"],
-            "channel_samples_per_s": best["channels"] * best["sfreq_hz"],
-            "p99_ms": best["p99_ms"], "cpu_p99_ms": best["cpu_p99_ms"],
-            "step_mean_ms": best["step_mean_ms"]}
+    return {
+        "channels": best["channels"],
+        "sfreq_hz": best["sfreq_hz"],
+        "channel_samples_per_s": best["channels"] * best["sfreq_hz"],
+        "p99_ms": best["p99_ms"],
+        "cpu_p99_ms": best["cpu_p99_ms"],
+        "step_mean_ms": best["step_mean_ms"],
+    }
 
 
 def throughput(grid: list[dict[str, Any]], quick: bool, log=print) -> dict[str, Any]:
@@ -200,30 +215,39 @@ def throughput(grid: list[dict[str, Any]], quick: bool, log=print) -> dict[str, 
     beyond it while the largest still passes), by wall time and by thread CPU time; CPU use at
     64 x 1000 fed in real time."""
     rows = list(grid)
-    if not quick and any(r["real_time_ok_cpu"] for r in rows
-                         if r["channels"] == max(CHANNELS) and r["sfreq_hz"] == max(RATES_HZ)):
+    if not quick and any(
+        r["real_time_ok_cpu"]
+        for r in rows
+        if r["channels"] == max(CHANNELS) and r["sfreq_hz"] == max(RATES_HZ)
+    ):
         rows += run_grid(quick, channels=EXTRA_CHANNELS, rates=(max(RATES_HZ),), log=log)
     by_wall, by_cpu = _largest(rows, "real_time_ok"), _largest(rows, "real_time_ok_cpu")
     row = next((r for r in rows if r["channels"] == 64 and r["sfreq_hz"] == 1000.0), None)
-    cpu = {"channels": 64, "sfreq_hz": 1000.0,
-           "cpu_percent_of_one_core": row["cpu_percent_of_one_core"] if row else float("nan"),
-           "p50_ms": row["p50_ms"] if row else float("nan"),
-           "p99_ms": row["p99_ms"] if row else float("nan"),
-           "wall_s": row["chunks"] * row["chunk_period_ms"] / 1e3 if row else float("nan")}
+    cpu = {
+        "channels": 64,
+        "sfreq_hz": 1000.0,
+        "cpu_percent_of_one_core": row["cpu_percent_of_one_core"] if row else float("nan"),
+        "p50_ms": row["p50_ms"] if row else float("nan"),
+        "p99_ms": row["p99_ms"] if row else float("nan"),
+        "wall_s": row["chunks"] * row["chunk_period_ms"] / 1e3 if row else float("nan"),
+    }
 
     def text(b: dict[str, Any] | None) -> str:
         return "none" if b is None else f"{b['channels']} ch x {b['sfreq_hz']:g} Hz"
 
-    log(f"  throughput: largest real-time config with p99 < 1 ms: {text(by_wall)} (wall time), "
+    log(
+        f"  throughput: largest real-time config with p99 < 1 ms: {text(by_wall)} (wall time), "
         f"{text(by_cpu)} (thread CPU time); CPU at 64 ch x 1000 Hz "
-        f"{cpu['cpu_percent_of_one_core']:.1f} % of one core")
+        f"{cpu['cpu_percent_of_one_core']:.1f} % of one core"
+    )
     return {
         "largest_ok": by_wall,
         "largest_ok_cpu": by_cpu,
         "tried": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows],
         "failing": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows if not r["real_time_ok"]],
-        "failing_cpu": [f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows
-                        if not r["real_time_ok_cpu"]],
-        "extra_rows": rows[len(grid):],
+        "failing_cpu": [
+            f"{r['channels']}x{r['sfreq_hz']:g}" for r in rows if not r["real_time_ok_cpu"]
+        ],
+        "extra_rows": rows[len(grid) :],
         "cpu_64ch_1000hz": cpu,
     }

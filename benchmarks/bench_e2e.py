@@ -101,8 +101,17 @@ def pusher(name: str, reps: int, out: Path) -> None:
         outlet.push_chunk(data_uv[i * CHUNK : last + 1], t0 + last / SFREQ_HZ)
     time.sleep(1.0)
     np.save(out.with_suffix(".npy"), t_push)
-    out.write_text(json.dumps({"t0": t0, "n_chunks": n_chunks, "late": int(late),
-                               "blocks": blocks, "names": list(names)}))
+    out.write_text(
+        json.dumps(
+            {
+                "t0": t0,
+                "n_chunks": n_chunks,
+                "late": int(late),
+                "blocks": blocks,
+                "names": list(names),
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- receiver process
@@ -138,10 +147,15 @@ def system(name: str, session_name: str, reps: int, out: Path) -> None:
     from benchmarks.synth import bench_config
     from closedloop.session import Session
 
-    config = bench_config(**{
-        "session.name": session_name, "session.duration_s": _duration_s(reps) - 0.5,
-        "state.enter": ENTER_Z, "state.leave": LEAVE_Z, "source.counter_channel": None,
-    })
+    config = bench_config(
+        **{
+            "session.name": session_name,
+            "session.duration_s": _duration_s(reps) - 0.5,
+            "state.enter": ENTER_Z,
+            "state.leave": LEAVE_Z,
+            "source.counter_channel": None,
+        }
+    )
     source = LslSource(name=name, source_id=name, resolve_timeout_s=30, counter_channel=None)
     arrivals: dict[float, float] = {}  # t_stream of a chunk's last sample -> its t_arrival
 
@@ -161,12 +175,22 @@ def system(name: str, session_name: str, reps: int, out: Path) -> None:
         summary = session.run()
         u1, w1 = _usage(), pylsl.local_clock()
     (out.with_suffix(".arrivals.json")).write_text(json.dumps(list(arrivals.items())))
-    out.write_text(json.dumps({
-        "cpu_s": u1["cpu_s"] - u0["cpu_s"], "wall_s": w1 - w0, "maxrss_kb": u1["maxrss_kb"],
-        "pulses": summary.get("pulses"), "decision_latency_ms": summary.get("latency_ms"),
-        "attempts": summary.get("attempts"), "vetoes_by_reason": summary.get("vetoes_by_reason"),
-        "stop_reason": summary.get("stop_reason"), "faults": summary.get("faults"),
-    }, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "cpu_s": u1["cpu_s"] - u0["cpu_s"],
+                "wall_s": w1 - w0,
+                "maxrss_kb": u1["maxrss_kb"],
+                "pulses": summary.get("pulses"),
+                "decision_latency_ms": summary.get("latency_ms"),
+                "attempts": summary.get("attempts"),
+                "vetoes_by_reason": summary.get("vetoes_by_reason"),
+                "stop_reason": summary.get("stop_reason"),
+                "faults": summary.get("faults"),
+            },
+            default=str,
+        )
+    )
 
 
 def baseline(name: str, marker_name: str, reps: int, out: Path) -> None:
@@ -180,8 +204,9 @@ def baseline(name: str, marker_name: str, reps: int, out: Path) -> None:
     stream = StreamLSL(bufsize=2.0, name=name, source_id=name).connect(acquisition_delay=0.001)
     fs = stream.info["sfreq"]
     picks = [*FRONTAL_MIDLINE, *POSTERIOR]
-    marker = pylsl.StreamOutlet(pylsl.StreamInfo(marker_name, "Markers", 1, 0,
-                                                 pylsl.cf_string, marker_name))
+    marker = pylsl.StreamOutlet(
+        pylsl.StreamInfo(marker_name, "Markers", 1, 0, pylsl.cf_string, marker_name)
+    )
 
     def score() -> tuple[float, float]:
         data, ts = stream.get_data(winsize=BASELINE_WINDOW_S, picks=picks)
@@ -224,9 +249,17 @@ def baseline(name: str, marker_name: str, reps: int, out: Path) -> None:
             in_state = False
     u1, w1 = _usage(), pylsl.local_clock()
     stream.disconnect()
-    out.write_text(json.dumps({"cpu_s": u1["cpu_s"] - u0["cpu_s"], "wall_s": w1 - w0,
-                               "maxrss_kb": u1["maxrss_kb"], "pulses": n_pulses,
-                               "calibration_scores": len(cal)}))
+    out.write_text(
+        json.dumps(
+            {
+                "cpu_s": u1["cpu_s"] - u0["cpu_s"],
+                "wall_s": w1 - w0,
+                "maxrss_kb": u1["maxrss_kb"],
+                "pulses": n_pulses,
+                "calibration_scores": len(cal),
+            }
+        )
+    )
 
 
 def echo(name: str, marker_name: str, reps: int, out: Path) -> None:
@@ -237,8 +270,9 @@ def echo(name: str, marker_name: str, reps: int, out: Path) -> None:
 
     found = pylsl.resolve_byprop("source_id", name, 1, 30.0)
     inlet = pylsl.StreamInlet(found[0], max_buflen=30, recover=False)
-    marker = pylsl.StreamOutlet(pylsl.StreamInfo(marker_name, "Markers", 1, 0,
-                                                 pylsl.cf_string, marker_name))
+    marker = pylsl.StreamOutlet(
+        pylsl.StreamInfo(marker_name, "Markers", 1, 0, pylsl.cf_string, marker_name)
+    )
     buf = np.zeros((1024, N_CH), dtype=np.float32)
     onsets = [a for a, _ in alternating_blocks(CAL_S + 0.5, reps, ON_S, OFF_S)]
     inlet.open_stream(timeout=10)
@@ -259,15 +293,28 @@ def echo(name: str, marker_name: str, reps: int, out: Path) -> None:
             marker.push_sample([json.dumps({"t_stream": float(ts[-1])})])
             k_next += 1
     u1, w1 = _usage(), pylsl.local_clock()
-    out.write_text(json.dumps({"cpu_s": u1["cpu_s"] - u0["cpu_s"], "wall_s": w1 - w0,
-                               "maxrss_kb": u1["maxrss_kb"], "pulses": k_next}))
+    out.write_text(
+        json.dumps(
+            {
+                "cpu_s": u1["cpu_s"] - u0["cpu_s"],
+                "wall_s": w1 - w0,
+                "maxrss_kb": u1["maxrss_kb"],
+                "pulses": k_next,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------ orchestration
 def _spawn(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.bench_e2e", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bench_e2e", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_one(kind: str, quick: bool, log=print) -> dict[str, Any]:
@@ -281,18 +328,20 @@ def run_one(kind: str, quick: bool, log=print) -> dict[str, Any]:
         tmp = Path(tmp_name)
         procs = {
             "pusher": _spawn("pusher", name, str(reps), str(tmp / "pusher.json")),
-            "receiver": _spawn("receiver", marker_name, str(_duration_s(reps) + 40),
-                               str(tmp / "receiver.json")),
+            "receiver": _spawn(
+                "receiver", marker_name, str(_duration_s(reps) + 40), str(tmp / "receiver.json")
+            ),
         }
         if kind == "closedloop":
-            procs["system"] = _spawn("system", name, session_name, str(reps),
-                                     str(tmp / "system.json"))
+            procs["system"] = _spawn(
+                "system", name, session_name, str(reps), str(tmp / "system.json")
+            )
         elif kind == "echo":
-            procs["system"] = _spawn("echo", name, marker_name, str(reps),
-                                     str(tmp / "system.json"))
+            procs["system"] = _spawn("echo", name, marker_name, str(reps), str(tmp / "system.json"))
         else:
-            procs["system"] = _spawn("baseline", name, marker_name, str(reps),
-                                     str(tmp / "system.json"))
+            procs["system"] = _spawn(
+                "baseline", name, marker_name, str(reps), str(tmp / "system.json")
+            )
         limit = time.monotonic() + _duration_s(reps) + 90
         outputs = {}
         for role in ("pusher", "system"):
@@ -332,8 +381,9 @@ def _collect(kind: str, tmp: Path, log) -> dict[str, Any]:
         if t_arr is not None and "latency_ms" in payload:
             # push -> pull returned, pull returned -> marker pushed, marker pushed -> received
             t_marker = t_arr + payload["latency_ms"] / 1e3
-            parts.append(((t_arr - t_push[c]) * 1e3, payload["latency_ms"],
-                          (g["t_recv"] - t_marker) * 1e3))
+            parts.append(
+                ((t_arr - t_push[c]) * 1e3, payload["latency_ms"], (g["t_recv"] - t_marker) * 1e3)
+            )
         ts = k / SFREQ_HZ
         for a, b in on:
             if a <= ts < b + 0.5:
@@ -342,8 +392,13 @@ def _collect(kind: str, tmp: Path, log) -> dict[str, Any]:
                 break
     lat_a = np.array(lat)
     res: dict[str, Any] = {
-        "system": kind, "channels": N_CH, "sfreq_hz": SFREQ_HZ, "chunk_samples": CHUNK,
-        "repetitions": len(on), "markers": len(lat), "markers_in_target": in_target,
+        "system": kind,
+        "channels": N_CH,
+        "sfreq_hz": SFREQ_HZ,
+        "chunk_samples": CHUNK,
+        "repetitions": len(on),
+        "markers": len(lat),
+        "markers_in_target": in_target,
         "pusher_late_chunks": push["late"],
         "p50_ms": float(np.percentile(lat_a, 50)) if lat else math.nan,
         "p99_ms": float(np.percentile(lat_a, 99)) if lat else math.nan,
@@ -360,11 +415,13 @@ def _collect(kind: str, tmp: Path, log) -> dict[str, Any]:
             "pull_returned_to_marker_pushed": float(np.median(pa[:, 1])),
             "marker_pushed_to_received": float(np.median(pa[:, 2])),
         }
-    log(f"  e2e {kind:<10}: p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms, max "
+    log(
+        f"  e2e {kind:<10}: p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms, max "
         f"{res['max_ms']:.3f} ms over {res['markers']} markers ({in_target} in target blocks of "
         f"{len(on)}); signal change -> deciding sample median "
         f"{res['detection_delay_s_median']:.3f} s; process CPU {res['process_cpu_percent']:.1f} %"
-        + (f"; parts (p50 ms) {res['breakdown_p50_ms']}" if parts else ""))
+        + (f"; parts (p50 ms) {res['breakdown_p50_ms']}" if parts else "")
+    )
     return res
 
 
@@ -374,8 +431,13 @@ def run(quick: bool, log=print) -> dict[str, Any]:
     floor = run_one("echo", quick, log)
     ratio = base["p50_ms"] / ours["p50_ms"]
     log(f"  e2e baseline / closedloop p50 ratio: {ratio:.1f}x")
-    return {"closedloop": ours, "baseline": base, "echo": floor, "ratio_p50": ratio,
-            "ratio_p99": base["p99_ms"] / ours["p99_ms"]}
+    return {
+        "closedloop": ours,
+        "baseline": base,
+        "echo": floor,
+        "ratio_p50": ratio,
+        "ratio_p99": base["p99_ms"] / ours["p99_ms"],
+    }
 
 
 if __name__ == "__main__":

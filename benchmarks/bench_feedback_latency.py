@@ -73,9 +73,9 @@ def main() -> None:
         p50, p99 = tap_cost(sham, sham_dir)
         print(f"tap {'sham, no LSL':<24} p50 {p50:6.2f} µs, p99 {p99:6.2f} µs per call")
 
-        from PySide6.QtWidgets import QApplication  # noqa: PLC0415
+        from PySide6.QtWidgets import QApplication
 
-        from gui.participant import ParticipantWindow  # noqa: PLC0415
+        from gui.participant import ParticipantWindow
 
         app = QApplication.instance() or QApplication([])
         win_dir = tmp / "window"

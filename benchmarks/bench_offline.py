@@ -52,8 +52,9 @@ def rss_mb() -> float:
 
 
 def _offline_one(path: Path, chunk_size: int, runs: int, tmp: Path) -> dict[str, Any]:
-    config = apply_overrides(SessionConfig(), {"session.name": "bench-offline",
-                                               "source.chunk_size": chunk_size})
+    config = apply_overrides(
+        SessionConfig(), {"session.name": "bench-offline", "source.chunk_size": chunk_size}
+    )
     session_x, loop_x, cpu_x, pulses, duration_s = [], [], [], 0, 0.0
     for _ in range(runs):
         src = FileSource(path, chunk_size=chunk_size)
@@ -74,9 +75,14 @@ def _offline_one(path: Path, chunk_size: int, runs: int, tmp: Path) -> dict[str,
             p.step(c)
         loop_x.append(duration_s / (time.perf_counter() - w0))
         p.close()
-    return {"chunk_samples": chunk_size, "duration_s": duration_s, "pulses": pulses,
-            "session_x_realtime": max(session_x), "session_x_per_cpu_s": max(cpu_x),
-            "loop_x_realtime": max(loop_x)}
+    return {
+        "chunk_samples": chunk_size,
+        "duration_s": duration_s,
+        "pulses": pulses,
+        "session_x_realtime": max(session_x),
+        "session_x_per_cpu_s": max(cpu_x),
+        "loop_x_realtime": max(loop_x),
+    }
 
 
 def offline(quick: bool, log=print) -> dict[str, Any]:
@@ -90,19 +96,35 @@ def offline(quick: bool, log=print) -> dict[str, Any]:
         for cs in CHUNK_SIZES:
             row = _offline_one(path, cs, runs, Path(tmp))
             rows.append(row)
-            log(f"  offline 32 ch x 500 Hz ({row['duration_s']:.0f} s), chunk {cs:3d}: session "
+            log(
+                f"  offline 32 ch x 500 Hz ({row['duration_s']:.0f} s), chunk {cs:3d}: session "
                 f"{row['session_x_realtime']:.0f}x real time ({row['session_x_per_cpu_s']:.0f}x "
                 f"per CPU s), processing loop alone {row['loop_x_realtime']:.0f}x "
-                f"({row['pulses']} pulses)")
-    return {"recording": OFFLINE_FILE, "channels": 32, "sfreq_hz": 500.0, "runs": runs,
-            "goal_x": OFFLINE_GOAL_X, "by_chunk": rows}
+                f"({row['pulses']} pulses)"
+            )
+    return {
+        "recording": OFFLINE_FILE,
+        "channels": 32,
+        "sfreq_hz": 500.0,
+        "runs": runs,
+        "goal_x": OFFLINE_GOAL_X,
+        "by_chunk": rows,
+    }
 
 
 class LoopSource:
     """A synthetic recording served in a loop for `total_s` stream seconds (offline source)."""
 
-    def __init__(self, names, data: np.ndarray, sfreq: float, total_s: float, *,
-                 sample_every_s: float, samples: list[tuple[float, float]]) -> None:
+    def __init__(
+        self,
+        names,
+        data: np.ndarray,
+        sfreq: float,
+        total_s: float,
+        *,
+        sample_every_s: float,
+        samples: list[tuple[float, float]],
+    ) -> None:
         self.ch_names = tuple(names)
         self.sfreq = float(sfreq)
         self._data = data
@@ -142,15 +164,15 @@ def memory(quick: bool, log=print) -> dict[str, Any]:
     blocks = alternating_blocks(0.5, int(loop_s // 2.5), 1.0, 1.5)
     names, data = synth(64, 1000.0, loop_s, blocks, seed=5)
     samples: list[tuple[float, float]] = []
-    src = LoopSource(names, data, 1000.0, total_s, sample_every_s=10.0 if quick else 60.0,
-                     samples=samples)
+    src = LoopSource(
+        names, data, 1000.0, total_s, sample_every_s=10.0 if quick else 60.0, samples=samples
+    )
     config = bench_config(**{"session.name": "bench-memory"})
     with tempfile.TemporaryDirectory() as tmp:
         gc.collect()
         rss0 = rss_mb()
         w0 = time.perf_counter()
-        summary = Session(config, src, live=False, out_root=Path(tmp),
-                          arm_action="benchmark").run()
+        summary = Session(config, src, live=False, out_root=Path(tmp), arm_action="benchmark").run()
         wall = time.perf_counter() - w0
     samples.append((total_s, rss_mb()))
     t = np.array([s[0] for s in samples])
@@ -159,15 +181,25 @@ def memory(quick: bool, log=print) -> dict[str, Any]:
     half = t >= 0.5 * total_s
     slope = float(np.polyfit(t[half] / 3600.0, m[half], 1)[0]) if half.sum() >= 2 else math.nan
     res = {
-        "channels": 64, "sfreq_hz": 1000.0, "stream_s": total_s, "wall_s": wall,
-        "x_realtime": total_s / wall, "pulses": summary["pulses"],
-        "attempts": summary["attempts"], "rss_start_mb": rss0, "rss_settled_mb": float(settled),
-        "rss_end_mb": float(m[-1]), "rss_max_mb": float(m.max()),
-        "growth_mb": float(m[-1] - settled), "slope_mb_per_stream_hour": slope,
+        "channels": 64,
+        "sfreq_hz": 1000.0,
+        "stream_s": total_s,
+        "wall_s": wall,
+        "x_realtime": total_s / wall,
+        "pulses": summary["pulses"],
+        "attempts": summary["attempts"],
+        "rss_start_mb": rss0,
+        "rss_settled_mb": float(settled),
+        "rss_end_mb": float(m[-1]),
+        "rss_max_mb": float(m.max()),
+        "growth_mb": float(m[-1] - settled),
+        "slope_mb_per_stream_hour": slope,
         "samples": [[float(a), float(b)] for a, b in samples],
     }
-    log(f"  memory 64 ch x 1000 Hz, {total_s / 60:.0f} stream min in {wall:.0f} s: RSS settled "
+    log(
+        f"  memory 64 ch x 1000 Hz, {total_s / 60:.0f} stream min in {wall:.0f} s: RSS settled "
         f"{settled:.1f} MB -> end {m[-1]:.1f} MB (growth {res['growth_mb']:+.1f} MB, slope "
         f"{slope:+.2f} MB per stream hour; {summary['pulses']} pulses, "
-        f"{summary['attempts']} attempts)")
+        f"{summary['attempts']} attempts)"
+    )
     return res

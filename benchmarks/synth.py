@@ -45,8 +45,25 @@ def bench_config(**extra: object) -> SessionConfig:
 
 def channel_names(n_ch: int) -> tuple[str, ...]:
     """n_ch 10-05 names, always including the six channels of the default groups."""
-    names = list(dict.fromkeys([*FRONTAL_MIDLINE, *POSTERIOR, "Cz", "C3", "C4", "F3", "F4",
-                                "P3", "P4", "T7", "T8", "Fp1", "Fp2"]))
+    names = list(
+        dict.fromkeys(
+            [
+                *FRONTAL_MIDLINE,
+                *POSTERIOR,
+                "Cz",
+                "C3",
+                "C4",
+                "F3",
+                "F4",
+                "P3",
+                "P4",
+                "T7",
+                "T8",
+                "Fp1",
+                "Fp2",
+            ]
+        )
+    )
     for name in mne.channels.make_standard_montage("colin27_1005").ch_names:
         if len(names) >= n_ch:
             break
@@ -68,7 +85,10 @@ def pink_noise(n: int, n_ch: int, sfreq: float, rng: np.random.Generator) -> np.
 
 
 def synth(
-    n_ch: int, sfreq: float, duration_s: float, target_blocks_s: list[tuple[float, float]],
+    n_ch: int,
+    sfreq: float,
+    duration_s: float,
+    target_blocks_s: list[tuple[float, float]],
     seed: int = 0,
 ) -> tuple[tuple[str, ...], np.ndarray]:
     """Channel names and data (n_samples, n_ch) in volts with the target state on in each
@@ -90,11 +110,13 @@ def synth(
     return names, x
 
 
-def alternating_blocks(start_s: float, n_reps: int, on_s: float, off_s: float
-                       ) -> list[tuple[float, float]]:
+def alternating_blocks(
+    start_s: float, n_reps: int, on_s: float, off_s: float
+) -> list[tuple[float, float]]:
     """n_reps target blocks of on_s seconds, each followed by off_s of background."""
-    return [(start_s + i * (on_s + off_s), start_s + i * (on_s + off_s) + on_s)
-            for i in range(n_reps)]
+    return [
+        (start_s + i * (on_s + off_s), start_s + i * (on_s + off_s) + on_s) for i in range(n_reps)
+    ]
 
 
 def write_fif(path: Path, names: tuple[str, ...], data: np.ndarray, sfreq: float) -> Path:

@@ -200,8 +200,16 @@ def _print_summary(summary: dict) -> None:
         return value
 
     print("\nsession summary", file=sys.stdout)
-    for key in ("folder", "stop_reason", "pulses", "vetoes_by_reason", "time_in_state_s",
-                "latency_ms", "final_interlock", "warnings"):
+    for key in (
+        "folder",
+        "stop_reason",
+        "pulses",
+        "vetoes_by_reason",
+        "time_in_state_s",
+        "latency_ms",
+        "final_interlock",
+        "warnings",
+    ):
         if key in summary:
             print(f"  {key:<17} {fmt(summary[key])}")
 

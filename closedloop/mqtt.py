@@ -130,7 +130,8 @@ class MqttSettings(BaseModel):
     username: str | None = Field(None, description="Broker user name; None: anonymous.")
     password: SecretStr | None = Field(None, description="Broker password (needs username).")
     password_env: str | None = Field(
-        None, description="Name of an environment variable holding the password, to keep it "
+        None,
+        description="Name of an environment variable holding the password, to keep it "
         "out of the config file (instead of password).",
     )
     tls: MqttTlsSettings = Field(default_factory=MqttTlsSettings, description="TLS options.")
@@ -154,14 +155,18 @@ class MqttSettings(BaseModel):
         "clock); it also bounds how long a captured command could be replayed.",
     )
     queue_max: int = Field(
-        1000, ge=1, le=1_000_000, description="Attempt/interlock/event/reply messages held "
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Attempt/interlock/event/reply messages held "
         "while the broker is unreachable; beyond it the oldest are dropped and counted.",
     )
-    client_id: str = Field(
-        "", description="MQTT client id; empty: closedloop-{session}-{random}."
-    )
+    client_id: str = Field("", description="MQTT client id; empty: closedloop-{session}-{random}.")
     keepalive_s: int = Field(
-        10, ge=1, le=3600, description="MQTT keepalive; the broker declares us dead (and "
+        10,
+        ge=1,
+        le=3600,
+        description="MQTT keepalive; the broker declares us dead (and "
         "publishes the last will) after 1.5x this without traffic.",
     )
     reconnect_min_s: float = Field(0.5, gt=0.0, le=60.0, description="First reconnect delay.")
@@ -207,8 +212,9 @@ class MqttSettings(BaseModel):
         if self.password_env:
             value = os.environ.get(self.password_env)
             if value is None:
-                raise ValueError(f"mqtt.password_env: environment variable {self.password_env} "
-                                 "is not set")
+                raise ValueError(
+                    f"mqtt.password_env: environment variable {self.password_env} is not set"
+                )
             return value
         return None
 
@@ -362,8 +368,11 @@ def _peek(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         return {}
     want = {"cmd": str, "seq": int, "sender": str}
-    return {k: doc[k] for k, t in want.items()
-            if isinstance(doc.get(k), t) and not isinstance(doc.get(k), bool)}
+    return {
+        k: doc[k]
+        for k, t in want.items()
+        if isinstance(doc.get(k), t) and not isinstance(doc.get(k), bool)
+    }
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -410,12 +419,19 @@ class CommandProcessor:
         result = self._handle(payload, retain=retain)
         if result.ok:
             self.accepted += 1
-            log.info("MQTT command %s seq=%s from %s accepted", result.cmd, result.seq,
-                     result.sender)
+            log.info(
+                "MQTT command %s seq=%s from %s accepted", result.cmd, result.seq, result.sender
+            )
         else:
             self.refused[result.reason] = self.refused.get(result.reason, 0) + 1
-            log.warning("MQTT command refused (%s): %s [cmd=%s seq=%s sender=%s]",
-                        result.reason, result.detail, result.cmd, result.seq, result.sender)
+            log.warning(
+                "MQTT command refused (%s): %s [cmd=%s seq=%s sender=%s]",
+                result.reason,
+                result.detail,
+                result.cmd,
+                result.seq,
+                result.sender,
+            )
         return result
 
     def _handle(  # noqa: PLR0911 (one return per refusal reason)
@@ -431,13 +447,14 @@ class CommandProcessor:
             error = "" if isinstance(doc, dict) else "payload is not a JSON object"
         peek = _peek(doc)  # for the reply and the log only; nothing unchecked is acted on
         if retain:
-            return CommandResult(False, "retained", "retained commands are never acted on",
-                                 **peek)
+            return CommandResult(False, "retained", "retained commands are never acted on", **peek)
         if error or not isinstance(doc, dict):
             return CommandResult(False, "malformed", error, **peek)
         if doc.get("v") != SCHEMA_VERSION:
             return CommandResult(
-                False, "unsupported_version", f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}",
+                False,
+                "unsupported_version",
+                f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}",
                 **peek,
             )
         try:
@@ -452,7 +469,8 @@ class CommandProcessor:
             return CommandResult(False, "expired", f"expired {now - env.expiry:.3f} s ago", **ctx)
         if env.expiry - now > self._max_age_s:
             return CommandResult(
-                False, "expiry_too_far",
+                False,
+                "expiry_too_far",
                 f"expires in {env.expiry - now:.1f} s > command_max_age_s {self._max_age_s}",
                 **ctx,
             )
@@ -478,8 +496,7 @@ class CommandProcessor:
             return CommandResult(False, "refused", str(exc), **ctx)
         except Exception as exc:
             self.errors += 1
-            log.exception("MQTT command %s from %s failed inside the session", env.cmd,
-                          env.sender)
+            log.exception("MQTT command %s from %s failed inside the session", env.cmd, env.sender)
             return CommandResult(False, "error", f"{type(exc).__name__}: {exc}", **ctx)
         return CommandResult(True, "accepted", "", **ctx)
 
@@ -526,9 +543,7 @@ def _tls_params(s: MqttSettings) -> aiomqtt.TLSParameters | None:
     )
 
 
-def backoff_delays(
-    min_s: float, max_s: float, rng: random.Random | None = None
-) -> Iterator[float]:
+def backoff_delays(min_s: float, max_s: float, rng: random.Random | None = None) -> Iterator[float]:
     """Reconnect sleeps (s): a ceiling doubling from min_s to max_s, each sleep uniform in
     [min_s, ceiling] ("full jitter": spreads the reconnects of many clients after a broker
     restart, while the doubling caps the load of a long outage)."""
@@ -564,9 +579,7 @@ class MqttBridge:
     ) -> None:
         session = settings.session_id or session_id  # an explicit mqtt.session_id wins
         if not session or not _TOPIC_LEVEL_RE.match(session):
-            raise ValueError(
-                f"session id {session!r}: give one (letters, digits, '_', '.', '-')"
-            )
+            raise ValueError(f"session id {session!r}: give one (letters, digits, '_', '.', '-')")
         self.settings = settings
         self.session_id = session
         self.topics = Topics.of(settings.topic_prefix, session)
@@ -618,11 +631,11 @@ class MqttBridge:
             return
         self._reset()
         self._sub = self._bus.subscribe(
-            "mqtt", maxlen=BUS_QUEUE_LEN,
+            "mqtt",
+            maxlen=BUS_QUEUE_LEN,
             kinds={"attempt", "health", "interlock", "thresholds", *EVENT_KINDS},
         )
-        self._state_sub = self._bus.subscribe("mqtt-state", maxlen=STATE_QUEUE_LEN,
-                                              kinds={"state"})
+        self._state_sub = self._bus.subscribe("mqtt-state", maxlen=STATE_QUEUE_LEN, kinds={"state"})
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name=f"mqtt-{self.session_id}", daemon=True
@@ -763,8 +776,13 @@ class MqttBridge:
     def _on_connected(self) -> None:
         self._connects += 1
         self._connected_evt.set()
-        log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
-                 self.settings.port, self.client_id, self._connects)
+        log.info(
+            "MQTT connected to %s:%d as %s (connect #%d)",
+            self.settings.host,
+            self.settings.port,
+            self.client_id,
+            self._connects,
+        )
         # Retained topics may be gone (broker restarted without persistence, or our will
         # replaced 'online'): publish them again, from the session's current values.
         self._set_latest(self.topics.health, self._health_doc("online"), qos=1, retain=True)
@@ -787,8 +805,10 @@ class MqttBridge:
             return
         self._thresholds_known = True
         self._set_latest(
-            self.topics.thresholds, self._doc("thresholds", {"enter": enter, "leave": leave}),
-            qos=1, retain=True,
+            self.topics.thresholds,
+            self._doc("thresholds", {"enter": enter, "leave": leave}),
+            qos=1,
+            retain=True,
         )
 
     async def _serve(self, client: aiomqtt.Client) -> None:
@@ -825,8 +845,11 @@ class MqttBridge:
             await asyncio.wait_for(self._flush(client), timeout=remaining_s(0.7))
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(
-                self.topics.health, self._health_doc("offline", reason="stopped"),
-                qos=1, retain=True, timeout=remaining_s(),
+                self.topics.health,
+                self._health_doc("offline", reason="stopped"),
+                qos=1,
+                retain=True,
+                timeout=remaining_s(),
             )
         client.timeout = remaining_s()  # bounds the DISCONNECT acknowledgement wait in __aexit__
 
@@ -866,8 +889,10 @@ class MqttBridge:
                 self._enqueue(_Outgoing(topics.event, self._event_doc(event), 1, False))
         if not self._thresholds_known and self.connected and now >= self._thresholds_retry_t:
             self._refresh_thresholds(now)
-        if self._pending_state is not None and self._state_period_s > 0.0 and (
-            final or now >= self._next_state_t
+        if (
+            self._pending_state is not None
+            and self._state_period_s > 0.0
+            and (final or now >= self._next_state_t)
         ):
             self._set_latest(topics.state, self._event_doc(self._pending_state), 0, False)
             self._pending_state = None
@@ -913,7 +938,10 @@ class MqttBridge:
         while (msg := self._next_outgoing()) is not None:
             try:
                 await client.publish(
-                    msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
+                    msg.topic,
+                    msg.payload,
+                    qos=msg.qos,
+                    retain=msg.retain,
                     timeout=PUBLISH_TIMEOUT_S,
                 )
             except BaseException:
@@ -950,14 +978,20 @@ class MqttBridge:
     def _doc(self, kind: str, data: Mapping[str, Any], **extra: Any) -> bytes:
         seq = self._seq.get(kind, 0) + 1
         self._seq[kind] = seq
-        return _dumps({
-            "v": SCHEMA_VERSION, "kind": kind, "session": self.session_id, "seq": seq,
-            "t_wall": time.time(), **extra, "data": data,
-        })
+        return _dumps(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": kind,
+                "session": self.session_id,
+                "seq": seq,
+                "t_wall": time.time(),
+                **extra,
+                "data": data,
+            }
+        )
 
     def _event_doc(self, event: Event) -> bytes:
-        return self._doc(event.kind, event.payload, t_stream=event.t_stream,
-                         t_local=event.t_local)
+        return self._doc(event.kind, event.payload, t_stream=event.t_stream, t_local=event.t_local)
 
     def _health_doc(self, status: str, *, reason: str = "", event: Event | None = None) -> bytes:
         extra: dict[str, Any] = {"status": status}
@@ -971,16 +1005,29 @@ class MqttBridge:
 
     def _will_doc(self) -> bytes:
         """Sent by the broker if we vanish without a DISCONNECT (crash, kill, lost link)."""
-        return _dumps({
-            "v": SCHEMA_VERSION, "kind": "health", "session": self.session_id,
-            "status": "offline", "reason": "connection_lost", "data": {},
-        })
+        return _dumps(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": "health",
+                "session": self.session_id,
+                "status": "offline",
+                "reason": "connection_lost",
+                "data": {},
+            }
+        )
 
     def _reply_doc(self, result: CommandResult) -> bytes:
-        return self._doc("reply", {
-            "ok": result.ok, "reason": result.reason, "detail": result.detail,
-            "cmd": result.cmd, "cmd_seq": result.seq, "sender": result.sender,
-        })
+        return self._doc(
+            "reply",
+            {
+                "ok": result.ok,
+                "reason": result.reason,
+                "detail": result.detail,
+                "cmd": result.cmd,
+                "cmd_seq": result.seq,
+                "sender": result.sender,
+            },
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -989,7 +1036,11 @@ class MqttBridge:
 
 
 def build_command(
-    cmd: str, *, sender: str, seq: int | None = None, ttl_s: float = 10.0,
+    cmd: str,
+    *,
+    sender: str,
+    seq: int | None = None,
+    ttl_s: float = 10.0,
     args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A command document (see docs/mqtt.md). `seq` defaults to time.time_ns(), which keeps
@@ -997,14 +1048,24 @@ def build_command(
     if cmd not in COMMANDS:
         raise ValueError(f"unknown command {cmd!r}; known: {sorted(COMMANDS)}")
     return {
-        "v": SCHEMA_VERSION, "seq": time.time_ns() if seq is None else seq, "cmd": cmd,
-        "sender": sender, "expires": time.time() + ttl_s, "args": dict(args or {}),
+        "v": SCHEMA_VERSION,
+        "seq": time.time_ns() if seq is None else seq,
+        "cmd": cmd,
+        "sender": sender,
+        "expires": time.time() + ttl_s,
+        "args": dict(args or {}),
     }
 
 
 def send_command(
-    settings: MqttSettings, session_id: str, cmd: str, *, sender: str,
-    args: Mapping[str, Any] | None = None, ttl_s: float = 10.0, timeout_s: float = 5.0,
+    settings: MqttSettings,
+    session_id: str,
+    cmd: str,
+    *,
+    sender: str,
+    args: Mapping[str, Any] | None = None,
+    ttl_s: float = 10.0,
+    timeout_s: float = 5.0,
 ) -> dict[str, Any] | None:
     """Publish one command as a control client and wait for its reply's `data` (None when no
     reply came within timeout_s). Blocking; call it from a thread without a running loop."""
@@ -1016,8 +1077,13 @@ def send_command(
 
     async def _go() -> dict[str, Any] | None:
         async with aiomqtt.Client(
-            s.host, s.port, username=s.username, password=password,
-            protocol=aiomqtt.ProtocolVersion.V5, timeout=timeout_s, tls_params=_tls_params(s),
+            s.host,
+            s.port,
+            username=s.username,
+            password=password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=timeout_s,
+            tls_params=_tls_params(s),
             tls_insecure=s.tls.insecure if s.tls.enabled else None,
         ) as client:
             await client.subscribe(topics.reply, qos=1)

@@ -19,8 +19,8 @@ import numpy as np
 from acquisition.chunk import Chunk
 from features.types import Label, State
 
-SCOPE_SECONDS = 30.0   # longest trace window the console can show
-RING_MARGIN_S = 2.0    # extra ring length so a reader never races the writer
+SCOPE_SECONDS = 30.0  # longest trace window the console can show
+RING_MARGIN_S = 2.0  # extra ring length so a reader never races the writer
 DECISION_RATE_MAX_HZ = 200.0  # decisions per second the decision ring is sized for
 LABELS: tuple[Label, ...] = tuple(Label)
 _LABEL_INDEX = {lab: i for i, lab in enumerate(LABELS)}
@@ -156,17 +156,28 @@ class Scope:
             n = min(want, total)
             idx = _ring_index(total, n, self.dec_capacity)
             view = DecisionView(
-                self._d_t[idx], self._d_score[idx], self._d_label[idx], self._d_feat[idx],
-                self._d_arrival[idx], self._d_nsamp[idx], total,
+                self._d_t[idx],
+                self._d_score[idx],
+                self._d_label[idx],
+                self._d_feat[idx],
+                self._d_arrival[idx],
+                self._d_nsamp[idx],
+                total,
             )
             if self.n_decisions - total <= self.dec_capacity - n:
                 break
         if n and np.isfinite(view.t[-1]):
             keep = view.t >= view.t[-1] - seconds
             if not keep.all():
-                view = DecisionView(view.t[keep], view.score[keep], view.label[keep],
-                                    view.features[keep], view.arrival[keep], view.n_samples[keep],
-                                    view.n_total)
+                view = DecisionView(
+                    view.t[keep],
+                    view.score[keep],
+                    view.label[keep],
+                    view.features[keep],
+                    view.arrival[keep],
+                    view.n_samples[keep],
+                    view.n_total,
+                )
         return view
 
 

@@ -415,8 +415,7 @@ def _run_pool(tasks: Sequence[Task], jobs: int, results: dict, bar) -> None:
                 exc = fut.exception()
                 if exc is not None:
                     raise RuntimeError(
-                        f"setting {task.setting} on {task.path} failed: "
-                        f"{type(exc).__name__}: {exc}"
+                        f"setting {task.setting} on {task.path} failed: {type(exc).__name__}: {exc}"
                     ) from exc
                 s, r, out = fut.result()
                 results[(s, r)] = out
@@ -550,11 +549,18 @@ def plot_trace(path: Path, tp: TracePlot) -> None:
     rec, trace, outcome = tp.rec, tp.trace, tp.outcome
     fig, ax = plt.subplots(figsize=(12, 3.8), dpi=100)
     for i, (a, b) in enumerate(rec.epochs):
-        ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0,
-                   label="annotated target epochs" if i == 0 else None)
+        ax.axvspan(
+            a,
+            b,
+            color="tab:green",
+            alpha=0.15,
+            lw=0,
+            label="annotated target epochs" if i == 0 else None,
+        )
     if math.isfinite(outcome.scored_from):
-        ax.axvspan(0, outcome.scored_from, color="0.85", alpha=0.6, lw=0,
-                   label="calibration (not scored)")
+        ax.axvspan(
+            0, outcome.scored_from, color="0.85", alpha=0.6, lw=0, label="calibration (not scored)"
+        )
     t, score = trace["t"], trace["score"]
     ax.plot(t, score, color="tab:blue", lw=0.8, label="score")
     ax.axhline(tp.enter, color="tab:red", ls="--", lw=1, label=f"enter {tp.enter:g}")
@@ -564,12 +570,21 @@ def plot_trace(path: Path, tp: TracePlot) -> None:
     bottom = float(np.percentile(finite, 0.5)) if finite.size else tp.leave - 1
     top, bottom = max(top, tp.enter) + 0.5, min(bottom, tp.leave) - 0.8
     # the estimator's label as a strip at the bottom: where the pipeline believed 'target'
-    ax.fill_between(t, bottom, bottom + 0.25, where=trace["target"], color="tab:purple",
-                    step="post", lw=0, label="estimated target state")
+    ax.fill_between(
+        t,
+        bottom,
+        bottom + 0.25,
+        where=trace["target"],
+        color="tab:purple",
+        step="post",
+        lw=0,
+        label="estimated target state",
+    )
     vetoed = np.setdiff1d(outcome.requested, outcome.fired)
     if vetoed.size:
-        ax.plot(vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.3", ms=7,
-                label="vetoed request")
+        ax.plot(
+            vetoed, np.full(vetoed.size, top - 0.25), "x", color="0.3", ms=7, label="vetoed request"
+        )
     if outcome.fired.size:
         ax.vlines(outcome.fired, bottom, top, color="k", lw=0.9, label="pulse (fired)")
     ax.set_ylim(bottom, top)
@@ -604,17 +619,34 @@ def plot_tradeoff(
             ax.axvline(value, color="tab:red", ls="--", lw=1, label=f"hit rate {op} {value:g}")
         if col == "precision_fired":
             ax.axhline(value, color="tab:red", ls="--", lw=1, label=f"precision {op} {value:g}")
-    ax.plot(hit[chosen], prec[chosen], marker="*", color="tab:red", ms=18, ls="", mec="k",
-            label="recommended (tuned)")
+    ax.plot(
+        hit[chosen],
+        prec[chosen],
+        marker="*",
+        color="tab:red",
+        ms=18,
+        ls="",
+        mec="k",
+        label="recommended (tuned)",
+    )
     if held_out is not None and math.isfinite(held_out["hit_rate_fired"]):
-        ax.plot(held_out["hit_rate_fired"], held_out["precision_fired"], marker="D",
-                color="tab:orange", ms=9, ls="", mec="k", label="held out (pooled LORO)")
+        ax.plot(
+            held_out["hit_rate_fired"],
+            held_out["precision_fired"],
+            marker="D",
+            color="tab:orange",
+            ms=9,
+            ls="",
+            mec="k",
+            label="held out (pooled LORO)",
+        )
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("target epochs hit (fraction)")
     ax.set_ylabel("precision (pulses inside target epochs)")
-    ax.set_title(f"{len(rows)} settings ({int((~ok).sum())} without pulses or epochs not shown)",
-                 fontsize=10)
+    ax.set_title(
+        f"{len(rows)} settings ({int((~ok).sum())} without pulses or epochs not shown)", fontsize=10
+    )
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -667,17 +699,26 @@ class TuneResult:
     def warnings(self) -> list[str]:
         """What makes the scores weak or undefined, in words."""
         out = []
-        never = sorted({self.recs[r].name for (_, r), o in self.outcomes.items()
-                        if not math.isfinite(o.scored_from)})
+        never = sorted(
+            {
+                self.recs[r].name
+                for (_, r), o in self.outcomes.items()
+                if not math.isfinite(o.scored_from)
+            }
+        )
         n_never = sum(not math.isfinite(o.scored_from) for o in self.outcomes.values())
         if n_never:
-            out.append(f"{n_never} of {len(self.outcomes)} runs never armed, so they score nothing "
-                       f"(calibration did not finish on {', '.join(never)}: recording too short "
-                       "for state.calibration_s, or every sample flagged as an artifact?)")
+            out.append(
+                f"{n_never} of {len(self.outcomes)} runs never armed, so they score nothing "
+                f"(calibration did not finish on {', '.join(never)}: recording too short "
+                "for state.calibration_s, or every sample flagged as an artifact?)"
+            )
         if not self.row["epochs"]:
-            out.append("no target epoch was scored (epochs that start before arming or have less "
-                       "than --min-epoch-s in the scored window are left out): hit rate and delays "
-                       "are undefined")
+            out.append(
+                "no target epoch was scored (epochs that start before arming or have less "
+                "than --min-epoch-s in the scored window are left out): hit rate and delays "
+                "are undefined"
+            )
         return out
 
     def speeds(self) -> np.ndarray:
@@ -707,11 +748,17 @@ def validate_loro(
         target_s += out.target_s
         window_s += out.window_s
         test = score_table([counts], out.target_s, out.window_s)
-        folds.append({
-            "held_out": recs[k].name, "setting": s, "overrides": grid.settings[s],
-            "train": rows[s], "train_meets": feasible[s], "test": test,
-            "test_meets": rank([test], objective)[1][0],
-        })
+        folds.append(
+            {
+                "held_out": recs[k].name,
+                "setting": s,
+                "overrides": grid.settings[s],
+                "train": rows[s],
+                "train_meets": feasible[s],
+                "test": test,
+                "test_meets": rank([test], objective)[1][0],
+            }
+        )
     pooled = score_table(held_counts, target_s, window_s)
     return {"folds": folds, "pooled": pooled, "pooled_meets": rank([pooled], objective)[1][0]}
 
@@ -723,18 +770,36 @@ def write_tables(out_dir: Path, res: TuneResult) -> None:
     write_csv(
         out_dir / "scores.csv",
         ["setting", *keys, *SCORE_COLUMNS, "meets_objective", "rank"],
-        [[s, *grid.settings[s].values(), *(res.rows[s][c] for c in SCORE_COLUMNS),
-          int(res.feasible[s]), rank_of[s]] for s in range(len(res.rows))],
+        [
+            [
+                s,
+                *grid.settings[s].values(),
+                *(res.rows[s][c] for c in SCORE_COLUMNS),
+                int(res.feasible[s]),
+                rank_of[s],
+            ]
+            for s in range(len(res.rows))
+        ],
     )
     per_rec = []
     for r, rec in enumerate(res.recs):
         rows = score_rows(grid, res.recs, res.outcomes, [r], res.min_epoch_s)
         for s, row in enumerate(rows):
             o = res.outcomes[(s, r)]
-            per_rec.append([s, rec.name, *grid.settings[s].values(),
-                            *(row[c] for c in SCORE_COLUMNS), o.duration_s / o.wall_s])
-    write_csv(out_dir / "scores_per_recording.csv",
-              ["setting", "recording", *keys, *SCORE_COLUMNS, "x_real_time"], per_rec)
+            per_rec.append(
+                [
+                    s,
+                    rec.name,
+                    *grid.settings[s].values(),
+                    *(row[c] for c in SCORE_COLUMNS),
+                    o.duration_s / o.wall_s,
+                ]
+            )
+    write_csv(
+        out_dir / "scores_per_recording.csv",
+        ["setting", "recording", *keys, *SCORE_COLUMNS, "x_real_time"],
+        per_rec,
+    )
     pulses = []
     for (s, r), o in sorted(res.outcomes.items()):
         fired = set(o.fired.tolist())
@@ -743,11 +808,25 @@ def write_tables(out_dir: Path, res: TuneResult) -> None:
     if res.validation:
         write_csv(
             out_dir / "validation.csv",
-            ["held_out", "setting", *keys, *(f"tuned_{c}" for c in SCORE_COLUMNS),
-             *(f"heldout_{c}" for c in SCORE_COLUMNS), "heldout_meets_objective"],
-            [[f["held_out"], f["setting"], *f["overrides"].values(),
-              *(f["train"][c] for c in SCORE_COLUMNS), *(f["test"][c] for c in SCORE_COLUMNS),
-              int(f["test_meets"])] for f in res.validation["folds"]],
+            [
+                "held_out",
+                "setting",
+                *keys,
+                *(f"tuned_{c}" for c in SCORE_COLUMNS),
+                *(f"heldout_{c}" for c in SCORE_COLUMNS),
+                "heldout_meets_objective",
+            ],
+            [
+                [
+                    f["held_out"],
+                    f["setting"],
+                    *f["overrides"].values(),
+                    *(f["train"][c] for c in SCORE_COLUMNS),
+                    *(f["test"][c] for c in SCORE_COLUMNS),
+                    int(f["test_meets"]),
+                ]
+                for f in res.validation["folds"]
+            ],
         )
 
 
@@ -781,27 +860,48 @@ def make_plots(out_dir: Path, res: TuneResult) -> None:
     The traces come from re-running the chosen setting with a bus subscriber (the grid runs keep
     no trace); a re-run that fires differently would mean a non-deterministic pipeline: warned.
     """
-    plot_tradeoff(out_dir / "tradeoff.png", res.rows, res.chosen, res.objective,
-                  res.validation["pooled"] if res.validation else None)
-    res.plots.append(("tradeoff.png", "precision against epochs hit for every setting (what "
-                                      "fired); star: recommended"))
+    plot_tradeoff(
+        out_dir / "tradeoff.png",
+        res.rows,
+        res.chosen,
+        res.objective,
+        res.validation["pooled"] if res.validation else None,
+    )
+    res.plots.append(
+        (
+            "tradeoff.png",
+            "precision against epochs hit for every setting (what fired); star: recommended",
+        )
+    )
     cfg = res.grid.configs[res.chosen]
     setting = _setting_str(res.grid.settings[res.chosen])
     with tempfile.TemporaryDirectory(prefix="cltune-trace-") as tmp:
         for r, rec in enumerate(res.recs[:MAX_TRACE_PLOTS]):
             outcome, trace = trace_run(rec.path, cfg, Path(tmp))
             if not np.array_equal(outcome.fired, res.outcomes[(res.chosen, r)].fired):
-                print(f"tune: warning: re-running setting {res.chosen} on {rec.name} fired other "
-                      "pulses than the grid run (non-deterministic pipeline?)", file=sys.stderr)
+                print(
+                    f"tune: warning: re-running setting {res.chosen} on {rec.name} fired other "
+                    "pulses than the grid run (non-deterministic pipeline?)",
+                    file=sys.stderr,
+                )
             sc = score_table([score_outcome(outcome, rec.epochs, res.min_epoch_s)])
-            title = (f"{rec.name}: {setting} | hit rate {_fmt(sc['hit_rate_fired'])}, precision "
-                     f"{_fmt(sc['precision_fired'])}, {int(sc['n_pulses_fired'])} pulses")
+            title = (
+                f"{rec.name}: {setting} | hit rate {_fmt(sc['hit_rate_fired'])}, precision "
+                f"{_fmt(sc['precision_fired'])}, {int(sc['n_pulses_fired'])} pulses"
+            )
             png = f"trace_{r}.png"
-            plot_trace(out_dir / png,
-                       TracePlot(rec, trace, outcome, cfg.state.enter, cfg.state.leave, title))
-            res.plots.append((png, f"score over time on {rec.name} with the recommended setting: "
-                                   "thresholds, annotated target epochs (green), pulses (black), "
-                                   "vetoed requests (x), estimated target state (purple strip)"))
+            plot_trace(
+                out_dir / png,
+                TracePlot(rec, trace, outcome, cfg.state.enter, cfg.state.leave, title),
+            )
+            res.plots.append(
+                (
+                    png,
+                    f"score over time on {rec.name} with the recommended setting: "
+                    "thresholds, annotated target epochs (green), pulses (black), "
+                    "vetoed requests (x), estimated target state (purple strip)",
+                )
+            )
 
 
 def write_report(path: Path, res: TuneResult) -> None:
@@ -833,9 +933,11 @@ def write_report(path: Path, res: TuneResult) -> None:
     if res.met:
         lines.append(f"**{setting}** meets the objective on the tuning data.")
     else:
-        lines.append(f"**No setting meets the objective.** Closest: **{setting}** (fewest "
-                     "constraints missed, then the best objective). Widen the grid or relax the "
-                     "objective.")
+        lines.append(
+            f"**No setting meets the objective.** Closest: **{setting}** (fewest "
+            "constraints missed, then the best objective). Widen the grid or relax the "
+            "objective."
+        )
     lines += [
         "",
         "Ready config: [`recommended.yaml`](recommended.yaml). All settings: "
@@ -846,10 +948,19 @@ def write_report(path: Path, res: TuneResult) -> None:
         "| pulses/min | pulses |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    metrics_order = ("hit_rate", "precision", "false_per_min", "delay_median_s", "delay_p90_s",
-                     "pulses_per_min", "n_pulses")
-    for name, label in (("fired", "fired (interlock vetoes applied)"),
-                        ("requested", "requested by the policy")):
+    metrics_order = (
+        "hit_rate",
+        "precision",
+        "false_per_min",
+        "delay_median_s",
+        "delay_p90_s",
+        "pulses_per_min",
+        "n_pulses",
+    )
+    for name, label in (
+        ("fired", "fired (interlock vetoes applied)"),
+        ("requested", "requested by the policy"),
+    ):
         lines.append(f"| {label} | {_md_scores(row, [f'{m}_{name}' for m in metrics_order])} |")
     vetoes: dict[str, int] = {}
     for (s, _), o in res.outcomes.items():
@@ -870,15 +981,26 @@ def write_report(path: Path, res: TuneResult) -> None:
     lines += ["## Plots", ""]
     for png, caption in res.plots:
         lines += [f"![{caption}]({png})", "", f"*{caption}*", ""]
-    top_cols = ["hit_rate_fired", "precision_fired", "false_per_min_fired",
-                "delay_median_s_fired", "hit_rate_requested", "precision_requested",
-                "pulses_per_min_fired"]
-    lines += ["## Top settings", "",
-              "| rank | setting # | values | " + " | ".join(top_cols) + " |",
-              "|---|---|---|" + "---|" * len(top_cols)]
+    top_cols = [
+        "hit_rate_fired",
+        "precision_fired",
+        "false_per_min_fired",
+        "delay_median_s_fired",
+        "hit_rate_requested",
+        "precision_requested",
+        "pulses_per_min_fired",
+    ]
+    lines += [
+        "## Top settings",
+        "",
+        "| rank | setting # | values | " + " | ".join(top_cols) + " |",
+        "|---|---|---|" + "---|" * len(top_cols),
+    ]
     for i, s in enumerate(res.order[:10]):
-        lines.append(f"| {i + 1} | {s} | {_setting_str(res.grid.settings[s])} | "
-                     f"{_md_scores(res.rows[s], top_cols)} |")
+        lines.append(
+            f"| {i + 1} | {s} | {_setting_str(res.grid.settings[s])} | "
+            f"{_md_scores(res.rows[s], top_cols)} |"
+        )
     if res.grid.skipped:
         lines += ["", "## Skipped combinations", ""]
         lines += [f"- {_setting_str(o)}: {msg}" for o, msg in res.grid.skipped[:20]]
@@ -886,8 +1008,11 @@ def write_report(path: Path, res: TuneResult) -> None:
             lines.append(f"- ... and {len(res.grid.skipped) - 20} more")
     lines += ["", "## Definitions", ""]
     lines += [f"- `{k}`: {v}" for k, v in METRICS.items()]
-    lines += ["- `_fired`: pulses the interlock let through (what would really have fired); "
-              "`_requested`: every pulse request of the policy, fired or vetoed.", ""]
+    lines += [
+        "- `_fired`: pulses the interlock let through (what would really have fired); "
+        "`_requested`: every pulse request of the policy, fired or vetoed.",
+        "",
+    ]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -934,29 +1059,44 @@ def write_summary(path: Path, res: TuneResult) -> None:
 
     speeds = res.speeds()
     v = res.validation
-    write_json(path, {
-        "recordings": [r.path for r in res.recs],
-        "target": res.target,
-        "objective": res.objective.describe(),
-        "warnings": res.warnings(),
-        "grid": res.grid_values,
-        "settings": len(res.grid.settings),
-        "skipped": len(res.grid.skipped),
-        "recommended": {"setting": res.chosen, "overrides": res.grid.settings[res.chosen],
-                        "meets_objective": res.met, "scores": res.row},
-        "validation": None if v is None else {
-            "pooled": v["pooled"], "pooled_meets_objective": v["pooled_meets"],
-            "folds": [{k: f[k] for k in ("held_out", "setting", "overrides", "train", "test",
-                                         "test_meets")} for f in v["folds"]],
+    write_json(
+        path,
+        {
+            "recordings": [r.path for r in res.recs],
+            "target": res.target,
+            "objective": res.objective.describe(),
+            "warnings": res.warnings(),
+            "grid": res.grid_values,
+            "settings": len(res.grid.settings),
+            "skipped": len(res.grid.skipped),
+            "recommended": {
+                "setting": res.chosen,
+                "overrides": res.grid.settings[res.chosen],
+                "meets_objective": res.met,
+                "scores": res.row,
+            },
+            "validation": None
+            if v is None
+            else {
+                "pooled": v["pooled"],
+                "pooled_meets_objective": v["pooled_meets"],
+                "folds": [
+                    {
+                        k: f[k]
+                        for k in ("held_out", "setting", "overrides", "train", "test", "test_meets")
+                    }
+                    for f in v["folds"]
+                ],
+            },
+            "speed": {
+                "x_real_time_median": float(np.median(speeds)) if speeds.size else None,
+                "x_real_time_min": float(speeds.min()) if speeds.size else None,
+                "runs": int(speeds.size),
+                "jobs": res.jobs,
+                "wall_total_s": round(res.wall_s, 3),
+            },
         },
-        "speed": {
-            "x_real_time_median": float(np.median(speeds)) if speeds.size else None,
-            "x_real_time_min": float(speeds.min()) if speeds.size else None,
-            "runs": int(speeds.size),
-            "jobs": res.jobs,
-            "wall_total_s": round(res.wall_s, 3),
-        },
-    })
+    )
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -964,37 +1104,85 @@ def write_summary(path: Path, res: TuneResult) -> None:
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `closedloop tune` (closedloop/cli.py adds the subparser)."""
-    parser.add_argument("recordings", type=Path, nargs="+", metavar="RECORDING",
-                        help="annotated recordings (any format load_recording reads)")
-    parser.add_argument("--config", "-c", type=Path, default=None,
-                        help="base session YAML (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base config key (repeatable)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
-                        help="a tuned key: a range START:STOP:STEP (inclusive) or a list "
-                        "v1,v2,... e.g. --grid state.enter=0.5:2.5:0.25 "
-                        "--grid trigger.dwell_s=0.5,1,2 (repeatable)")
-    parser.add_argument("--target", default="meditation",
-                        help="annotation label of the target epochs (default: meditation)")
-    parser.add_argument("--maximize", default=None, metavar="METRIC",
-                        help="metric to maximise (default: precision); plain names mean what "
-                        "fired, add _requested for every request of the policy")
-    parser.add_argument("--minimize", default=None, metavar="METRIC",
-                        help="metric to minimise instead, e.g. false_per_min")
-    parser.add_argument("--require", action="append", default=None, metavar="EXPR",
-                        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 "
-                        "(repeatable; default hit_rate>=0.8; 'none' for none)")
-    parser.add_argument("--validate", action="store_true",
-                        help="leave-one-recording-out: held-out scores beside the tuned ones")
-    parser.add_argument("--min-epoch-s", type=float, default=5.0,
-                        help="target epochs with less than this inside the scored window are "
-                        "not scored (default 5)")
-    parser.add_argument("--jobs", "-j", type=int, default=None,
-                        help="worker processes (default: all cores)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: tune-<UTC time>)")
-    parser.add_argument("--keep-sessions", action="store_true",
-                        help="keep every run's session folder under OUT/sessions (large)")
+    parser.add_argument(
+        "recordings",
+        type=Path,
+        nargs="+",
+        metavar="RECORDING",
+        help="annotated recordings (any format load_recording reads)",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="base session YAML (default: built-in defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key (repeatable)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=VALUES",
+        help="a tuned key: a range START:STOP:STEP (inclusive) or a list "
+        "v1,v2,... e.g. --grid state.enter=0.5:2.5:0.25 "
+        "--grid trigger.dwell_s=0.5,1,2 (repeatable)",
+    )
+    parser.add_argument(
+        "--target",
+        default="meditation",
+        help="annotation label of the target epochs (default: meditation)",
+    )
+    parser.add_argument(
+        "--maximize",
+        default=None,
+        metavar="METRIC",
+        help="metric to maximise (default: precision); plain names mean what "
+        "fired, add _requested for every request of the policy",
+    )
+    parser.add_argument(
+        "--minimize",
+        default=None,
+        metavar="METRIC",
+        help="metric to minimise instead, e.g. false_per_min",
+    )
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=None,
+        metavar="EXPR",
+        help="constraint, e.g. hit_rate>=0.8 or false_per_min<=0.5 "
+        "(repeatable; default hit_rate>=0.8; 'none' for none)",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="leave-one-recording-out: held-out scores beside the tuned ones",
+    )
+    parser.add_argument(
+        "--min-epoch-s",
+        type=float,
+        default=5.0,
+        help="target epochs with less than this inside the scored window are "
+        "not scored (default 5)",
+    )
+    parser.add_argument(
+        "--jobs", "-j", type=int, default=None, help="worker processes (default: all cores)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: tune-<UTC time>)"
+    )
+    parser.add_argument(
+        "--keep-sessions",
+        action="store_true",
+        help="keep every run's session folder under OUT/sessions (large)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1015,8 +1203,9 @@ def _load_recordings(paths: Sequence[Path], target: str, chunk_size: int) -> lis
         if not len(epochs):
             labels = ", ".join(sorted(set(src.annotations.description))) or "none"
             raise UserError(f"{p}: no '{target}' annotation (labels: {labels}); set --target")
-        recs.append(Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names),
-                              src.sfreq))
+        recs.append(
+            Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names), src.sfreq)
+        )
     if len({r.name for r in recs}) != len(recs):
         for r in recs:
             r.name = r.path
@@ -1035,8 +1224,11 @@ def run_tune(args: argparse.Namespace) -> int:
     wall0 = time.perf_counter()
     base = _config(args)
     grid_values = parse_grid(args.grid)
-    require = (DEFAULT_REQUIRE if args.require is None
-               else [r for r in args.require if r.lower() != "none"])
+    require = (
+        DEFAULT_REQUIRE
+        if args.require is None
+        else [r for r in args.require if r.lower() != "none"]
+    )
     objective = parse_objective(args.maximize, args.minimize, require)
     if not (args.min_epoch_s >= 0 and math.isfinite(args.min_epoch_s)):
         raise UserError(f"--min-epoch-s must be >= 0 (got {args.min_epoch_s})")
@@ -1053,21 +1245,39 @@ def run_tune(args: argparse.Namespace) -> int:
     keep = out_dir / "sessions" if args.keep_sessions else None
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-    tasks = [Task(s, r, rec.path, cfg, str(keep) if keep else None)
-             for s, cfg in enumerate(grid.configs) for r, rec in enumerate(recs)]
+    tasks = [
+        Task(s, r, rec.path, cfg, str(keep) if keep else None)
+        for s, cfg in enumerate(grid.configs)
+        for r, rec in enumerate(recs)
+    ]
     jobs = min(jobs, len(tasks))
-    print(f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs "
-          f"on {jobs} worker(s); {len(grid.skipped)} invalid combinations skipped",
-          file=sys.stderr)
+    print(
+        f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs "
+        f"on {jobs} worker(s); {len(grid.skipped)} invalid combinations skipped",
+        file=sys.stderr,
+    )
     outcomes = run_all(tasks, jobs, progress=not args.no_progress)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = score_rows(grid, recs, outcomes, range(len(recs)), args.min_epoch_s)
     order, feasible = rank(rows, objective)
-    validation = (validate_loro(grid, recs, outcomes, objective, args.min_epoch_s)
-                  if args.validate else None)
-    res = TuneResult(recs, grid_values, grid, objective, args.target, args.min_epoch_s, outcomes,
-                     rows, order, feasible, validation, jobs)
+    validation = (
+        validate_loro(grid, recs, outcomes, objective, args.min_epoch_s) if args.validate else None
+    )
+    res = TuneResult(
+        recs,
+        grid_values,
+        grid,
+        objective,
+        args.target,
+        args.min_epoch_s,
+        outcomes,
+        rows,
+        order,
+        feasible,
+        validation,
+        jobs,
+    )
     write_tables(out_dir, res)
     write_recommended(out_dir / "recommended.yaml", base, res)
     make_plots(out_dir, res)
@@ -1083,15 +1293,19 @@ def _print_result(out_dir: Path, res: TuneResult) -> None:
     verdict = "met" if res.met else "NOT met by any setting; closest shown"
     print(f"recommended: {_setting_str(res.grid.settings[res.chosen])}")
     print(f"  objective {res.objective.describe()}: {verdict}")
-    print(f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision "
-          f"{_fmt(row['precision_fired'])}  false/min {_fmt(row['false_per_min_fired'])}  "
-          f"median delay {_fmt(row['delay_median_s_fired'])} s")
+    print(
+        f"  tuned     hit rate {_fmt(row['hit_rate_fired'])}  precision "
+        f"{_fmt(row['precision_fired'])}  false/min {_fmt(row['false_per_min_fired'])}  "
+        f"median delay {_fmt(row['delay_median_s_fired'])} s"
+    )
     if res.validation:
         p = res.validation["pooled"]
         meets = "meets" if res.validation["pooled_meets"] else "misses"
-        print(f"  held out  hit rate {_fmt(p['hit_rate_fired'])}  precision "
-              f"{_fmt(p['precision_fired'])}  false/min {_fmt(p['false_per_min_fired'])}  "
-              f"({meets} the objective)")
+        print(
+            f"  held out  hit rate {_fmt(p['hit_rate_fired'])}  precision "
+            f"{_fmt(p['precision_fired'])}  false/min {_fmt(p['false_per_min_fired'])}  "
+            f"({meets} the objective)"
+        )
     speeds = res.speeds()
     if speeds.size:
         print(f"  speed     {np.median(speeds):.0f}x real time per run (median of {speeds.size})")

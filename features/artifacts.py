@@ -51,15 +51,24 @@ class ArtifactDetector:
         # flagged after tau * ln(4) (0.28 s with the 0.2 s default), a live one never.
         self._flat = (
             StatefulEma(s.flat_window_s, sfreq, n, init=(2.0 * s.flat_uv * UV) ** 2)
-            if s.flat_uv is not None else None
+            if s.flat_uv is not None
+            else None
         )
         if s.muscle_ratio is not None:
             self._mus_hf = StatefulSos(
-                signal.butter(MUSCLE_FILTER_ORDER, s.muscle_band_hz, "bandpass", fs=sfreq,
-                              output="sos"), n, init="zero")
+                signal.butter(
+                    MUSCLE_FILTER_ORDER, s.muscle_band_hz, "bandpass", fs=sfreq, output="sos"
+                ),
+                n,
+                init="zero",
+            )
             self._mus_bb = StatefulSos(
-                signal.butter(MUSCLE_FILTER_ORDER, s.broadband_hz, "bandpass", fs=sfreq,
-                              output="sos"), n, init="zero")
+                signal.butter(
+                    MUSCLE_FILTER_ORDER, s.broadband_hz, "bandpass", fs=sfreq, output="sos"
+                ),
+                n,
+                init="zero",
+            )
             self._mus_ema = StatefulEma(s.muscle_smoothing_s, sfreq, 2 * n)
         self._reason_names = np.array(
             [[f"{k}:{c}" for c in names] for k in KINDS], dtype=object

@@ -23,7 +23,10 @@ POWER_FLOOR_V2 = 1e-30
 
 # ----------------------------------------------------------------------------- pure functions
 def welch_psd(
-    data: np.ndarray, sfreq: float, n_per_seg: int, n_overlap: int,
+    data: np.ndarray,
+    sfreq: float,
+    n_per_seg: int,
+    n_overlap: int,
     window: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Welch PSD with a periodic Hann window, constant detrend per segment, mean over segments.
@@ -93,9 +96,7 @@ def to_output(power: np.ndarray, output: str) -> np.ndarray:
     return power / np.maximum(total, POWER_FLOOR_V2)
 
 
-def group_matrix(
-    groups: Mapping[str, Sequence[str]], ch_names: Sequence[str]
-) -> np.ndarray:
+def group_matrix(groups: Mapping[str, Sequence[str]], ch_names: Sequence[str]) -> np.ndarray:
     """(n_channels, n_groups) matrix that averages channel powers into group powers."""
     m = np.zeros((len(ch_names), len(groups)))
     for g, chans in enumerate(groups.values()):
@@ -284,8 +285,21 @@ def make_estimator(
 ) -> IirBandPower | WelchBandPower:
     """The estimator named by settings.method over `ch_names` (the channels fed to process)."""
     if settings.method == "iir":
-        return IirBandPower(bands, groups, ch_names, sfreq, smoothing_s=settings.smoothing_s,
-                            order=settings.iir_order)
-    return WelchBandPower(bands, groups, ch_names, sfreq, window_s=settings.window_s,
-                         hop_s=settings.hop_s, segment_s=settings.segment_s,
-                         overlap=settings.segment_overlap)
+        return IirBandPower(
+            bands,
+            groups,
+            ch_names,
+            sfreq,
+            smoothing_s=settings.smoothing_s,
+            order=settings.iir_order,
+        )
+    return WelchBandPower(
+        bands,
+        groups,
+        ch_names,
+        sfreq,
+        window_s=settings.window_s,
+        hop_s=settings.hop_s,
+        segment_s=settings.segment_s,
+        overlap=settings.segment_overlap,
+    )

@@ -49,7 +49,7 @@ class FeatureChain:
     Raises FeatureConfigError (every problem with its key path) when settings do not fit.
     """
 
-    def __init__(  # noqa: PLR0917 - the session calls it with the four sections positionally
+    def __init__(
         self,
         preprocess: PreprocessSettings,
         bandpower: BandPowerSettings,
@@ -114,21 +114,25 @@ class FeatureChain:
         cap = self._max_n + self._settle_n
         n_feat = len(bandpower.bands) * len(self._groups)
         self._cal_f = np.zeros((cap, n_feat), dtype=np.float32)
-        self._cal_x = np.zeros((cap if bandpower.individual_alpha else 0, len(used)),
-                               dtype=np.float32)
+        self._cal_x = np.zeros(
+            (cap if bandpower.individual_alpha else 0, len(used)), dtype=np.float32
+        )
         self._cal_art = np.zeros(cap, dtype=bool)
         # the baseline statistics use every stat_step-th sample (100 per second): the features
         # are smoothed over ~1 s, so denser samples add cost, not information
         self._stat_step = max(1, round(sfreq / BASELINE_RATE_HZ))
         self._machine = LabelMachine(
-            state.enter, state.leave, round(state.dwell_s * sfreq),
-            round(state.leave_dwell_s * sfreq), state.resume_after_artifact,
+            state.enter,
+            state.leave,
+            round(state.dwell_s * sfreq),
+            round(state.leave_dwell_s * sfreq),
+            state.resume_after_artifact,
         )
         self.reset()
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_settings(  # noqa: PLR0917 - same positional call as __init__
+    def from_settings(
         cls,
         preprocess: PreprocessSettings | Any,
         bandpower: BandPowerSettings | None = None,
@@ -158,15 +162,17 @@ class FeatureChain:
         )
 
     def _make_estimator(self, bands: dict[str, tuple[float, float]]):
-        return make_estimator(self.bandpower_settings, bands, self._groups, self.used_names,
-                              self.sfreq)
+        return make_estimator(
+            self.bandpower_settings, bands, self._groups, self.used_names, self.sfreq
+        )
 
     def _set_bands(self, bands: dict[str, tuple[float, float]]) -> None:
         self.bands = dict(bands)
         self.band_names = tuple(bands)
-        self._feat_idx = np.array(
-            [self.band_names.index(f.band) for f in self._feature_refs], dtype=int
-        ), np.array([self._group_list.index(f.group) for f in self._feature_refs], dtype=int)
+        self._feat_idx = (
+            np.array([self.band_names.index(f.band) for f in self._feature_refs], dtype=int),
+            np.array([self._group_list.index(f.group) for f in self._feature_refs], dtype=int),
+        )
         self._all_feature_names = tuple(
             f"{b}@{g}" for b in self.band_names for g in self._group_list
         )
@@ -199,8 +205,9 @@ class FeatureChain:
         self._score_now = _NAN
         self._time_in_label: dict[str, float] = {lab.value: 0.0 for lab in Label}
         self._t_last = _NAN
-        self._state = State(t_stream=_NAN, label=Label.UNCALIBRATED, score=_NAN,
-                            time_in_state_s=0.0)
+        self._state = State(
+            t_stream=_NAN, label=Label.UNCALIBRATED, score=_NAN, time_in_state_s=0.0
+        )
         self._pending_label: Label | None = None
         if self.state_settings.auto_calibrate:
             self.start_calibration()
@@ -221,8 +228,9 @@ class FeatureChain:
             raise ValueError("not calibrating")
         if self._cal_clean < MIN_BASELINE_S * self.sfreq:
             clean_s = self._cal_clean / self.sfreq
-            raise ValueError(f"too little clean calibration data: {clean_s:.1f} s "
-                             f"(need {MIN_BASELINE_S:g} s)")
+            raise ValueError(
+                f"too little clean calibration data: {clean_s:.1f} s (need {MIN_BASELINE_S:g} s)"
+            )
         self._finish_collected()
         self._pending_label = Label.NON_TARGET
 
@@ -238,8 +246,9 @@ class FeatureChain:
         channel names, or an iterable of Chunks). The live filter states are not touched; with
         individual_alpha the band estimator restarts with the new bands. Returns the baseline."""
         pre = Preprocessor(self.preprocess_settings, self.eeg_names, self.sfreq)
-        art = ArtifactDetector(self.artifact_settings, self.eeg_names, self.sfreq,
-                               self.artifact_settings.channels)
+        art = ArtifactDetector(
+            self.artifact_settings, self.eeg_names, self.sfreq, self.artifact_settings.channels
+        )
         if hasattr(data, "get_data"):
             arr = data.get_data(picks=list(self.ch_names)).T
             blocks: Iterable[np.ndarray] = [arr]
@@ -289,8 +298,9 @@ class FeatureChain:
         bands = dict(self._default_bands)
         bp = self.bandpower_settings
         if bp.individual_alpha and x is not None:
-            grp = bp.alpha_group or ("posterior" if "posterior" in self._groups
-                                     else self._group_list[0])
+            grp = bp.alpha_group or (
+                "posterior" if "posterior" in self._groups else self._group_list[0]
+            )
             cols = [self.used_names.index(c) for c in self._groups[grp]]
             clean = x[self._settle_n :][~art[self._settle_n :]][:, cols].astype(np.float64)
             iaf = individual_alpha_peak(clean, self.sfreq, bp.alpha_search_hz)
@@ -310,9 +320,7 @@ class FeatureChain:
         keep[np.arange(len(keep)) % self._stat_step != 0] = False
         med, mad = robust_stats(np.asarray(feats[keep], dtype=np.float64))
         names = self._all_feature_names
-        self._baseline = {
-            n: (float(m), float(d)) for n, m, d in zip(names, med, mad, strict=True)
-        }
+        self._baseline = {n: (float(m), float(d)) for n, m, d in zip(names, med, mad, strict=True)}
         bi, gi = self._feat_idx
         flat = bi * len(self._groups) + gi
         self._median = med[flat].copy()
@@ -390,11 +398,11 @@ class FeatureChain:
             label=m.label,
             score=self._score_now,
             time_in_state_s=t_last - m.t_changed if m.t_changed == m.t_changed else 0.0,
-            dwell_progress=m.dwell_progress if m.label in (Label.NON_TARGET, Label.TARGET)
-            else 0.0,
+            dwell_progress=m.dwell_progress if m.label in (Label.NON_TARGET, Label.TARGET) else 0.0,
             features=dict(zip(self.feature_names, self._feat_now.tolist(), strict=True)),
             z=dict(zip(self.feature_names, self._z_now.tolist(), strict=True))
-            if self.calibrated else {},
+            if self.calibrated
+            else {},
             artifacts=self._art.reasons,
         )
         return self._state

@@ -26,8 +26,13 @@ def design_preprocess_sos(settings: PreprocessSettings, sfreq: float) -> np.ndar
         parts.append(signal.tf2sos(b, a))
     if settings.highpass_hz is not None:
         parts.append(
-            signal.butter(settings.highpass_order, settings.highpass_hz, btype="highpass",
-                          fs=sfreq, output="sos")
+            signal.butter(
+                settings.highpass_order,
+                settings.highpass_hz,
+                btype="highpass",
+                fs=sfreq,
+                output="sos",
+            )
         )
     if not parts:
         return np.zeros((0, 6))
@@ -108,8 +113,9 @@ class StatefulEma:
     def __init__(self, tau_s: float, sfreq: float, n_columns: int, init: float = 0.0) -> None:
         a = 1.0 - np.exp(-1.0 / (tau_s * sfreq))
         self._a = a
-        self._filt = StatefulSos(np.array([[a, 0.0, 0.0, 1.0, a - 1.0, 0.0]]), n_columns,
-                                 init="zero")
+        self._filt = StatefulSos(
+            np.array([[a, 0.0, 0.0, 1.0, a - 1.0, 0.0]]), n_columns, init="zero"
+        )
         self._n = n_columns
         self._init = init
         self.reset()
@@ -185,8 +191,10 @@ class Preprocessor:
         else:
             missing = [r for r in ref if r not in self.eeg_names]
             if missing:
-                raise ValueError(f"preprocess.reference: {missing} are not EEG channels of this "
-                                 f"stream (EEG: {', '.join(self.eeg_names)})")
+                raise ValueError(
+                    f"preprocess.reference: {missing} are not EEG channels of this "
+                    f"stream (EEG: {', '.join(self.eeg_names)})"
+                )
             self._ref_idx = np.array([self.eeg_names.index(r) for r in ref])
         self._all_ref = ref == "average"
 

@@ -41,8 +41,20 @@ DEFAULT_INDIVIDUAL_BANDS_REL_HZ: dict[str, tuple[float, float]] = {
 }
 # Channel names that are never EEG (case-insensitive), used when no eeg_mask is given.
 DEFAULT_NON_EEG_NAMES: tuple[str, ...] = (
-    "counter", "marker", "markers", "trigger", "trig", "stim", "sti 014", "status",
-    "accel", "accel_x", "accel_y", "accel_z", "timestamp", "sample_index",
+    "counter",
+    "marker",
+    "markers",
+    "trigger",
+    "trig",
+    "stim",
+    "sti 014",
+    "status",
+    "accel",
+    "accel_x",
+    "accel_y",
+    "accel_z",
+    "timestamp",
+    "sample_index",
 )
 
 
@@ -81,7 +93,9 @@ class PreprocessSettings(_Base):
         50, description="Mains frequency to notch out (50 or 60 Hz), or null for no notch."
     )
     notch_harmonics: int = Field(
-        3, ge=1, le=10,
+        3,
+        ge=1,
+        le=10,
         description="Number of notched multiples of notch_hz (1 = fundamental only); multiples at "
         "or above Nyquist are skipped.",
     )
@@ -101,19 +115,22 @@ class PreprocessSettings(_Base):
         nyq = sfreq / 2.0
         if isinstance(self.reference, list):
             if not self.reference:
-                errors.append("preprocess.reference: empty channel list (use 'none' for no "
-                              "re-reference)")
+                errors.append(
+                    "preprocess.reference: empty channel list (use 'none' for no re-reference)"
+                )
             errors.extend(
                 _missing_channel_msg(f"preprocess.reference[{i}]", name, ch_names)
                 for i, name in enumerate(self.reference)
                 if name not in ch_names
             )
         if self.notch_hz is not None and self.notch_hz >= nyq:
-            errors.append(f"preprocess.notch_hz: {self.notch_hz} Hz at or above Nyquist "
-                          f"({nyq:g} Hz)")
+            errors.append(
+                f"preprocess.notch_hz: {self.notch_hz} Hz at or above Nyquist ({nyq:g} Hz)"
+            )
         if self.highpass_hz is not None and self.highpass_hz >= nyq:
-            errors.append(f"preprocess.highpass_hz: {self.highpass_hz} Hz at or above Nyquist "
-                          f"({nyq:g} Hz)")
+            errors.append(
+                f"preprocess.highpass_hz: {self.highpass_hz} Hz at or above Nyquist ({nyq:g} Hz)"
+            )
         return errors
 
     def notch_freqs(self, sfreq: float) -> list[float]:
@@ -147,7 +164,9 @@ class BandPowerSettings(_Base):
         0.75, gt=0, description="iir: time constant (s) of the exponential power smoothing."
     )
     iir_order: int = Field(
-        2, ge=1, le=8,
+        2,
+        ge=1,
+        le=8,
         description="iir: Butterworth band-pass order per edge (the filter has 2x this order).",
     )
     window_s: float = Field(2.0, gt=0, description="welch: sliding window length (s).")
@@ -197,8 +216,9 @@ class BandPowerSettings(_Base):
             if lo <= 0:
                 raise ValueError(f"bands.{name}: lo must be above 0 Hz (got {lo})")
         if self.segment_s > self.window_s:
-            raise ValueError(f"segment_s ({self.segment_s}) must not exceed window_s "
-                             f"({self.window_s})")
+            raise ValueError(
+                f"segment_s ({self.segment_s}) must not exceed window_s ({self.window_s})"
+            )
         if self.groups is not None:
             for name, chans in self.groups.items():
                 if not chans:
@@ -227,8 +247,10 @@ class BandPowerSettings(_Base):
                 )
         elif not self.resolved_groups(ch_names):
             want = ", ".join(c for chans in DEFAULT_GROUPS.values() for c in chans)
-            errors.append(f"bandpower.groups: none of the default group channels ({want}) is in "
-                          f"the stream; configure groups explicitly (have: {', '.join(ch_names)})")
+            errors.append(
+                f"bandpower.groups: none of the default group channels ({want}) is in "
+                f"the stream; configure groups explicitly (have: {', '.join(ch_names)})"
+            )
         if self.method == "welch":
             if round(self.segment_s * sfreq) < 8:
                 errors.append(f"bandpower.segment_s: {self.segment_s} s is under 8 samples")
@@ -237,20 +259,26 @@ class BandPowerSettings(_Base):
             df = 1.0 / self.segment_s
             for name, (lo, hi) in self.bands.items():
                 if hi - lo < df:
-                    errors.append(f"bandpower.bands.{name}: {hi - lo:g} Hz wide, narrower than "
-                                  f"the welch resolution {df:g} Hz (raise segment_s)")
+                    errors.append(
+                        f"bandpower.bands.{name}: {hi - lo:g} Hz wide, narrower than "
+                        f"the welch resolution {df:g} Hz (raise segment_s)"
+                    )
         if self.individual_alpha:
             resolved = self.resolved_groups(ch_names)
             if self.alpha_group is not None and self.alpha_group not in resolved:
-                errors.append(f"bandpower.alpha_group: '{self.alpha_group}' is not a group "
-                              f"(have: {', '.join(resolved)})")
+                errors.append(
+                    f"bandpower.alpha_group: '{self.alpha_group}' is not a group "
+                    f"(have: {', '.join(resolved)})"
+                )
             for name in self.individual_bands:
                 if name not in self.bands:
                     errors.append(f"bandpower.individual_bands.{name}: not in bandpower.bands")
             lo_s, hi_s = self.alpha_search_hz
             if not lo_s < hi_s or hi_s >= nyq:
-                errors.append(f"bandpower.alpha_search_hz: [{lo_s}, {hi_s}] must be ordered and "
-                              f"below Nyquist ({nyq:g} Hz)")
+                errors.append(
+                    f"bandpower.alpha_search_hz: [{lo_s}, {hi_s}] must be ordered and "
+                    f"below Nyquist ({nyq:g} Hz)"
+                )
         return errors
 
 
@@ -262,11 +290,13 @@ class ArtifactSettings(_Base):
         None, description="Channels checked; null: all EEG channels."
     )
     amplitude_uv: float | None = Field(
-        100.0, gt=0,
+        100.0,
+        gt=0,
         description="|preprocessed sample| above this (µV) flags 'amplitude' (blinks, movement).",
     )
     flat_uv: float | None = Field(
-        0.5, gt=0,
+        0.5,
+        gt=0,
         description="RMS of the preprocessed signal over flat_window_s below this (µV) flags "
         "'flat'.",
     )
@@ -276,12 +306,15 @@ class ArtifactSettings(_Base):
         0.2, gt=0, description="Time constant (s) of the RMS used by the flat check."
     )
     rail_uv: float | None = Field(
-        180_000.0, gt=0,
+        180_000.0,
+        gt=0,
         description="|raw sample| at or above this (µV) flags 'rail' (OpenBCI Cyton rails at "
         "±187.5 mV with gain 24).",
     )
     muscle_ratio: float | None = Field(
-        0.38, gt=0, lt=1,
+        0.38,
+        gt=0,
+        lt=1,
         description="Power in muscle_band_hz over power in broadband_hz above this flags 'muscle'.",
     )
     muscle_band_hz: tuple[float, float] = Field(
@@ -351,7 +384,8 @@ class StateSettings(_Base):
         60.0, ge=MIN_BASELINE_S, description="Artifact-free seconds of baseline to collect."
     )
     calibration_max_s: float = Field(
-        180.0, gt=0,
+        180.0,
+        gt=0,
         description="Give up collecting after this long (s): finish if at least half of "
         "calibration_s is clean, else restart the calibration.",
     )
@@ -362,7 +396,8 @@ class StateSettings(_Base):
         2.0, ge=0, description="Seconds after start/reset ignored while filters settle."
     )
     settle_s: float | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="Seconds at the start of the calibration data left out of the baseline while "
         "the band-power estimator settles; null: 3 x smoothing_s (iir) or window_s (welch).",
     )
@@ -372,7 +407,8 @@ class StateSettings(_Base):
     enter: float = Field(1.0, description="Score above this (held for dwell_s) enters the target.")
     leave: float = Field(0.0, description="Score below this leaves the target (leave < enter).")
     dwell_s: float = Field(
-        0.25, ge=0,
+        0.25,
+        ge=0,
         description="Seconds the score must stay above enter before entering (the trigger policy "
         "adds its own dwell).",
     )
@@ -385,7 +421,8 @@ class StateSettings(_Base):
         "before the artifact and the score is still >= leave (else re-enter with the full dwell).",
     )
     mad_floor: float = Field(
-        1e-6, gt=0,
+        1e-6,
+        gt=0,
         description="Lower bound of the scaled MAD so that a constant feature gives finite z.",
     )
 
@@ -394,8 +431,10 @@ class StateSettings(_Base):
         if not self.enter > self.leave:
             raise ValueError(f"enter ({self.enter}) must be above leave ({self.leave})")
         if self.calibration_max_s < self.calibration_s:
-            raise ValueError(f"calibration_max_s ({self.calibration_max_s}) must be at least "
-                             f"calibration_s ({self.calibration_s})")
+            raise ValueError(
+                f"calibration_max_s ({self.calibration_max_s}) must be at least "
+                f"calibration_s ({self.calibration_s})"
+            )
         if self.features is not None and not self.features:
             raise ValueError("features: empty list (use null for the defaults)")
         return self
@@ -418,22 +457,28 @@ class StateSettings(_Base):
         groups = bp.resolved_groups(ch_names)
         feats = self.resolved_features(groups)
         if not feats:
-            errors.append("state.features: no default feature has its group in the stream "
-                          f"(groups: {', '.join(groups) or 'none'}); configure state.features")
+            errors.append(
+                "state.features: no default feature has its group in the stream "
+                f"(groups: {', '.join(groups) or 'none'}); configure state.features"
+            )
         if self.features is not None:
             for i, f in enumerate(self.features):
                 if f.group not in groups:
-                    errors.append(f"state.features[{i}].group: '{f.group}' is not a group "
-                                  f"(have: {', '.join(groups)})")
+                    errors.append(
+                        f"state.features[{i}].group: '{f.group}' is not a group "
+                        f"(have: {', '.join(groups)})"
+                    )
                 if f.band not in bp.bands:
-                    errors.append(f"state.features[{i}].band: '{f.band}' is not a band "
-                                  f"(have: {', '.join(bp.bands)})")
+                    errors.append(
+                        f"state.features[{i}].band: '{f.band}' is not a band "
+                        f"(have: {', '.join(bp.bands)})"
+                    )
         if all(f.weight == 0 for f in feats) and feats:
             errors.append("state.features: all weights are zero")
         return errors
 
 
-def validate_feature_settings(  # noqa: PLR0917 - mirrors the chain's positional sections
+def validate_feature_settings(
     ch_names: Sequence[str],
     sfreq: float,
     preprocess: PreprocessSettings,

@@ -18,8 +18,8 @@ from closedloop.errors import UserError
 from gui.window import ConsoleWindow
 
 SCREENSHOT_CALIBRATION_S = 10.0  # short baseline so a pulse fires within ~35 s of replay
-SCREENSHOT_TIMEOUT_S = 120.0     # give up waiting for a pulse after this long (wall clock)
-SCREENSHOT_AFTER_PULSE_S = 4.0   # let the raster and traces move on a little after the pulse
+SCREENSHOT_TIMEOUT_S = 120.0  # give up waiting for a pulse after this long (wall clock)
+SCREENSHOT_AFTER_PULSE_S = 4.0  # let the raster and traces move on a little after the pulse
 SCREENSHOT_SIZE = (1600, 1000)
 # GIL switch interval while the console runs (Python's default is 5 ms). When the acquisition
 # thread's pull returns while the GUI thread holds the GIL, it waits up to this long (plus the
@@ -33,8 +33,13 @@ def _app():
     return QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
 
 
-def run_gui(config: SessionConfig, screenshot: Path | None = None, autostart: bool = False,
-            arm_action: str | None = None, out_root: Path | None = None) -> int:
+def run_gui(
+    config: SessionConfig,
+    screenshot: Path | None = None,
+    autostart: bool = False,
+    arm_action: str | None = None,
+    out_root: Path | None = None,
+) -> int:
     """Open the console and return its exit status when the window is closed.
 
     autostart: start a session on the config's stream at once (the demo).
@@ -45,16 +50,19 @@ def run_gui(config: SessionConfig, screenshot: Path | None = None, autostart: bo
         return take_screenshot(config, Path(screenshot), out_root=out_root)
     app = _app()
     if os.environ.get("QT_QPA_PLATFORM") != "offscreen" and not has_display():
-        raise UserError("no display for the console window: run on a desktop, or use "
-                        "`closedloop gui --screenshot PATH` (or QT_QPA_PLATFORM=offscreen)")
+        raise UserError(
+            "no display for the console window: run on a desktop, or use "
+            "`closedloop gui --screenshot PATH` (or QT_QPA_PLATFORM=offscreen)"
+        )
     sys.setswitchinterval(GUI_SWITCH_INTERVAL_S)
     win = ConsoleWindow(config, out_root=out_root, arm_action=arm_action)
     win.show()
     if autostart:
         win.start_session()
     # Ctrl-C / SIGTERM close the window, which disarms and ends the session cleanly.
-    previous = {sig: signal.signal(sig, lambda *_: win.close())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: win.close()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         app.exec()
     finally:
@@ -66,9 +74,12 @@ def run_gui(config: SessionConfig, screenshot: Path | None = None, autostart: bo
     return 1 if runner is not None and runner.error is not None else 0
 
 
-
-def take_screenshot(config: SessionConfig, path: Path, out_root: Path | None = None,
-                    timeout_s: float = SCREENSHOT_TIMEOUT_S) -> int:
+def take_screenshot(
+    config: SessionConfig,
+    path: Path,
+    out_root: Path | None = None,
+    timeout_s: float = SCREENSHOT_TIMEOUT_S,
+) -> int:
     """Replay the bundled 32-ch recording, run the console offscreen until a pulse fired, save.
 
     Returns 0 when the PNG shows a calibrated, armed session with at least one pulse, else 1
@@ -79,8 +90,14 @@ def take_screenshot(config: SessionConfig, path: Path, out_root: Path | None = N
     name = source_id = f"closedloop-screenshot-{tag}"
     cfg = demo_config(config, name, source_id)
     # the replayer process needs a few seconds (python + mne imports) before its outlet exists
-    cfg = apply_overrides(cfg, {"state.calibration_s": SCREENSHOT_CALIBRATION_S,
-                                "recording.xdf": False, "source.resolve_timeout_s": 60.0})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "state.calibration_s": SCREENSHOT_CALIBRATION_S,
+            "recording.xdf": False,
+            "source.resolve_timeout_s": 60.0,
+        },
+    )
     tmp = None
     if out_root is None:
         tmp = tempfile.TemporaryDirectory(prefix="closedloop-screenshot-")

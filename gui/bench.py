@@ -51,12 +51,20 @@ def write_recording(path: Path, seconds: float, seed: int = 0) -> Path:
 
 
 def config_for(name: str, seconds: float) -> SessionConfig:
-    return apply_overrides(SessionConfig(), {
-        "source.name": name, "source.source_id": name, "source.stype": None,
-        "source.resolve_timeout_s": 60.0, "source.counter_channel": None,
-        "state.calibration_s": 10.0, "session.duration_s": seconds,
-        "recording.xdf": False, "session.publish_lsl": False,
-    })
+    return apply_overrides(
+        SessionConfig(),
+        {
+            "source.name": name,
+            "source.source_id": name,
+            "source.stype": None,
+            "source.resolve_timeout_s": 60.0,
+            "source.counter_channel": None,
+            "state.calibration_s": 10.0,
+            "session.duration_s": seconds,
+            "recording.xdf": False,
+            "session.publish_lsl": False,
+        },
+    )
 
 
 def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: Path) -> dict:
@@ -110,7 +118,9 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
     p50, p99 = np.percentile(lat, [50, 99]) if lat.size else (np.nan, np.nan)
     tk = np.asarray(ticks)
     return {
-        "chunks": int(lat.size), "p50_ms": float(p50), "p99_ms": float(p99),
+        "chunks": int(lat.size),
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
         "max_ms": float(lat.max()) if lat.size else np.nan,
         "tick_p50_ms": float(np.percentile(tk, 50)) if tk.size else np.nan,
         "tick_p99_ms": float(np.percentile(tk, 99)) if tk.size else np.nan,
@@ -121,22 +131,35 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="stream seconds per run")
-    parser.add_argument("--runs", default="headless,gui,gui_default_switch",
-                        help="comma-separated: headless, gui, gui_default_switch")
+    parser.add_argument(
+        "--runs",
+        default="headless,gui,gui_default_switch",
+        help="comma-separated: headless, gui, gui_default_switch",
+    )
     args = parser.parse_args(argv)
     from gui.app import GUI_SWITCH_INTERVAL_S
 
     with tempfile.TemporaryDirectory(prefix="clbench-") as tmp:
         rec = write_recording(Path(tmp) / "bench_64ch_1khz_raw.fif", 60.0)
-        settings = {"headless": (False, 0.005), "gui": (True, GUI_SWITCH_INTERVAL_S),
-                    "gui_default_switch": (True, 0.005)}
+        settings = {
+            "headless": (False, 0.005),
+            "gui": (True, GUI_SWITCH_INTERVAL_S),
+            "gui_default_switch": (True, 0.005),
+        }
         for run in args.runs.split(","):
             gui, switch = settings[run]
             r = run_once(rec, args.seconds, gui, switch, Path(tmp))
-            print(f"{run:<20} switch {switch * 1e3:4.1f} ms  chunks {r['chunks']:5d}  latency "
-                  f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms"
-                  + (f"  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
-                     f"  ~{r['frames_per_s']:.0f} frames/s" if gui else ""), flush=True)
+            print(
+                f"{run:<20} switch {switch * 1e3:4.1f} ms  chunks {r['chunks']:5d}  latency "
+                f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms"
+                + (
+                    f"  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
+                    f"  ~{r['frames_per_s']:.0f} frames/s"
+                    if gui
+                    else ""
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -17,20 +17,34 @@ import numpy as np
 
 from closedloop.bus import Event
 
-GUI_EVENT_KINDS = frozenset({
-    "state", "attempt", "health", "interlock", "calibration", "thresholds", "health_event",
-    "error", "session", "emergency_stop",
-})
+GUI_EVENT_KINDS = frozenset(
+    {
+        "state",
+        "attempt",
+        "health",
+        "interlock",
+        "calibration",
+        "thresholds",
+        "health_event",
+        "error",
+        "session",
+        "emergency_stop",
+    }
+)
 # The console does not need per-chunk 'state' events (the scope tap has them as arrays).
 POLLED_KINDS = GUI_EVENT_KINDS - {"state"}
-MAX_ATTEMPTS_SHOWN = 5000   # raster memory: hours of pulses at the hard rate limit
-RATE_WINDOW_S = 60.0        # rolling-minute count shown next to the per-minute limit
+MAX_ATTEMPTS_SHOWN = 5000  # raster memory: hours of pulses at the hard rate limit
+RATE_WINDOW_S = 60.0  # rolling-minute count shown next to the per-minute limit
 LOSS_KINDS = frozenset({"lost", "stale"})
 GAP_KINDS = frozenset({"gap", "counter_gap"})
 # Disarm reasons that come from this console's own buttons carry this prefix (no banner).
 GUI_REASON_PREFIX = "operator (console)"
-_NO_BANNER_PREFIXES = (GUI_REASON_PREFIX, "emergency stop", "shutdown",
-                       "calibration restarted (console")
+_NO_BANNER_PREFIXES = (
+    GUI_REASON_PREFIX,
+    "emergency stop",
+    "shutdown",
+    "calibration restarted (console",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,18 +134,18 @@ class ConsoleModel:
     estopped: bool = False
     banner: Banner | None = None
     baseline: dict[str, tuple[float, float]] = field(default_factory=dict)
-    calibration_phase: str = "idle"   # idle, started, done
+    calibration_phase: str = "idle"  # idle, started, done
     thresholds: tuple[float, float] | None = None
     thresholds_source: str = ""
     health: dict[str, Any] = field(default_factory=dict)
-    stream_state: str = "not connected"   # connected, flowing, stale, lost, restored
+    stream_state: str = "not connected"  # connected, flowing, stale, lost, restored
     n_gaps: int = 0
     n_health_faults: int = 0
     session_phase: str = "idle"
     session_folder: str = ""
     stop_reason: str = ""
     errors: list[str] = field(default_factory=list)
-    changed_attempts: bool = False   # set when the raster needs a redraw
+    changed_attempts: bool = False  # set when the raster needs a redraw
     changed_baseline: bool = False
     changed_thresholds: bool = False
 
@@ -152,8 +166,11 @@ class ConsoleModel:
             reason = f"{reason} ({detail})" if reason else detail
         t = p.get("t_stream", ev.t_stream)
         lat = p.get("latency_ms", float("nan"))
-        self.attempts.append(AttemptMark(float(t), fired, str(reason),
-                                         float(lat) if lat is not None else float("nan")))
+        self.attempts.append(
+            AttemptMark(
+                float(t), fired, str(reason), float(lat) if lat is not None else float("nan")
+            )
+        )
         if fired:
             self.n_fired += 1
         else:
@@ -172,8 +189,9 @@ class ConsoleModel:
     def _on_emergency_stop(self, ev: Event) -> None:
         self.estopped = True
         src = ev.payload.get("source", "?")
-        self.raise_banner(f"EMERGENCY STOP ({src}): stimulation ended for this session.",
-                          ev.t_local)
+        self.raise_banner(
+            f"EMERGENCY STOP ({src}): stimulation ended for this session.", ev.t_local
+        )
 
     def _on_health_event(self, ev: Event) -> None:
         kind = str(ev.payload.get("health", ev.payload.get("kind", "")))  # HealthKind value
@@ -184,8 +202,9 @@ class ConsoleModel:
             self.n_health_faults += 1
             self.stream_state = kind
             what = "STREAM LOST" if kind == "lost" else "STREAM STALE"
-            self.raise_banner(f"{what}: {detail or 'no data'}. Interlock disarmed; re-arm is "
-                              "manual.", ev.t_local)
+            self.raise_banner(
+                f"{what}: {detail or 'no data'}. Interlock disarmed; re-arm is manual.", ev.t_local
+            )
         elif kind in ("connected", "flowing", "restored"):
             self.stream_state = kind
             if self.banner is not None and kind in ("flowing", "restored"):
@@ -206,8 +225,12 @@ class ConsoleModel:
         elif phase == "done":
             self.calibration_phase = "done"
             base = p.get("baseline") or {}
-            self.baseline = {k: (float(v["median"]), float(v["mad"])) if isinstance(v, dict)
-                             else (float(v[0]), float(v[1])) for k, v in base.items()}
+            self.baseline = {
+                k: (float(v["median"]), float(v["mad"]))
+                if isinstance(v, dict)
+                else (float(v[0]), float(v[1]))
+                for k, v in base.items()
+            }
             self.changed_baseline = True
 
     def _on_thresholds(self, ev: Event) -> None:
@@ -252,8 +275,9 @@ def _from_operator(reason: str) -> bool:
     return low.startswith(_NO_BANNER_PREFIXES)
 
 
-def effective_rate(arrival: np.ndarray, n_samples: np.ndarray, t: np.ndarray,
-                   window_s: float = 5.0) -> float:
+def effective_rate(
+    arrival: np.ndarray, n_samples: np.ndarray, t: np.ndarray, window_s: float = 5.0
+) -> float:
     """Samples per second over the last `window_s` (local clock live, stream clock offline).
 
     arrival / n_samples / t: (n,) from `Scope.decisions`; nan when fewer than two chunks.

@@ -21,8 +21,12 @@ log = logging.getLogger(__name__)
 SUBSCRIPTION_MAXLEN = 20_000  # events buffered between two GUI ticks (drained every 40 ms)
 
 
-def make_lsl_source(config: SessionConfig, name: str | None = None,
-                    source_id: str | None = None, stype: str | None = None):
+def make_lsl_source(
+    config: SessionConfig,
+    name: str | None = None,
+    source_id: str | None = None,
+    stype: str | None = None,
+):
     """An LslSource from the config's source section, optionally pointed at a picked stream."""
     src = config.source
     picked = name is not None or source_id is not None
@@ -30,8 +34,10 @@ def make_lsl_source(config: SessionConfig, name: str | None = None,
         name=name if picked else src.name,
         stype=stype if picked else src.stype,
         source_id=source_id if picked else src.source_id,
-        resolve_timeout_s=src.resolve_timeout_s, stale_after_s=src.stale_after_s,
-        counter_channel=src.counter_channel, expected_sfreq=src.expected_sfreq,
+        resolve_timeout_s=src.resolve_timeout_s,
+        stale_after_s=src.stale_after_s,
+        counter_channel=src.counter_channel,
+        expected_sfreq=src.expected_sfreq,
         expected_n_channels=src.expected_n_channels,
     )
 
@@ -43,14 +49,29 @@ class SessionRunner:
     `subscription` on its timer and calls the SessionControl methods of `session`.
     """
 
-    def __init__(self, config: SessionConfig, source: Any, *, out_root: Path | None = None,
-                 arm_action: str | None = None, live: bool = True) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        source: Any,
+        *,
+        out_root: Path | None = None,
+        arm_action: str | None = None,
+        live: bool = True,
+    ) -> None:
         self.bus = EventBus()
         # subscribe before the session starts so 'session started' and calibration are seen
-        self.subscription = self.bus.subscribe("gui", maxlen=SUBSCRIPTION_MAXLEN,
-                                               kinds=POLLED_KINDS)
-        self.session = Session(config, source, live=live, bus=self.bus, out_root=out_root,
-                               arm_action=arm_action, on_status=self._on_status)
+        self.subscription = self.bus.subscribe(
+            "gui", maxlen=SUBSCRIPTION_MAXLEN, kinds=POLLED_KINDS
+        )
+        self.session = Session(
+            config,
+            source,
+            live=live,
+            bus=self.bus,
+            out_root=out_root,
+            arm_action=arm_action,
+            on_status=self._on_status,
+        )
         self.scope: Scope | None = None
         self.summary: dict[str, Any] | None = None
         self.error: BaseException | None = None

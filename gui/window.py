@@ -46,22 +46,22 @@ from gui.runner import SessionRunner, make_lsl_source
 
 guard_none_refcount()  # PySide6 6.12 on CPython 3.11 leaks None refs (see gui/qtfix.py)
 
-TICK_MS = 40                 # 25 frames/s: smooth scrolling when the machine has room
-TICK_MS_MAX = 200            # the slowest the console goes when it has to yield the CPU
+TICK_MS = 40  # 25 frames/s: smooth scrolling when the machine has room
+TICK_MS_MAX = 200  # the slowest the console goes when it has to yield the CPU
 # GUI thread CPU share (incl. painting) above which ticks slow down, and below which they speed
 # up again. 64 ch x 1 kHz on the 2-core VM (gui.bench, 30 s runs): no cap ~20 frames/s, latency
 # p99 13 ms; 0.5/0.3 ~12 frames/s, p99 10.6 ms; 0.3/0.15 ~7 frames/s, p99 9.5 ms.
 GUI_DUTY_MAX = 0.5
 GUI_DUTY_MIN = 0.3
-SLOW_EVERY_TICKS = 12        # text, histogram, baseline: every ~0.5 s
-HISTORY_EVERY_TICKS = 3      # score / band power / raster: ~8 frames/s (60 s wide: 1 px ~ 60 ms)
-HISTORY_POINTS = 1500        # decisions drawn per history curve (decimated)
-HISTORY_S = 60.0             # score / band power / raster window (stream s)
+SLOW_EVERY_TICKS = 12  # text, histogram, baseline: every ~0.5 s
+HISTORY_EVERY_TICKS = 3  # score / band power / raster: ~8 frames/s (60 s wide: 1 px ~ 60 ms)
+HISTORY_POINTS = 1500  # decisions drawn per history curve (decimated)
+HISTORY_S = 60.0  # score / band power / raster window (stream s)
 TRACE_SECONDS_DEFAULT = 10.0
-TRACE_BINS = 500             # min/max pairs per channel (1000 points ~ the plot's pixel width)
-DEFAULT_SCALE_UV = 100.0     # µV per lane (EEG is 10-50 µV: neighbours barely overlap)
+TRACE_BINS = 500  # min/max pairs per channel (1000 points ~ the plot's pixel width)
+DEFAULT_SCALE_UV = 100.0  # µV per lane (EEG is 10-50 µV: neighbours barely overlap)
 MAX_CHANNELS_SHOWN_DEFAULT = 64
-STREAM_REFRESH_S = 5.0       # re-list LSL streams this often while no session runs
+STREAM_REFRESH_S = 5.0  # re-list LSL streams this often while no session runs
 STREAM_LIST_TIMEOUT_S = 1.0
 THRESHOLD_BOUNDS_Z = (-10.0, 10.0)  # drag range of the threshold lines (score is a z sum)
 LATENCY_BINS_MS = np.linspace(0.0, 5.0, 26)
@@ -135,7 +135,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._stream_thread: threading.Thread | None = None
         self._next_stream_refresh = 0.0
         self._tick_count = 0
-        self._t0: float | None = None   # stream time shown as 0 on the history plots
+        self._t0: float | None = None  # stream time shown as 0 on the history plots
         self._trace_key: tuple | None = None
         self._dragging = False
         self._scope_ready: Scope | None = None
@@ -235,8 +235,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
 
     def _build_banner(self) -> QtWidgets.QWidget:
         self.banner = QtWidgets.QFrame()
-        self.banner.setStyleSheet("QFrame { background: #b71c1c; } QLabel { color: white; "
-                                  "font-size: 20px; font-weight: bold; }")
+        self.banner.setStyleSheet(
+            "QFrame { background: #b71c1c; } QLabel { color: white; "
+            "font-size: 20px; font-weight: bold; }"
+        )
         lay = QtWidgets.QHBoxLayout(self.banner)
         self.banner_label = QtWidgets.QLabel("")
         self.banner_label.setWordWrap(True)
@@ -274,8 +276,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.trace_plot.setMouseEnabled(x=False, y=False)
         self.trace_plot.hideButtons()
         self.trace_plot.setLabel("bottom", "time (s, 0 = newest sample)")
-        self.artifact_curve = pg.PlotCurveItem(pen=None, brush=pg.mkBrush(255, 152, 0, 70),
-                                               fillLevel=-0.5, skipFiniteCheck=True)
+        self.artifact_curve = pg.PlotCurveItem(
+            pen=None, brush=pg.mkBrush(255, 152, 0, 70), fillLevel=-0.5, skipFiniteCheck=True
+        )
         self.trace_plot.addItem(self.artifact_curve)
         self.trace_curves: list[pg.PlotCurveItem] = []  # one per stream channel, made once
         inner.addWidget(self.trace_plot)
@@ -304,20 +307,32 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.band_plot.setLabel("left", "log10 power")
         self.band_curves: list[pg.PlotDataItem] = []
         self.score_plot = pg.PlotWidget(title="state score (drag the thresholds)")
-        self.target_fill = pg.PlotCurveItem(pen=None, brush=pg.mkBrush(46, 125, 50, 50),
-                                            fillLevel=0.0)
+        self.target_fill = pg.PlotCurveItem(
+            pen=None, brush=pg.mkBrush(46, 125, 50, 50), fillLevel=0.0
+        )
         self.score_plot.addItem(self.target_fill)
         self.score_curve = self.score_plot.plot(pen=pg.mkPen("#1a237e", width=2), connect="finite")
         enter, leave = self.config.state.enter, self.config.state.leave
         self.enter_line = pg.InfiniteLine(
-            enter, angle=0, movable=True, bounds=THRESHOLD_BOUNDS_Z,
-            pen=pg.mkPen("#2e7d32", width=2), hoverPen=pg.mkPen("#2e7d32", width=4),
-            label="enter {value:.2f}", labelOpts={"position": 0.93, "color": "#2e7d32"})
+            enter,
+            angle=0,
+            movable=True,
+            bounds=THRESHOLD_BOUNDS_Z,
+            pen=pg.mkPen("#2e7d32", width=2),
+            hoverPen=pg.mkPen("#2e7d32", width=4),
+            label="enter {value:.2f}",
+            labelOpts={"position": 0.93, "color": "#2e7d32"},
+        )
         self.leave_line = pg.InfiniteLine(
-            leave, angle=0, movable=True, bounds=THRESHOLD_BOUNDS_Z,
+            leave,
+            angle=0,
+            movable=True,
+            bounds=THRESHOLD_BOUNDS_Z,
             pen=pg.mkPen("#c62828", width=2, style=QtCore.Qt.PenStyle.DashLine),
             hoverPen=pg.mkPen("#c62828", width=4),
-            label="leave {value:.2f}", labelOpts={"position": 0.8, "color": "#c62828"})
+            label="leave {value:.2f}",
+            labelOpts={"position": 0.8, "color": "#c62828"},
+        )
         for line in (self.enter_line, self.leave_line):
             self.score_plot.addItem(line)
             line.sigPositionChangeFinished.connect(self._threshold_dragged)
@@ -326,8 +341,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.raster_plot.setYRange(-0.7, 1.7)
         self.raster_plot.getAxis("left").setTicks([[(1, "fired"), (0, "vetoed")]])
         self.raster_plot.setLabel("bottom", "session time (s)")
-        self.raster = pg.ScatterPlotItem(hoverable=True, tip=self._raster_tip, size=18,
-                                         hoverSize=24)
+        self.raster = pg.ScatterPlotItem(
+            hoverable=True, tip=self._raster_tip, size=18, hoverSize=24
+        )
         self.raster_plot.addItem(self.raster)
         for p in (self.band_plot, self.score_plot, self.raster_plot):
             p.setMenuEnabled(False)
@@ -396,8 +412,12 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.latency_plot.setMouseEnabled(x=False, y=False)
         self.latency_plot.setLabel("bottom", "latency (ms)")
         centres = 0.5 * (LATENCY_BINS_MS[1:] + LATENCY_BINS_MS[:-1])
-        self.latency_bars = pg.BarGraphItem(x=centres, height=np.zeros(centres.size),
-                                            width=np.diff(LATENCY_BINS_MS) * 0.9, brush="#5c6bc0")
+        self.latency_bars = pg.BarGraphItem(
+            x=centres,
+            height=np.zeros(centres.size),
+            width=np.diff(LATENCY_BINS_MS) * 0.9,
+            brush="#5c6bc0",
+        )
         self.latency_plot.addItem(self.latency_bars)
         lay.addWidget(self.latency_plot, 1)
         return box
@@ -429,8 +449,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._scope_ready = None
         self._trace_key = None
         self._failure_shown = False
-        self.runner = SessionRunner(self.config, source, out_root=self.out_root,
-                                    arm_action=self.arm_action).start()
+        self.runner = SessionRunner(
+            self.config, source, out_root=self.out_root, arm_action=self.arm_action
+        ).start()
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         return self.runner
@@ -466,7 +487,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
     def confirm_arm(self) -> bool:
         """Ask the operator to confirm arming (tests replace this)."""
         answer = QtWidgets.QMessageBox.warning(
-            self, "Arm the stimulator?",
+            self,
+            "Arm the stimulator?",
             "ARM: pulses will fire whenever the target state holds, within the safety limits.\n\n"
             "Is the coil placed and the participant ready?",
             QtWidgets.QMessageBox.StandardButton.Yes | QtWidgets.QMessageBox.StandardButton.No,
@@ -588,7 +610,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
                 if d.channel_format == "string":
                     continue
                 self.stream_combo.addItem(
-                    f"{d.name} · {d.stype} · {d.n_channels} ch · {d.sfreq:g} Hz · {d.hostname}", d)
+                    f"{d.name} · {d.stype} · {d.n_channels} ch · {d.sfreq:g} Hz · {d.hostname}", d
+                )
                 if d.uid == keep_uid:
                     self.stream_combo.setCurrentIndex(self.stream_combo.count() - 1)
             self.stream_combo.blockSignals(False)
@@ -660,8 +683,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         state = "estop" if estopped else snap.interlock
         self._set_interlock_display(state)
         running = self.runner is not None and self.runner.running
-        self.arm_button.setEnabled(running and snap.calibrated and not estopped
-                                   and snap.interlock == "disarmed")
+        self.arm_button.setEnabled(
+            running and snap.calibrated and not estopped and snap.interlock == "disarmed"
+        )
         self.disarm_button.setEnabled(running and snap.interlock != "disarmed")
         self.recalibrate_button.setEnabled(running and snap.phase in ("calibrating", "running"))
         self.finish_calibration_button.setEnabled(running and snap.calibrating)
@@ -675,7 +699,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.armed_label.setText(text)
         self.armed_label.setStyleSheet(
             f"background: {bg}; color: {fg}; font-size: 40px; font-weight: 900;"
-            " border-radius: 8px; padding: 4px;")
+            " border-radius: 8px; padding: 4px;"
+        )
 
     def _update_banner(self) -> None:
         b = self.model.banner
@@ -731,8 +756,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             item.setFlags(QtCore.Qt.ItemFlag.ItemIsUserCheckable | QtCore.Qt.ItemFlag.ItemIsEnabled)
             on = name.lower() not in excl and shown < MAX_CHANNELS_SHOWN_DEFAULT
             shown += on
-            item.setCheckState(QtCore.Qt.CheckState.Checked if on
-                               else QtCore.Qt.CheckState.Unchecked)
+            item.setCheckState(
+                QtCore.Qt.CheckState.Checked if on else QtCore.Qt.CheckState.Unchecked
+            )
             self.channel_table.setItem(i, 0, item)
             scale = QtWidgets.QTableWidgetItem(f"{self.scale_all_spin.value():g}")
             self.channel_table.setItem(i, 1, scale)
@@ -831,8 +857,15 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         step = max(1, dec.t.size // HISTORY_POINTS)
         if step > 1:  # keep the newest decision, drop in between (1 px is ~60 ms anyway)
             keep = slice((dec.t.size - 1) % step, None, step)
-            dec = type(dec)(dec.t[keep], dec.score[keep], dec.label[keep], dec.features[keep],
-                            dec.arrival[keep], dec.n_samples[keep], dec.n_total)
+            dec = type(dec)(
+                dec.t[keep],
+                dec.score[keep],
+                dec.label[keep],
+                dec.features[keep],
+                dec.arrival[keep],
+                dec.n_samples[keep],
+                dec.n_total,
+            )
         x = dec.t - self._t0
         self.score_curve.setData(x, dec.score, connect="finite")
         target = dec.label == LABELS.index(Label.TARGET)
@@ -845,8 +878,13 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             self.band_curves = []
             colours = ["#6a1b9a", "#00838f", "#ef6c00", "#2e7d32", "#ad1457", "#283593"]
             for k, name in enumerate(scope.feature_names):
-                self.band_curves.append(self.band_plot.plot(
-                    pen=pg.mkPen(colours[k % len(colours)], width=2), name=name, connect="finite"))
+                self.band_curves.append(
+                    self.band_plot.plot(
+                        pen=pg.mkPen(colours[k % len(colours)], width=2),
+                        name=name,
+                        connect="finite",
+                    )
+                )
         for k, curve in enumerate(self.band_curves):
             curve.setData(x, dec.features[:, k], connect="finite")
         t_now = float(x[-1])
@@ -855,17 +893,22 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         if st is not None:
             self._set_state_display(st.label, st.time_in_state_s, st.dwell_progress, st.score)
 
-    def _set_state_display(self, label: Label, time_in_state_s: float, dwell: float,
-                           score: float) -> None:
+    def _set_state_display(
+        self, label: Label, time_in_state_s: float, dwell: float, score: float
+    ) -> None:
         key = label
         if getattr(self, "_state_shown", None) != key:
             self._state_shown = key
-            name = self.config.state.target_name.upper() if label is Label.TARGET else \
-                label.value.replace("_", " ").upper()
+            name = (
+                self.config.state.target_name.upper()
+                if label is Label.TARGET
+                else label.value.replace("_", " ").upper()
+            )
             self.state_label.setText(name)
             self.state_label.setStyleSheet(
                 f"background: {LABEL_COLOURS[label]}; color: white; font-size: 28px;"
-                " font-weight: bold; border-radius: 6px;")
+                " font-weight: bold; border-radius: 6px;"
+            )
         sc = "" if math.isnan(score) else f" · score {score:+.2f}"
         self.time_in_state_label.setText(f"in state {time_in_state_s:6.1f} s{sc}")
         self.dwell_bar.setValue(round(100 * max(0.0, min(1.0, dwell))))
@@ -879,8 +922,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             self._snap_thresholds(m.thresholds)
         elif self.snapshot.calibrated or self.snapshot.phase in ("calibrating", "running"):
             enter, leave = self.snapshot.thresholds
-            if math.isfinite(enter) and (enter, leave) != (self.enter_line.value(),
-                                                           self.leave_line.value()):
+            if math.isfinite(enter) and (enter, leave) != (
+                self.enter_line.value(),
+                self.leave_line.value(),
+            ):
                 self._snap_thresholds((enter, leave))
 
     # ---- raster, counts --------------------------------------------------------------------
@@ -892,13 +937,15 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         t0 = self._t0 if self._t0 is not None else 0.0
         spots = []
         for a in self.model.attempts:
-            spots.append({
-                "pos": (a.t_stream - t0, 1.0 if a.fired else 0.0),
-                "data": a.tip,
-                "symbol": "|" if a.fired else "x",
-                "brush": pg.mkBrush("#d50000" if a.fired else "#9e9e9e"),
-                "pen": pg.mkPen("#d50000" if a.fired else "#616161", width=2),
-            })
+            spots.append(
+                {
+                    "pos": (a.t_stream - t0, 1.0 if a.fired else 0.0),
+                    "data": a.tip,
+                    "symbol": "|" if a.fired else "x",
+                    "brush": pg.mkBrush("#d50000" if a.fired else "#9e9e9e"),
+                    "pen": pg.mkPen("#d50000" if a.fired else "#616161", width=2),
+                }
+            )
         self.raster.setData(spots)
 
     def _update_counts(self, scope: Scope | None) -> None:
@@ -909,7 +956,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         rate = snap.max_per_minute or self.config.safety.max_per_minute
         self.counts_label.setText(
             f"pulses <b>{max(snap.pulse_count, m.n_fired)}</b> / session cap {cap} · "
-            f"last 60 s <b>{last_min}</b> / {rate} per minute · vetoed {m.n_vetoed}")
+            f"last 60 s <b>{last_min}</b> / {rate} per minute · vetoed {m.n_vetoed}"
+        )
 
     def _update_calibration(self) -> None:
         snap, m = self.snapshot, self.model

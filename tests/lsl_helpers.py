@@ -96,8 +96,18 @@ def start_replayer_process(
 ) -> ReplayerProcess:
     """Start the replayer and wait for its READY line (the outlet exists then)."""
     log_path = Path(log_dir) / f"replayer-{uuid.uuid4().hex[:6]}.log"
-    cmd = [sys.executable, "-m", "acquisition.replayer", str(path), "--name", name,
-           "--source-id", source_id, "--no-progress", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "acquisition.replayer",
+        str(path),
+        "--name",
+        name,
+        "--source-id",
+        source_id,
+        "--no-progress",
+        *args,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)

@@ -120,8 +120,9 @@ class Broker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                (self.host, self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.02)
@@ -176,7 +177,8 @@ def write_config(
         for user, password in users.items():
             subprocess.run(
                 ["mosquitto_passwd", "-b", str(pw_file), user, password],
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
         lines += ["allow_anonymous false", f"password_file {pw_file}"]
     if acl is not None:
@@ -228,8 +230,13 @@ class Subscriber:
     """Collects every message on `topic_filter` in a background thread; reconnects on loss."""
 
     def __init__(
-        self, broker: Broker, topic_filter: str, *, username: str | None = None,
-        password: str | None = None, tls: dict[str, Any] | None = None,
+        self,
+        broker: Broker,
+        topic_filter: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: dict[str, Any] | None = None,
     ) -> None:
         self.broker = broker
         self.topic_filter = topic_filter
@@ -259,9 +266,14 @@ class Subscriber:
         while not self._stop.is_set():
             try:
                 async with aiomqtt.Client(
-                    self.broker.host, self.broker.port, username=self.username,
-                    password=self.password, protocol=aiomqtt.ProtocolVersion.V5,
-                    keepalive=5, timeout=5, **(self.tls or {}),
+                    self.broker.host,
+                    self.broker.port,
+                    username=self.username,
+                    password=self.password,
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    keepalive=5,
+                    timeout=5,
+                    **(self.tls or {}),
                 ) as client:
                     await client.subscribe(
                         self.topic_filter,
@@ -307,15 +319,25 @@ class Subscriber:
 
 
 def publish(
-    broker: Broker, topic: str, payload: bytes | str, *, retain: bool = False, qos: int = 1,
-    username: str | None = None, password: str | None = None,
+    broker: Broker,
+    topic: str,
+    payload: bytes | str,
+    *,
+    retain: bool = False,
+    qos: int = 1,
+    username: str | None = None,
+    password: str | None = None,
 ) -> None:
     """Publish one message from a fresh client (like an operator's console would)."""
 
     async def _go() -> None:
         async with aiomqtt.Client(
-            broker.host, broker.port, username=username, password=password,
-            protocol=aiomqtt.ProtocolVersion.V5, timeout=5,
+            broker.host,
+            broker.port,
+            username=username,
+            password=password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=5,
         ) as client:
             await client.publish(topic, payload, qos=qos, retain=retain)
 
@@ -327,7 +349,11 @@ def command(
 ) -> str:
     """A valid command document (override any field through `extra`)."""
     doc: dict[str, Any] = {
-        "v": 1, "seq": seq, "cmd": cmd, "sender": sender, "expires": time.time() + ttl_s,
+        "v": 1,
+        "seq": seq,
+        "cmd": cmd,
+        "sender": sender,
+        "expires": time.time() + ttl_s,
     }
     doc.update(extra)
     return json.dumps(doc)

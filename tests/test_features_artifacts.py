@@ -136,8 +136,9 @@ def test_reset_clears_flags():
     assert det.reasons == ()
 
 
-@pytest.mark.parametrize("bad", [{"channels": []}, {"channels": ["Oz"]},
-                                 {"muscle_band_hz": (30.0, 200.0)}])
+@pytest.mark.parametrize(
+    "bad", [{"channels": []}, {"channels": ["Oz"]}, {"muscle_band_hz": (30.0, 200.0)}]
+)
 def test_validation(bad):
     errors = ArtifactSettings(**bad).validate_for(NAMES, FS)
     assert errors

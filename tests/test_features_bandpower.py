@@ -37,8 +37,13 @@ def _noise(n: int, n_ch: int, seed: int = 0) -> np.ndarray:
 def _mne_band(window: np.ndarray, sfreq: float, band, n_per_seg: int, n_overlap: int):
     """mne's Welch PSD of window (n, ch), integrated over [lo, hi) -> (ch,)."""
     psd, freqs = mne.time_frequency.psd_array_welch(
-        window.T, sfreq, n_fft=n_per_seg, n_per_seg=n_per_seg, n_overlap=n_overlap,
-        window="hann", verbose="error",
+        window.T,
+        sfreq,
+        n_fft=n_per_seg,
+        n_per_seg=n_per_seg,
+        n_overlap=n_overlap,
+        window="hann",
+        verbose="error",
     )
     mask = (freqs >= band[0]) & (freqs < band[1])
     return psd[:, mask].sum(axis=1) * (freqs[1] - freqs[0])
@@ -69,8 +74,16 @@ def test_sliding_welch_matches_mne_on_the_same_windows(sfreq):
     averaged over the group's channels: worst relative error is written to the report."""
     x = _noise(round(12 * sfreq), 4, seed=2)
     groups = {"a": ["c0", "c1"], "b": ["c2", "c3"]}
-    est = WelchBandPower(BANDS, groups, ["c0", "c1", "c2", "c3"], sfreq, window_s=2.0, hop_s=0.1,
-                         segment_s=1.0, overlap=0.5)
+    est = WelchBandPower(
+        BANDS,
+        groups,
+        ["c0", "c1", "c2", "c3"],
+        sfreq,
+        window_s=2.0,
+        hop_s=0.1,
+        segment_s=1.0,
+        overlap=0.5,
+    )
     out = np.concatenate([est.process(x[i : i + 37]) for i in range(0, len(x), 37)])
     win, seg = est.window_n, est.seg_n
     worst = 0.0
@@ -112,8 +125,9 @@ def test_iir_holds_during_artifacts():
     hold[1490:1800] = True
     est = IirBandPower({"delta": (1, 4)}, {"g": ["c"]}, ["c"], 500.0, smoothing_s=0.5)
     held = est.process(x, hold)[:, 0, 0]
-    free = IirBandPower({"delta": (1, 4)}, {"g": ["c"]}, ["c"], 500.0,
-                        smoothing_s=0.5).process(x)[:, 0, 0]
+    free = IirBandPower({"delta": (1, 4)}, {"g": ["c"]}, ["c"], 500.0, smoothing_s=0.5).process(x)[
+        :, 0, 0
+    ]
     assert np.all(held[1490:1800] == held[1489])
     assert free[1700] > 10 * held[1700]  # without the hold the bump inflates the power
 
@@ -140,8 +154,10 @@ def test_step_half_time_iir_faster_than_welch():
     times = {}
     for name, est in [
         ("iir", IirBandPower({"alpha": (8, 13)}, {"g": ["c"]}, ["c"], fs, smoothing_s=0.75)),
-        ("welch", WelchBandPower({"alpha": (8, 13)}, {"g": ["c"]}, ["c"], fs, window_s=2.0,
-                                 hop_s=0.1)),
+        (
+            "welch",
+            WelchBandPower({"alpha": (8, 13)}, {"g": ["c"]}, ["c"], fs, window_s=2.0, hop_s=0.1),
+        ),
     ]:
         p = np.log10(est.process(x)[:, 0, 0])
         pre, post = np.median(p[round(10 * fs) : round(15 * fs)]), np.median(p[round(25 * fs) :])
@@ -172,8 +188,12 @@ def test_individual_alpha_peak():
 def test_no_memory_growth(cls):
     """Per-chunk cost does not depend on how long the session ran: memory stays flat."""
     x = _noise(500, 6)
-    est = cls(BANDS, {"g": ["c0", "c1"], "h": ["c2", "c3", "c4", "c5"]},
-              [f"c{i}" for i in range(6)], 500.0)
+    est = cls(
+        BANDS,
+        {"g": ["c0", "c1"], "h": ["c2", "c3", "c4", "c5"]},
+        [f"c{i}" for i in range(6)],
+        500.0,
+    )
     for i in range(0, 500, 10):
         est.process(x[i : i + 10])
     tracemalloc.start()
@@ -207,10 +227,16 @@ def _artifact_free(raw: mne.io.BaseRaw, n: int, sfreq: float) -> np.ndarray:
 @pytest.mark.parametrize(
     ("path", "groups", "features"),
     [
-        (SIM32, {"frontal_midline": ["Fz", "FCz"], "posterior": ["Pz", "O1", "Oz", "O2"]},
-         [("theta", "frontal_midline"), ("alpha", "posterior")]),
-        (SIM4, {"frontal": ["AF7", "AF8"], "temporal": ["TP9", "TP10"]},
-         [("theta", "frontal"), ("alpha", "temporal")]),
+        (
+            SIM32,
+            {"frontal_midline": ["Fz", "FCz"], "posterior": ["Pz", "O1", "Oz", "O2"]},
+            [("theta", "frontal_midline"), ("alpha", "posterior")],
+        ),
+        (
+            SIM4,
+            {"frontal": ["AF7", "AF8"], "temporal": ["TP9", "TP10"]},
+            [("theta", "frontal"), ("alpha", "temporal")],
+        ),
     ],
 )
 def test_iir_tracks_welch_on_generated_recordings(path, groups, features):

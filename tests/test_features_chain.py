@@ -158,8 +158,25 @@ def _fingerprint(changes, sfreq: float, tolerance_samples: int = 0) -> list[tupl
 @pytest.mark.slow
 def test_decisions_do_not_depend_on_chunking(sim32):
     # 16 channels, 55 s: the one-sample chunks take ~10 s
-    keep = ["Fp1", "Fp2", "F3", "Fz", "F4", "FCz", "T7", "C3", "C4", "T8", "P3", "Pz", "P4",
-            "O1", "Oz", "O2", "counter"]
+    keep = [
+        "Fp1",
+        "Fp2",
+        "F3",
+        "Fz",
+        "F4",
+        "FCz",
+        "T7",
+        "C3",
+        "C4",
+        "T8",
+        "P3",
+        "Pz",
+        "P4",
+        "O1",
+        "Oz",
+        "O2",
+        "counter",
+    ]
     raw = sim32.copy().pick(keep).crop(0, 55)
     fs = raw.info["sfreq"]
     state = StateSettings(calibration_s=15.0)  # auto-calibrates from the first samples
@@ -205,8 +222,14 @@ def test_same_chunks_twice_give_identical_states(sim32):
 
 
 # ---------------------------------------------------------------- life cycle and API
-def _synthetic(seconds: float, sfreq: float = 250.0, *, alpha_from: float | None = None,
-               blink_at: float | None = None, seed: int = 0):
+def _synthetic(
+    seconds: float,
+    sfreq: float = 250.0,
+    *,
+    alpha_from: float | None = None,
+    blink_at: float | None = None,
+    seed: int = 0,
+):
     """Simple 4-channel stream: 1/f noise, posterior alpha that rises after alpha_from."""
     rng = np.random.default_rng(seed)
     names = ("Fz", "Pz", "O1", "O2")
@@ -232,10 +255,22 @@ def _feed(chain, x, t, names, *, sfreq=250.0, size=25):
 
 def _alpha_chain(names, **state_kw):
     # enter 2.5: stationary noise gives |z| > 0.5 a third of the time, alpha x4 gives z ~ 5
-    kw = {"features": [{"group": "posterior", "band": "alpha"}], "calibration_s": 10.0,
-          "warmup_s": 1.0, "enter": 2.5, "leave": 1.0, **state_kw}
-    return FeatureChain(PreprocessSettings(), BandPowerSettings(), ArtifactSettings(),
-                        StateSettings(**kw), names, 250.0)
+    kw = {
+        "features": [{"group": "posterior", "band": "alpha"}],
+        "calibration_s": 10.0,
+        "warmup_s": 1.0,
+        "enter": 2.5,
+        "leave": 1.0,
+        **state_kw,
+    }
+    return FeatureChain(
+        PreprocessSettings(),
+        BandPowerSettings(),
+        ArtifactSettings(),
+        StateSettings(**kw),
+        names,
+        250.0,
+    )
 
 
 def test_auto_calibration_then_target():
@@ -253,8 +288,9 @@ def test_auto_calibration_then_target():
     first_cal = next(i for i, s in enumerate(states) if s.label is not Label.CALIBRATING)
     # 1 s warm-up + 2.25 s settle + 10 s clean data
     assert 13.0 < states[first_cal].t_stream < 13.6
-    assert set(chain.baseline) == {f"{b}@{g}" for b in chain.band_names
-                                   for g in ("frontal_midline", "posterior")}
+    assert set(chain.baseline) == {
+        f"{b}@{g}" for b in chain.band_names for g in ("frontal_midline", "posterior")
+    }
     assert all(s.label is not Label.TARGET for s in states if s.t_stream < 25.0)
     target = [s for s in states if s.label is Label.TARGET]
     assert target
@@ -341,11 +377,23 @@ def test_manual_calibration_and_thresholds():
 
 
 def test_calibrate_on_separate_recording_with_individual_alpha():
-    raw = simulate(90.0, 250.0, ["Fz", "FCz", "Pz", "O1", "Oz", "O2"], 7, alpha_hz=11.5,
-                   blinks_per_min=0.0, emg_per_min=0.0, bad_channel=False)
+    raw = simulate(
+        90.0,
+        250.0,
+        ["Fz", "FCz", "Pz", "O1", "Oz", "O2"],
+        7,
+        alpha_hz=11.5,
+        blinks_per_min=0.0,
+        emg_per_min=0.0,
+        bad_channel=False,
+    )
     chain = FeatureChain(
-        PreprocessSettings(), BandPowerSettings(individual_alpha=True), ArtifactSettings(),
-        StateSettings(auto_calibrate=False), raw.ch_names, 250.0,
+        PreprocessSettings(),
+        BandPowerSettings(individual_alpha=True),
+        ArtifactSettings(),
+        StateSettings(auto_calibrate=False),
+        raw.ch_names,
+        250.0,
     )
     base = chain.calibrate_on(raw.copy().crop(0, 40))
     assert chain.individual_alpha_hz == pytest.approx(11.5, abs=0.5)
@@ -365,9 +413,15 @@ def test_exclude_non_eeg_and_eeg_mask():
     names = ["Fz", "Pz", "O1", "O2", "counter"]
     chain = _alpha_chain(names)
     assert chain.eeg_names == ("Fz", "Pz", "O1", "O2")
-    masked = FeatureChain(PreprocessSettings(), BandPowerSettings(), ArtifactSettings(),
-                          StateSettings(features=[{"group": "posterior", "band": "alpha"}]),
-                          names, 250.0, eeg_mask=[True, True, True, False, False])
+    masked = FeatureChain(
+        PreprocessSettings(),
+        BandPowerSettings(),
+        ArtifactSettings(),
+        StateSettings(features=[{"group": "posterior", "band": "alpha"}]),
+        names,
+        250.0,
+        eeg_mask=[True, True, True, False, False],
+    )
     assert masked.eeg_names == ("Fz", "Pz", "O1")
     assert masked.groups == {"frontal_midline": ["Fz"], "posterior": ["Pz", "O1"]}
     x, t, _ = _synthetic(4)
@@ -397,13 +451,25 @@ def test_no_memory_growth_per_chunk():
 def test_live_individual_alpha_is_chunking_invariant():
     """Auto-calibration with individual_alpha: the peak, the new bands and the decisions are
     the same for any chunking (the new estimator takes over at the finishing sample)."""
-    raw = simulate(50.0, 250.0, ["Fz", "FCz", "Pz", "O1", "Oz", "O2"], 11, alpha_hz=11.5,
-                   blinks_per_min=0.0, emg_per_min=0.0, bad_channel=False)
+    raw = simulate(
+        50.0,
+        250.0,
+        ["Fz", "FCz", "Pz", "O1", "Oz", "O2"],
+        11,
+        alpha_hz=11.5,
+        blinks_per_min=0.0,
+        emg_per_min=0.0,
+        bad_channel=False,
+    )
     results = []
     for size in (7, 64):
         chain = FeatureChain(
-            PreprocessSettings(), BandPowerSettings(individual_alpha=True), ArtifactSettings(),
-            StateSettings(calibration_s=15.0), raw.ch_names, 250.0,
+            PreprocessSettings(),
+            BandPowerSettings(individual_alpha=True),
+            ArtifactSettings(),
+            StateSettings(calibration_s=15.0),
+            raw.ch_names,
+            250.0,
         )
         states, changes = _run(chain, raw, size)
         assert chain.calibrated
@@ -419,11 +485,20 @@ def test_live_individual_alpha_is_chunking_invariant():
 
 def test_relative_output():
     x, t, names = _synthetic(30, alpha_from=20.0)
-    chain = FeatureChain(PreprocessSettings(), BandPowerSettings(output="relative"),
-                         ArtifactSettings(),
-                         StateSettings(features=[{"group": "posterior", "band": "alpha"}],
-                                       calibration_s=10.0, warmup_s=1.0, enter=2.5, leave=1.0),
-                         names, 250.0)
+    chain = FeatureChain(
+        PreprocessSettings(),
+        BandPowerSettings(output="relative"),
+        ArtifactSettings(),
+        StateSettings(
+            features=[{"group": "posterior", "band": "alpha"}],
+            calibration_s=10.0,
+            warmup_s=1.0,
+            enter=2.5,
+            leave=1.0,
+        ),
+        names,
+        250.0,
+    )
     states = _feed(chain, x, t, names)
     powers = chain.latest_band_powers
     total = sum(v for k, v in powers.items() if k.endswith("@posterior"))

@@ -75,8 +75,14 @@ def test_blinks_and_jaw_raise_flags_not_the_state(raw):
     jaw-clench stretch at the start is labelled ARTIFACT (measured: 95 % of 0-17 s), never the
     target; 91 % of the clean eyes-closed time is target."""
     pre, bp, art, st = load_feature_settings(CONFIG)
-    chain = FeatureChain(pre, bp, art, st.model_copy(update={"auto_calibrate": False}),
-                         raw.ch_names, raw.info["sfreq"])
+    chain = FeatureChain(
+        pre,
+        bp,
+        art,
+        st.model_copy(update={"auto_calibrate": False}),
+        raw.ch_names,
+        raw.info["sfreq"],
+    )
     chain.calibrate_on(raw.copy().crop(17.0, 29.0))
     states, changes = _run(chain, raw)
     t, fs = raw.times, raw.info["sfreq"]

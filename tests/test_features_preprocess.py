@@ -93,8 +93,9 @@ def test_60hz_harmonics_skip_nyquist():
     assert s.notch_freqs(250.0) == [60.0, 120.0]
     assert s.notch_freqs(1000.0) == [60.0, 120.0, 180.0]
     assert PreprocessSettings(notch_hz=None, highpass_hz=None).notch_freqs(250.0) == []
-    assert design_preprocess_sos(PreprocessSettings(notch_hz=None, highpass_hz=None), 250.0).shape \
-        == (0, 6)
+    assert design_preprocess_sos(
+        PreprocessSettings(notch_hz=None, highpass_hz=None), 250.0
+    ).shape == (0, 6)
 
 
 def test_named_reference():

@@ -74,7 +74,8 @@ def test_band_above_nyquist():
 def test_every_error_is_reported_at_once():
     with pytest.raises(FeatureConfigError) as exc:
         validate_feature_settings(
-            ["Fz", "Cz"], 64.0,
+            ["Fz", "Cz"],
+            64.0,
             PreprocessSettings(reference=["M1"]),
             BandPowerSettings(groups={"g": ["Pz"]}),
             ArtifactSettings(channels=["Oz"]),
@@ -82,9 +83,15 @@ def test_every_error_is_reported_at_once():
         )
     paths = [e.split(":")[0] for e in exc.value.errors]
     assert paths == [
-        "preprocess.reference[0]", "preprocess.notch_hz", "bandpower.bands.gamma",
-        "bandpower.groups.g", "artifacts.channels[0]", "artifacts.muscle_band_hz",
-        "artifacts.broadband_hz", "state.features[0].group", "state.features[0].band",
+        "preprocess.reference[0]",
+        "preprocess.notch_hz",
+        "bandpower.bands.gamma",
+        "bandpower.groups.g",
+        "artifacts.channels[0]",
+        "artifacts.muscle_band_hz",
+        "artifacts.broadband_hz",
+        "state.features[0].group",
+        "state.features[0].band",
     ]
     assert "bandpower.groups.g: channel 'Pz' not in stream (have: Fz, Cz)" in str(exc.value)
 

@@ -33,21 +33,25 @@ from gui.window import TICK_MS, ConsoleWindow
 pytestmark = [pytest.mark.gui, pytest.mark.lsl]
 
 RECORDING = Path(__file__).resolve().parents[1] / "replay_data" / "sim_4ch_256hz.fif"
-CONNECT_TIMEOUT_MS = 40_000   # replayer process start (python + mne import) on a busy machine
-CALIBRATION_S = 6.0           # just above the 5 s minimum baseline
+CONNECT_TIMEOUT_MS = 40_000  # replayer process start (python + mne import) on a busy machine
+CALIBRATION_S = 6.0  # just above the 5 s minimum baseline
 
 
 def _config(name: str, **extra) -> SessionConfig:
     overrides = {
-        "source.name": name, "source.source_id": name, "source.stype": None,
+        "source.name": name,
+        "source.source_id": name,
+        "source.stype": None,
         "source.resolve_timeout_s": 40.0,
         "state.calibration_s": CALIBRATION_S,
         # the Muse-like file has no 10-20 midline channels
         "bandpower.groups": {"frontal_midline": ["AF7", "AF8"], "posterior": ["TP9", "TP10"]},
         # thresholds far below the baseline: the target state holds almost all the time, so a
         # pulse is requested right after arming (the test is about the console, not the state)
-        "state.enter": -6.0, "state.leave": -7.0,
-        "recording.xdf": False, "session.publish_lsl": False,
+        "state.enter": -6.0,
+        "state.leave": -7.0,
+        "recording.xdf": False,
+        "session.publish_lsl": False,
         **extra,
     }
     return apply_overrides(SessionConfig(), overrides)
@@ -90,8 +94,14 @@ def test_console_session_end_to_end(qtbot, window, tmp_path):
     _wait_running(qtbot, win)
     t_pipeline = time.monotonic()
     # data on screen within a second of the pipeline starting
-    qtbot.waitUntil(lambda: bool(win.trace_curves) and win.trace_curves[0].xData is not None
-                    and win.trace_curves[0].xData.size > 0, timeout=1000)
+    qtbot.waitUntil(
+        lambda: (
+            bool(win.trace_curves)
+            and win.trace_curves[0].xData is not None
+            and win.trace_curves[0].xData.size > 0
+        ),
+        timeout=1000,
+    )
     assert time.monotonic() - t_pipeline < 1.0
     n_ch = len(runner.scope.ch_names) - 1  # 'counter' is not EEG: unchecked by default
     assert win._shown_idx.size == n_ch
@@ -190,10 +200,10 @@ def test_trace_lanes_follow_channel_table(qtbot, unique_name):
     scope = Scope(("Fz", "Cz", "counter"), 100.0)
     t = np.arange(500) / 100.0
     data = np.zeros((500, 3))
-    data[:, 0] = 100e-6 * np.sin(2 * np.pi * t)   # ±100 µV on Fz
+    data[:, 0] = 100e-6 * np.sin(2 * np.pi * t)  # ±100 µV on Fz
     scope(Chunk(data, t, scope.ch_names, 100.0), State(t[-1], Label.NON_TARGET, 0.0, 1.0))
     win._update_traces(scope)
-    assert win._shown_idx.tolist() == [0, 1]     # counter excluded by default
+    assert win._shown_idx.tolist() == [0, 1]  # counter excluded by default
     y = win.trace_curves[0].yData
     assert y.max() - y.min() == pytest.approx(2.0, rel=0.05)  # 200 µV / 100 µV per lane
     win.channel_table.item(0, 1).setText("200")
@@ -231,10 +241,17 @@ def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, 
     seen = {}
 
     def close_when_data() -> None:
-        wins = [w for w in QtWidgets.QApplication.topLevelWidgets()
-                if isinstance(w, ConsoleWindow) and w.isVisible()]
-        if wins and wins[0].runner is not None and wins[0].runner.scope is not None \
-                and wins[0].runner.scope.n_samples:
+        wins = [
+            w
+            for w in QtWidgets.QApplication.topLevelWidgets()
+            if isinstance(w, ConsoleWindow) and w.isVisible()
+        ]
+        if (
+            wins
+            and wins[0].runner is not None
+            and wins[0].runner.scope is not None
+            and wins[0].runner.scope.n_samples
+        ):
             seen["window"] = wins[0]
             wins[0].close()
         else:
@@ -248,7 +265,8 @@ def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, 
 
 
 def test_stream_picker_lists_streams_and_starts_on_the_picked_one(
-        qtbot, unique_name, tmp_path, monkeypatch):
+    qtbot, unique_name, tmp_path, monkeypatch
+):
     """Listing runs in a worker thread; the picked stream's name and source_id reach the source."""
     import gui.window as window_module
     from acquisition.lsl_source import StreamDescription
@@ -274,9 +292,11 @@ def test_stream_picker_lists_streams_and_starts_on_the_picked_one(
         def start(self):
             return self
 
-    monkeypatch.setattr(window_module, "make_lsl_source",
-                        lambda config, name=None, source_id=None, stype=None:
-                        (name, source_id, stype))
+    monkeypatch.setattr(
+        window_module,
+        "make_lsl_source",
+        lambda config, name=None, source_id=None, stype=None: (name, source_id, stype),
+    )
     monkeypatch.setattr(window_module, "SessionRunner", FakeRunner)
     win = ConsoleWindow(_config(unique_name), out_root=tmp_path, list_streams=lister)
     qtbot.addWidget(win)

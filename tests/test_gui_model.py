@@ -15,8 +15,7 @@ from gui.model import GUI_REASON_PREFIX, ConsoleModel, effective_rate
 def _chunk(start: int, n: int, n_ch: int = 3, sfreq: float = 100.0, t_arrival=np.nan) -> Chunk:
     idx = np.arange(start, start + n)
     data = np.repeat(idx[:, None].astype(float), n_ch, axis=1) + np.arange(n_ch)[None] * 1e6
-    return Chunk(data, idx / sfreq, tuple(f"c{i}" for i in range(n_ch)), sfreq,
-                 t_arrival=t_arrival)
+    return Chunk(data, idx / sfreq, tuple(f"c{i}" for i in range(n_ch)), sfreq, t_arrival=t_arrival)
 
 
 def _state(t: float, label=Label.NON_TARGET, score=0.5, artifacts=(), feats=(1.0, 2.0)) -> State:
@@ -46,8 +45,10 @@ def test_scope_decisions_window_and_labels():
     scope = Scope(("c0", "c1", "c2"), 100.0, ("a", "b"), seconds=2.0)
     for k in range(50):
         label = Label.TARGET if k >= 40 else Label.NON_TARGET
-        scope(_chunk(10 * k, 10, t_arrival=5.0 + 0.1 * k),
-              _state(0.1 * k + 0.09, label, score=k, feats=(k, -k)))
+        scope(
+            _chunk(10 * k, 10, t_arrival=5.0 + 0.1 * k),
+            _state(0.1 * k + 0.09, label, score=k, feats=(k, -k)),
+        )
     dec = scope.decisions(1.0)
     assert dec.t[-1] == pytest.approx(4.99)
     assert dec.t[0] >= dec.t[-1] - 1.0
@@ -80,12 +81,14 @@ def test_model_banner_only_for_self_disarm_and_stream_loss():
 
 def test_model_raster_counts_and_rolling_minute():
     m = ConsoleModel()
-    events = [_ev("attempt", t, fired=True, reason="fired", t_stream=t, latency_ms=0.4)
-              for t in (0.0, 10.0, 65.0, 70.0)]
+    events = [
+        _ev("attempt", t, fired=True, reason="fired", t_stream=t, latency_ms=0.4)
+        for t in (0.0, 10.0, 65.0, 70.0)
+    ]
     events.append(_ev("attempt", 71.0, fired=False, reason="refractory", detail="", t_stream=71.0))
     m.apply(events)
     assert (m.n_fired, m.n_vetoed) == (4, 1)
-    assert m.fired_in_window(71.0) == 2     # 65 and 70 (10 is 61 s old)
+    assert m.fired_in_window(71.0) == 2  # 65 and 70 (10 is 61 s old)
     assert m.attempts[-1].tip == "vetoed: refractory"
     assert m.attempts[0].tip.startswith("fired")
     assert m.changed_attempts
@@ -95,8 +98,16 @@ def test_model_calibration_thresholds_and_estop():
     m = ConsoleModel()
     m.apply([_ev("calibration", phase="started", source="auto")])
     assert m.calibration_phase == "started"
-    m.apply([_ev("calibration", phase="done", source="auto",
-                 baseline={"alpha@posterior": {"median": -11.0, "mad": 0.2}})])
+    m.apply(
+        [
+            _ev(
+                "calibration",
+                phase="done",
+                source="auto",
+                baseline={"alpha@posterior": {"median": -11.0, "mad": 0.2}},
+            )
+        ]
+    )
     assert m.baseline == {"alpha@posterior": (-11.0, 0.2)}
     m.apply([_ev("thresholds", enter=1.5, leave=0.2, source="mqtt")])
     assert m.thresholds == (1.5, 0.2)

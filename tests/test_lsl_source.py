@@ -81,7 +81,8 @@ def test_unit_scale_names_and_mne_lsl_codes():
 
 def test_predicate_quotes_and_excludes_string_streams():
     assert build_predicate("a", None, "b") == (
-        "name='a' and source_id='b' and channel_format!='string'")
+        "name='a' and source_id='b' and channel_format!='string'"
+    )
     assert build_predicate("it's", None, None).startswith('name="it\'s"')
     with pytest.raises(ValueError, match="both quote kinds"):
         build_predicate("""a'b"c""", None, None)
@@ -130,8 +131,10 @@ def test_several_matching_streams_are_an_error():
 def test_values_units_labels_and_timestamps_from_a_bare_outlet():
     name = new_stream_name()
     outlet = make_outlet(
-        name, labels=("Fz", "Cz", "mV", "raw", "counter"),
-        units=("microvolts", "-6", "millivolts", "", "none"))
+        name,
+        labels=("Fz", "Cz", "mV", "raw", "counter"),
+        units=("microvolts", "-6", "millivolts", "", "none"),
+    )
     with LslSource(name=name, expected_sfreq=SFREQ, expected_n_channels=5) as src:
         assert src.ch_names == ("Fz", "Cz", "mV", "raw", "counter")
         assert src.info.ch_units == ("microvolts", "-6", "millivolts", "", "none")
@@ -148,8 +151,7 @@ def test_values_units_labels_and_timestamps_from_a_bare_outlet():
         assert got.data.shape == (50, 5)
         np.testing.assert_allclose(got.data, x * [1e-6, 1e-6, 1e-3, 1e-6, 1.0], rtol=1e-6)
         # stream time = sender timestamps + time correction (~0 on one machine)
-        np.testing.assert_allclose(got.timestamps - src.time_correction, grid(0, 50, t0),
-                                   atol=1e-9)
+        np.testing.assert_allclose(got.timestamps - src.time_correction, grid(0, 50, t0), atol=1e-9)
         assert not [e for e in got.events if e.is_fault]
     # disconnect is idempotent
     src.disconnect()
@@ -187,7 +189,8 @@ def test_gap_within_and_across_chunks_and_counter_gap():
         across = push_and_pull(block(20, 20), grid(23, 20, t0))
         assert across.kinds() == [HealthKind.GAP]
         assert across.of(HealthKind.GAP)[0].t_stream == pytest.approx(
-            t0 + 23 / SFREQ + src.time_correction, abs=1e-9)
+            t0 + 23 / SFREQ + src.time_correction, abs=1e-9
+        )
         # a jump inside one chunk
         stamps = grid(43, 10, t0) + grid(60, 10, t0)
         within = push_and_pull(block(40, 20), stamps)
@@ -224,8 +227,15 @@ def test_stale_then_flowing_on_the_local_clock():
 def test_dropped_samples_in_the_replayer_give_gap_and_counter_gap():
     name = new_stream_name()
     raw = make_recording(duration_s=2.0)
-    replayer = Replayer(raw, name=name, speed=4.0, drop=(100, 25), wait_for_consumers_s=10,
-                        marker_stream=False, progress=False)
+    replayer = Replayer(
+        raw,
+        name=name,
+        speed=4.0,
+        drop=(100, 25),
+        wait_for_consumers_s=10,
+        marker_stream=False,
+        progress=False,
+    )
     with replayer, LslSource(name=name) as src:
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
     faults = [e for e in got.events if e.is_fault]
@@ -245,8 +255,9 @@ def test_dropped_samples_in_the_replayer_give_gap_and_counter_gap():
 def test_nan_in_the_recording_gives_nonfinite():
     name = new_stream_name()
     raw = make_recording(duration_s=1.0, nan_at=123)
-    replayer = Replayer(raw, name=name, speed=4.0, wait_for_consumers_s=10,
-                        marker_stream=False, progress=False)
+    replayer = Replayer(
+        raw, name=name, speed=4.0, wait_for_consumers_s=10, marker_stream=False, progress=False
+    )
     with replayer, LslSource(name=name) as src:
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
     nonfinite = got.of(HealthKind.NONFINITE)
@@ -343,8 +354,18 @@ def test_replayer_subprocess_stream_is_read_with_counter_proof(tmp_path):
     raw = make_recording(duration_s=2.0)
     path = save_recording_fif(raw, tmp_path)
     with (
-        replayer_process(path, name, name, "--wait-consumers", "20", "--loop", "2",
-                         "--chunk-size", "8", log_dir=tmp_path) as rp,
+        replayer_process(
+            path,
+            name,
+            name,
+            "--wait-consumers",
+            "20",
+            "--loop",
+            "2",
+            "--chunk-size",
+            "8",
+            log_dir=tmp_path,
+        ) as rp,
         LslSource(name=name, source_id=name) as src,
     ):
         assert src.info.uid == rp.uid
@@ -358,8 +379,10 @@ def test_replayer_subprocess_stream_is_read_with_counter_proof(tmp_path):
     np.testing.assert_allclose(steps, 1 / SFREQ, atol=2e-5)  # time-correction refresh ~µs
     assert [e.kind for e in got.events if e.is_fault] == [HealthKind.LOST]
     latency = np.array([c.t_arrival - c.t_last for c in got.chunks])
-    print(f"chunk latency (arrival - last timestamp): median {np.median(latency) * 1e3:.2f} ms, "
-          f"p99 {np.percentile(latency, 99) * 1e3:.2f} ms over {latency.size} chunks")
+    print(
+        f"chunk latency (arrival - last timestamp): median {np.median(latency) * 1e3:.2f} ms, "
+        f"p99 {np.percentile(latency, 99) * 1e3:.2f} ms over {latency.size} chunks"
+    )
     assert math.isfinite(float(np.median(latency)))
 
 
@@ -465,8 +488,9 @@ def test_only_the_same_name_and_source_id_is_restored():
     try:
         src.pull()
         del outlet
-        assert HealthKind.LOST in pull_until(
-            src, lambda p: HealthKind.LOST in p.kinds(), 10.0).kinds()
+        assert (
+            HealthKind.LOST in pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 10.0).kinds()
+        )
         other = outlet_with("device-B")
         # the resolver sees a new outlet within ~1.8 s (one query wave); wait two waves
         impostor = pull_until(src, lambda p: HealthKind.RESTORED in p.kinds(), 4.0)

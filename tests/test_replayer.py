@@ -50,8 +50,22 @@ def test_units_are_microvolts_for_eeg_and_none_for_the_counter():
 
 def test_command_line_options():
     parser = add_replay_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["rec.fif", "--loop", "forever", "--speed", "inf", "--counter",
-                              "--chunk-size", "32", "--name", "n", "--source-id", "s"])
+    args = parser.parse_args(
+        [
+            "rec.fif",
+            "--loop",
+            "forever",
+            "--speed",
+            "inf",
+            "--counter",
+            "--chunk-size",
+            "32",
+            "--name",
+            "n",
+            "--source-id",
+            "s",
+        ]
+    )
     assert args.loop is None
     assert math.isinf(args.speed)
     assert args.counter
@@ -68,8 +82,13 @@ def test_command_line_options():
 @pytest.mark.lsl
 def test_stream_description_has_channel_metadata():
     name = new_stream_name()
-    replayer = Replayer(make_recording(duration_s=1.0), name=name, source_id=name + "-sid",
-                        loop=None, progress=False)
+    replayer = Replayer(
+        make_recording(duration_s=1.0),
+        name=name,
+        source_id=name + "-sid",
+        loop=None,
+        progress=False,
+    )
     with replayer:
         info = pylsl.resolve_bypred(f"name='{name}'", 1, 5.0)[0]
         inlet = pylsl.StreamInlet(info)
@@ -83,9 +102,13 @@ def test_stream_description_has_channel_metadata():
     while not ch.empty():
         rows.append((ch.child_value("label"), ch.child_value("unit"), ch.child_value("type")))
         ch = ch.next_sibling()
-    assert rows == [("Fz", "microvolts", "EEG"), ("C3", "microvolts", "EEG"),
-                    ("C4", "microvolts", "EEG"), ("Pz", "microvolts", "EEG"),
-                    ("counter", "none", "MISC")]
+    assert rows == [
+        ("Fz", "microvolts", "EEG"),
+        ("C3", "microvolts", "EEG"),
+        ("C4", "microvolts", "EEG"),
+        ("Pz", "microvolts", "EEG"),
+        ("counter", "none", "MISC"),
+    ]
     assert full.desc().child_value("manufacturer") == "closedloop"
     assert full.desc().child("acquisition").child_value("model") == "Replayer"
 
@@ -94,8 +117,7 @@ def test_stream_description_has_channel_metadata():
 def test_markers_are_pushed_on_the_sample_grid_each_loop():
     name = new_stream_name()
     raw = make_recording(duration_s=2.0, annotations=((0.5, "rest"), (1.2, "move")))
-    replayer = Replayer(raw, name=name, speed=4.0, loop=2, wait_for_consumers_s=10,
-                        progress=False)
+    replayer = Replayer(raw, name=name, speed=4.0, loop=2, wait_for_consumers_s=10, progress=False)
     with replayer:
         minfo = pylsl.resolve_bypred(f"name='{name}-markers'", 1, 5.0)[0]
         assert minfo.type() == "Markers"
@@ -124,8 +146,14 @@ def test_markers_are_pushed_on_the_sample_grid_each_loop():
 @pytest.mark.lsl
 def test_speed_factor_keeps_timestamps_on_the_recording_grid():
     name = new_stream_name()
-    replayer = Replayer(make_recording(duration_s=2.0), name=name, speed=5.0,
-                        wait_for_consumers_s=10, marker_stream=False, progress=False)
+    replayer = Replayer(
+        make_recording(duration_s=2.0),
+        name=name,
+        speed=5.0,
+        wait_for_consumers_s=10,
+        marker_stream=False,
+        progress=False,
+    )
     with replayer, LslSource(name=name) as src:
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
     np.testing.assert_array_equal(got.data[:, -1], np.arange(500))
@@ -139,8 +167,15 @@ def test_speed_factor_keeps_timestamps_on_the_recording_grid():
 @pytest.mark.lsl
 def test_fast_mode_pushes_without_sleeping():
     name = new_stream_name()
-    replayer = Replayer(make_recording(duration_s=8.0), name=name, fast=True, chunk_size=50,
-                        wait_for_consumers_s=10, marker_stream=False, progress=False)
+    replayer = Replayer(
+        make_recording(duration_s=8.0),
+        name=name,
+        fast=True,
+        chunk_size=50,
+        wait_for_consumers_s=10,
+        marker_stream=False,
+        progress=False,
+    )
     with replayer, LslSource(name=name) as src:
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
     stats = replayer.stats
@@ -157,8 +192,16 @@ def test_fast_mode_pushes_without_sleeping():
 def test_endless_loop_with_added_counter_keeps_time_and_counter_rising():
     name = new_stream_name()
     raw = make_recording(duration_s=0.4, counter=False)  # 100 samples per pass
-    replayer = Replayer(raw, name=name, loop=None, speed=2.0, add_counter=True,
-                        wait_for_consumers_s=10, marker_stream=False, progress=False)
+    replayer = Replayer(
+        raw,
+        name=name,
+        loop=None,
+        speed=2.0,
+        add_counter=True,
+        wait_for_consumers_s=10,
+        marker_stream=False,
+        progress=False,
+    )
     with replayer, LslSource(name=name) as src:
         got = pull_until(src, lambda p: n_pulled(p) >= 450, 15.0)
     stats = replayer.stats
@@ -175,8 +218,14 @@ def test_endless_loop_with_added_counter_keeps_time_and_counter_rising():
 @pytest.mark.lsl
 def test_late_pushes_are_counted_as_overruns_and_the_schedule_catches_up(monkeypatch):
     name = new_stream_name()
-    replayer = Replayer(make_recording(duration_s=1.6), name=name, chunk_size=10,
-                        wait_for_consumers_s=10, marker_stream=False, progress=False)
+    replayer = Replayer(
+        make_recording(duration_s=1.6),
+        name=name,
+        chunk_size=10,
+        wait_for_consumers_s=10,
+        marker_stream=False,
+        progress=False,
+    )
     original = replayer._kept_rows
 
     def stall_once(g: int, n: int):
@@ -231,8 +280,9 @@ def test_no_drift_over_a_60_s_real_time_replay(tmp_path):
     duration_s = 60.0
     path = save_recording_fif(make_recording(duration_s=duration_s), tmp_path)
     with (
-        replayer_process(path, name, name, "--wait-consumers", "30", "--no-markers",
-                         log_dir=tmp_path) as rp,
+        replayer_process(
+            path, name, name, "--wait-consumers", "30", "--no-markers", log_dir=tmp_path
+        ) as rp,
         LslSource(name=name, source_id=name) as src,
     ):
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), duration_s + 30)
@@ -243,10 +293,12 @@ def test_no_drift_over_a_60_s_real_time_replay(tmp_path):
     head = np.median(offset[t_last < t_last[0] + 5])
     tail = np.median(offset[t_last > t_last[-1] - 5])
     slope = np.polyfit(t_last - t_last[0], offset, 1)[0]
-    print(f"60 s replay: latency median {np.median(offset) * 1e3:.2f} ms, "
-          f"p99 {np.percentile(offset, 99) * 1e3:.2f} ms; drift first-5-s vs last-5-s "
-          f"{(tail - head) * 1e3:.3f} ms; fitted {slope * 60 * 1e3:.3f} ms / 60 s; "
-          f"replayer: {rp.log().strip().splitlines()[-1]}")
+    print(
+        f"60 s replay: latency median {np.median(offset) * 1e3:.2f} ms, "
+        f"p99 {np.percentile(offset, 99) * 1e3:.2f} ms; drift first-5-s vs last-5-s "
+        f"{(tail - head) * 1e3:.3f} ms; fitted {slope * 60 * 1e3:.3f} ms / 60 s; "
+        f"replayer: {rp.log().strip().splitlines()[-1]}"
+    )
     assert abs(tail - head) < 1 / SFREQ
     assert abs(slope * duration_s) < 1 / SFREQ
     assert not [e for e in got.events if e.is_fault and e.kind is not HealthKind.LOST]

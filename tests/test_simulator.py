@@ -176,7 +176,7 @@ def test_list_montage_and_errors():
 
 
 def test_write_simulated_overrides_and_other_formats(tmp_path):
-    from acquisition.readers import load_recording  # noqa: PLC0415
+    from acquisition.readers import load_recording
 
     path = write_simulated(tmp_path / "short.edf", "sim_4ch_256hz", seed=11, duration_s=12.0)
     raw = load_recording(path)

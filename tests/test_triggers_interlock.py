@@ -126,7 +126,9 @@ def test_observers_see_transitions_with_reasons():
     il.pulse_done()
     il.fault(VetoReason.SAMPLE_GAP, 0.5, "12 ms")
     assert [(o.value, n.value) for o, n, _ in seen] == [
-        ("disarmed", "armed"), ("armed", "refractory"), ("refractory", "disarmed")
+        ("disarmed", "armed"),
+        ("armed", "refractory"),
+        ("refractory", "disarmed"),
     ]
     assert "cli_flag" in seen[0][2]
     assert "alice" in seen[0][2]
@@ -279,8 +281,12 @@ def test_artifact_and_uncalibrated_vetoes():
 # ---- property tests ---------------------------------------------------------------------------
 
 FAULTS = [
-    VetoReason.STALE_DATA, VetoReason.SAMPLE_GAP, VetoReason.STREAM_LOST,
-    VetoReason.OUTPUT_ERROR, VetoReason.BAD_INPUT, VetoReason.FAULT,
+    VetoReason.STALE_DATA,
+    VetoReason.SAMPLE_GAP,
+    VetoReason.STREAM_LOST,
+    VetoReason.OUTPUT_ERROR,
+    VetoReason.BAD_INPUT,
+    VetoReason.FAULT,
 ]
 
 # One step = a chunk (stream and clock steps, maybe a pulse request) plus, sometimes, a control
@@ -297,11 +303,11 @@ CONTROL = st.one_of(
 # 12 in 18 steps carry no control operation; arming is twice as common as each fault kind
 op_strategy = st.tuples(
     CONTROL,
-    STEP_S,                                   # stream time step (s)
-    STEP_S,                                   # local clock step (s): differs on purpose
-    st.booleans(),                            # a pulse request on this chunk
+    STEP_S,  # stream time step (s)
+    STEP_S,  # local clock step (s): differs on purpose
+    st.booleans(),  # a pulse request on this chunk
     st.sampled_from([True, True, True, False]),  # pulse_done afterwards (False: stays in flight)
-    st.sampled_from([0.0, 0.001, 0.049, 0.2]),   # arrival age (s) at decision time
+    st.sampled_from([0.0, 0.001, 0.049, 0.2]),  # arrival age (s) at decision time
 )
 
 
@@ -314,10 +320,14 @@ op_strategy = st.tuples(
     expiry=st.one_of(st.none(), st.floats(0.05, 3.0)),
     ops=st.lists(op_strategy, min_size=20, max_size=400),
 )
-def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, ops):  # noqa: PLR0917
+def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, ops):
     s = SafetySettings(
-        min_interval_s=min_interval, max_per_minute=max_per_minute, session_cap=cap,
-        arm_expiry_min=expiry, latency_budget_ms=50.0, stale_after_s=0.5,
+        min_interval_s=min_interval,
+        max_per_minute=max_per_minute,
+        session_cap=cap,
+        arm_expiry_min=expiry,
+        latency_budget_ms=50.0,
+        stale_after_s=0.5,
     )
     clock = FakeClock()
     il = SafetyInterlock(s, clock=clock, live=live)

@@ -30,8 +30,14 @@ from triggers.settings import OutputSettings
 def pulse(n: int = 1, t_marker: float = 123.456, t_start: float | None = None) -> PulseInfo:
     now = local_clock()
     return PulseInfo(
-        pulse_number=n, t_stream=100.0 + n, t_fire=now, t_marker=t_marker,
-        t_start=now if t_start is None else t_start, score=1.25, label="target", reason="dwell",
+        pulse_number=n,
+        t_stream=100.0 + n,
+        t_fire=now,
+        t_marker=t_marker,
+        t_start=now if t_start is None else t_start,
+        score=1.25,
+        label="target",
+        reason="dwell",
     )
 
 
@@ -76,9 +82,11 @@ def test_serial_byte_arrives_on_the_other_end_of_a_pty(pty_pair):
     out.close()  # idempotent
     assert read_exactly(master, 1, timeout_s=0.05)[0] == b""  # nothing extra was written
     # timing is reported, not asserted tightly (shared machine); a byte must not take a second
-    print(f"serial pty: fire median {statistics.median(fire_us):.0f} µs "
-          f"max {max(fire_us):.0f} µs; byte read back median {statistics.median(arrive_us):.0f} µs "
-          f"max {max(arrive_us):.0f} µs")
+    print(
+        f"serial pty: fire median {statistics.median(fire_us):.0f} µs "
+        f"max {max(fire_us):.0f} µs; byte read back median {statistics.median(arrive_us):.0f} µs "
+        f"max {max(arrive_us):.0f} µs"
+    )
     assert max(arrive_us) < 1e6
 
 
@@ -179,8 +187,10 @@ def test_lsl_marker_received_with_timestamp_and_payload():
             assert payload["label"] == "target"
             assert payload["t_stream"] == 100.0 + n
             assert 2.0 <= payload["latency_ms"] < 1000.0
-        print(f"lsl marker push -> inlet: median {statistics.median(latencies_ms):.3f} ms "
-              f"max {max(latencies_ms):.3f} ms")
+        print(
+            f"lsl marker push -> inlet: median {statistics.median(latencies_ms):.3f} ms "
+            f"max {max(latencies_ms):.3f} ms"
+        )
         inlet.close_stream()
     finally:
         out.close()
@@ -208,10 +218,14 @@ def test_simulated_records_every_pulse():
 
 
 def test_build_outputs_in_firing_order():
-    cfg = OutputSettings(outputs=[
-        {"kind": "bus"}, {"kind": "lsl_marker", "stream_name": "x", "source_id": "y"},
-        {"kind": "simulated"}, {"kind": "serial", "port": "/dev/null-x", "name": "ttl"},
-    ])
+    cfg = OutputSettings(
+        outputs=[
+            {"kind": "bus"},
+            {"kind": "lsl_marker", "stream_name": "x", "source_id": "y"},
+            {"kind": "simulated"},
+            {"kind": "serial", "port": "/dev/null-x", "name": "ttl"},
+        ]
+    )
     outs = build_outputs(cfg, bus=EventBus())
     assert [o.kind for o in outs] == ["serial", "simulated", "lsl_marker", "bus"]
     with pytest.raises(ValueError, match="needs an event bus"):

@@ -129,9 +129,13 @@ def test_health_fault_disarms_with_reason_and_info_never_rearms(tmp_path):
 
 @pytest.mark.parametrize(
     ("kind", "reason"),
-    [(HealthKind.STALE, "stale_data"), (HealthKind.LOST, "stream_lost"),
-     (HealthKind.COUNTER_GAP, "sample_gap"), (HealthKind.NONFINITE, "bad_input"),
-     (HealthKind.MISMATCH, "bad_input")],
+    [
+        (HealthKind.STALE, "stale_data"),
+        (HealthKind.LOST, "stream_lost"),
+        (HealthKind.COUNTER_GAP, "sample_gap"),
+        (HealthKind.NONFINITE, "bad_input"),
+        (HealthKind.MISMATCH, "bad_input"),
+    ],
 )
 def test_every_fault_kind_disarms(tmp_path, kind, reason):
     unit, _ = make_unit(tmp_path)
@@ -302,8 +306,11 @@ def test_lead_facing_api(tmp_path):
     unit.fault("exception in features: ValueError: x", 209.6)
     assert unit.interlock.state is InterlockState.DISARMED
     assert unit.interlock.last_reason == "fault: exception in features: ValueError: x"
-    assert seen == [("armed", "armed: gui_button by bob"), ("refractory", "pulse 1"),
-                    ("disarmed", "fault: exception in features: ValueError: x")]
+    assert seen == [
+        ("armed", "armed: gui_button by bob"),
+        ("refractory", "pulse 1"),
+        ("disarmed", "fault: exception in features: ValueError: x"),
+    ]
     unit.arm("gui_button")
     unit.close("session ended")
     assert seen[-1] == ("disarmed", "session ended")
@@ -340,7 +347,8 @@ FAULT_KINDS = [HealthKind.STALE, HealthKind.GAP, HealthKind.LOST, HealthKind.NON
             st.sampled_from([Label.TARGET, Label.TARGET, Label.NON_TARGET, Label.ARTIFACT]),
             st.sampled_from([0.05, 0.1, 0.5, 1.0]),
         ),
-        min_size=10, max_size=200,
+        min_size=10,
+        max_size=200,
     ),
     min_interval=st.sampled_from([1.0, 2.0]),
     cap=st.integers(1, 20),
@@ -349,8 +357,9 @@ def test_unit_invariants(tmp_path, steps, min_interval, cap):
     """Random states, arming and health: the stimulator sees only allowed pulses, every attempt
     is one audit line, and every fault ends disarmed."""
     sim = SimulatedStimulator()
-    unit, _ = make_unit(tmp_path, [sim], fsync=False, min_interval_s=min_interval,
-                        max_per_minute=5, session_cap=cap)
+    unit, _ = make_unit(
+        tmp_path, [sim], fsync=False, min_interval_s=min_interval, max_per_minute=5, session_cap=cap
+    )
     t = 0.0
     label_prev, t_change = None, 0.0
     n_attempts = 0

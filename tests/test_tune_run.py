@@ -76,10 +76,23 @@ def tuned(data, tmp_path_factory) -> dict:
     from closedloop.cli import main
 
     out = tmp_path_factory.mktemp("tune-out") / "result"
-    argv = ["tune", *data["recordings"], "--config", data["config"],
-            *(f"--grid={g}" for g in GRID), "--require", "hit_rate>=0.8",
-            "--require", "precision>=0.75", "--validate", "--jobs", "2", "--out", out,
-            "--no-progress"]
+    argv = [
+        "tune",
+        *data["recordings"],
+        "--config",
+        data["config"],
+        *(f"--grid={g}" for g in GRID),
+        "--require",
+        "hit_rate>=0.8",
+        "--require",
+        "precision>=0.75",
+        "--validate",
+        "--jobs",
+        "2",
+        "--out",
+        out,
+        "--no-progress",
+    ]
     rc = main([str(a) for a in argv])  # the real entry point, with a spawn process pool
     return {"rc": rc, "out": out, "summary": json.loads((out / "summary.json").read_text())}
 
@@ -251,8 +264,16 @@ def test_other_errors_before_work(data, tmp_path, monkeypatch):
 def test_cli_error_exit_status(data, tmp_path, capsys):
     from closedloop.cli import main
 
-    rc = main(["tune", str(data["recordings"][0]), "--grid", "state.entre=1,2",
-               "--out", str(tmp_path / "never")])
+    rc = main(
+        [
+            "tune",
+            str(data["recordings"][0]),
+            "--grid",
+            "state.entre=1,2",
+            "--out",
+            str(tmp_path / "never"),
+        ]
+    )
     assert rc == 2
     assert "did you mean 'state.enter'" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
@@ -262,8 +283,19 @@ def test_cli_error_exit_status(data, tmp_path, capsys):
 def test_objective_not_met_is_said_and_exit_1(data, tmp_path):
     """A grid where nothing can fire: the closest setting is written, flagged as not meeting."""
     out = tmp_path / "out"
-    args = _args(data["recordings"][0], "--config", data["config"], "--grid=state.enter=50,60",
-                 "--set", "state.leave=0", "--jobs", "1", "--out", out, "--no-progress")
+    args = _args(
+        data["recordings"][0],
+        "--config",
+        data["config"],
+        "--grid=state.enter=50,60",
+        "--set",
+        "state.leave=0",
+        "--jobs",
+        "1",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert tune.run_tune(args) == 1
     s = json.loads((out / "summary.json").read_text())
     assert s["recommended"]["meets_objective"] is False
@@ -282,10 +314,25 @@ def test_real_edf_recording(shared_data, tmp_path):
     Artifact checks are off here: this is about the tuner on a real file, not the detector.
     """
     out = tmp_path / "out"
-    args = _args(shared_data / "eegmmidb-S003R03-motor.edf", "--target", "T1", "--min-epoch-s", "3",
-                 "--set", "state.calibration_s=20", "--set", "artifacts.enabled=false",
-                 "--grid=state.enter=0.5,2", "--require", "none", "--jobs", "1", "--out", out,
-                 "--no-progress")
+    args = _args(
+        shared_data / "eegmmidb-S003R03-motor.edf",
+        "--target",
+        "T1",
+        "--min-epoch-s",
+        "3",
+        "--set",
+        "state.calibration_s=20",
+        "--set",
+        "artifacts.enabled=false",
+        "--grid=state.enter=0.5,2",
+        "--require",
+        "none",
+        "--jobs",
+        "1",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert tune.run_tune(args) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["warnings"] == []

@@ -77,18 +77,10 @@ def test_pooling_adds_counts():
     a = count([12.0], EPOCHS, (0.0, 100.0), 1.0)
     b = count([41.0, 60.0], EPOCHS, (0.0, 100.0), 1.0)
     pooled = a + b
-    assert (
-        pooled.n_pulses == 3
-    )
-    assert (
-        pooled.n_inside == 2
-    )
-    assert (
-        pooled.n_epochs == 6
-    )
-    assert (
-        pooled.n_hit == 2
-    )
+    assert pooled.n_pulses == 3
+    assert pooled.n_inside == 2
+    assert pooled.n_epochs == 6
+    assert pooled.n_hit == 2
     table = score_table(
         [{"fired": a, "requested": pooled}, {"fired": b, "requested": Counts()}], 30.0, 200.0
     )

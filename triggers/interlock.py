@@ -49,8 +49,8 @@ class VetoReason(str, Enum):
     OUTPUT_ERROR = "output_error"
     LATE = "late"
     IN_FLIGHT = "in_flight"
-    BAD_INPUT = "bad_input"        # fault: non-finite samples, channel mismatch
-    FAULT = "fault"                # any other fault (exception, shutdown, emergency stop)
+    BAD_INPUT = "bad_input"  # fault: non-finite samples, channel mismatch
+    FAULT = "fault"  # any other fault (exception, shutdown, emergency stop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +124,9 @@ class SafetyInterlock:
         self.last_reason = "start"
         self.pulse_count = 0
         self.in_flight = False
-        self.locked_out = False             # after emergency_stop: never arms again
+        self.locked_out = False  # after emergency_stop: never arms again
         self._disarm_code = VetoReason.NOT_ARMED
-        self._t_newest_stream = -math.inf   # newest stream time seen by tick/check
+        self._t_newest_stream = -math.inf  # newest stream time seen by tick/check
         self._t_armed_stream = math.nan
         self._t_armed_local = math.nan
         # (t_stream, t_local) of fired pulses in the rolling window; oldest first
@@ -150,8 +150,9 @@ class SafetyInterlock:
         self.last_reason = reason
 
     # ---- operator and fault transitions --------------------------------------------------
-    def arm(self, action: str, t_stream: float = math.nan, operator: str = "",
-            calibrated: bool = True) -> None:
+    def arm(
+        self, action: str, t_stream: float = math.nan, operator: str = "", calibrated: bool = True
+    ) -> None:
         """Arm by an explicit operator action ('gui_button', 'cli_flag', 'mqtt_remote').
 
         Raises ArmError (and stays DISARMED) when refused. Arming while armed renews the expiry.
@@ -203,8 +204,14 @@ class SafetyInterlock:
             self._advance(t_stream, changes)
         self._notify(changes)
 
-    def check(self, t_sample: float, t_arrival: float = math.nan, *, calibrated: bool = True,
-              artifact: bool = False) -> Veto | None:
+    def check(
+        self,
+        t_sample: float,
+        t_arrival: float = math.nan,
+        *,
+        calibrated: bool = True,
+        artifact: bool = False,
+    ) -> Veto | None:
         """Would a pulse decided on the sample at stream time `t_sample` be allowed now?
 
         t_arrival: local clock when the deciding chunk arrived (nan offline: no 'late' check).
@@ -215,8 +222,14 @@ class SafetyInterlock:
         self._notify(changes)
         return veto
 
-    def request(self, t_sample: float, t_arrival: float = math.nan, *, calibrated: bool = True,
-                artifact: bool = False) -> Veto | None:
+    def request(
+        self,
+        t_sample: float,
+        t_arrival: float = math.nan,
+        *,
+        calibrated: bool = True,
+        artifact: bool = False,
+    ) -> Veto | None:
         """`check` and, when allowed, record the pulse atomically (it is then in flight).
 
         The caller fires its outputs and must then call `pulse_done()`.
@@ -306,7 +319,8 @@ class SafetyInterlock:
         self._recent.append((t_sample, self._clock() if self._live else math.nan))
         if self.pulse_count >= self._cap:
             self._disarm_code = VetoReason.SESSION_CAP
-            self._set(InterlockState.DISARMED, f"session cap of {self._cap} reached", t_sample,
-                      changes)
+            self._set(
+                InterlockState.DISARMED, f"session cap of {self._cap} reached", t_sample, changes
+            )
         else:
             self._set(InterlockState.REFRACTORY, f"pulse {self.pulse_count}", t_sample, changes)

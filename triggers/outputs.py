@@ -214,8 +214,12 @@ class LslMarkerOutput(TriggerOutput):
     kind = "lsl_marker"
     order = 2
 
-    def __init__(self, stream_name: str = "closedloop-pulses",
-                 source_id: str = "closedloop-pulses", name: str = "lsl_marker") -> None:
+    def __init__(
+        self,
+        stream_name: str = "closedloop-pulses",
+        source_id: str = "closedloop-pulses",
+        name: str = "lsl_marker",
+    ) -> None:
         super().__init__(name)
         self.stream_name = stream_name
         self.source_id = source_id
@@ -225,8 +229,9 @@ class LslMarkerOutput(TriggerOutput):
         if self._outlet is not None:
             return
         try:
-            info = StreamInfo(self.stream_name, "Markers", 1, IRREGULAR_RATE, "string",
-                              self.source_id)
+            info = StreamInfo(
+                self.stream_name, "Markers", 1, IRREGULAR_RATE, "string", self.source_id
+            )
             self._outlet = StreamOutlet(info)
         except Exception as exc:
             raise OutputError(f"{self.name}: cannot create LSL outlet: {exc}") from exc
@@ -277,10 +282,17 @@ def build_outputs(settings: OutputSettings, bus: Any = None) -> list[TriggerOutp
     outs: list[TriggerOutput] = []
     for spec in settings.outputs:
         if isinstance(spec, SerialOutputSettings):
-            outs.append(SerialTtlOutput(
-                spec.port, baudrate=spec.baudrate, byte=spec.byte, line=spec.line,
-                width_ms=spec.width_ms, write_timeout_s=spec.write_timeout_s, name=spec.name,
-            ))
+            outs.append(
+                SerialTtlOutput(
+                    spec.port,
+                    baudrate=spec.baudrate,
+                    byte=spec.byte,
+                    line=spec.line,
+                    width_ms=spec.width_ms,
+                    write_timeout_s=spec.write_timeout_s,
+                    name=spec.name,
+                )
+            )
         elif isinstance(spec, SimulatedOutputSettings):
             outs.append(SimulatedStimulator(spec.name))
         elif isinstance(spec, LslMarkerOutputSettings):

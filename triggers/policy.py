@@ -44,8 +44,8 @@ class TriggerPolicy:
     def reset(self) -> None:
         """Forget the current entry and restart the jitter sequence (same seed: same jitter)."""
         self._rng = random.Random(self.settings.seed)
-        self._t_entry = math.nan      # stream time the current target entry began (nan: none)
-        self._t_next = math.nan       # stream time of the next request in this entry
+        self._t_entry = math.nan  # stream time the current target entry began (nan: none)
+        self._t_next = math.nan  # stream time of the next request in this entry
         self._n_in_entry = 0
 
     def update(self, state: State) -> PulseRequest | None:

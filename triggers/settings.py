@@ -11,11 +11,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-HARD_MIN_INTERVAL_S = 1.0    # no two pulses closer than this, whatever the config says
-HARD_MAX_PER_MINUTE = 60     # at most this many pulses in any rolling RATE_WINDOW_S
-HARD_SESSION_CAP = 1800      # at most this many pulses per session
-RATE_WINDOW_S = 60.0         # length of the rolling window of the rate limit
-MAX_PULSE_WIDTH_MS = 100.0   # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
+HARD_MIN_INTERVAL_S = 1.0  # no two pulses closer than this, whatever the config says
+HARD_MAX_PER_MINUTE = 60  # at most this many pulses in any rolling RATE_WINDOW_S
+HARD_SESSION_CAP = 1800  # at most this many pulses per session
+RATE_WINDOW_S = 60.0  # length of the rolling window of the rate limit
+MAX_PULSE_WIDTH_MS = 100.0  # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
 
 
 class PolicySettings(BaseModel):
@@ -30,16 +30,22 @@ class PolicySettings(BaseModel):
         "while the state holds.",
     )
     dwell_s: float = Field(
-        1.0, ge=0.0, le=600.0,
+        1.0,
+        ge=0.0,
+        le=600.0,
         description="Stream seconds the target state must hold before the first request.",
     )
     repeat_interval_s: float = Field(
-        5.0, ge=HARD_MIN_INTERVAL_S, le=3600.0,
+        5.0,
+        ge=HARD_MIN_INTERVAL_S,
+        le=3600.0,
         description="'repeat' mode: stream seconds between requests (the interlock's minimum "
         "interval still applies on top).",
     )
     jitter_s: float = Field(
-        0.0, ge=0.0, le=60.0,
+        0.0,
+        ge=0.0,
+        le=60.0,
         description="'repeat' mode: uniform random delay in [0, jitter_s] added to each interval.",
     )
     seed: int = Field(0, description="Seed of the jitter generator (deterministic replays).")
@@ -66,11 +72,15 @@ class SafetySettings(BaseModel):
         None, gt=0.0, description="Disarm after this many minutes armed (None: never)."
     )
     latency_budget_ms: float = Field(
-        50.0, gt=0.0, le=10_000.0,
+        50.0,
+        gt=0.0,
+        le=10_000.0,
         description="Live mode: veto as 'late' when the deciding chunk arrived longer ago.",
     )
     stale_after_s: float = Field(
-        0.5, gt=0.0, le=60.0,
+        0.5,
+        gt=0.0,
+        le=60.0,
         description="Veto as 'stale' when the deciding sample is older than this (stream time "
         "behind the newest seen sample, or live age since arrival).",
     )
@@ -126,7 +136,9 @@ class SerialOutputSettings(BaseModel):
         "data", description="'data': write `byte`; 'rts'/'dtr': raise the line for width_ms."
     )
     width_ms: float = Field(
-        1.0, gt=0.0, le=MAX_PULSE_WIDTH_MS,
+        1.0,
+        gt=0.0,
+        le=MAX_PULSE_WIDTH_MS,
         description="'rts'/'dtr': pulse width in ms (blocks the acquisition thread meanwhile).",
     )
     write_timeout_s: float = Field(

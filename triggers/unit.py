@@ -157,8 +157,15 @@ class TriggerUnit:
         t_decided = self._clock()
         if veto is not None:
             attempt = self._attempt(
-                state, request, fired=False, reason=veto.reason.value, detail=veto.detail,
-                pulse_number=None, t_local=t_decided, t_start=t_start, output_ms={},
+                state,
+                request,
+                fired=False,
+                reason=veto.reason.value,
+                detail=veto.detail,
+                pulse_number=None,
+                t_local=t_decided,
+                t_start=t_start,
+                output_ms={},
             )
         else:
             attempt = self._fire(state, request, t_decided, t_start)
@@ -168,9 +175,14 @@ class TriggerUnit:
     def _fire(self, state: State, request: PulseRequest, t_fire: float, t_start: float) -> Attempt:
         n = self.interlock.pulse_count
         info = PulseInfo(
-            pulse_number=n, t_stream=state.t_stream, t_fire=t_fire,
-            t_marker=t_fire if self._live else state.t_stream, t_start=t_start,
-            score=state.score, label=state.label.value, reason=request.reason,
+            pulse_number=n,
+            t_stream=state.t_stream,
+            t_fire=t_fire,
+            t_marker=t_fire if self._live else state.t_stream,
+            t_start=t_start,
+            score=state.score,
+            label=state.label.value,
+            reason=request.reason,
         )
         output_ms: dict[str, float] = {}
         error = ""
@@ -186,8 +198,11 @@ class TriggerUnit:
                     except Exception as exc:  # OutputError, or a bug: both are faults
                         stim_error = stim_error or out.stimulates
                         if not error:
-                            error = str(exc) if isinstance(exc, OutputError) else (
-                                f"{out.name}: {type(exc).__name__}: {exc}")
+                            error = (
+                                str(exc)
+                                if isinstance(exc, OutputError)
+                                else (f"{out.name}: {type(exc).__name__}: {exc}")
+                            )
                             info = replace(info, reason=f"{info.reason}; output_error")
                             self.interlock.fault(VetoReason.OUTPUT_ERROR, state.t_stream, error)
                     dt_ms = 1000.0 * (self._clock() - t0)
@@ -198,14 +213,30 @@ class TriggerUnit:
         if error:
             self._n_output_errors += 1
         return self._attempt(
-            state, request, fired=not stim_error,
-            reason=VetoReason.OUTPUT_ERROR.value if error else "fired", detail=error,
-            pulse_number=n, t_local=t_fire, t_start=t_start, output_ms=output_ms,
+            state,
+            request,
+            fired=not stim_error,
+            reason=VetoReason.OUTPUT_ERROR.value if error else "fired",
+            detail=error,
+            pulse_number=n,
+            t_local=t_fire,
+            t_start=t_start,
+            output_ms=output_ms,
         )
 
-    def _attempt(self, state: State, request: PulseRequest, *, fired: bool, reason: str,
-                 detail: str, pulse_number: int | None, t_local: float, t_start: float,
-                 output_ms: dict[str, float]) -> Attempt:
+    def _attempt(
+        self,
+        state: State,
+        request: PulseRequest,
+        *,
+        fired: bool,
+        reason: str,
+        detail: str,
+        pulse_number: int | None,
+        t_local: float,
+        t_start: float,
+        output_ms: dict[str, float],
+    ) -> Attempt:
         latency_ms = 1000.0 * (self._clock() - t_start)
         self._n_attempts += 1
         if fired:
@@ -214,11 +245,20 @@ class TriggerUnit:
         elif pulse_number is None:
             self._vetoes[reason] += 1
         return Attempt(
-            fired=fired, reason=reason, detail=detail, attempt_number=self._n_attempts,
-            pulse_number=pulse_number, t_stream=state.t_stream, t_local=t_local,
-            latency_ms=latency_ms, score=state.score, label=state.label.value,
-            features=state.features, request=request.reason,
-            interlock=self.interlock.state.value, output_ms=output_ms,
+            fired=fired,
+            reason=reason,
+            detail=detail,
+            attempt_number=self._n_attempts,
+            pulse_number=pulse_number,
+            t_stream=state.t_stream,
+            t_local=t_local,
+            latency_ms=latency_ms,
+            score=state.score,
+            label=state.label.value,
+            features=state.features,
+            request=request.reason,
+            interlock=self.interlock.state.value,
+            output_ms=output_ms,
         )
 
     def _write(self, attempt: Attempt, state: State) -> None:
@@ -254,8 +294,14 @@ class TriggerUnit:
         self._flush_pending()
 
     # ---- operator (any thread) -------------------------------------------------------------
-    def arm(self, action: str, operator: str = "", *, t_stream: float = math.nan,
-            calibrated: bool = True) -> None:
+    def arm(
+        self,
+        action: str,
+        operator: str = "",
+        *,
+        t_stream: float = math.nan,
+        calibrated: bool = True,
+    ) -> None:
         """Check every output (serial opened and probed), then arm. Raises ArmError if refused.
 
         action: the operator action ('gui_button', 'cli_flag', 'mqtt_remote'). t_stream: stream
@@ -323,13 +369,21 @@ class TriggerUnit:
         self.interlock.add_observer(lambda old, new, reason, t: fn(new.value, reason))
 
     # ---- records -------------------------------------------------------------------------
-    def _on_interlock_change(self, old: InterlockState, new: InterlockState, reason: str,
-                             t_stream: float) -> None:
-        self._pending.append({
-            "event": "interlock", "t_wall": time.time(), "t_local": self._clock(),
-            "reason": reason, "old": old.value, "new": new.value, "t_stream": t_stream,
-            "pulse_count": self.interlock.pulse_count,
-        })
+    def _on_interlock_change(
+        self, old: InterlockState, new: InterlockState, reason: str, t_stream: float
+    ) -> None:
+        self._pending.append(
+            {
+                "event": "interlock",
+                "t_wall": time.time(),
+                "t_local": self._clock(),
+                "reason": reason,
+                "old": old.value,
+                "new": new.value,
+                "t_stream": t_stream,
+                "pulse_count": self.interlock.pulse_count,
+            }
+        )
 
     def _drain_pending(self) -> list[dict[str, Any]]:
         out = []
@@ -347,8 +401,13 @@ class TriggerUnit:
 
     def _audit_event(self, event: str, reason: str, **extra: Any) -> None:
         self._flush_pending()  # keep the log in order
-        record = {"event": event, "t_wall": time.time(), "t_local": self._clock(),
-                  "reason": reason, **extra}
+        record = {
+            "event": event,
+            "t_wall": time.time(),
+            "t_local": self._clock(),
+            "reason": reason,
+            **extra,
+        }
         self.audit.write(record)
 
     @property
@@ -356,9 +415,14 @@ class TriggerUnit:
         """Counts and latencies (ms) so far; computed on demand (not for the per-chunk path)."""
         lat = np.asarray(self._latencies_ms, dtype=float)
         summary = (
-            {"median": float(np.median(lat)), "p99": float(np.percentile(lat, 99)),
-             "max": float(lat.max()), "n": int(lat.size)}
-            if lat.size else {"median": math.nan, "p99": math.nan, "max": math.nan, "n": 0}
+            {
+                "median": float(np.median(lat)),
+                "p99": float(np.percentile(lat, 99)),
+                "max": float(lat.max()),
+                "n": int(lat.size),
+            }
+            if lat.size
+            else {"median": math.nan, "p99": math.nan, "max": math.nan, "n": 0}
         )
         return {
             "attempts": self._n_attempts,
