@@ -27,6 +27,20 @@ def has_display() -> bool:
     )
 
 
+def qt_window_works() -> tuple[bool, str]:
+    """Can Qt open a window on this display? Probed in a child process, because Qt aborts the
+    whole process (SIGABRT, no exception) when its platform plugin cannot load, e.g. a Linux
+    desktop without libxcb-cursor0."""
+    probe = "from PySide6.QtWidgets import QApplication; QApplication([])"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    if proc.returncode == 0:
+        return True, ""
+    lines = [ln for ln in proc.stderr.splitlines() if "qt.qpa" in ln or "plugin" in ln]
+    return False, (lines[0] if lines else proc.stderr.strip()[-200:])
+
+
 def start_replayer(
     recording: Path,
     name: str,
@@ -99,12 +113,20 @@ def run_demo(
         config.session.duration_s = duration_s
     replayer = start_replayer(recording, name, source_id, speed)
     try:
-        if has_display() and not headless:
+        gui_ok, why = (False, "") if headless or not has_display() else qt_window_works()
+        if why:
+            print(
+                f"closedloop demo: a display exists but Qt cannot open a window ({why}); "
+                "running headless (Qt needs the X libraries that ./dev installs as root, e.g. "
+                "libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1)",
+                file=sys.stderr,
+            )
+        if gui_ok:
             from gui.app import run_gui
 
             return run_gui(config, autostart=True, arm_action="demo_auto_arm", out_root=out_root)
         print(
-            f"closedloop demo: headless (no display): replaying {recording.name} as LSL stream "
+            f"closedloop demo: headless: replaying {recording.name} as LSL stream "
             f"'{name}', simulated stimulator, auto-armed after calibration. Ctrl-C stops.",
             file=sys.stderr,
         )
