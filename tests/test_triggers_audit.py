@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from tests.kill_helpers import sigkill_after
 from triggers.audit import AuditLog, read_audit
 
 
@@ -71,20 +69,7 @@ def test_sigkill_leaves_a_complete_log(tmp_path):
             n += 1
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    try:
-        last_reported = -1
-        for line in proc.stdout:
-            last_reported = int(line)
-            if last_reported >= 300:
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    last_reported = sigkill_after(child, 300)
     recs = read_audit(path)
     numbers = [r["attempt"] for r in recs]
     assert numbers == list(range(len(numbers)))  # nothing missing, nothing reordered

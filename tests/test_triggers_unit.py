@@ -7,9 +7,6 @@ import itertools
 import math
 import os
 import select
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import uuid
@@ -21,6 +18,7 @@ from hypothesis import strategies as st
 from acquisition.chunk import HealthEvent, HealthKind
 from closedloop.bus import EventBus
 from features.types import Label, State
+from tests.kill_helpers import sigkill_after
 from triggers.audit import AuditLog, read_audit
 from triggers.interlock import ArmError, InterlockState, SafetyInterlock
 from triggers.outputs import (
@@ -424,20 +422,7 @@ def test_killed_session_leaves_a_complete_audit_log(tmp_path):
             i += 1
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    try:
-        last = 0
-        for line in proc.stdout:
-            last = int(line)
-            if last >= 200:
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    last = sigkill_after(child, 200)
     recs = [r for r in read_audit(path) if r["event"] == "attempt"]
     numbers = [r["attempt"] for r in recs]
     assert numbers == list(range(1, len(numbers) + 1))
