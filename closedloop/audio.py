@@ -1,16 +1,18 @@
 """Audio for the participant: a feedback tone / soft noise, a chime on target entry, guided audio.
 
-Everything is generated here with numpy (no sound files). Where an audio output device exists
-and Qt's multimedia module is installed, `open_feedback_audio` plays through a `QAudioSink`;
-otherwise (CI, headless, or a PySide6 without the Addons wheel, as on the build machine) it
+Everything the feedback plays is generated here with numpy (no sound files). Where an audio
+output exists (PulseAudio or PipeWire's PulseAudio server; ALSA where a sound card is present),
+`open_feedback_audio` streams it in real time through miniaudio (pyminiaudio: the C library is in
+the wheel and loads the system's libpulse / libasound at run time); otherwise (CI, headless) it
 renders the same synthesis to a WAV file with the stdlib `wave` module, driven by stream time,
 so the file is a faithful record of what the participant would have heard.
 
-Guided audio (a recording played through the session) writes its start, pauses, resumes and end
-as LSL markers (a separate irregular-rate string stream) and as 'guided_audio' bus events.
-Formats: WAV (PCM 8/16/24/32-bit, any channel count) is decoded here with `wave`; OGG / MP3 need
-QtMultimedia's QMediaPlayer (PySide6-Addons), which this environment lacks: such a file is
-refused at construction with a message saying so.
+Guided audio (a recording played through the session: WAV, OGG Vorbis, MP3 or FLAC, decoded by
+miniaudio; WAV by `wave`) writes its start, pauses, resumes and end as LSL markers (a separate
+irregular-rate string stream) and as 'guided_audio' bus events; it plays on the output where one
+exists and is timed and marked, silently, where none does.
+
+`python -m closedloop.audio` lists the outputs found (names to put in `audio.device`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ NOISE_SMOOTH_HZ = 800.0  # one-pole low-pass corner of the "soft noise" (white n
 CHIME_HARMONIC = 2.76  # partial ratio of a small bell (free-free bar mode 2 / mode 1)
 MAX_SEGMENT_S = 1.0  # a gap in the feedback trace longer than this renders as silence
 GAP_FADE_S = 0.02  # fade-out at the start of such a gap (no click)
-DECODABLE_HERE = (".wav",)  # guided-audio formats this module decodes
-NOT_WAV_MESSAGE = (
-    "only WAV guided audio is supported: OGG/MP3 would need QtMultimedia's QMediaPlayer "
-    "(PySide6-Addons), which is not installed; convert the file to WAV "
-    "(e.g. ffmpeg -i in.mp3 out.wav)"
+GUIDED_FORMATS = (".wav", ".ogg", ".mp3", ".flac")  # guided audio: decoded by wave / miniaudio
+UNSUPPORTED_FORMAT_MESSAGE = (
+    "guided audio must be WAV, OGG (Vorbis), MP3 or FLAC (what miniaudio decodes); convert "
+    "other formats first (e.g. ffmpeg -i in.m4a out.ogg)"
 )
+# Device period (frames asked per callback). Measured on a PulseAudio null sink (tests/
+# test_audio_device.py): 10 ms gives score-to-sound p50 about 40 ms with no dropout on a busy
+# 2-core machine; the device buffer is a few periods on top of the callback's own wait.
+DEVICE_PERIOD_MS = 10
+GUIDED_PERIOD_MS = 40  # a recording needs no low latency: larger periods, fewer wake-ups
+LATENCY_RING = 4096  # update -> rendered latencies kept for percentiles
 
 
 class AudioError(RuntimeError):
@@ -101,8 +108,16 @@ class AudioSettings(_Strict):
     enabled: bool = Field(True, description="audio feedback on or off")
     output: Literal["auto", "device", "wav"] = Field(
         "auto",
-        description="'auto': the default audio device if one exists, else a WAV file; 'device': "
-        "refuse to start without a device; 'wav': always render to the WAV file",
+        description="'auto': stream to the audio output (PulseAudio/PipeWire, or ALSA with a "
+        "sound card) if one exists, else render a WAV file; 'device': refuse to start without "
+        "an output; 'wav': always render to the WAV file (offline sessions always do)",
+    )
+    device: str = Field(
+        "",
+        max_length=200,
+        description="output to play on: '' for the system default (e.g. PulseAudio's default "
+        "sink, or PULSE_SINK), else part of an output's name as listed by "
+        "`python -m closedloop.audio` (case-insensitive); also used by guided audio",
     )
     sample_rate_hz: int = Field(22050, ge=8000, le=96000, description="synthesis sample rate")
     wav_name: str = Field(
@@ -117,7 +132,9 @@ class AudioSettings(_Strict):
 class GuidedAudioSettings(_Strict):
     """A recording (e.g. meditation guidance) played through the session."""
 
-    path: Path | None = Field(None, description="WAV file to play (PCM 8/16/24/32-bit)")
+    path: Path | None = Field(
+        None, description="recording to play: WAV (PCM 8/16/24/32-bit), OGG Vorbis, MP3 or FLAC"
+    )
     autostart: bool = Field(True, description="start playing when the feedback starts")
     marker_stream: str = Field(
         "closedloop-guided-audio", min_length=1, description="LSL marker stream name"
@@ -125,27 +142,84 @@ class GuidedAudioSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> GuidedAudioSettings:
-        if self.path is not None and self.path.suffix.lower() not in DECODABLE_HERE:
-            raise ValueError(f"guided audio {self.path.name!r}: {NOT_WAV_MESSAGE}")
+        if self.path is not None and self.path.suffix.lower() not in GUIDED_FORMATS:
+            raise ValueError(f"guided audio {self.path.name!r}: {UNSUPPORTED_FORMAT_MESSAGE}")
         return self
 
 
 # ---- devices ---------------------------------------------------------------------------------
-def _qt_multimedia():
-    """The QtMultimedia module, or None (PySide6-Essentials has no multimedia)."""
-    try:
-        from PySide6 import QtMultimedia
-    except ImportError:
-        return None
-    return QtMultimedia
+def _miniaudio():
+    """The miniaudio module (imported on first use: config loading must not pay ~0.2 s)."""
+    import miniaudio
+
+    return miniaudio
+
+
+def _backends() -> list:
+    """miniaudio backends to try, in order. PulseAudio first (PipeWire serves it too); ALSA only
+    where a sound card exists (without /dev/snd, libasound prints 'Cannot get card index'
+    noise on stderr and finds nothing). JACK and miniaudio's silent 'null' backend: never."""
+    ma = _miniaudio()
+    backends = [ma.Backend.PULSEAUDIO]
+    if Path("/dev/snd").is_dir():
+        backends.append(ma.Backend.ALSA)
+    return [b for b in backends if ma.is_backend_enabled(b)]
+
+
+def _find_output(name: str = "") -> tuple[object, dict] | None:
+    """(backend, device info) of the output to use: the system default ('' -> the first working
+    backend's default, info {}) or the first whose name contains `name` (case-insensitive);
+    None without any. miniaudio does not autospawn a PulseAudio server (checked: no process)."""
+    ma = _miniaudio()
+    for backend in _backends():
+        try:
+            outputs = ma.Devices([backend]).get_playbacks()
+        except ma.MiniaudioError:
+            continue  # no server / no card on this backend
+        if not name:
+            if outputs:
+                return backend, {}
+            continue
+        for info in outputs:
+            if name.lower() in info["name"].lower():
+                return backend, info
+    return None
 
 
 def audio_outputs() -> list[str]:
-    """Descriptions of the audio output devices Qt sees ([] without QtMultimedia or devices)."""
-    qtm = _qt_multimedia()
-    if qtm is None:
-        return []
-    return [d.description() for d in qtm.QMediaDevices.audioOutputs()]
+    """Names of the audio outputs of the first backend that has any ([] without a device)."""
+    ma = _miniaudio()
+    for backend in _backends():
+        try:
+            outputs = ma.Devices([backend]).get_playbacks()
+        except ma.MiniaudioError:
+            continue
+        if outputs:
+            return [f"{info['name']} ({ma.Backend(backend).name.lower()})" for info in outputs]
+    return []
+
+
+def _open_playback(name: str, channels: int, sample_rate_hz: int, period_ms: int, app_name: str):
+    """A started-later miniaudio PlaybackDevice on the chosen output, 16-bit PCM."""
+    ma = _miniaudio()
+    found = _find_output(name)
+    if found is None:
+        raise AudioError(
+            f"no audio output {name!r}" if name else "no audio output device (PulseAudio/ALSA)"
+        )
+    backend, info = found
+    try:
+        return ma.PlaybackDevice(
+            output_format=ma.SampleFormat.SIGNED16,
+            nchannels=channels,
+            sample_rate=sample_rate_hz,
+            buffersize_msec=period_ms,
+            device_id=info.get("id"),
+            backends=[backend],
+            app_name=app_name,
+        )
+    except ma.MiniaudioError as exc:
+        raise AudioError(f"could not open audio output: {exc}") from exc
 
 
 # ---- synthesis -------------------------------------------------------------------------------
@@ -296,59 +370,117 @@ class WavFeedbackAudio:
 
 
 class DeviceFeedbackAudio:
-    """Plays the feedback sound on the default output through QtMultimedia's QAudioSink.
+    """Streams the feedback sound to an audio output in real time (a miniaudio playback callback).
 
-    Push mode from the feedback writer thread: each `feed` writes audio up to the newest update
-    plus a small lead, using the latest value. Needs PySide6-Addons and a device; NOT exercised on
-    the build machine (no QtMultimedia, no device): the WAV path is the tested one. To verify
-    where a device exists: the sink is created in the session thread and written from the
-    writer thread, which Qt does not promise for QIODevice; if it misbehaves, move the writes to
-    a QTimer in the GUI thread.
+    The device's own thread asks for one period (DEVICE_PERIOD_MS) of frames at a time and the
+    generator renders them right then with the newest feedback value, read through `poll()`
+    straight from the feedback ring (not via the writer's 50 ms drain), so the sound lags the
+    score by the rendering wait plus the device buffer only. A rise in poll's entry count starts a
+    chime. Rendering never raises into the audio thread: an error is kept in `error` and the
+    output goes silent. `feed` (writer thread) records the chimes' stream times for the record.
+
+    poll() -> (value 0..1 or nan, t_local of that update, update count, target entries so far);
+    without one, the values given to `feed` are played (a standalone sink, one drain late).
     """
 
     kind = "device"
-    LEAD_S = 0.06  # audio kept queued ahead of the newest update (writer period 50 ms + margin)
 
-    def __init__(self, audio: AudioSettings) -> None:
-        qtm = _qt_multimedia()
-        if qtm is None or not qtm.QMediaDevices.audioOutputs():
-            raise AudioError("no audio output device (or PySide6 without QtMultimedia)")
-        fmt = qtm.QAudioFormat()
-        fmt.setSampleRate(audio.sample_rate_hz)
-        fmt.setChannelCount(1)
-        fmt.setSampleFormat(qtm.QAudioFormat.SampleFormat.Int16)
+    def __init__(
+        self,
+        audio: AudioSettings,
+        poll: Callable[[], tuple[float, float, int, int]] | None = None,
+        clock: Callable[[], float] = pylsl.local_clock,
+    ) -> None:
         self.sr = audio.sample_rate_hz
         self.synth = Synth(audio)
-        self._sink = qtm.QAudioSink(qtm.QMediaDevices.defaultAudioOutput(), fmt)
-        self._io = self._sink.start()
-        self.chimes_at: list[float] = []
+        self.clock = clock
+        self._fed: tuple[float, float, int, int] = (math.nan, math.nan, 0, 0)
+        self.poll = poll if poll is not None else (lambda: self._fed)
+        self.chimes_at: list[float] = []  # stream times of the entries (chimes) fed
+        self.n_frames = 0  # frames rendered into the device
+        self.n_callbacks = 0
+        self.error: str | None = None
+        self._lat_ms = np.full(LATENCY_RING, np.nan)
+        self.n_latencies = 0
+        self._device = _open_playback(
+            audio.device, 1, self.sr, DEVICE_PERIOD_MS, "closedloop feedback"
+        )
+        self.backend: str = self._device.backend
+        gen = self._generate()
+        next(gen)
+        self._device.start(gen)
+
+    def _generate(self):
+        """miniaudio callback generator: receives a frame count, yields that many int16 frames."""
+        n = yield b""
+        seen_updates, seen_entries = 0, -1
+        while True:
+            try:
+                value, t_update, updates, entries = self.poll()
+                if seen_entries < 0:
+                    seen_entries = entries  # entries before the device started: no chime
+                while seen_entries < entries:
+                    self.synth.chime()
+                    seen_entries += 1
+                if updates != seen_updates:
+                    seen_updates = updates
+                    if math.isfinite(t_update):
+                        k = self.n_latencies % LATENCY_RING
+                        self._lat_ms[k] = (self.clock() - t_update) * 1e3
+                        self.n_latencies += 1
+                block = to_int16(self.synth.render(n, value)).tobytes()
+                self.n_frames += n
+                self.n_callbacks += 1
+            except Exception as exc:  # never into the audio thread: it would stop for good
+                if self.error is None:
+                    self.error = f"audio callback: {type(exc).__name__}: {exc}"
+                block = bytes(WAV_SAMPLE_WIDTH * n)
+            n = yield block
 
     def feed(self, t: np.ndarray, value: np.ndarray, entry: np.ndarray) -> None:
-        if self._io is None or len(t) == 0:
+        """Writer thread: note the entries' stream times (and play `value` if there is no poll)."""
+        if len(t) == 0:
             return
-        for ti in t[entry].tolist():
-            self.synth.chime()
-            self.chimes_at.append(ti)
-        n = min(self._sink.bytesFree() // WAV_SAMPLE_WIDTH, round(self.LEAD_S * self.sr))
-        if n > 0:
-            self._io.write(to_int16(self.synth.render(n, float(value[-1]))).tobytes())
+        entries = t[entry].tolist()
+        self.chimes_at.extend(entries)
+        _, _, updates, n_entries = self._fed
+        self._fed = (float(value[-1]), self.clock(), updates + len(t), n_entries + len(entries))
+
+    def render_latency_ms(self) -> dict[str, float]:
+        """Update (score computed) -> first rendered into the device: p50 / p99 / max, ms."""
+        k = min(self.n_latencies, LATENCY_RING)
+        if k == 0:
+            return {"p50": math.nan, "p99": math.nan, "max": math.nan, "n": 0}
+        lat = self._lat_ms[:k]
+        p50, p99 = np.percentile(lat, [50, 99])
+        return {
+            "p50": float(p50),
+            "p99": float(p99),
+            "max": float(lat.max()),
+            "n": self.n_latencies,
+        }
 
     def close(self) -> None:
-        if self._io is not None:
-            self._sink.stop()
-            self._io = None
+        if self._device is not None:
+            self._device.close()
+            self._device = None
 
 
 def open_feedback_audio(
-    audio: AudioSettings, folder: Path
+    audio: AudioSettings,
+    folder: Path,
+    poll: Callable[[], tuple[float, float, int, int]] | None = None,
 ) -> WavFeedbackAudio | DeviceFeedbackAudio:
-    """The device sink where one exists (output auto/device), else the WAV renderer."""
-    if audio.output in ("auto", "device") and audio_outputs():
-        return DeviceFeedbackAudio(audio)
+    """The device sink where an output exists (output auto/device), else the WAV renderer.
+
+    `poll`: see DeviceFeedbackAudio (the Feedback passes its ring reader)."""
+    if audio.output in ("auto", "device") and _find_output(audio.device) is not None:
+        return DeviceFeedbackAudio(audio, poll)
     if audio.output == "device":
+        what = f"no audio output matching {audio.device!r}" if audio.device else "no audio output"
         raise AudioError(
-            "audio.output is 'device' but no audio output exists here "
-            "(QtMultimedia missing or no device); use 'auto' or 'wav'"
+            f"audio.output is 'device' but {what} exists here (PulseAudio/PipeWire server or an "
+            "ALSA sound card); use 'auto' or 'wav'"
         )
     return WavFeedbackAudio(audio, Path(folder) / audio.wav_name)
 
@@ -394,39 +526,77 @@ def write_wav(path: Path, data: np.ndarray, sample_rate_hz: int) -> None:
         w.writeframes(to_int16(data).tobytes())
 
 
-class _DevicePlayer:
-    """Guided audio on the default device: QAudioSink pulling 16-bit PCM from a QBuffer.
+def decode_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Decode a guided-audio file (GUIDED_FORMATS) at its own rate and channel count.
 
-    Create, start, suspend, resume and stop it in the Qt (GUI) thread. Written against the Qt 6
-    QAudioSink API but NOT run on the build machine (no QtMultimedia, no device); the marker
-    timing never depends on it.
+    Returns (data (n_frames, n_channels) float32 in -1..1, sample rate Hz). WAV goes through
+    `read_wav`; OGG Vorbis / MP3 / FLAC through miniaudio (stb_vorbis, dr_mp3, dr_flac). An MP3
+    decodes with the encoder's padding (about 50 ms of near-silence at each end: lame adds it).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in GUIDED_FORMATS:
+        raise AudioError(f"guided audio {path.name!r}: {UNSUPPORTED_FORMAT_MESSAGE}")
+    if suffix == ".wav":
+        return read_wav(path)
+    ma = _miniaudio()
+    try:
+        info = ma.get_file_info(str(path))
+        decoded = ma.decode_file(
+            str(path), ma.SampleFormat.FLOAT32, info.nchannels, info.sample_rate
+        )
+    except ma.MiniaudioError as exc:  # DecodeError is one
+        raise AudioError(f"{path}: cannot decode as {suffix[1:].upper()} ({exc})") from exc
+    data = np.frombuffer(decoded.samples, dtype=np.float32).reshape(-1, info.nchannels)
+    return data, info.sample_rate
+
+
+class _DevicePlayer:
+    """Guided audio on an output: a miniaudio callback reading the decoded 16-bit PCM.
+
+    Paused = silence while the device keeps running (resume is immediate, no device re-open);
+    past the end it yields silence until stop() closes the device. Any thread may call
+    suspend / resume / stop (plain flags and miniaudio's thread-safe stop).
     """
 
-    def __init__(self, data: np.ndarray, sample_rate_hz: int) -> None:
-        from PySide6.QtCore import QBuffer, QByteArray, QIODevice
+    def __init__(self, data: np.ndarray, sample_rate_hz: int, device: str = "") -> None:
+        self._pcm = to_int16(data)  # (n_frames, n_channels)
+        self.n_channels = self._pcm.shape[1]
+        self.sr = sample_rate_hz
+        self.position = 0  # frames handed to the device
+        self.paused = True
+        self._device = _open_playback(
+            device, self.n_channels, sample_rate_hz, GUIDED_PERIOD_MS, "closedloop guided audio"
+        )
+        self.backend: str = self._device.backend
 
-        qtm = _qt_multimedia()
-        fmt = qtm.QAudioFormat()
-        fmt.setSampleRate(sample_rate_hz)
-        fmt.setChannelCount(data.shape[1])
-        fmt.setSampleFormat(qtm.QAudioFormat.SampleFormat.Int16)
-        self._sink = qtm.QAudioSink(qtm.QMediaDevices.defaultAudioOutput(), fmt)
-        self._buffer = QBuffer()
-        self._buffer.setData(QByteArray(to_int16(data).tobytes()))
-        self._read_only = QIODevice.OpenModeFlag.ReadOnly
+    def _generate(self):
+        n = yield b""
+        while True:
+            if self.paused or self.position >= len(self._pcm):
+                block = bytes(WAV_SAMPLE_WIDTH * self.n_channels * n)
+            else:
+                chunk = self._pcm[self.position : self.position + n]
+                self.position += len(chunk)
+                block = chunk.tobytes()  # a short last block: miniaudio pads with silence
+            n = yield block
 
     def start(self) -> None:
-        self._buffer.open(self._read_only)
-        self._sink.start(self._buffer)
+        self.paused = False
+        gen = self._generate()
+        next(gen)
+        self._device.start(gen)
 
     def suspend(self) -> None:
-        self._sink.suspend()
+        self.paused = True
 
     def resume(self) -> None:
-        self._sink.resume()
+        self.paused = False
 
     def stop(self) -> None:
-        self._sink.stop()
+        if self._device is not None:
+            self._device.close()
+            self._device = None
 
 
 class GuidedAudio:
@@ -435,8 +605,10 @@ class GuidedAudio:
     Markers are JSON strings on an irregular-rate LSL 'Markers' stream, e.g.
     `{"guided_audio": "pause", "file": "guide.wav", "position_s": 12.345}`, timestamped with
     `pylsl.local_clock()` at the action (the end marker carries the computed end time, not the
-    timer's wake-up). The same actions go to the bus as 'guided_audio' events. Without an audio
-    device the playback is timed (position, end) but silent, and a 'no_device' event says so.
+    timer's wake-up). The same actions go to the bus as 'guided_audio' events. The sound plays on
+    the output named `device` ('' = system default; None = never a device); without one the
+    playback is timed (position, end) but silent, and a 'no_device' event says so. Markers and
+    position follow the local clock, not the device (whose buffer adds a few tens of ms).
 
     Life cycle: start() -> pause()/resume() ... -> end (automatic) or stop(); close() is idempotent.
     """
@@ -447,20 +619,23 @@ class GuidedAudio:
         source_id: str,
         emit: Callable[..., None] | None = None,
         clock: Callable[[], float] = pylsl.local_clock,
+        device: str | None = "",
     ) -> None:
         if settings.path is None:
             raise AudioError("guided audio: no path configured")
         path = Path(settings.path)
         if not path.is_file():
             raise AudioError(f"guided audio file not found: {path}")
-        if path.suffix.lower() not in DECODABLE_HERE:
-            raise AudioError(f"guided audio {path.name!r}: {NOT_WAV_MESSAGE}")
         self.path = path
         self.emit = emit
         self.clock = clock
-        data, sr = read_wav(path)
+        data, sr = decode_audio(path)
         self.duration_s = len(data) / sr
-        self._player = _DevicePlayer(data, sr) if audio_outputs() else None
+        self._player = (
+            _DevicePlayer(data, sr, device)
+            if device is not None and _find_output(device) is not None
+            else None
+        )
         self.device = self._player is not None
         info = pylsl.StreamInfo(
             settings.marker_stream, "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string, source_id
@@ -569,6 +744,8 @@ class GuidedAudio:
             self._timer = None
             self._pos_s, self.state = self.duration_s, "ended"
             self._mark("end", t_end)
+            # the device stays open (silent) until close(): closing now would cut the last
+            # blocks still in its buffer
 
     def wait_end(self, timeout: float | None = None) -> bool:
         """Block until the recording ended (True) or timeout (False); for tests and scripts."""
@@ -594,4 +771,15 @@ class GuidedAudio:
 
     def close(self) -> None:
         self.stop("session ended")
+        if self._player is not None:
+            self._player.stop()
         self._outlet = None
+
+
+if __name__ == "__main__":  # python -m closedloop.audio: the outputs `audio.device` can name
+    names = audio_outputs()
+    print(
+        "\n".join(names)
+        if names
+        else "no audio output (no PulseAudio/PipeWire server, no ALSA card)"
+    )

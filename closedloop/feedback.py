@@ -4,7 +4,8 @@
 acquisition thread after every decision (Pipeline.taps) and only does cheap things: smooth and
 map the score (or look the value up in a sham trace), push one LSL sample, write one row of a
 preallocated ring. A writer thread drains the ring every WRITER_PERIOD_S into `feedback.csv`
-and the audio renderer; the participant window reads the newest row on its own QTimer.
+and the WAV renderer; an audio device's thread and the participant window read the newest row
+themselves (the device every DEVICE_PERIOD_MS, the window on its own QTimer).
 
 Feedback value: v = clip((ema(score) - lo) / (hi - lo), 0, 1), ema an exponential moving average
 with time constant `smoothing_s` in stream seconds (so replay at any speed or chunk size gives
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from closedloop.audio import (
     AudioSettings,
+    DeviceFeedbackAudio,
     GuidedAudio,
     GuidedAudioSettings,
     open_feedback_audio,
@@ -280,9 +282,6 @@ class Feedback:
             if settings.publish_lsl
             else None
         )
-        # offline (replay as fast as the CPU allows) a device would play garbage: render to WAV
-        audio = settings.audio if live else settings.audio.model_copy(update={"output": "wav"})
-        self.audio = open_feedback_audio(audio, self.folder) if audio.enabled else None
         # guided audio runs on the local clock: meaningless against a replay's stream time
         self.guided_skipped = settings.guided.path is not None and not live
         self.guided = (
@@ -291,6 +290,7 @@ class Feedback:
                 f"{settings.guided.marker_stream}-{tag}",
                 emit=self._emit,
                 clock=clock,
+                device=settings.audio.device,
             )
             if settings.guided.path is not None and live
             else None
@@ -312,6 +312,19 @@ class Feedback:
         self._sham_exhausted = False
         self._frame_ms = np.full(FRAME_RING, np.nan)
         self.n_frames = 0
+        # after the ring: a device's thread polls it from the start.
+        # offline (replay as fast as the CPU allows) a device would play garbage: render to WAV
+        audio = settings.audio if live else settings.audio.model_copy(update={"output": "wav"})
+        try:
+            self.audio = (
+                open_feedback_audio(audio, self.folder, poll=self._audio_poll)
+                if audio.enabled
+                else None
+            )
+        except Exception:
+            if self.guided is not None:  # release its outlet and device before failing
+                self.guided.close()
+            raise
         self._trace = (self.folder / TRACE_NAME).open("w", encoding="utf-8")
         self._trace.write(",".join(TRACE_COLUMNS) + "\n")
         self._stop = threading.Event()
@@ -350,6 +363,11 @@ class Feedback:
             return math.nan, False, math.nan, 0
         i = (n - 1) % RING_ROWS
         return float(self._value[i]), bool(self._target[i]), float(self._t_local[i]), n
+
+    def _audio_poll(self) -> tuple[float, float, int, int]:
+        """For the audio device's thread: (value, t_local, update count, target entries)."""
+        value, _, t_local, n = self.latest()
+        return value, t_local, n, self.entries
 
     def note_frame(self, latency_s: float) -> None:
         """The window reports score-computed -> frame-shown latency of each new frame."""
@@ -481,6 +499,12 @@ class Feedback:
             "updates": self.n,
             "target_entries": self.entries,
             "chimes": len(self.audio.chimes_at) if self.audio is not None else 0,
+            "audio_backend": getattr(self.audio, "backend", None),
+            # device only: score computed -> rendered into the device (its buffer comes on top)
+            "audio_render_latency_ms": self.audio.render_latency_ms()
+            if isinstance(self.audio, DeviceFeedbackAudio)
+            else None,
+            "audio_error": getattr(self.audio, "error", None),
             "overruns": self.overruns,
             "sham_exhausted": self._sham_exhausted,
             "frame_latency_ms": self.frame_latency_ms(),

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pylsl
 import pytest
 from pydantic import ValidationError
 
-from closedloop.audio import AudioError, GuidedAudio, GuidedAudioSettings, write_wav
+from closedloop.audio import (
+    AudioError,
+    GuidedAudio,
+    GuidedAudioSettings,
+    decode_audio,
+    write_wav,
+)
 from closedloop.bus import EventBus
 from closedloop.feedback import SUMMARY_NAME, Feedback, FeedbackSettings
 
@@ -159,15 +166,56 @@ def test_offline_feedback_skips_guided_audio_and_says_so(guide_wav, tmp_path):
     assert [e.payload["action"] for e in sub.drain()] == ["skipped"]
 
 
-def test_guided_ogg_mp3_are_refused_clearly(tmp_path):
-    for name in ("guide.ogg", "guide.mp3"):
-        path = tmp_path / name
-        path.write_bytes(b"OggS")
-        with pytest.raises(ValidationError, match="only WAV guided audio is supported"):
-            GuidedAudioSettings(path=path)
-        # and at construction, should a settings object bypass validation
-        with pytest.raises(AudioError, match="convert the file to WAV"):
-            GuidedAudio(GuidedAudioSettings.model_construct(path=path, marker_stream="x"), "unused")
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["guide_440_660hz_1s.ogg", "guide_440_660hz_1s.mp3"])
+def test_decode_ogg_mp3(name):
+    """The committed fixtures (tests/data/README.md): 1 s stereo, left 440 Hz, right 660 Hz."""
+    data, sr = decode_audio(DATA / name)
+    assert sr == 22050
+    assert data.shape[1] == 2
+    assert data.dtype == np.float32
+    # MP3 keeps the encoder's padding (lame: 1105 + 576-sample frames at 22.05 kHz, ~0.05 s)
+    assert len(data) / sr == pytest.approx(1.0, abs=0.12)
+    for ch, f in ((0, 440.0), (1, 660.0)):
+        x = data[round(0.2 * sr) : round(0.8 * sr), ch].astype(float)
+        spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+        assert np.fft.rfftfreq(len(x), 1 / sr)[np.argmax(spec)] == pytest.approx(f, abs=2.0)
+        assert np.sqrt(2 * np.mean(x**2)) == pytest.approx(0.3, abs=0.03)
+
+
+@pytest.mark.lsl
+@pytest.mark.timeout(30)
+def test_guided_ogg_is_timed_by_its_decoded_length(unique_name):
+    guided = GuidedAudio(
+        GuidedAudioSettings(path=DATA / "guide_440_660hz_1s.ogg", marker_stream=unique_name),
+        source_id=unique_name,
+        device=None,  # never a device: the timing alone
+    )
+    assert guided.duration_s == pytest.approx(1.0, abs=1e-3)
+    assert not guided.device
+    guided.start()
+    assert guided.wait_end(timeout=5.0)
+    guided.close()
+    (t_start, _), (t_end, end) = guided.markers
+    assert t_end - t_start == pytest.approx(guided.duration_s, abs=1e-6)
+    assert json.loads(end)["file"] == "guide_440_660hz_1s.ogg"
+
+
+def test_guided_other_formats_and_broken_files_are_refused_clearly(tmp_path):
+    path = tmp_path / "guide.m4a"
+    path.write_bytes(b"\0\0\0\x18ftypM4A ")
+    with pytest.raises(ValidationError, match="must be WAV, OGG"):
+        GuidedAudioSettings(path=path)
+    # and at construction, should a settings object bypass validation
+    with pytest.raises(AudioError, match="must be WAV, OGG"):
+        GuidedAudio(GuidedAudioSettings.model_construct(path=path, marker_stream="x"), "unused")
+    for name in ("broken.ogg", "broken.mp3"):
+        bad = tmp_path / name
+        bad.write_bytes(b"OggS" + bytes(200))
+        with pytest.raises(AudioError, match="cannot decode"):
+            GuidedAudio(GuidedAudioSettings(path=bad), "unused")
 
 
 def test_guided_missing_file(tmp_path):

@@ -88,7 +88,7 @@ def test_smoothing_time_constant_in_stream_time_any_update_rate():
         ({"audio": {"tone": {"kind": "noise", "follows": "pitch"}}}, "no pitch"),
         ({"audio": {"tone": {"volume_range": (0.0, 1.5)}}}, "volume_range"),
         ({"guided": {"path": "/nonexistent/guide.wav"}}, "guided audio file not found"),
-        ({"guided": {"path": "guide.mp3"}}, "only WAV guided audio is supported"),
+        ({"guided": {"path": "guide.m4a"}}, "guided audio must be WAV, OGG"),
         ({"smothing_s": 1.0}, "Extra inputs are not permitted"),
     ],
 )

@@ -1,0 +1,464 @@
+"""Audio through a real output: a private PulseAudio daemon with a null sink, recorded back.
+
+The daemon (one per test module) runs with its own runtime dir and socket; each test points
+PULSE_SERVER at it, so the code under test finds "an audio device" exactly as on a desktop.
+What reaches the sink is recorded from its monitor source with a miniaudio capture device whose
+blocks are stamped with pylsl.local_clock(), the same clock the feedback stamps its updates
+with, so "score to sound" is measured end to end (an upper bound: the capture path's own
+buffering is included). Without the pulseaudio binary, or when it will not start, every test
+here skips and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pylsl
+import pytest
+from scipy.signal import butter, sosfiltfilt
+
+from closedloop.audio import (
+    AudioError,
+    AudioSettings,
+    DeviceFeedbackAudio,
+    GuidedAudio,
+    GuidedAudioSettings,
+    WavFeedbackAudio,
+    audio_outputs,
+    open_feedback_audio,
+)
+from closedloop.bus import EventBus
+from closedloop.feedback import SUMMARY_NAME, Feedback, FeedbackSettings
+
+SINK = "cltest"
+SR = 22050
+UPDATE_S = 0.01  # feedback update period (a 10-sample chunk at 1 kHz)
+PULSE_START_TIMEOUT_S = 10.0
+DATA = Path(__file__).parent / "data"
+OGG = DATA / "guide_440_660hz_1s.ogg"
+MP3 = DATA / "guide_440_660hz_1s.mp3"
+
+
+# ---- the daemon ------------------------------------------------------------------------------
+@dataclass
+class Pulse:
+    proc: subprocess.Popen[bytes]
+    folder: Path
+    server: str
+    log: Path
+    keepalive: object = None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def keep_busy(self) -> None:
+        """Play silence at 10 ms latency for the daemon's life. Why: an idle null sink renders
+        in 2 s blocks (pactl: sink latency 1.65 s when a stream joins), so a new stream got its
+        second callback only 0.5-1.5 s after the first (measured) and a capture started just
+        as late; with one low-latency stream always there the sink stays at ~2.5 ms."""
+        import miniaudio
+
+        def silence():
+            n = yield b""
+            while True:
+                n = yield bytes(2 * n)
+
+        gen = silence()
+        next(gen)
+        saved = os.environ.get("PULSE_SERVER")
+        os.environ["PULSE_SERVER"] = self.server  # libpulse reads it at connect
+        try:
+            self.keepalive = miniaudio.PlaybackDevice(
+                nchannels=1,
+                sample_rate=SR,
+                buffersize_msec=10,
+                backends=[miniaudio.Backend.PULSEAUDIO],
+                app_name="test keepalive",
+            )
+            self.keepalive.start(gen)
+        finally:
+            if saved is None:
+                os.environ.pop("PULSE_SERVER")
+            else:
+                os.environ["PULSE_SERVER"] = saved
+        time.sleep(2.0)  # the idle block the sink was in when we joined runs out
+
+    def stop(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.close()
+            self.keepalive = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5.0)
+
+
+def start_pulse() -> Pulse:
+    binary = shutil.which("pulseaudio")
+    if binary is None:
+        pytest.skip(
+            "pulseaudio not installed (apt-get install pulseaudio pulseaudio-utils; ./dev test "
+            "does it as root): device-audio tests need a real sound server"
+        )
+    # a short path: a unix socket path must stay under 108 bytes (pytest's tmp_path may not)
+    folder = Path(tempfile.mkdtemp(prefix="clpulse-"))
+    sock = folder / "pulse.sock"
+    log = folder / "pulseaudio.log"
+    env = {
+        **os.environ,
+        "HOME": str(folder),  # its cookie and state stay here, not in the user's ~/.config
+        "XDG_RUNTIME_DIR": str(folder),
+        "XDG_CONFIG_HOME": str(folder),
+    }
+    env.pop("PULSE_SERVER", None)
+    cmd = [
+        binary,
+        "-n",  # no default.pa: only the modules below
+        "--daemonize=no",
+        "--exit-idle-time=-1",
+        "--use-pid-file=no",
+        "--disable-shm=yes",
+        "-L",
+        f"module-null-sink sink_name={SINK} rate={SR} channels=1",
+        "-L",
+        f"module-native-protocol-unix auth-anonymous=1 socket={sock}",
+    ]
+    # As root it warns "not intended to be run as root" and runs; --system is not wanted.
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    pulse = Pulse(proc, folder, f"unix:{sock}", log)
+    deadline = time.monotonic() + PULSE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.skip(f"pulseaudio exited at start: {log.read_text()[-1500:]}")
+        if sock.exists():
+            pulse.keep_busy()
+            return pulse
+        time.sleep(0.02)
+    pulse.stop()
+    pytest.skip(f"pulseaudio did not open its socket in {PULSE_START_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def pulse_daemon() -> Iterator[Pulse]:
+    pulse = start_pulse()
+    try:
+        yield pulse
+    finally:
+        pulse.stop()
+        shutil.rmtree(pulse.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pulse(pulse_daemon, monkeypatch) -> Pulse:
+    if not pulse_daemon.alive():
+        pytest.fail(f"the test PulseAudio died: {pulse_daemon.log.read_text()[-1500:]}")
+    monkeypatch.setenv("PULSE_SERVER", pulse_daemon.server)
+    return pulse_daemon
+
+
+# ---- recording the sink ----------------------------------------------------------------------
+@dataclass
+class Recording:
+    """Mono float samples of the sink's monitor; `times[k]` local clock when sample k was heard."""
+
+    blocks: list[tuple[float, bytes]] = field(default_factory=list)
+    x: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    times: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def finish(self) -> None:
+        self.x = np.frombuffer(b"".join(b for _, b in self.blocks), "<i2") / 32768.0
+        # a block's last sample arrived by its callback time; fit one line (the capture clock is
+        # steady, callback wake-ups jitter late): take the earliest offset, i.e. the least late
+        ends = np.cumsum([len(b) // 2 for _, b in self.blocks])
+        t_cb = np.array([t for t, _ in self.blocks])
+        t0 = float(np.min(t_cb - ends / SR))
+        self.times = t0 + np.arange(1, len(self.x) + 1) / SR
+
+    def at(self, t0: float, t1: float) -> np.ndarray:
+        return self.x[(self.times >= t0) & (self.times < t1)]
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recording]:
+    import miniaudio
+
+    monitor = next(
+        d
+        for d in miniaudio.Devices([miniaudio.Backend.PULSEAUDIO]).get_captures()
+        if "monitor" in d["name"].lower()
+    )
+    rec = Recording()
+
+    def gen():
+        while True:
+            data = yield
+            rec.blocks.append((pylsl.local_clock(), bytes(data)))
+
+    g = gen()
+    next(g)
+    dev = miniaudio.CaptureDevice(
+        input_format=miniaudio.SampleFormat.SIGNED16,
+        nchannels=1,
+        sample_rate=SR,
+        buffersize_msec=10,
+        device_id=monitor["id"],
+        backends=[miniaudio.Backend.PULSEAUDIO],
+    )
+    dev.start(g)
+    try:
+        time.sleep(0.2)  # let the capture stream settle
+        yield rec
+        time.sleep(0.3)  # the tail still in the playback buffer
+    finally:
+        dev.close()
+    rec.finish()
+
+
+def band(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return sosfiltfilt(butter(4, (lo, hi), "bandpass", fs=SR, output="sos"), x)
+
+
+def dominant_hz(x: np.ndarray) -> float:
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / SR)[np.argmax(spec)])
+
+
+def onsets(x: np.ndarray, times: np.ndarray, level: float, quiet_s: float) -> np.ndarray:
+    """Local times where |x| first exceeds `level` after at least `quiet_s` below it."""
+    loud = np.flatnonzero(np.abs(x) > level)
+    if len(loud) == 0:
+        return np.zeros(0)
+    first = loud[np.r_[True, np.diff(loud) > quiet_s * SR]]
+    return times[first]
+
+
+def run_scores(fb: Feedback, score: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Push one update per UPDATE_S in real time (drift-free); returns their local times."""
+    t_push = np.zeros(len(score))
+    t_next = pylsl.local_clock()
+    for k, (s, tg) in enumerate(zip(score.tolist(), target.tolist(), strict=True)):
+        delay = t_next - pylsl.local_clock()
+        if delay > 0:
+            time.sleep(delay)
+        t_push[k] = pylsl.local_clock()
+        fb.push(t_push[k], s, tg)
+        t_next += UPDATE_S
+    return t_push
+
+
+def feedback_settings(**audio) -> FeedbackSettings:
+    audio = {"output": "device", "sample_rate_hz": SR, **audio}
+    return FeedbackSettings(enabled=True, publish_lsl=False, smoothing_s=0.0, audio=audio)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_auto_picks_the_device_and_names_select_it(pulse, tmp_path):
+    names = audio_outputs()
+    assert names == ["Null Output (pulseaudio)"]
+    sink = open_feedback_audio(AudioSettings(sample_rate_hz=SR), tmp_path)
+    try:
+        assert isinstance(sink, DeviceFeedbackAudio)
+        assert sink.backend == "PulseAudio"
+    finally:
+        sink.close()
+    sink = open_feedback_audio(AudioSettings(device="NULL out", sample_rate_hz=SR), tmp_path)
+    sink.close()
+    assert isinstance(sink, DeviceFeedbackAudio)
+    # a name that matches nothing: 'device' refuses, 'auto' falls back to the WAV file
+    with pytest.raises(AudioError, match="no audio output matching 'speakers'"):
+        open_feedback_audio(AudioSettings(output="device", device="speakers"), tmp_path)
+    sink = open_feedback_audio(AudioSettings(device="speakers"), tmp_path)
+    sink.close()
+    assert isinstance(sink, WavFeedbackAudio)
+
+
+def test_no_server_means_wav_and_a_clear_device_error(pulse_daemon, monkeypatch, tmp_path):
+    # a server address where nothing listens: as on a headless machine
+    monkeypatch.setenv("PULSE_SERVER", f"unix:{pulse_daemon.folder / 'nothing.sock'}")
+    if Path("/dev/snd").is_dir():
+        pytest.skip("this machine has an ALSA sound card: 'no device' cannot be staged")
+    assert audio_outputs() == []
+    sink = open_feedback_audio(AudioSettings(), tmp_path)
+    sink.close()
+    assert isinstance(sink, WavFeedbackAudio)
+    with pytest.raises(AudioError, match="no audio output"):
+        open_feedback_audio(AudioSettings(output="device"), tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_device_tone_follows_the_score_on_the_sink(pulse, tmp_path):
+    n = 500  # 5 s of updates
+    t = np.arange(n) * UPDATE_S
+    score = 1.8 * np.sin(2 * np.pi * 0.4 * t)  # slow: several full swings of the volume
+    fb = Feedback.from_settings(feedback_settings(chime={"enabled": False}), tmp_path)
+    assert isinstance(fb.audio, DeviceFeedbackAudio)
+    fb.start()
+    with recording() as rec:
+        t_push = run_scores(fb, score, np.zeros(n, bool))
+        time.sleep(0.1)
+        summary = fb.close()
+    assert summary["audio"] == "device"
+    assert summary["audio_backend"] == "PulseAudio"
+    assert summary["audio_error"] is None
+
+    # pitch: the configured 220 Hz
+    mid = rec.at(t_push[100], t_push[400])
+    assert dominant_hz(mid) == pytest.approx(220.0, abs=2.0)
+    # envelope (RMS amplitude per 50 ms) against the expected level 0.3 * clip((s + 2) / 4),
+    # at the lag that fits best: that lag is the score-to-sound latency
+    win = 0.05
+    edges = t_push[0] + np.arange(0, (n - 1) * UPDATE_S - 0.3, win)
+    expected = 0.3 * np.clip((np.interp(edges + win / 2, t_push, score) + 2) / 4, 0, 1)
+    best = (-1.0, 0.0)
+    for lag in np.arange(0.0, 0.3, 0.005):
+        amp = np.array([np.sqrt(2 * np.mean(rec.at(a + lag, a + lag + win) ** 2)) for a in edges])
+        r = float(np.corrcoef(amp, expected)[0, 1])
+        if r > best[0]:
+            best = (r, lag, amp)
+    r, lag, amp = best
+    print(
+        f"device envelope-score r={r:.4f} at lag {lag * 1e3:.0f} ms; "
+        f"render latency {summary['audio_render_latency_ms']}"
+    )
+    assert r > 0.95, f"envelope-score correlation {r:.3f}"
+    assert lag < 0.25
+    np.testing.assert_allclose(amp, expected, atol=0.03)  # the level is the mapping, too
+    assert summary["audio_render_latency_ms"]["n"] > 0.8 * n  # nearly every update rendered
+
+
+@pytest.mark.timeout(60)
+def test_device_chime_follows_each_target_entry(pulse, tmp_path):
+    n = 450
+    target = np.zeros(n, bool)
+    entries = np.array([40, 130, 220, 310, 400])  # 0.9 s apart; the chime lasts 0.6 s
+    for e in entries:
+        target[e : e + 30] = True
+    fb = Feedback.from_settings(feedback_settings(tone={"enabled": False}), tmp_path).start()
+    with recording() as rec:
+        t_push = run_scores(fb, np.zeros(n), target)
+        time.sleep(0.1)
+        summary = fb.close()
+    assert summary["chimes"] == len(entries) == summary["target_entries"]
+    x = band(rec.x, 700, 1100)  # the 880 Hz fundamental only
+    heard = onsets(x, rec.times, 0.05, quiet_s=0.3)
+    lat_ms = (heard - t_push[entries]) * 1e3
+    print(f"chime onset latency ms (score pushed -> heard on the monitor): {np.round(lat_ms, 1)}")
+    assert len(heard) == len(entries), f"heard {len(heard)} chimes at {heard - t_push[0]}"
+    assert np.all(lat_ms > 0)
+    assert np.all(lat_ms < 250)
+    assert dominant_hz(rec.at(heard[0], heard[0] + 0.2)) == pytest.approx(880.0, abs=6.0)
+
+
+def open_marker_inlet(source_id: str) -> pylsl.StreamInlet:
+    infos = pylsl.resolve_byprop("source_id", source_id, timeout=5.0)
+    assert infos, "guided-audio marker stream not found"
+    inlet = pylsl.StreamInlet(infos[0])
+    inlet.open_stream(timeout=5.0)
+    return inlet
+
+
+@pytest.mark.lsl
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", [OGG, MP3], ids=["ogg", "mp3"])
+def test_guided_recording_plays_on_the_device_with_its_markers(pulse, path, unique_name):
+    bus = EventBus()
+    sub = bus.subscribe("t", kinds={"guided_audio"})
+    guided = GuidedAudio(
+        GuidedAudioSettings(path=path, marker_stream=unique_name), unique_name, emit=bus.emit
+    )
+    assert guided.device
+    inlet = open_marker_inlet(unique_name)
+    with recording() as rec:
+        guided.start()
+        time.sleep(0.4)
+        guided.pause()
+        time.sleep(0.5)
+        guided.resume()
+        assert guided.wait_end(timeout=5.0)
+        time.sleep(0.2)
+    guided.close()
+    markers = []
+    deadline = pylsl.local_clock() + 5.0
+    while len(markers) < 4 and pylsl.local_clock() < deadline:
+        sample, ts = inlet.pull_sample(timeout=0.1)
+        if sample is not None:
+            markers.append((ts, json.loads(sample[0])))
+    inlet.close_stream()
+    assert [m["guided_audio"] for _, m in markers] == ["start", "pause", "resume", "end"]
+    assert markers[0][1]["device"] is True
+    events = [e.payload["action"] for e in sub.drain()]
+    assert events == ["start", "pause", "resume", "end"]  # no 'no_device'
+    ts = {m["guided_audio"]: t for t, m in markers}
+
+    # what the sink got: both tones (left 440, right 660, mixed to mono), sounding while the
+    # markers say playing, silent while paused
+    loud = np.abs(band(rec.x, 300, 800)) > 0.05
+    sounding = rec.times[loud]
+    assert len(sounding) > 0, "nothing reached the sink"
+    first, last = sounding[0], sounding[-1]
+    paused = rec.at(ts["pause"] + 0.15, ts["resume"])
+    print(
+        f"{path.suffix}: first sound {1e3 * (first - ts['start']):.0f} ms after start marker, "
+        f"last {1e3 * (last - ts['end']):.0f} ms after end marker"
+    )
+    assert 0.0 < first - ts["start"] < 0.3
+    assert -0.1 < last - ts["end"] < 0.3
+    assert np.abs(paused).max() < 0.01, "sound while paused"
+    played = rec.at(first + 0.05, ts["pause"])
+    spec = np.abs(np.fft.rfft(played * np.hanning(len(played))))
+    freqs = np.fft.rfftfreq(len(played), 1 / SR)
+    peaks = freqs[np.argsort(spec)[-40:]]  # the 40 strongest bins
+    assert np.any(np.abs(peaks - 440) < 8)
+    assert np.any(np.abs(peaks - 660) < 8)
+    # the sound lasted what the recording lasts (pause excluded): 10 ms RMS above -26 dBFS
+    w = round(0.01 * SR)
+    x = band(rec.x, 300, 800)
+    rms = np.sqrt(np.mean(x[: len(x) // w * w].reshape(-1, w) ** 2, axis=1))
+    heard_s = np.count_nonzero(rms > 0.05) * w / SR
+    assert heard_s == pytest.approx(guided.duration_s, abs=0.15)
+
+
+@pytest.mark.timeout(60)
+def test_device_feedback_survives_the_server_dying(pulse_daemon, monkeypatch, tmp_path):
+    """A sound server lost mid-session: the feedback, its trace and close() carry on."""
+    own = start_pulse()  # a daemon of its own: this test kills it
+    try:
+        monkeypatch.setenv("PULSE_SERVER", own.server)
+        fb = Feedback.from_settings(feedback_settings(), tmp_path).start()
+        assert isinstance(fb.audio, DeviceFeedbackAudio)
+        run_scores(fb, np.linspace(-2, 2, 50), np.zeros(50, bool))
+        own.proc.kill()
+        own.proc.wait(5.0)
+        done = threading.Event()
+
+        def rest():
+            run_scores(fb, np.linspace(2, -2, 50), np.r_[np.zeros(25, bool), np.ones(25, bool)])
+            done.set()
+
+        th = threading.Thread(target=rest)
+        th.start()
+        th.join(10.0)
+        assert done.is_set()
+        summary = fb.close()
+    finally:
+        own.stop()
+        shutil.rmtree(own.folder, ignore_errors=True)
+    assert summary["updates"] == 100
+    assert summary["chimes"] == 1
+    record = json.loads((tmp_path / SUMMARY_NAME).read_text())
+    assert record["audio"] == "device"
