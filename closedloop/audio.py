@@ -41,9 +41,10 @@ UNSUPPORTED_FORMAT_MESSAGE = (
     "guided audio must be WAV, OGG (Vorbis), MP3 or FLAC (what miniaudio decodes); convert "
     "other formats first (e.g. ffmpeg -i in.m4a out.ogg)"
 )
-# Device period (frames asked per callback). Measured on a PulseAudio null sink (tests/
-# test_audio_device.py): 10 ms gives score-to-sound p50 about 40 ms with no dropout on a busy
-# 2-core machine; the device buffer is a few periods on top of the callback's own wait.
+# Device period (frames asked per callback). Measured on a PulseAudio 16 null sink recorded
+# back (tests/test_audio_device.py, 2 cores, also with both busy): update -> rendered p50 3-6 ms,
+# p99 < 10 ms; update -> chime onset heard on the monitor 5-16 ms (capture path included); no
+# dropout. A real sound card adds its own buffer (PulseAudio on ALSA: typically 20-50 ms).
 DEVICE_PERIOD_MS = 10
 GUIDED_PERIOD_MS = 40  # a recording needs no low latency: larger periods, fewer wake-ups
 LATENCY_RING = 4096  # update -> rendered latencies kept for percentiles
@@ -408,6 +409,8 @@ class DeviceFeedbackAudio:
         self.backend: str = self._device.backend
         gen = self._generate()
         next(gen)
+        self.t_opened = clock()
+        self.t_closed = math.nan
         self._device.start(gen)
 
     def _generate(self):
@@ -460,10 +463,23 @@ class DeviceFeedbackAudio:
             "n": self.n_latencies,
         }
 
+    def health(self) -> dict[str, object]:
+        """What the output did: seconds rendered vs seconds open (a server lost mid-session
+        stops the callbacks: `played_s` falls behind `open_s`), latency, first error."""
+        end = self.t_closed if math.isfinite(self.t_closed) else self.clock()
+        return {
+            "backend": self.backend,
+            "played_s": self.n_frames / self.sr,
+            "open_s": end - self.t_opened,
+            "render_latency_ms": self.render_latency_ms(),
+            "error": self.error,
+        }
+
     def close(self) -> None:
         if self._device is not None:
             self._device.close()
             self._device = None
+            self.t_closed = self.clock()
 
 
 def open_feedback_audio(

@@ -499,12 +499,11 @@ class Feedback:
             "updates": self.n,
             "target_entries": self.entries,
             "chimes": len(self.audio.chimes_at) if self.audio is not None else 0,
-            "audio_backend": getattr(self.audio, "backend", None),
-            # device only: score computed -> rendered into the device (its buffer comes on top)
-            "audio_render_latency_ms": self.audio.render_latency_ms()
+            # device only: backend, seconds played vs open, score computed -> rendered into
+            # the device (p50/p99/max ms; the device's buffer comes on top), first error
+            "audio_device": self.audio.health()
             if isinstance(self.audio, DeviceFeedbackAudio)
             else None,
-            "audio_error": getattr(self.audio, "error", None),
             "overruns": self.overruns,
             "sham_exhausted": self._sham_exhausted,
             "frame_latency_ms": self.frame_latency_ms(),
@@ -533,6 +532,9 @@ class Feedback:
         if self.outlet is not None:
             self.outlet.close()
         summary = self.summary()
+        device = summary["audio_device"]
+        if device is not None and device["error"] is not None:
+            self._emit("error", reason=f"feedback audio: {device['error']}")
         (self.folder / SUMMARY_NAME).write_text(
             json.dumps(summary, indent=2, default=str, allow_nan=True), encoding="utf-8"
         )

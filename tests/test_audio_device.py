@@ -313,8 +313,10 @@ def test_device_tone_follows_the_score_on_the_sink(pulse, tmp_path):
         time.sleep(0.1)
         summary = fb.close()
     assert summary["audio"] == "device"
-    assert summary["audio_backend"] == "PulseAudio"
-    assert summary["audio_error"] is None
+    device = summary["audio_device"]
+    assert device["backend"] == "PulseAudio"
+    assert device["error"] is None
+    assert device["played_s"] == pytest.approx(device["open_s"], abs=0.1)  # no stall
 
     # pitch: the configured 220 Hz
     mid = rec.at(t_push[100], t_push[400])
@@ -333,12 +335,12 @@ def test_device_tone_follows_the_score_on_the_sink(pulse, tmp_path):
     r, lag, amp = best
     print(
         f"device envelope-score r={r:.4f} at lag {lag * 1e3:.0f} ms; "
-        f"render latency {summary['audio_render_latency_ms']}"
+        f"render latency {device['render_latency_ms']}"
     )
     assert r > 0.95, f"envelope-score correlation {r:.3f}"
     assert lag < 0.25
     np.testing.assert_allclose(amp, expected, atol=0.03)  # the level is the mapping, too
-    assert summary["audio_render_latency_ms"]["n"] > 0.8 * n  # nearly every update rendered
+    assert device["render_latency_ms"]["n"] > 0.8 * n  # nearly every update rendered
 
 
 @pytest.mark.timeout(60)
@@ -462,3 +464,8 @@ def test_device_feedback_survives_the_server_dying(pulse_daemon, monkeypatch, tm
     assert summary["chimes"] == 1
     record = json.loads((tmp_path / SUMMARY_NAME).read_text())
     assert record["audio"] == "device"
+    # the loss shows in the record: the output stopped playing when the server went
+    device = record["audio_device"]
+    print(f"after the server died: {device}")
+    assert device["open_s"] > 0.9
+    assert device["played_s"] < device["open_s"] - 0.4
