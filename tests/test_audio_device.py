@@ -469,3 +469,45 @@ def test_device_feedback_survives_the_server_dying(pulse_daemon, monkeypatch, tm
     print(f"after the server died: {device}")
     assert device["open_s"] > 0.9
     assert device["played_s"] < device["open_s"] - 0.4
+
+
+@pytest.mark.timeout(60)
+def test_sham_feedback_is_what_the_device_plays(pulse, tmp_path):
+    """Sham: the sink gets the earlier session's trace, not the live score."""
+    n = 300
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    old = Feedback.from_settings(
+        FeedbackSettings(
+            enabled=True, publish_lsl=False, smoothing_s=0.0, audio={"enabled": False}
+        ),
+        earlier,
+    ).start()
+    old_score = np.where((np.arange(n) // 75) % 2 == 1, 2.0, -2.0)  # 0.75 s off / on blocks
+    for k, s in enumerate(old_score.tolist()):
+        old.push(1000.0 + k * UPDATE_S, s, False)
+    old.close()
+
+    settings = FeedbackSettings(
+        enabled=True,
+        publish_lsl=False,
+        smoothing_s=0.0,
+        mode="sham",
+        sham={"source": earlier},
+        audio={"output": "device", "sample_rate_hz": SR, "chime": {"enabled": False}},
+    )
+    now = tmp_path / "now"
+    now.mkdir()
+    fb = Feedback.from_settings(settings, now).start()
+    with recording() as rec:
+        live_score = np.full(n, 2.0)  # live would be loud all the time
+        t_push = run_scores(fb, live_score, np.zeros(n, bool))
+        time.sleep(0.1)
+        summary = fb.close()
+    assert summary["mode"] == "sham"
+    lag = 0.03
+    for block in range(4):
+        a, b = t_push[block * 75 + 15] + lag, t_push[block * 75 + 70] + lag
+        rms_amp = np.sqrt(2 * np.mean(rec.at(a, b) ** 2))
+        expected = 0.3 if block % 2 == 1 else 0.0  # earlier score 2 -> value 1, -2 -> 0
+        assert rms_amp == pytest.approx(expected, abs=0.02), f"block {block}: {rms_amp:.3f}"
