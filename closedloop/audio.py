@@ -655,6 +655,7 @@ class GuidedAudio:
             else None
         )
         self.device = self._player is not None
+        self._wanted = f" matching {device!r}" if device else ""
         info = pylsl.StreamInfo(
             settings.marker_stream, "Markers", 1, pylsl.IRREGULAR_RATE, pylsl.cf_string, source_id
         )
@@ -728,7 +729,8 @@ class GuidedAudio:
                     "guided_audio",
                     action="no_device",
                     file=self.path.name,
-                    detail="no audio output: playback is timed and marked but silent",
+                    detail=f"no audio output{self._wanted}: playback is timed and marked "
+                    "but silent",
                 )
             self._schedule_end(now)
 

@@ -511,3 +511,21 @@ def test_sham_feedback_is_what_the_device_plays(pulse, tmp_path):
         rms_amp = np.sqrt(2 * np.mean(rec.at(a, b) ** 2))
         expected = 0.3 if block % 2 == 1 else 0.0  # earlier score 2 -> value 1, -2 -> 0
         assert rms_amp == pytest.approx(expected, abs=0.02), f"block {block}: {rms_amp:.3f}"
+
+
+@pytest.mark.lsl
+def test_guided_with_an_unknown_output_name_is_silent_and_says_so(pulse, unique_name):
+    bus = EventBus()
+    sub = bus.subscribe("t", kinds={"guided_audio"})
+    guided = GuidedAudio(
+        GuidedAudioSettings(path=OGG, marker_stream=unique_name),
+        unique_name,
+        emit=bus.emit,
+        device="speakers",
+    )
+    assert not guided.device
+    guided.start()
+    guided.close()
+    events = {e.payload["action"]: e.payload for e in sub.drain()}
+    assert "matching 'speakers'" in events["no_device"]["detail"]
+    assert list(events) == ["start", "no_device", "stop"]
