@@ -1,4 +1,9 @@
-"""Run a closedloop Session in its own thread for the console, with a scope tap on its pipeline."""
+"""Run a closedloop Session in a thread of this process, with a scope tap on its pipeline.
+
+The console runs its sessions in a child process (gui/procrunner.py, `ProcessRunner`); this
+in-process runner has the same interface and is kept for tools and tests that want the Session
+object itself (and as the "before" of `python -m gui.bench`).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,52 @@ import logging
 import os
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from acquisition.lsl_source import LslSource
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig
 from closedloop.scope import Scope
 from closedloop.session import Session
-from gui.model import POLLED_KINDS
+from gui.model import POLLED_KINDS, Snapshot, latency_samples_ms, snapshot_of
 
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_MAXLEN = 20_000  # events buffered between two GUI ticks (drained every 40 ms)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """Which LSL stream to open (picklable, so a child process can resolve it itself).
+
+    All None: the config's source section. Else the picked stream's name / source_id / type.
+    """
+
+    name: str | None = None
+    source_id: str | None = None
+    stype: str | None = None
+
+    @classmethod
+    def of(cls, stream: Any | None) -> SourceSpec:
+        """From a picked `StreamDescription` (None: the config's stream)."""
+        if stream is None:
+            return cls()
+        return cls(stream.name, stream.source_id, stream.stype)
+
+    @property
+    def picked(self) -> bool:
+        return self.name is not None or self.source_id is not None
+
+
+def source_for(config: SessionConfig, spec: SourceSpec | None):
+    """The LslSource a spec names (None: the config's stream)."""
+    if spec is None or not spec.picked:
+        return make_lsl_source(config)
+    return make_lsl_source(config, spec.name, spec.source_id, spec.stype)
 
 
 def make_lsl_source(
@@ -46,7 +84,9 @@ class SessionRunner:
     """One session on one source, run by `Session.run()` in a daemon thread.
 
     The GUI reads `scope` (filled by a pipeline tap in the acquisition thread), drains
-    `subscription` on its timer and calls the SessionControl methods of `session`.
+    `subscription` on its timer, reads `snapshot()` / `latency_samples()` and calls the
+    SessionControl methods of `session`. source: a source object, or a SourceSpec / None
+    (an LslSource on that stream).
     """
 
     def __init__(
@@ -58,6 +98,8 @@ class SessionRunner:
         arm_action: str | None = None,
         live: bool = True,
     ) -> None:
+        if source is None or isinstance(source, SourceSpec):
+            source = source_for(config, source)
         self.bus = EventBus()
         # subscribe before the session starts so 'session started' and calibration are seen
         self.subscription = self.bus.subscribe(
@@ -89,6 +131,23 @@ class SessionRunner:
     @property
     def started(self) -> bool:
         return self._thread.ident is not None
+
+    @property
+    def ready(self) -> bool:
+        """The pipeline exists (commands other than disarm / stop can succeed)."""
+        return self.session.pipeline is not None
+
+    @property
+    def events_dropped(self) -> int:
+        return self.subscription.dropped
+
+    def snapshot(self) -> Snapshot:
+        return snapshot_of(self.session)
+
+    def latency_samples(self) -> np.ndarray:
+        """Recent decision latencies (ms), copied."""
+        p = self.session.pipeline
+        return latency_samples_ms(p) if p is not None else np.zeros(0)
 
     def _on_status(self, _status) -> None:
         # Called by the session thread; the first call after the pipeline exists comes before the

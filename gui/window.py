@@ -1,17 +1,18 @@
 """The operator console window (PySide6 + pyqtgraph).
 
-Never blocks and never owns data (STYLE 10): the session runs in its own thread; a QTimer polls
-the scope ring buffers, drains the event bus and reads a snapshot. Every plot item is created
-once; a tick only calls `setData` / `setOpts`.
+Never blocks and never owns data (STYLE 10): the session runs in a child process
+(gui/procrunner.py); a QTimer reads the scope ring buffers (shared memory), drains the events
+the child forwards and reads its snapshot. Every plot item is created once; a tick only calls
+`setData` / `setOpts`. Commands (ARM, DISARM, EMERGENCY STOP, thresholds, calibration) are one
+request / reply to the child each, about 1 ms.
 
-The GIL is what couples drawing to the decision latency: PySide6 holds it for the whole of
-each C++ call, so one long QPainter call stalls the acquisition thread for its duration. Measured
-offscreen: 64 lanes x 1000 points drawn as one path take 18 ms in a single `drawPath` (a thread
-waiting for the GIL saw 44 ms gaps); as 64 curves, 0.3 ms each, and the acquisition thread gets
-the GIL between them (switch interval 0.5 ms, see gui/app.py). Hence one curve per channel, at
-most TRACE_BINS min/max pairs each, history plots at ~8 frames/s, and a cap on the GUI thread's
-CPU share (`_adapt_rate`). What remains (`python -m gui.bench`, 64 ch x 1 kHz): decision latency
-p50 1.0 ms with or without the window, p99 1.5-2 ms headless vs 9.5-15 ms with the window drawing.
+Why a process: PySide6 holds the GIL for the whole of each C++ call, so with the loop in a
+thread of this process one long QPainter call stalled the acquisition thread for its duration
+(offscreen: 64 lanes x 1000 points as one path took 18 ms in a single `drawPath`). With the
+thread runner, even after drawing one curve per channel, at most TRACE_BINS min/max pairs each,
+history plots at ~8 frames/s and a cap on the GUI thread's CPU share (`_adapt_rate`), decision
+latency p99 was 9.5-15 ms with the window drawing vs 1.5-2 ms headless (`python -m gui.bench`,
+64 ch x 1 kHz). Those measures stay: on a 2-core machine the window still competes for CPU.
 """
 
 from __future__ import annotations
@@ -38,11 +39,10 @@ from gui.model import (
     ConsoleModel,
     Snapshot,
     effective_rate,
-    latency_samples_ms,
-    snapshot_of,
 )
+from gui.procrunner import ProcessRunner
 from gui.qtfix import guard_none_refcount
-from gui.runner import SessionRunner, make_lsl_source
+from gui.runner import SessionRunner, SourceSpec
 
 guard_none_refcount()  # PySide6 6.12 on CPython 3.11 leaks None refs (see gui/qtfix.py)
 
@@ -111,6 +111,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
     config: the session config (source section = default stream). out_root: session folders.
     arm_action: arm automatically after calibration with this action name (demo), else None.
     list_streams: lister for the stream picker (blocking; run in a worker thread).
+    runner_class: how sessions run: ProcessRunner (default: a child process, drawing cannot
+    delay decisions) or gui.runner.SessionRunner (a thread here; the Session object is reachable).
     """
 
     def __init__(
@@ -120,12 +122,14 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         out_root: Path | None = None,
         arm_action: str | None = None,
         list_streams: Callable[[float], list] | None = None,
+        runner_class: type = ProcessRunner,
     ) -> None:
         super().__init__()
         self.config = config
         self.out_root = out_root
         self.arm_action = arm_action
-        self.runner: SessionRunner | None = None
+        self.runner_class = runner_class
+        self.runner: ProcessRunner | SessionRunner | None = None
         self.model = ConsoleModel()
         self.snapshot = Snapshot()
         self._list_streams = list_streams
@@ -435,21 +439,25 @@ class ConsoleWindow(QtWidgets.QMainWindow):
     def session(self):
         return self.runner.session if self.runner is not None else None
 
-    def start_session(self, source: Any | None = None, stream=None) -> SessionRunner:
-        """Start a session on `source`, else on the picked stream, else on the config's."""
+    def start_session(self, source: Any | None = None, stream=None):
+        """Start a session on the picked `stream` (a StreamDescription), else the config's.
+
+        source: a source object instead (runs in a thread of this process: SessionRunner).
+        Returns the runner.
+        """
         if self.runner is not None and self.runner.running:
             raise RuntimeError("a session is already running")
+        runner_class = self.runner_class
         if source is None:
-            if stream is not None:
-                source = make_lsl_source(self.config, stream.name, stream.source_id, stream.stype)
-            else:
-                source = make_lsl_source(self.config)
+            source = SourceSpec.of(stream)  # the child resolves the stream itself
+        elif not isinstance(source, SourceSpec):
+            runner_class = SessionRunner
         self.model = ConsoleModel()
         self._t0 = None
         self._scope_ready = None
         self._trace_key = None
         self._failure_shown = False
-        self.runner = SessionRunner(
+        self.runner = runner_class(
             self.config, source, out_root=self.out_root, arm_action=self.arm_action
         ).start()
         self.start_button.setEnabled(False)
@@ -512,16 +520,29 @@ class ConsoleWindow(QtWidgets.QMainWindow):
 
     def disarm_clicked(self) -> None:
         if self.session is not None:
-            self.session.disarm(f"{GUI_REASON_PREFIX}: DISARM button")
+            try:
+                self.session.disarm(f"{GUI_REASON_PREFIX}: DISARM button")
+            except ControlError as exc:
+                self._message(f"DISARM failed: {exc}", error=True)
+                return
             self._message("disarmed by the operator")
             self.tick()
 
     def emergency_stop(self, source: str) -> None:
-        """Disarm at once and end stimulation for this session (button and Esc / F12)."""
-        if self.session is not None:
-            self.session.emergency_stop(f"console: {source}")
+        """Disarm at once and end stimulation for this session (button and Esc / F12).
+
+        Returns once the child confirmed the interlock disarmed (about 1 ms); a child that does
+        not confirm within procrunner.ESTOP_TIMEOUT_S is killed.
+        """
         self.model.estopped = True
-        self._message(f"EMERGENCY STOP ({source})", error=True)
+        text = f"EMERGENCY STOP ({source})"
+        if self.session is not None:
+            try:
+                self.session.emergency_stop(f"console: {source}")
+            except ControlError as exc:
+                text = f"{text}: {exc}"
+                self.model.raise_banner(f"EMERGENCY STOP: {exc}", local_clock())
+        self._message(text, error=True)
         self.tick()
 
     def acknowledge_banner(self) -> None:
@@ -551,14 +572,17 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         """A threshold line was dropped: validate through the session, snap back if refused."""
         self._dragging = False
         enter, leave = float(self.enter_line.value()), float(self.leave_line.value())
-        if self.session is None or self.session.pipeline is None:
+        if self.session is None or not self.runner.ready:
             self._snap_thresholds((self.config.state.enter, self.config.state.leave))
             self._message("thresholds change only while a session runs", error=True)
             return
         try:
             self.session.set_thresholds(enter, leave, source="console drag")
         except ControlError as exc:
-            self._snap_thresholds(self.session.thresholds())
+            try:
+                self._snap_thresholds(self.session.thresholds())
+            except ControlError:
+                self._snap_thresholds((self.config.state.enter, self.config.state.leave))
             self._message(f"thresholds refused: {exc}", error=True)
             return
         self._message(f"thresholds set: enter {enter:.2f}, leave {leave:.2f}")
@@ -631,7 +655,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         runner = self.runner
         if runner is not None:
             self.model.apply(runner.subscription.drain())
-            self.snapshot = snapshot_of(runner.session)
+            self.snapshot = runner.snapshot()
         self._update_arming()
         self._update_banner()
         self._update_connection(runner)
@@ -713,7 +737,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             self.banner_label.setText(f"{time.strftime('%H:%M:%S')}  {b.text}")
             self.banner.setVisible(True)
 
-    def _update_connection(self, runner: SessionRunner | None) -> None:
+    def _update_connection(self, runner: ProcessRunner | SessionRunner | None) -> None:
         if runner is None:
             text = "no session"
         elif runner.error is not None:
@@ -985,10 +1009,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             colour = "#b71c1c" if age_ms > 1e3 * self.config.source.stale_after_s else "#1b5e20"
             rows.append(f"stream age <b style='color:{colour}'>{age_ms:6.0f} ms</b>")
         rows.append(f"gaps {self.model.n_gaps} · faults {self.model.n_health_faults}")
-        lat = np.zeros(0)
-        p = self.session.pipeline if self.session is not None else None
-        if p is not None:
-            lat = latency_samples_ms(p)
+        lat = self.runner.latency_samples() if self.runner is not None else np.zeros(0)
         if lat.size:
             p50, p99 = np.percentile(lat, [50, 99])
             rows.append(f"decision latency p50 <b>{p50:.2f} ms</b> · p99 <b>{p99:.2f} ms</b>")
@@ -996,8 +1017,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             self.latency_bars.setOpts(height=counts)
         else:
             rows.append("decision latency: no data")
-        if h.get("dropped"):
-            rows.append(f"<b style='color:#b71c1c'>events dropped {h['dropped']}</b>")
+        dropped = int(h.get("dropped") or 0)
+        dropped += getattr(self.runner, "events_dropped", 0) if self.runner is not None else 0
+        if dropped:
+            rows.append(f"<b style='color:#b71c1c'>events dropped {dropped}</b>")
         if self.model.session_folder:
             rows.append(f"folder {self.model.session_folder}")
         self.health_label.setText("<br>".join(rows))

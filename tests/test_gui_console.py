@@ -1,9 +1,10 @@
 """The operator console against a replayed LSL stream (offscreen Qt, pytest-qt).
 
-One replayer process per test (unique stream name), a real Session in its thread, the window
-polling it: data appear, calibration completes, arming (confirmation auto-accepted), a pulse in
-the raster, a dragged threshold reaching the estimator, the emergency stop (button and keyboard)
-disarming within one timer tick, a stream loss raising the banner, and a clean close.
+One replayer process per test (unique stream name), a real Session in its child process
+(gui/procrunner.py), the window polling it: data appear, calibration completes, arming
+(confirmation auto-accepted), a pulse in the raster, a dragged threshold reaching the
+estimator, the emergency stop (button and keyboard) disarming within one timer tick, a stream
+loss raising the banner, and a clean close.
 """
 
 from __future__ import annotations
@@ -127,17 +128,17 @@ def test_console_session_end_to_end(qtbot, window, tmp_path):
     # a dragged threshold reaches the estimator (and is logged as an event)
     win.enter_line.setValue(2.5)
     win.enter_line.sigPositionChangeFinished.emit(win.enter_line)
-    assert runner.session.pipeline.chain.thresholds == (2.5, -7.0)
+    assert runner.session.probe()["thresholds"] == (2.5, -7.0)  # the child's estimator
     # an invalid drag (enter below leave) is refused and snaps back
     win.enter_line.setValue(-8.0)
     win.enter_line.sigPositionChangeFinished.emit(win.enter_line)
-    assert runner.session.pipeline.chain.thresholds == (2.5, -7.0)
+    assert runner.session.probe()["thresholds"] == (2.5, -7.0)
     assert win.enter_line.value() == 2.5
     assert "refused" in win.status_line.text()
 
     # emergency stop: disarmed within one timer tick, arming refused afterwards
     win.emergency_stop("test button")
-    assert runner.session.pipeline.trigger.interlock.state.value == "disarmed"
+    assert runner.session.probe()["interlock"] == "disarmed"
     qtbot.wait(TICK_MS + 10)
     assert win.armed_label.text().startswith("EMERGENCY STOP")
     assert not win.arm_button.isEnabled()
@@ -170,7 +171,8 @@ def test_keyboard_emergency_stop_and_stream_loss_banner(qtbot, window, replayer)
     assert not win.banner.isVisible()
     win.activateWindow()
     qtbot.keyClick(win, QtCore.Qt.Key.Key_F12)
-    assert runner.session.pipeline.trigger.interlock.locked_out or win.model.estopped
+    assert win.model.estopped
+    assert runner.session.probe()["locked_out"]
     qtbot.wait(TICK_MS + 10)
     assert win.armed_label.text().startswith("EMERGENCY STOP")
     win.acknowledge_banner()
@@ -264,12 +266,11 @@ def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, 
     assert (Path(runner.session.folder) / "summary.json").exists()
 
 
-def test_stream_picker_lists_streams_and_starts_on_the_picked_one(
-    qtbot, unique_name, tmp_path, monkeypatch
-):
+def test_stream_picker_lists_streams_and_starts_on_the_picked_one(qtbot, unique_name, tmp_path):
     """Listing runs in a worker thread; the picked stream's name and source_id reach the source."""
     import gui.window as window_module
     from acquisition.lsl_source import StreamDescription
+    from gui.runner import SourceSpec
 
     found = [
         StreamDescription("amp-A", "EEG", "sid-A", "host", "uid-A", 32, 500.0, "float32", 0.0),
@@ -284,27 +285,30 @@ def test_stream_picker_lists_streams_and_starts_on_the_picked_one(
     class FakeRunner:  # records what the window would run, starts nothing
         def __init__(self, config, source, **kwargs):
             made.append(source)
-            self.running = self.started = False
+            self.running = self.started = self.ready = False
             self.scope = self.error = None
+            self.events_dropped = 0
             self.subscription = SimpleNamespace(drain=list)
-            self.session = SimpleNamespace(status=SimpleNamespace(phase="idle"), pipeline=None)
+            self.session = SimpleNamespace()
 
         def start(self):
             return self
 
-    monkeypatch.setattr(
-        window_module,
-        "make_lsl_source",
-        lambda config, name=None, source_id=None, stype=None: (name, source_id, stype),
+        def snapshot(self):
+            return window_module.Snapshot()
+
+        def latency_samples(self):
+            return np.zeros(0)
+
+    win = ConsoleWindow(
+        _config(unique_name), out_root=tmp_path, list_streams=lister, runner_class=FakeRunner
     )
-    monkeypatch.setattr(window_module, "SessionRunner", FakeRunner)
-    win = ConsoleWindow(_config(unique_name), out_root=tmp_path, list_streams=lister)
     qtbot.addWidget(win)
     win.show()
     qtbot.waitUntil(lambda: win.stream_combo.count() == 2, timeout=3000)  # markers left out
     assert calls
     win.stream_combo.setCurrentIndex(1)
     qtbot.mouseClick(win.start_button, QtCore.Qt.MouseButton.LeftButton)
-    assert made == [("amp-A", "sid-A", "EEG")]
+    assert made == [SourceSpec("amp-A", "sid-A", "EEG")]  # the child resolves this stream
     win.tick()  # a tick with the (idle) runner is harmless
     win.close()
