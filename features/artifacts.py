@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import signal
 
-from features.preprocess import StatefulEma, StatefulSos
+from features import kernels
 from features.settings import ArtifactSettings
 
 UV = 1e-6  # volts per microvolt
@@ -49,27 +49,35 @@ class ArtifactDetector:
         s = settings
         # Flat: start the mean square at 4x the threshold so a channel flat from the start is
         # flagged after tau * ln(4) (0.28 s with the 0.2 s default), a live one never.
-        self._flat = (
-            StatefulEma(s.flat_window_s, sfreq, n, init=(2.0 * s.flat_uv * UV) ** 2)
-            if s.flat_uv is not None
-            else None
+        # All checks of a block run in one compiled call (`kernels.artifacts`); a check that is
+        # off has a nan threshold there.
+        nan = float("nan")
+        self._thr = np.array(
+            [
+                s.rail_uv * UV if s.rail_uv is not None else nan,
+                s.amplitude_uv * UV if s.amplitude_uv is not None else nan,
+                (s.flat_uv * UV) ** 2 if s.flat_uv is not None else nan,
+                s.muscle_ratio if s.muscle_ratio is not None else nan,
+            ]
         )
-        if s.muscle_ratio is not None:
-            self._mus_hf = StatefulSos(
-                signal.butter(
-                    MUSCLE_FILTER_ORDER, s.muscle_band_hz, "bandpass", fs=sfreq, output="sos"
-                ),
-                n,
-                init="zero",
+        self._mus_sos = np.ascontiguousarray(
+            np.stack(
+                [
+                    signal.butter(MUSCLE_FILTER_ORDER, band, "bandpass", fs=sfreq, output="sos")
+                    for band in (s.muscle_band_hz, s.broadband_hz)
+                ]
             )
-            self._mus_bb = StatefulSos(
-                signal.butter(
-                    MUSCLE_FILTER_ORDER, s.broadband_hz, "bandpass", fs=sfreq, output="sos"
-                ),
-                n,
-                init="zero",
-            )
-            self._mus_ema = StatefulEma(s.muscle_smoothing_s, sfreq, 2 * n)
+        )  # (2, n_sections, 6): muscle band, broadband
+        self._mus_zi = np.zeros((2, self._mus_sos.shape[1], 2, n))
+        self._ema_a = np.array(
+            [
+                1.0 - np.exp(-1.0 / (tau * sfreq))
+                for tau in (s.muscle_smoothing_s, s.muscle_smoothing_s, s.flat_window_s)
+            ]
+        )  # smoothing constants: muscle band, broadband, flat
+        self._flat_init = (2.0 * s.flat_uv * UV) ** 2 if s.flat_uv is not None else 0.0
+        self._ema_zi = np.zeros((3, 2, n))
+        self._no_mask = np.zeros((0, 0), dtype=bool)
         self._reason_names = np.array(
             [[f"{k}:{c}" for c in names] for k in KINDS], dtype=object
         )  # (n_kinds, n_channels)
@@ -79,14 +87,13 @@ class ArtifactDetector:
         self._active_mask = np.zeros((len(KINDS), n), dtype=bool)
         self._reasons: tuple[str, ...] = ()
         self.latest_muscle_ratio = np.zeros(n)
+        self.reset()
 
     def reset(self) -> None:
-        if self._flat is not None:
-            self._flat.reset()
-        if self.settings.muscle_ratio is not None:
-            self._mus_hf.reset()
-            self._mus_bb.reset()
-            self._mus_ema.reset()
+        self._mus_zi[...] = 0.0
+        self._ema_zi[...] = 0.0
+        # direct form II transposed: z[0] = (1 - a) * y[-1]
+        self._ema_zi[2, 0] = (1.0 - self._ema_a[2]) * self._flat_init
         self._last_bad[:] = _NEVER
         self._last_bad_any = _NEVER
         self._count = 0
@@ -126,48 +133,24 @@ class ArtifactDetector:
             referenced = referenced[:, self._idx]
             if nonfinite is not None:
                 nonfinite = nonfinite[:, self._idx]
-        bad = np.zeros((n, len(KINDS), raw.shape[1]), dtype=bool)
-        if nonfinite is not None:
-            bad[:, 0] = nonfinite
-        if s.rail_uv is not None:
-            np.greater_equal(np.abs(raw), s.rail_uv * UV, out=bad[:, 1])
-            if nonfinite is not None:
-                bad[:, 1] &= ~nonfinite
-        if s.amplitude_uv is not None:
-            np.greater(np.abs(referenced), s.amplitude_uv * UV, out=bad[:, 2])
-        if self._flat is not None:
-            ms = self._flat(filtered * filtered)
-            np.less(ms, (s.flat_uv * UV) ** 2, out=bad[:, 3])
-        if s.muscle_ratio is not None:
-            k = referenced.shape[1]
-            # both band-passes and their smoothing in one (2 * n_ch, n) channel-major buffer
-            sq = np.empty((2 * k, n))
-            sq[:k] = referenced.T
-            sq[k:] = referenced.T
-            self._mus_hf.filter_t(sq[:k])
-            self._mus_bb.filter_t(sq[k:])
-            np.multiply(sq, sq, out=sq)
-            p = self._mus_ema.smooth_t(sq)
-            ratio = p[:k] / np.maximum(p[k:], 1e-30)  # (n_ch, n)
-            np.greater(ratio.T, s.muscle_ratio, out=bad[:, 4])
-            self.latest_muscle_ratio[:] = ratio[:, -1]
-        bad_t = bad.reshape(n, -1).any(axis=1)
-        any_now = bool(bad_t.any())
-        if any_now:
-            idx = self._count + np.arange(n, dtype=np.int64)
-            # last offending sample per (kind, channel)
-            any_bad = bad.any(axis=0)
-            last_in_block = n - 1 - np.argmax(bad[::-1], axis=0)
-            self._last_bad = np.where(any_bad, self._count + last_in_block, self._last_bad)
-            # per-sample hold-off
-            run = np.where(bad_t, idx, _NEVER)
-            np.maximum.accumulate(run, out=run)
-            np.maximum(run, self._last_bad_any, out=run)
-            self._last_bad_any = int(run[-1])
-            active = (idx - run) <= self.holdoff_n
-        else:
-            since = self._count - self._last_bad_any
-            active = np.arange(since, since + n, dtype=np.int64) <= self.holdoff_n
+        active = np.empty(n, dtype=bool)
+        any_now, self._last_bad_any = kernels.artifacts(
+            np.ascontiguousarray(raw, dtype=np.float64),
+            np.ascontiguousarray(filtered, dtype=np.float64),
+            np.ascontiguousarray(referenced, dtype=np.float64),
+            self._no_mask if nonfinite is None else np.ascontiguousarray(nonfinite),
+            self._thr,
+            self._mus_sos,
+            self._mus_zi,
+            self._ema_a,
+            self._ema_zi,
+            self._count,
+            self._last_bad,
+            self._last_bad_any,
+            self.holdoff_n,
+            self.latest_muscle_ratio,
+            active,
+        )
         self._count += n
         if any_now or self._reasons:  # flags can only appear or expire in these cases
             mask = (self._count - 1 - self._last_bad) <= self.holdoff_n

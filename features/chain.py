@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from acquisition.chunk import Chunk
+from features import kernels
 from features.artifacts import ArtifactDetector
-from features.bandpower import individual_alpha_peak, make_estimator, to_output
+from features.bandpower import IirBandPower, individual_alpha_peak, make_estimator, to_output
 from features.preprocess import Preprocessor, fill_nonfinite
 from features.settings import (
     MIN_BASELINE_S,
@@ -71,6 +72,7 @@ class FeatureChain:
         if not eeg_names:
             raise FeatureConfigError(["preprocess.exclude: no EEG channel left in the stream"])
         validate_feature_settings(eeg_names, sfreq, preprocess, bandpower, artifacts, state)
+        kernels.warm_up()  # compile / load the per-chunk kernels now, not on the first chunk
 
         self.preprocess_settings = preprocess
         self.bandpower_settings = bandpower
@@ -86,6 +88,8 @@ class FeatureChain:
         used = [c for c in eeg_names if any(c in g for g in self._groups.values())]
         self.used_names = tuple(used)
         self._used_idx = np.array([eeg_names.index(c) for c in used], dtype=int)
+        self._used_cols = self._used_idx.astype(np.int64)
+        self._bp_cols = False
         self._default_bands = {k: tuple(v) for k, v in bandpower.bands.items()}
         self._feature_refs = state.resolved_features(self._groups)
         self.feature_names = tuple(f.name for f in self._feature_refs)
@@ -162,9 +166,12 @@ class FeatureChain:
         )
 
     def _make_estimator(self, bands: dict[str, tuple[float, float]]):
-        return make_estimator(
+        est = make_estimator(
             self.bandpower_settings, bands, self._groups, self.used_names, self.sfreq
         )
+        # the IIR estimator reads its channels straight out of the referenced block
+        self._bp_cols = isinstance(est, IirBandPower)
+        return est
 
     def _set_bands(self, bands: dict[str, tuple[float, float]]) -> None:
         self.bands = dict(bands)
@@ -334,18 +341,16 @@ class FeatureChain:
         if n == 0:
             return self._state
         raw = chunk.data if self._eeg_all else chunk.data[:, self._eeg_idx]
-        finite = np.isfinite(raw)
         nonfinite = None
-        if finite.all():
-            filled = raw
-            self._last_finite[:] = raw[-1]
-        else:
+        res = self._pre.process(raw, self._last_finite)  # None: a non-finite sample in raw
+        if res is None:
+            finite = np.isfinite(raw)
             nonfinite = ~finite
             filled = fill_nonfinite(np.array(raw, dtype=np.float64), finite, self._last_finite)
-        filt = self._pre.filter(filled)
-        ref = self._pre.reference(filt)
+            res = self._pre.process(filled, self._last_finite)
+            assert res is not None
+        filt, ref = res
         art = self._art.process(raw, filt, ref, nonfinite)
-        x = ref[:, self._used_idx]
         t = chunk.timestamps
         m = self._machine
         m.transitions.clear()
@@ -354,14 +359,21 @@ class FeatureChain:
             self._pending_label = None
 
         k = 0  # first sample with a calibrated label machine
-        power = self._bp.process(x, art)
+        x = None  # the estimator's channels of ref, when needed as an array
+        if self._bp_cols:
+            power = self._bp.process(ref, art, cols=self._used_cols)
+        else:
+            x = ref[:, self._used_idx]
+            power = self._bp.process(x, art)
         if self._calibrating:
+            if x is None and self._cal_x.shape[0]:
+                x = ref[:, self._used_idx]
             k = self._collect(x, art, power)
             if not self._calibrating:  # finished at sample k - 1: samples k.. are labelled
                 live = self._bp
                 self._finish_collected()
                 if self._bp is not live and k < n:  # new bands: the new estimator takes over
-                    power[k:] = self._bp.process(x[k:], art[k:])
+                    power[k:] = self._bp.process(ref[k:, self._used_idx], art[k:])
                 m.set(Label.NON_TARGET, float(t[k - 1]))
             else:
                 k = n
@@ -407,11 +419,12 @@ class FeatureChain:
         )
         return self._state
 
-    def _collect(self, x: np.ndarray, art: np.ndarray, power: np.ndarray) -> int:
+    def _collect(self, x: np.ndarray | None, art: np.ndarray, power: np.ndarray) -> int:
         """Store calibration samples (features of `power` (n, n_bands, n_groups), flags, and
         the signal x when needed); returns how many of this block's samples it consumed (n, or
-        the index just after the sample that completed the calibration)."""
-        n = x.shape[0]
+        the index just after the sample that completed the calibration); x may be None when
+        the signal is not kept."""
+        n = power.shape[0]
         i = max(0, min(n, self._warmup_n - self._seen))  # skip the warm-up
         if i >= n:
             return n

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import signal
 
+from features import kernels
 from features.settings import PreprocessSettings
 
 
@@ -172,7 +173,10 @@ def fill_nonfinite(x: np.ndarray, finite: np.ndarray, last: np.ndarray) -> np.nd
 class Preprocessor:
     """Notch + high-pass per EEG channel (state kept), then re-reference.
 
-    `filter(raw)` (n, n_eeg) volts -> filtered (unreferenced); `reference(filtered)` -> referenced.
+    `process(raw, last)` (the chain's hot path: one compiled call) -> (filtered, referenced);
+    `filter(raw)` (n, n_eeg) volts -> filtered (unreferenced); `reference(filtered)` ->
+    referenced. The filter starts in the steady state of a constant input equal to the first
+    sample (no transient from DC offsets), like `StatefulSos(init='first')`.
     """
 
     def __init__(
@@ -181,8 +185,11 @@ class Preprocessor:
         self.settings = settings
         self.eeg_names = tuple(eeg_names)
         self.sfreq = float(sfreq)
-        self.sos = design_preprocess_sos(settings, sfreq)
-        self._filt = StatefulSos(self.sos, len(self.eeg_names), init="first")
+        self.sos = np.ascontiguousarray(design_preprocess_sos(settings, sfreq))
+        n = len(self.eeg_names)
+        self._zi = np.zeros((len(self.sos), 2, n))  # the kernels' layout: channels innermost
+        self._zi0 = signal.sosfilt_zi(self.sos) if len(self.sos) else np.zeros((0, 2))
+        self._fresh = True
         ref = settings.reference
         if ref == "average":
             self._ref_idx: np.ndarray | None = np.arange(len(self.eeg_names))
@@ -197,13 +204,40 @@ class Preprocessor:
                 )
             self._ref_idx = np.array([self.eeg_names.index(r) for r in ref])
         self._all_ref = ref == "average"
+        self._ref_cols = (
+            np.zeros(0, dtype=np.int64) if self._ref_idx is None else self._ref_idx.astype(np.int64)
+        )
 
     def reset(self) -> None:
-        self._filt.reset()
+        self._zi[...] = 0.0
+        self._fresh = True
+
+    def _start(self, x0: np.ndarray) -> None:
+        if self._fresh:
+            self._zi[...] = self._zi0[:, :, None] * x0[None, None, :]
+            self._fresh = False
+
+    def process(self, raw: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """raw (n, n_eeg) volts -> (filtered, referenced), both (n, n_eeg) new arrays; last
+        (n_eeg,) gets raw's last row. None, and nothing changes, when raw holds a non-finite
+        value (fill it first)."""
+        raw = np.ascontiguousarray(raw, dtype=np.float64)
+        if self._fresh:
+            if not np.isfinite(raw[0]).all():
+                return None
+            self._start(raw[0])
+        filt = np.empty(raw.shape)
+        ref = np.empty(raw.shape)
+        if not kernels.preprocess(raw, self.sos, self._zi, self._ref_cols, last, filt, ref):
+            return None
+        return filt, ref
 
     def filter(self, raw: np.ndarray) -> np.ndarray:
-        """raw (n_samples, n_eeg) -> notched and high-passed (n_samples, n_eeg)."""
-        return self._filt(raw)
+        """raw (n_samples, n_eeg) -> notched and high-passed (n_samples, n_eeg), a new array."""
+        x = np.array(raw, dtype=np.float64, order="C")
+        self._start(x[0])
+        kernels.sos_inplace(self.sos, x, self._zi)
+        return x
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """x (n_samples, n_eeg) -> re-referenced copy."""

@@ -1,0 +1,268 @@
+"""Compiled per-chunk kernels of the feature chain (numba), one call per stage.
+
+Why compiled: a 10-sample chunk of 64 channels is a few thousand multiply-adds, but as numpy it
+was ~60 small array calls (1-5 µs each back to back). Fed in real time (a chunk every 10 ms) every
+one of those calls starts cold on this VM: the first numpy call after a 10 ms sleep takes ~45 µs
+instead of 2 µs, and the chain step took ~0.8 ms instead of 0.19 ms. A compiled kernel per stage
+touches a few KB of code and data instead (measured: docs in benchmarks/README.md, "Hot-path
+work").
+
+Arithmetic: every IIR section is the transposed direct form II of scipy's `sosfilt` kernel, in the
+same order (the outputs equal `sosfilt`'s bit for bit); sums over channels run in channel order.
+Data are sample-major (n_samples, n_channels) float64; filter states are (n_sections, 2,
+n_channels) so the inner loop runs over channels. `cache=True` keeps the machine code next to
+this file: the first import on a machine compiles (~10 s), later ones load it (~0.1 s).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+
+
+@njit(**_OPTS)
+def sos_inplace(sos, x, zi):  # pragma: no cover - compiled
+    """Filter x (n, c) in place through sos (n_sections, 6) with state zi (n_sections, 2, c)."""
+    n, c = x.shape
+    for t in range(n):
+        for s in range(sos.shape[0]):
+            b0, b1, b2, a1, a2 = sos[s, 0], sos[s, 1], sos[s, 2], sos[s, 4], sos[s, 5]
+            for j in range(c):
+                xi = x[t, j]
+                y = b0 * xi + zi[s, 0, j]
+                zi[s, 0, j] = b1 * xi - a1 * y + zi[s, 1, j]
+                zi[s, 1, j] = b2 * xi - a2 * y
+                x[t, j] = y
+
+
+@njit(**_OPTS)
+def preprocess(raw, sos, zi, ref_idx, last, filt, ref):  # pragma: no cover - compiled
+    """raw (n, c) -> filt (n, c) notched + high-passed, ref (n, c) re-referenced.
+
+    ref_idx: channels whose mean is subtracted (empty: no re-reference). last (c,) gets the last
+    row of raw. Returns False, touching nothing, when raw holds a non-finite value.
+    """
+    n, c = raw.shape
+    for t in range(n):
+        for j in range(c):
+            v = raw[t, j]
+            if not np.isfinite(v):
+                return False
+    for j in range(c):
+        last[j] = raw[n - 1, j]
+    n_ref = ref_idx.shape[0]
+    for t in range(n):
+        for j in range(c):
+            filt[t, j] = raw[t, j]
+        for s in range(sos.shape[0]):
+            b0, b1, b2, a1, a2 = sos[s, 0], sos[s, 1], sos[s, 2], sos[s, 4], sos[s, 5]
+            for j in range(c):
+                xi = filt[t, j]
+                y = b0 * xi + zi[s, 0, j]
+                zi[s, 0, j] = b1 * xi - a1 * y + zi[s, 1, j]
+                zi[s, 1, j] = b2 * xi - a2 * y
+                filt[t, j] = y
+        mean = 0.0
+        if n_ref > 0:
+            for i in range(n_ref):
+                mean += filt[t, ref_idx[i]]
+            mean /= n_ref
+        for j in range(c):
+            ref[t, j] = filt[t, j] - mean
+    return True
+
+
+@njit(**_OPTS)
+def artifacts(  # pragma: no cover - compiled
+    raw,
+    filt,
+    ref,
+    nonfinite,
+    thr,
+    mus_sos,
+    mus_zi,
+    ema_a,
+    ema_zi,
+    count,
+    last_bad,
+    last_bad_any,
+    holdoff_n,
+    ratio_out,
+    active,
+):
+    """All artifact checks of one block, per sample and channel, in one pass.
+
+    raw, filt, ref (n, c); nonfinite (n, c) bool or (0, 0) when all finite. thr: rail (>=),
+    amplitude (>), flat mean square (<), muscle ratio (>); nan turns a check off (flat and muscle
+    then also skip their smoothing). mus_sos (2, n_sections, 6) muscle band and broadband;
+    mus_zi (2, n_sections, 2, c); ema_a (3,) smoothing constants (muscle band, broadband, flat);
+    ema_zi (3, 2, c). last_bad (5, c) running index of the last offending sample per (kind,
+    channel), updated. active (n,) gets the hold-off flag per sample; ratio_out (c,) the latest
+    muscle ratio. Returns (any sample offended, new last_bad_any).
+    """
+    n, c = raw.shape
+    rail, amp, flat, mus = thr[0], thr[1], thr[2], thr[3]
+    rail_on, amp_on = not np.isnan(rail), not np.isnan(amp)
+    flat_on, mus_on = not np.isnan(flat), not np.isnan(mus)
+    has_nf = nonfinite.shape[0] > 0
+    any_now = False
+    ns = mus_sos.shape[1]
+    for t in range(n):
+        idx = count + t
+        bad_t = False
+        for j in range(c):
+            nf = has_nf and nonfinite[t, j]
+            if nf:
+                last_bad[0, j] = idx
+                bad_t = True
+            if rail_on and not nf and abs(raw[t, j]) >= rail:
+                last_bad[1, j] = idx
+                bad_t = True
+            r = ref[t, j]
+            if amp_on and abs(r) > amp:
+                last_bad[2, j] = idx
+                bad_t = True
+            if flat_on:
+                a = ema_a[2]
+                xi = filt[t, j] * filt[t, j]
+                y = a * xi + ema_zi[2, 0, j]
+                ema_zi[2, 0, j] = 0.0 * xi - (a - 1.0) * y + ema_zi[2, 1, j]
+                ema_zi[2, 1, j] = 0.0 * xi - 0.0 * y
+                if y < flat:
+                    last_bad[3, j] = idx
+                    bad_t = True
+            if mus_on:
+                p0 = 0.0
+                p1 = 0.0
+                for f in range(2):
+                    xi = r
+                    for s in range(ns):
+                        b0, b1, b2 = mus_sos[f, s, 0], mus_sos[f, s, 1], mus_sos[f, s, 2]
+                        a1, a2 = mus_sos[f, s, 4], mus_sos[f, s, 5]
+                        y = b0 * xi + mus_zi[f, s, 0, j]
+                        mus_zi[f, s, 0, j] = b1 * xi - a1 * y + mus_zi[f, s, 1, j]
+                        mus_zi[f, s, 1, j] = b2 * xi - a2 * y
+                        xi = y
+                    a = ema_a[f]
+                    sq = xi * xi
+                    y = a * sq + ema_zi[f, 0, j]
+                    ema_zi[f, 0, j] = 0.0 * sq - (a - 1.0) * y + ema_zi[f, 1, j]
+                    ema_zi[f, 1, j] = 0.0 * sq - 0.0 * y
+                    if f == 0:
+                        p0 = y
+                    else:
+                        p1 = y
+                ratio = p0 / (p1 if p1 > 1e-30 else 1e-30)
+                if t == n - 1:
+                    ratio_out[j] = ratio
+                if ratio > mus:
+                    last_bad[4, j] = idx
+                    bad_t = True
+        if bad_t:
+            any_now = True
+            last_bad_any = idx
+        active[t] = idx - last_bad_any <= holdoff_n
+    return any_now, last_bad_any
+
+
+@njit(**_OPTS)
+def iir_bandpower(x, cols, sos, zi, a, ema_zi, hold, gm, power):  # pragma: no cover - compiled
+    """Band power per sample: band-pass, square, exponential smoothing, group mean.
+
+    x (n, c_all) with the estimator's channels at cols (u,); sos (n_bands, n_sections, 6), zi
+    (n_bands, n_sections, 2, u); a: smoothing constant; ema_zi (n_bands, 2, u); hold (n,) bool
+    or (0,): held samples keep the smoothed value and state; gm (u, n_groups) group weights;
+    power (n, n_bands, n_groups) is written (V²).
+    """
+    n = x.shape[0]
+    n_b, ns = sos.shape[0], sos.shape[1]
+    u = cols.shape[0]
+    n_g = gm.shape[1]
+    has_hold = hold.shape[0] > 0
+    p = np.empty(u)
+    for t in range(n):
+        held = has_hold and hold[t]
+        for b in range(n_b):
+            for i in range(u):
+                xi = x[t, cols[i]]
+                for s in range(ns):
+                    b0, b1, b2 = sos[b, s, 0], sos[b, s, 1], sos[b, s, 2]
+                    a1, a2 = sos[b, s, 4], sos[b, s, 5]
+                    y = b0 * xi + zi[b, s, 0, i]
+                    zi[b, s, 0, i] = b1 * xi - a1 * y + zi[b, s, 1, i]
+                    zi[b, s, 1, i] = b2 * xi - a2 * y
+                    xi = y
+                if held:
+                    p[i] = ema_zi[b, 0, i] / (1.0 - a)
+                else:
+                    sq = xi * xi
+                    y = a * sq + ema_zi[b, 0, i]
+                    ema_zi[b, 0, i] = 0.0 * sq - (a - 1.0) * y + ema_zi[b, 1, i]
+                    ema_zi[b, 1, i] = 0.0 * sq - 0.0 * y
+                    p[i] = y
+            for g in range(n_g):
+                acc = 0.0
+                for i in range(u):
+                    acc += p[i] * gm[i, g]
+                power[t, b, g] = acc
+
+
+_warm: list[bool] = []  # [True] once warm_up ran in this process
+
+
+def warm_up() -> None:
+    """Compile (first run on a machine) or load every kernel for the argument types the chain
+    passes, read-only raw data included (FileSource chunks are read-only views), so that no
+    chunk ever waits for the compiler. Once per process; the FeatureChain constructor calls it.
+    """
+    if _warm:
+        return
+    n, c = 3, 2
+    f64 = np.zeros((n, c))
+    ro = np.zeros((n, c))
+    ro.flags.writeable = False
+    sos = np.array([[1.0, 0.0, 0.0, 1.0, -0.5, 0.0]])
+    for raw in (f64, ro):
+        preprocess(
+            raw,
+            sos,
+            np.zeros((1, 2, c)),
+            np.arange(c, dtype=np.int64),
+            np.zeros(c),
+            np.empty((n, c)),
+            np.empty((n, c)),
+        )
+        for mask in (np.zeros((0, 0), dtype=bool), np.zeros((n, c), dtype=bool)):
+            artifacts(
+                raw,
+                f64,
+                f64,
+                mask,
+                np.full(4, np.nan),
+                np.stack([sos, sos]),
+                np.zeros((2, 1, 2, c)),
+                np.full(3, 0.5),
+                np.zeros((3, 2, c)),
+                0,
+                np.zeros((5, c), dtype=np.int64),
+                -1,
+                1,
+                np.zeros(c),
+                np.empty(n, dtype=bool),
+            )
+    for hold in (np.zeros(0, dtype=bool), np.zeros(n, dtype=bool)):
+        iir_bandpower(
+            f64,
+            np.arange(c, dtype=np.int64),
+            sos[None],
+            np.zeros((1, 1, 2, c)),
+            0.5,
+            np.zeros((1, 2, c)),
+            hold,
+            np.ones((c, 1)),
+            np.empty((n, 1, 1)),
+        )
+    sos_inplace(sos, f64.copy(), np.zeros((1, 2, c)))
+    _warm.append(True)
