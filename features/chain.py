@@ -40,6 +40,8 @@ from features.types import Label, State
 # Rate (Hz) at which stored calibration features enter the median / MAD.
 BASELINE_RATE_HZ = 100.0
 _NAN = float("nan")
+_LABELS = tuple(Label)  # label codes of kernels.decide
+_CODE = {lab: i for i, lab in enumerate(_LABELS)}
 
 
 class FeatureChain:
@@ -209,6 +211,12 @@ class FeatureChain:
         self._latest = np.full((len(self.band_names), len(self._groups)), _NAN)
         self._feat_now = np.full(len(self._feature_refs), _NAN)
         self._z_now = np.full(len(self._feature_refs), _NAN)
+        # kernels.decide's machine state, label changes and last-sample outputs
+        self._mst = np.zeros(7, dtype=np.int64)
+        self._mfst = np.zeros(3)
+        self._tr_idx = np.zeros(0, dtype=np.int64)
+        self._tr_code = np.zeros(0, dtype=np.int64)
+        self._latest_buf = np.full((len(self.band_names), len(self._groups)), _NAN)
         self._score_now = _NAN
         self._time_in_label: dict[str, float] = {lab.value: 0.0 for lab in Label}
         self._t_last = _NAN
@@ -382,23 +390,51 @@ class FeatureChain:
         bi, gi = self._feat_idx
         if m.label in (Label.UNCALIBRATED, Label.CALIBRATING):
             feats = to_output(power[-1], output)
-            self._feat_now = feats[bi, gi]
+            self._feat_now = np.ascontiguousarray(feats[bi, gi])
             self._z_now[:] = _NAN
             self._score_now = _NAN
+            self._latest = feats
         else:
             # k == n: the calibration finished on the last sample; score that sample without
             # stepping the label machine (it starts with the next sample)
-            rows = to_output(power[k:] if k < n else power[-1:], output)  # (rows, bands, groups)
-            feats = rows[-1]
-            fs = rows[:, bi, gi]  # (rows, n_features)
-            z = (fs - self._median) / self._scale
-            score = z @ self._weights
+            st, fst = self._mst, self._mfst
+            st[0], st[1], st[2], st[3] = (
+                _CODE[m.label],
+                m.above_n,
+                m.below_n,
+                _CODE[m.before_artifact],
+            )
+            st[4], st[5], st[6] = m.dwell_n, m.leave_dwell_n, m.resume
+            fst[0], fst[1], fst[2] = m.enter, m.leave, m.t_changed
+            if self._feat_now.base is not None:  # a view from the uncalibrated branch
+                self._feat_now = self._feat_now.copy()
+            n_tr, score = kernels.decide(
+                power,
+                min(k, n - 1),
+                k < n,
+                output == "log",
+                bi,
+                gi,
+                self._median,
+                self._scale,
+                self._weights,
+                art,
+                t,
+                st,
+                fst,
+                self._tr_idx if len(self._tr_idx) >= n else self._grow_tr(n),
+                self._tr_code,
+                self._latest_buf,
+                self._feat_now,
+                self._z_now,
+            )
             if k < n:
-                m.run(score, art[k:], t[k:])
-            self._feat_now = fs[-1]
-            self._z_now = z[-1]
-            self._score_now = float(score[-1])
-        self._latest = feats
+                m.label, m.above_n, m.below_n = _LABELS[st[0]], int(st[1]), int(st[2])
+                m.before_artifact, m.t_changed = _LABELS[st[3]], float(fst[2])
+                for i in range(n_tr):
+                    m.transitions.append((float(t[self._tr_idx[i]]), _LABELS[self._tr_code[i]]))
+            self._score_now = float(score)
+            self._latest = self._latest_buf
 
         t_last = float(t[-1])
         if self._t_last == self._t_last:  # not nan: account time per label
@@ -418,6 +454,12 @@ class FeatureChain:
             artifacts=self._art.reasons,
         )
         return self._state
+
+    def _grow_tr(self, n: int) -> np.ndarray:
+        """Room for n label changes (the first chunk of each larger size allocates)."""
+        self._tr_idx = np.zeros(n, dtype=np.int64)
+        self._tr_code = np.zeros(n, dtype=np.int64)
+        return self._tr_idx
 
     def _collect(self, x: np.ndarray | None, art: np.ndarray, power: np.ndarray) -> int:
         """Store calibration samples (features of `power` (n, n_bands, n_groups), flags, and

@@ -154,7 +154,7 @@ def artifacts(  # pragma: no cover - compiled
                         p0 = y
                     else:
                         p1 = y
-                ratio = p0 / (p1 if p1 > 1e-30 else 1e-30)
+                ratio = p0 / (1e-30 if p1 < 1e-30 else p1)  # np.maximum: nan kept
                 if t == n - 1:
                     ratio_out[j] = ratio
                 if ratio > mus:
@@ -207,6 +207,133 @@ def iir_bandpower(x, cols, sos, zi, a, ema_zi, hold, gm, power):  # pragma: no c
                 for i in range(u):
                     acc += p[i] * gm[i, g]
                 power[t, b, g] = acc
+
+
+POWER_FLOOR_V2 = 1e-30  # = features.bandpower.POWER_FLOOR_V2
+
+
+@njit(**_OPTS)
+def _floor(p):  # pragma: no cover - compiled
+    """np.maximum(p, POWER_FLOOR_V2), nan kept."""
+    return POWER_FLOOR_V2 if p < POWER_FLOOR_V2 else p
+
+
+# Label codes of `decide` (the order of features.types.Label)
+UNCALIBRATED, CALIBRATING, ARTIFACT, NON_TARGET, TARGET = 0, 1, 2, 3, 4
+
+
+@njit(**_OPTS)
+def decide(  # pragma: no cover - compiled
+    power,
+    start,
+    run_machine,
+    log_out,
+    bi,
+    gi,
+    median,
+    scale,
+    weights,
+    art,
+    t,
+    st,
+    fst,
+    tr_idx,
+    tr_code,
+    latest,
+    feat_now,
+    z_now,
+):
+    """Features, robust z, score and the label machine over samples start.. of one block.
+
+    power (n, n_bands, n_groups) V²; log_out: log10 power, else relative power; bi, gi (n_f,)
+    band and group of each score feature; median, scale, weights (n_f,). run_machine: step the
+    label machine (`features.state.LabelMachine.run`, the same rules) over art (n,) bool and
+    t (n,) stream s; its state st = [label, above_n, below_n, before_artifact, dwell_n,
+    leave_dwell_n, resume] (int64, updated), fst = [enter, leave, t_changed] (updated).
+    Label changes go to tr_idx / tr_code (n,); latest (n_bands, n_groups), feat_now and z_now
+    (n_f,) get the last sample's values. Returns (number of label changes, last score).
+    """
+    n, n_b, n_g = power.shape
+    n_f = bi.shape[0]
+    label, above, below, before = st[0], st[1], st[2], st[3]
+    dwell_n, leave_dwell_n, resume = st[4], st[5], st[6]
+    enter, leave = fst[0], fst[1]
+    n_tr = 0
+    score = np.nan
+    for i in range(start, n):
+        score = 0.0
+        for f in range(n_f):
+            b, g = bi[f], gi[f]
+            p = power[i, b, g]
+            if log_out:
+                v = np.log10(_floor(p))
+            else:
+                tot = 0.0
+                for bb in range(n_b):
+                    tot += power[i, bb, g]
+                v = p / _floor(tot)
+            z = (v - median[f]) / scale[f]
+            score += z * weights[f]
+            if i == n - 1:
+                feat_now[f] = v
+                z_now[f] = z
+        if not run_machine:
+            continue
+        if art[i]:
+            above = 0
+            below = 0
+            if label != ARTIFACT:
+                before = label
+                label = ARTIFACT
+                fst[2] = t[i]
+                tr_idx[n_tr] = i
+                tr_code[n_tr] = label
+                n_tr += 1
+            continue
+        if label == ARTIFACT:
+            label = TARGET if resume and before == TARGET and score >= leave else NON_TARGET
+            fst[2] = t[i]
+            tr_idx[n_tr] = i
+            tr_code[n_tr] = label
+            n_tr += 1
+            continue
+        if label == NON_TARGET:
+            if score > enter:
+                above += 1
+                if above >= dwell_n:
+                    label = TARGET
+                    above = 0
+                    below = 0
+                    fst[2] = t[i]
+                    tr_idx[n_tr] = i
+                    tr_code[n_tr] = label
+                    n_tr += 1
+            else:
+                above = 0
+        elif score < leave:
+            below += 1
+            if below >= leave_dwell_n:
+                label = NON_TARGET
+                above = 0
+                below = 0
+                fst[2] = t[i]
+                tr_idx[n_tr] = i
+                tr_code[n_tr] = label
+                n_tr += 1
+        else:
+            below = 0
+    for b in range(n_b):
+        for g in range(n_g):
+            p = power[n - 1, b, g]
+            if log_out:
+                latest[b, g] = np.log10(_floor(p))
+            else:
+                tot = 0.0
+                for bb in range(n_b):
+                    tot += power[n - 1, bb, g]
+                latest[b, g] = p / _floor(tot)
+    st[0], st[1], st[2], st[3] = label, above, below, before
+    return n_tr, score
 
 
 _warm: list[bool] = []  # [True] once warm_up ran in this process
@@ -265,4 +392,28 @@ def warm_up() -> None:
             np.empty((n, 1, 1)),
         )
     sos_inplace(sos, f64.copy(), np.zeros((1, 2, c)))
+    i1, f1 = np.zeros(1, dtype=np.int64), np.zeros(1)
+    t_ro = np.zeros(n)
+    t_ro.flags.writeable = False  # FileSource timestamps are read-only views
+    for run, t in ((True, np.zeros(n)), (False, np.zeros(n)), (True, t_ro)):
+        decide(
+            np.ones((n, 1, 1)),
+            0,
+            run,
+            True,
+            i1,
+            i1,
+            f1,
+            f1 + 1,
+            f1,
+            np.zeros(n, dtype=bool),
+            t,
+            np.array([3, 0, 0, 3, 1, 1, 1]),
+            np.zeros(3),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=np.int64),
+            np.zeros((1, 1)),
+            np.zeros(1),
+            np.zeros(1),
+        )
     _warm.append(True)

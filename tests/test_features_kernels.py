@@ -1,0 +1,84 @@
+"""Compiled kernels (features/kernels.py) against their reference implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import signal
+
+from features import kernels
+from features.bandpower import to_output
+from features.state import LabelMachine
+from features.types import Label
+
+LABELS = tuple(Label)
+
+
+def test_sos_kernel_equals_scipy_bit_for_bit():
+    sos = signal.butter(2, [4, 8], "bandpass", fs=500.0, output="sos")
+    x = np.random.default_rng(0).standard_normal((300, 5))
+    zi = np.zeros((len(sos), 2, 5))
+    got = x.copy()
+    for i in range(0, 300, 7):  # any chunking
+        blk = np.ascontiguousarray(got[i : i + 7])
+        kernels.sos_inplace(sos, blk, zi)
+        got[i : i + 7] = blk
+    np.testing.assert_array_equal(got, signal.sosfilt(sos, x, axis=0))
+
+
+@pytest.mark.parametrize(("dwell_n", "leave_dwell_n", "resume"), [(1, 1, True), (5, 3, False)])
+def test_decide_runs_the_label_machine_rules(dwell_n, leave_dwell_n, resume):
+    """kernels.decide steps the same machine as LabelMachine.run, sample for sample."""
+    rng = np.random.default_rng(dwell_n)
+    n, n_b, n_g = 4000, 3, 2
+    # powers whose log score wanders across enter / leave, with artifact bursts and a nan
+    power = 10.0 ** (rng.standard_normal((n, n_b, n_g)).cumsum(axis=0) * 0.05 - 11.0)
+    art = np.zeros(n, dtype=bool)
+    for s in rng.integers(0, n - 50, 12):
+        art[s : s + rng.integers(1, 40)] = True
+    t = 100.0 + np.arange(n) / 500.0
+    bi, gi = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int64)
+    median, scale, weights = np.array([-11.0, -11.0]), np.array([0.3, 0.4]), np.array([1.0, -0.5])
+    enter, leave = 0.8, -0.2
+
+    ref = LabelMachine(enter, leave, dwell_n, leave_dwell_n, resume)
+    ref.set(Label.NON_TARGET, t[0])
+    fs = to_output(power, "log")[:, bi, gi]
+    score = ((fs - median) / scale) @ weights
+    ref_changes = []
+    st = np.array([3, 0, 0, 3, dwell_n, leave_dwell_n, resume], dtype=np.int64)
+    fst = np.array([enter, leave, t[0]])
+    got_changes = []
+    tr_idx, tr_code = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    latest, feat, z = np.zeros((n_b, n_g)), np.zeros(2), np.zeros(2)
+    for i in range(0, n, 37):
+        sl = slice(i, i + 37)
+        ref.transitions.clear()
+        ref.run(score[sl], art[sl], t[sl])
+        ref_changes += ref.transitions
+        m = len(t[sl])
+        n_tr, last = kernels.decide(
+            np.ascontiguousarray(power[sl]), 0, True, True, bi, gi, median, scale, weights,
+            art[sl], t[sl], st, fst, tr_idx, tr_code, latest, feat, z,
+        )  # fmt: skip
+        got_changes += [(t[sl][tr_idx[j]], LABELS[tr_code[j]]) for j in range(n_tr)]
+        assert last == pytest.approx(score[sl][-1], rel=1e-12)
+        np.testing.assert_allclose(latest, to_output(power[sl][m - 1], "log"), rtol=1e-14)
+        assert LABELS[st[0]] is ref.label
+        assert (st[1], st[2]) == (ref.above_n, ref.below_n)
+        assert fst[2] == ref.t_changed
+    assert len(ref_changes) > 20  # the sequence exercises the machine
+    assert {lab for _, lab in ref_changes} >= {Label.TARGET, Label.NON_TARGET, Label.ARTIFACT}
+    assert got_changes == ref_changes
+
+
+def test_decide_relative_output_and_nan_power():
+    power = np.array([[[1.0], [3.0]], [[np.nan], [2.0]]])  # (2 samples, 2 bands, 1 group)
+    i1 = np.zeros(1, dtype=np.int64)
+    latest, feat, z = np.zeros((2, 1)), np.zeros(1), np.zeros(1)
+    st = np.array([3, 0, 0, 3, 1, 1, 1], dtype=np.int64)
+    args = (i1, i1, np.zeros(1), np.ones(1), np.ones(1), np.zeros(2, dtype=bool), np.zeros(2))
+    kernels.decide(power[:1], 0, False, False, *args, st, np.zeros(3), i1, i1, latest, feat, z)
+    np.testing.assert_allclose(latest[:, 0], [0.25, 0.75])
+    kernels.decide(power, 0, False, True, *args, st, np.zeros(3), i1, i1, latest, feat, z)
+    np.testing.assert_array_equal(latest, to_output(power[-1], "log"))  # nan stays nan
