@@ -21,10 +21,12 @@ SCREENSHOT_CALIBRATION_S = 10.0  # short baseline so a pulse fires within ~35 s 
 SCREENSHOT_TIMEOUT_S = 120.0  # give up waiting for a pulse after this long (wall clock)
 SCREENSHOT_AFTER_PULSE_S = 4.0  # let the raster and traces move on a little after the pulse
 SCREENSHOT_SIZE = (1600, 1000)
-# GIL switch interval while the console runs (Python's default is 5 ms). When the acquisition
-# thread's pull returns while the GUI thread holds the GIL, it waits up to this long (plus the
-# GUI's current C++ call) before it can even stamp the chunk. `python -m gui.bench`, 64 ch at
-# 1 kHz, loaded 2-core machine: decision latency p99 11.2 ms at 0.5 ms vs 13.4 ms at 5 ms.
+# GIL switch interval while the console runs (Python's default is 5 ms). Matters only when the
+# session runs in a thread of this process (gui.runner.SessionRunner; the console's default
+# ProcessRunner keeps the loop in its own process): there, an acquisition thread whose pull
+# returns while the GUI thread holds the GIL waits up to this long (plus the GUI's current C++
+# call). `python -m gui.bench`, 64 ch at 1 kHz, loaded 2-core machine, thread runner: decision
+# latency p99 11.2 ms at 0.5 ms vs 13.4 ms at 5 ms.
 GUI_SWITCH_INTERVAL_S = 0.0005
 
 

@@ -19,23 +19,26 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import mne
 import numpy as np
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from pylsl import local_clock
+
 from closedloop.config import SessionConfig, apply_overrides
 from closedloop.demo import start_replayer
-from gui.model import latency_samples_ms
-from gui.runner import SessionRunner, make_lsl_source
+from gui.procrunner import ProcessRunner
+from gui.runner import SessionRunner, SourceSpec
 
 N_CHANNELS = 64
 SFREQ = 1000.0
+COMMAND_PROBE_MS = 500  # a DISARM round trip this often during each run (after calibration)
 NAMES = ["Fz", "FCz", "Pz", "O1", "Oz", "O2"] + [f"E{i:02d}" for i in range(N_CHANNELS - 6)]
 
 
@@ -67,12 +70,33 @@ def config_for(name: str, seconds: float) -> SessionConfig:
     )
 
 
-def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: Path) -> dict:
+def _command_probe(runner: Any, samples: list[tuple[float, float]], name: str = "disarm") -> None:
+    """One command to the session; appends (call -> effect, round trip) in ms."""
+    t0 = local_clock()
+    if name == "emergency_stop":
+        runner.session.emergency_stop("bench")
+    else:
+        runner.session.disarm("bench command probe")
+    t1 = local_clock()
+    last = getattr(runner.session, "last_command_ms", None)
+    if last is not None and last[0] == name:  # child process: effect time from its clock
+        samples.append((last[1], last[2]))
+    else:  # same process: the call returns once the interlock is disarmed
+        samples.append((1e3 * (t1 - t0), 1e3 * (t1 - t0)))
+
+
+def run_once(
+    recording: Path, seconds: float, gui: bool, process: bool, switch_s: float, out: Path
+) -> dict:
+    """One session on a fresh replayer; decision latency and command latency figures."""
     name = f"clbench-{uuid.uuid4().hex[:8]}"
     replayer = start_replayer(recording, name, name, speed=1.0, loop="forever")
     sys.setswitchinterval(switch_s)
     cfg = config_for(name, seconds)
+    runner_class = ProcessRunner if process else SessionRunner
     ticks: list[float] = []
+    commands: list[tuple[float, float]] = []
+    estop: list[tuple[float, float]] = []
     frames_per_s = float("nan")
     try:
         if gui:
@@ -82,32 +106,51 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
             from gui.window import ConsoleWindow
 
             app = _app()
-            win = ConsoleWindow(cfg, out_root=out, list_streams=lambda _t: [])
+            win = ConsoleWindow(
+                cfg, out_root=out, list_streams=lambda _t: [], runner_class=runner_class
+            )
             win.resize(1600, 1000)
             win.show()
             runner = win.start_session()
-            done = threading.Event()
+            t_start = time.monotonic()
 
             def check() -> None:
+                elapsed = time.monotonic() - t_start
+                if runner.ready and elapsed > 15.0:
+                    if elapsed < seconds - 5.0:
+                        _command_probe(runner, commands)
+                    elif not estop:
+                        _command_probe(runner, estop, "emergency_stop")
                 if not runner.running:
-                    done.set()
                     app.quit()
 
             poll = QtCore.QTimer()
             poll.timeout.connect(check)
-            poll.start(200)
+            poll.start(COMMAND_PROBE_MS)
             app.exec()
             poll.stop()
             ticks = list(win.tick_durations_ms)
             frames_per_s = len(ticks) / max(seconds, 1e-9)
-            session = runner.session
-            lat = latency_samples_ms(session.pipeline)
+            lat = runner.latency_samples()
             win.close()
         else:
-            runner = SessionRunner(cfg, make_lsl_source(cfg), out_root=out).start()
+            runner = runner_class(cfg, SourceSpec(), out_root=out).start()
+            t_start = time.monotonic()
             while runner.running:
-                time.sleep(0.2)
-            lat = latency_samples_ms(runner.session.pipeline)
+                time.sleep(COMMAND_PROBE_MS / 1e3)
+                if isinstance(runner, ProcessRunner):
+                    runner.poll()
+                elapsed = time.monotonic() - t_start
+                if runner.ready and elapsed > 15.0 and runner.running:
+                    if elapsed < seconds - 5.0:
+                        _command_probe(runner, commands)
+                    elif not estop:
+                        _command_probe(runner, estop, "emergency_stop")
+            if isinstance(runner, ProcessRunner):
+                runner.wait(10.0)
+            lat = runner.latency_samples()
+        if runner.error is not None:
+            raise RuntimeError(f"bench session failed: {runner.error_text}")
     finally:
         sys.setswitchinterval(0.005)
         replayer.terminate()
@@ -117,6 +160,8 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
             replayer.kill()
     p50, p99 = np.percentile(lat, [50, 99]) if lat.size else (np.nan, np.nan)
     tk = np.asarray(ticks)
+    cmd = np.asarray(commands).reshape(-1, 2)
+    est = np.asarray(estop).reshape(-1, 2)
     return {
         "chunks": int(lat.size),
         "p50_ms": float(p50),
@@ -125,7 +170,21 @@ def run_once(recording: Path, seconds: float, gui: bool, switch_s: float, out: P
         "tick_p50_ms": float(np.percentile(tk, 50)) if tk.size else np.nan,
         "tick_p99_ms": float(np.percentile(tk, 99)) if tk.size else np.nan,
         "frames_per_s": frames_per_s,
+        "n_commands": int(cmd.shape[0]),
+        "cmd_effect_p50_ms": float(np.median(cmd[:, 0])) if cmd.size else np.nan,
+        "cmd_effect_max_ms": float(cmd[:, 0].max()) if cmd.size else np.nan,
+        "cmd_roundtrip_p50_ms": float(np.median(cmd[:, 1])) if cmd.size else np.nan,
+        "estop_effect_ms": float(est[0, 0]) if est.size else np.nan,
+        "estop_roundtrip_ms": float(est[0, 1]) if est.size else np.nan,
     }
+
+
+RUNS = {  # name: (window, session in a child process, GIL switch interval in this process)
+    "headless": (False, False, 0.005),
+    "headless_process": (False, True, 0.005),
+    "gui_thread": (True, False, None),
+    "gui": (True, True, None),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,27 +192,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40.0, help="stream seconds per run")
     parser.add_argument(
         "--runs",
-        default="headless,gui,gui_default_switch",
-        help="comma-separated: headless, gui, gui_default_switch",
+        default="headless,gui,headless_process,gui_thread",
+        help=f"comma-separated, of: {', '.join(RUNS)}",
     )
     args = parser.parse_args(argv)
     from gui.app import GUI_SWITCH_INTERVAL_S
 
     with tempfile.TemporaryDirectory(prefix="clbench-") as tmp:
         rec = write_recording(Path(tmp) / "bench_64ch_1khz_raw.fif", 60.0)
-        settings = {
-            "headless": (False, 0.005),
-            "gui": (True, GUI_SWITCH_INTERVAL_S),
-            "gui_default_switch": (True, 0.005),
-        }
         for run in args.runs.split(","):
-            gui, switch = settings[run]
-            r = run_once(rec, args.seconds, gui, switch, Path(tmp))
+            gui, process, switch = RUNS[run]
+            switch = GUI_SWITCH_INTERVAL_S if switch is None else switch
+            r = run_once(rec, args.seconds, gui, process, switch, Path(tmp))
             print(
-                f"{run:<20} switch {switch * 1e3:4.1f} ms  chunks {r['chunks']:5d}  latency "
-                f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms"
+                f"{run:<17} chunks {r['chunks']:5d}  latency p50 {r['p50_ms']:.3f} ms  "
+                f"p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms  |  "
+                f"DISARM x{r['n_commands']} call->disarmed p50 {r['cmd_effect_p50_ms']:.2f} ms "
+                f"max {r['cmd_effect_max_ms']:.2f} ms (round trip p50 "
+                f"{r['cmd_roundtrip_p50_ms']:.2f} ms)  E-STOP call->disarmed "
+                f"{r['estop_effect_ms']:.2f} ms"
                 + (
-                    f"  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
+                    f"  |  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
                     f"  ~{r['frames_per_s']:.0f} frames/s"
                     if gui
                     else ""

@@ -115,3 +115,28 @@ def test_model_calibration_thresholds_and_estop():
     m.apply([_ev("emergency_stop", source="mqtt")])
     assert m.estopped
     assert "EMERGENCY STOP" in m.banner.text
+
+
+def test_scope_reader_on_the_writers_buffer_sees_samples_and_state():
+    """The console attaches a second Scope to the session process's buffer (shared memory)."""
+    names, feats = ("c0", "c1", "c2"), ("a", "b")
+    size = Scope.buffer_size(len(names), 100.0, len(feats), seconds=1.0)
+    buf = bytearray(size)
+    writer = Scope(names, 100.0, feats, seconds=1.0, buffer=buf)
+    reader = Scope(names, 100.0, feats, seconds=1.0, buffer=buf, init=False)
+    assert reader.n_samples == 0
+    assert reader.last_state is None
+    for k in range(40):
+        label = Label.TARGET if k == 39 else Label.NON_TARGET
+        writer(_chunk(10 * k, 10, t_arrival=7.0 + k), _state(0.1 * k, label, score=k))
+    assert (reader.n_samples, reader.n_decisions) == (400, 40)
+    assert reader.last_arrival == 46.0
+    np.testing.assert_array_equal(reader.samples(1.0).data, writer.samples(1.0).data)
+    np.testing.assert_array_equal(reader.decisions(1.0).features, writer.decisions(1.0).features)
+    st = reader.last_state  # rebuilt from the buffer's scalar fields
+    assert st.label is Label.TARGET
+    assert st.score == 39
+    assert st.t_stream == pytest.approx(3.9)
+    assert writer.last_state is not st  # the writer keeps its own State object
+    with pytest.raises(ValueError, match="scope buffer"):
+        Scope(names, 100.0, feats, seconds=1.0, buffer=bytearray(size - 1))
