@@ -178,10 +178,13 @@ class Pipeline:
         if n == 0:
             return (float("nan"),) * 3
         lat = self._latency_ms[:n]
-        if not np.isfinite(lat).any():  # e.g. only chunks without an arrival time
+        lat = lat[np.isfinite(lat)]  # a chunk without t_arrival gives nan
+        if lat.size == 0:  # e.g. only chunks without an arrival time
             return (float("nan"),) * 3
-        p50, p99 = np.nanpercentile(lat, [50, 99])  # a chunk without t_arrival gives nan
-        return float(p50), float(p99), float(np.nanmax(lat))
+        # np.percentile of the finite values = np.nanpercentile, at 60 µs instead of 400 µs for
+        # the full ring (offline sessions ask twice per stream second)
+        p50, p99 = np.percentile(lat, [50, 99])
+        return float(p50), float(p99), float(lat.max())
 
     def close(self, reason: str = "session ended") -> None:
         """Disarm first (with the reason), then close outputs, then flush the audit log."""

@@ -477,22 +477,28 @@ class FeatureChain:
         while i < n:
             space = cap - self._cal_len
             take = min(n - i, space)
-            clean = ~art[i : i + take]
-            pos = self._cal_len + np.arange(take)
-            counted = clean & (pos >= self._settle_n)
-            cum = self._cal_clean + np.cumsum(counted)
-            hit = np.flatnonzero(cum >= need)
-            if hit.size:
-                take = int(hit[0]) + 1
+            a = art[i : i + take]
+            # samples of this slice still inside the settle time do not count
+            skip = min(take, max(0, self._settle_n - self._cal_len))
+            counted_n = take - skip - int(np.count_nonzero(a[skip:]))
+            hit = self._cal_clean + counted_n >= need
+            if hit:  # the sample that completes the baseline is in this slice: find it
+                counted = ~a
+                counted[:skip] = False
+                cum = self._cal_clean + np.cumsum(counted)
+                take = int(np.flatnonzero(cum >= need)[0]) + 1
+                clean_after = int(cum[take - 1])
+            else:
+                clean_after = self._cal_clean + counted_n
             j = self._cal_len
             self._cal_f[j : j + take] = feats[i : i + take]
             if keep_x:
                 self._cal_x[j : j + take] = x[i : i + take]
             self._cal_art[j : j + take] = art[i : i + take]
             self._cal_len += take
-            self._cal_clean = int(cum[take - 1]) if take else self._cal_clean
+            self._cal_clean = clean_after
             i += take
-            if hit.size:
+            if hit:
                 self._calibrating = False
                 return i
             if self._cal_len >= cap:  # buffer full: finish with half, else start over
