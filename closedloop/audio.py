@@ -41,12 +41,14 @@ UNSUPPORTED_FORMAT_MESSAGE = (
     "guided audio must be WAV, OGG (Vorbis), MP3 or FLAC (what miniaudio decodes); convert "
     "other formats first (e.g. ffmpeg -i in.m4a out.ogg)"
 )
-# Device period (frames asked per callback). Measured on a PulseAudio 16 null sink recorded
-# back (tests/test_audio_device.py, 2 cores, also with both busy): update -> rendered p50 3-6 ms,
-# p99 < 10 ms; update -> chime onset heard on the monitor 5-16 ms (capture path included); no
-# dropout. A real sound card adds its own buffer (PulseAudio on ALSA: typically 20-50 ms).
-# Cost: rendering one 10 ms block takes 50 us (sine) to 80 us (noise) of Python/numpy on the
-# device's thread, i.e. < 1 % of the GIL beside the acquisition thread.
+# Default device period (frames asked per callback; audio.period_ms). Measured on a PulseAudio
+# 16 null sink recorded back (tests/test_audio_device.py, 2 cores): update -> rendered p50
+# 3-6 ms, p99 < 10 ms; update -> chime onset heard on the monitor 5-16 ms (capture path
+# included); no dropout at moderate load. A real sound card adds its own buffer (PulseAudio on
+# ALSA: typically 20-50 ms). Cost: rendering one 10 ms block takes 50 us (sine) to 80 us
+# (noise) of Python/numpy on the device's thread, < 1 % of the GIL beside the acquisition
+# thread. With the 2 cores overloaded by other work (load 5-7) a 10 ms callback was late often
+# enough to lose 3-13 % of the blocks (dropouts); 20-40 ms lost 0-5 %: raise period_ms there.
 DEVICE_PERIOD_MS = 10
 GUIDED_PERIOD_MS = 40  # a recording needs no low latency: larger periods, fewer wake-ups
 LATENCY_RING = 4096  # update -> rendered latencies kept for percentiles
@@ -123,6 +125,14 @@ class AudioSettings(_Strict):
         "`python -m closedloop.audio` (case-insensitive); also used by guided audio",
     )
     sample_rate_hz: int = Field(22050, ge=8000, le=96000, description="synthesis sample rate")
+    period_ms: int = Field(
+        DEVICE_PERIOD_MS,
+        ge=5,
+        le=100,
+        description="device only: audio rendered per callback (ms). Smaller follows the score "
+        "sooner; larger survives a busy CPU without dropouts (10: 5-16 ms score to sound on "
+        "a null sink)",
+    )
     wav_name: str = Field(
         "feedback_audio.wav",
         pattern=r"^[A-Za-z0-9_.-]+\.wav$",
@@ -223,6 +233,16 @@ def _open_playback(name: str, channels: int, sample_rate_hz: int, period_ms: int
         )
     except ma.MiniaudioError as exc:
         raise AudioError(f"could not open audio output: {exc}") from exc
+
+
+def _start(device, generator) -> None:
+    """Start a miniaudio device; on failure close it and raise AudioError."""
+    ma = _miniaudio()
+    try:
+        device.start(generator)
+    except ma.MiniaudioError as exc:
+        device.close()
+        raise AudioError(f"could not start audio output: {exc}") from exc
 
 
 # ---- synthesis -------------------------------------------------------------------------------
@@ -375,7 +395,7 @@ class WavFeedbackAudio:
 class DeviceFeedbackAudio:
     """Streams the feedback sound to an audio output in real time (a miniaudio playback callback).
 
-    The device's own thread asks for one period (DEVICE_PERIOD_MS) of frames at a time and the
+    The device's own thread asks for one period (`audio.period_ms`) of frames at a time and the
     generator renders them right then with the newest feedback value, read through `poll()`
     straight from the feedback ring (not via the writer's 50 ms drain), so the sound lags the
     score by the rendering wait plus the device buffer only. A rise in poll's entry count starts a
@@ -406,14 +426,14 @@ class DeviceFeedbackAudio:
         self._lat_ms = np.full(LATENCY_RING, np.nan)
         self.n_latencies = 0
         self._device = _open_playback(
-            audio.device, 1, self.sr, DEVICE_PERIOD_MS, "closedloop feedback"
+            audio.device, 1, self.sr, audio.period_ms, "closedloop feedback"
         )
         self.backend: str = self._device.backend
         gen = self._generate()
         next(gen)
         self.t_opened = clock()
         self.t_closed = math.nan
-        self._device.start(gen)
+        _start(self._device, gen)
 
     def _generate(self):
         """miniaudio callback generator: receives a frame count, yields that many int16 frames."""
@@ -603,7 +623,7 @@ class _DevicePlayer:
         self.paused = False
         gen = self._generate()
         next(gen)
-        self._device.start(gen)
+        _start(self._device, gen)
 
     def suspend(self) -> None:
         self.paused = True

@@ -5,7 +5,7 @@ acquisition thread after every decision (Pipeline.taps) and only does cheap thin
 map the score (or look the value up in a sham trace), push one LSL sample, write one row of a
 preallocated ring. A writer thread drains the ring every WRITER_PERIOD_S into `feedback.csv`
 and the WAV renderer; an audio device's thread and the participant window read the newest row
-themselves (the device every DEVICE_PERIOD_MS, the window on its own QTimer).
+themselves (the device every `audio.period_ms`, the window on its own QTimer).
 
 Feedback value: v = clip((ema(score) - lo) / (hi - lo), 0, 1), ema an exponential moving average
 with time constant `smoothing_s` in stream seconds (so replay at any speed or chunk size gives
