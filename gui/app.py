@@ -15,6 +15,7 @@ from PySide6 import QtWidgets
 from closedloop.config import SessionConfig, apply_overrides
 from closedloop.demo import BUNDLED, demo_config, has_display, start_replayer
 from closedloop.errors import UserError
+from gui.procrunner import yield_cpu_to_sessions
 from gui.window import ConsoleWindow
 
 SCREENSHOT_CALIBRATION_S = 10.0  # short baseline so a pulse fires within ~35 s of replay
@@ -57,6 +58,7 @@ def run_gui(
             "`closedloop gui --screenshot PATH` (or QT_QPA_PLATFORM=offscreen)"
         )
     sys.setswitchinterval(GUI_SWITCH_INTERVAL_S)
+    yield_cpu_to_sessions()  # drawing yields the CPU to the session process
     win = ConsoleWindow(config, out_root=out_root, arm_action=arm_action)
     win.show()
     if autostart:

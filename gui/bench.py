@@ -33,7 +33,7 @@ from pylsl import local_clock
 
 from closedloop.config import SessionConfig, apply_overrides
 from closedloop.demo import start_replayer
-from gui.procrunner import ProcessRunner
+from gui.procrunner import ProcessRunner, yield_cpu_to_sessions
 from gui.runner import SessionRunner, SourceSpec
 
 N_CHANNELS = 64
@@ -86,7 +86,13 @@ def _command_probe(runner: Any, samples: list[tuple[float, float]], name: str = 
 
 
 def run_once(
-    recording: Path, seconds: float, gui: bool, process: bool, switch_s: float, out: Path
+    recording: Path,
+    seconds: float,
+    gui: bool,
+    process: bool,
+    switch_s: float,
+    out: Path,
+    nice: bool = False,
 ) -> dict:
     """One session on a fresh replayer; decision latency and command latency figures."""
     name = f"clbench-{uuid.uuid4().hex[:8]}"
@@ -106,6 +112,8 @@ def run_once(
             from gui.window import ConsoleWindow
 
             app = _app()
+            if nice:  # as `closedloop gui` does
+                yield_cpu_to_sessions()
             win = ConsoleWindow(
                 cfg, out_root=out, list_streams=lambda _t: [], runner_class=runner_class
             )
@@ -179,11 +187,12 @@ def run_once(
     }
 
 
-RUNS = {  # name: (window, session in a child process, GIL switch interval in this process)
-    "headless": (False, False, 0.005),
-    "headless_process": (False, True, 0.005),
-    "gui_thread": (True, False, None),
-    "gui": (True, True, None),
+RUNS = {  # name: (window, session in a child process, GUI nice, GIL switch interval here)
+    "headless": (False, False, False, 0.005),
+    "headless_process": (False, True, False, 0.005),
+    "gui_thread": (True, False, False, None),
+    "gui_process_nice0": (True, True, False, None),
+    "gui": (True, True, True, None),
 }
 
 
@@ -192,33 +201,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40.0, help="stream seconds per run")
     parser.add_argument(
         "--runs",
-        default="headless,gui,headless_process,gui_thread",
+        default="headless,gui,headless_process,gui_thread,gui_process_nice0",
         help=f"comma-separated, of: {', '.join(RUNS)}",
     )
+    parser.add_argument("--recording", type=Path, help=argparse.SUPPRESS)  # one run, in a child
     args = parser.parse_args(argv)
-    from gui.app import GUI_SWITCH_INTERVAL_S
+    if args.recording is not None:  # one run in this (fresh) process
+        from gui.app import GUI_SWITCH_INTERVAL_S
 
+        (run,) = args.runs.split(",")
+        gui, process, nice, switch = RUNS[run]
+        switch = GUI_SWITCH_INTERVAL_S if switch is None else switch
+        out = args.recording.parent
+        r = run_once(args.recording, args.seconds, gui, process, switch, out, nice)
+        print(
+            f"{run:<17} chunks {r['chunks']:5d}  latency p50 {r['p50_ms']:.3f} ms  "
+            f"p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms  |  "
+            f"DISARM x{r['n_commands']} call->disarmed p50 {r['cmd_effect_p50_ms']:.2f} ms "
+            f"max {r['cmd_effect_max_ms']:.2f} ms (round trip p50 "
+            f"{r['cmd_roundtrip_p50_ms']:.2f} ms)  E-STOP call->disarmed "
+            f"{r['estop_effect_ms']:.2f} ms"
+            + (
+                f"  |  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
+                f"  ~{r['frames_per_s']:.0f} frames/s"
+                if gui
+                else ""
+            ),
+            flush=True,
+        )
+        return 0
     with tempfile.TemporaryDirectory(prefix="clbench-") as tmp:
         rec = write_recording(Path(tmp) / "bench_64ch_1khz_raw.fif", 60.0)
         for run in args.runs.split(","):
-            gui, process, switch = RUNS[run]
-            switch = GUI_SWITCH_INTERVAL_S if switch is None else switch
-            r = run_once(rec, args.seconds, gui, process, switch, Path(tmp))
-            print(
-                f"{run:<17} chunks {r['chunks']:5d}  latency p50 {r['p50_ms']:.3f} ms  "
-                f"p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.1f} ms  |  "
-                f"DISARM x{r['n_commands']} call->disarmed p50 {r['cmd_effect_p50_ms']:.2f} ms "
-                f"max {r['cmd_effect_max_ms']:.2f} ms (round trip p50 "
-                f"{r['cmd_roundtrip_p50_ms']:.2f} ms)  E-STOP call->disarmed "
-                f"{r['estop_effect_ms']:.2f} ms"
-                + (
-                    f"  |  tick p50 {r['tick_p50_ms']:.1f} ms p99 {r['tick_p99_ms']:.1f} ms"
-                    f"  ~{r['frames_per_s']:.0f} frames/s"
-                    if gui
-                    else ""
-                ),
-                flush=True,
-            )
+            if run not in RUNS:
+                parser.error(f"unknown run {run!r}; known: {', '.join(RUNS)}")
+            # each run in a fresh process: a GUI nice or switch interval never leaks into the next
+            cmd = [sys.executable, "-m", "gui.bench", "--runs", run, "--seconds", str(args.seconds)]
+            subprocess.run([*cmd, "--recording", str(rec)], check=True)
     return 0
 
 
