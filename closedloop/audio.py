@@ -182,7 +182,8 @@ def _backends() -> list:
 def _find_output(name: str = "") -> tuple[object, dict] | None:
     """(backend, device info) of the output to use: the system default ('' -> the first working
     backend's default, info {}) or the first whose name contains `name` (case-insensitive);
-    None without any. miniaudio does not autospawn a PulseAudio server (checked: no process)."""
+    None without any. Probing never starts a sound server: miniaudio's context leaves
+    PulseAudio's autospawn off (pulse.tryAutoSpawn defaults to false)."""
     ma = _miniaudio()
     for backend in _backends():
         try:
