@@ -1,15 +1,34 @@
 """Decision latency with and without the console: `python -m gui.bench [--seconds 40]`.
 
 A replayer process streams a synthetic 64-channel 1 kHz recording (10-sample chunks) over LSL;
-the same session config runs (1) headless in a thread, (2) with the console window drawing all
-64 channels (offscreen Qt), and (3) the same with Python's default GIL switch interval. Prints
-decision latency p50/p99/max (ms) of each run and the console's tick time.
+the same session config runs, each case in a fresh Python process:
+  headless           Session in a thread, no window (what `closedloop run` does)
+  headless_process   Session in the console's child process (gui/procrunner.py), no window
+  gui                the console window drawing all 64 channels (offscreen Qt), session in its
+                     child process, GUI thread at nice +10: what `closedloop gui` does now
+  gui_process_nice0  the same without the nice
+  gui_thread         the window with the session in a thread of the GUI process (the before)
+Prints decision latency p50/p99/max (ms) of each run; the time from a DISARM call to the
+interlock disarmed in the session (one every 0.5 s after calibration) and of one EMERGENCY STOP
+at the end (process runner: the child's local_clock() at the effect minus the call's, one
+monotonic clock); and the console's tick time.
 
-Measured 2026-11-25 on the shared 2-core VM (load 1.5-3, 40 s per run, 4000 chunks):
+Before (thread runner only), 2026-11-25, shared 2-core VM, load 1.5-3, 40 s runs, 4000 chunks:
 headless p50 0.9-1.0 ms, p99 1.5-2.1 ms; console p50 1.0 ms, p99 9.5-15 ms (switch 0.5 ms);
-console with the default 5 ms switch interval p50 1.0-1.1 ms, p99 13.5-19 ms. The median is
-unchanged; the tail comes from GIL contention with painting (see gui/window.py). Only a process
-boundary between the loop and the window would remove it.
+console with the default 5 ms switch interval p50 1.0-1.1 ms, p99 13.5-19 ms: GIL contention
+with painting (PySide6 holds the GIL during each Qt call).
+
+After, 2026-11-25, same VM (load 1.5-5 from other jobs), 40 s runs, three rounds:
+  headless           p50 0.58-0.64 ms, p99 1.5-2.7 ms
+  headless_process   p50 0.59-0.79 ms, p99 1.2-1.9 ms
+  gui                p50 0.58-0.62 ms, p99 1.5-2.0 ms (one more try at load 5: 2.9 ms)
+  gui_process_nice0  p50 0.60-0.68 ms, p99 0.95-4.6 ms (fine when the machine is quiet)
+  gui_thread         p50 0.71-0.83 ms, p99 9.6-12.7 ms (the before, re-measured)
+With the window the p99 is now within the headless spread. Without the nice, CPU competition
+on two cores costs up to ~2-3 ms at p99 when other jobs run. Commands: DISARM call -> disarmed
+in the child p50 0.3-0.5 ms (round trip 0.5-1.0 ms), EMERGENCY STOP 0.3-0.9 ms; in a thread
+0.03-0.5 ms. One DISARM of 200 took 235 ms during a load spike (headless_process), hence
+ESTOP_TIMEOUT_S = 1 s before the console kills an unresponsive session process.
 """
 
 from __future__ import annotations

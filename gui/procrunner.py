@@ -3,7 +3,12 @@
 Why a process: PySide6 holds the GIL for the whole of each Qt call, so with the loop in a thread
 of the GUI process every long paint stalled the acquisition thread. `python -m gui.bench`, 64 ch
 at 1 kHz, decision latency p99 1.5-2.1 ms headless vs 9.5-15 ms with the window drawing (thread
-runner); with this runner see the figures in the bench docstring and the README.
+runner). With this runner (and the GUI thread at nice +10, `yield_cpu_to_sessions`): p99
+1.5-2.0 ms with the window vs 1.5-2.7 ms headless on the same VM (gui/bench.py docstring).
+
+Command latency (gui.bench, 40 per run): DISARM call -> interlock disarmed in the child p50
+0.3-0.5 ms (round trip 0.5-1.0 ms); EMERGENCY STOP call -> disarmed 0.3-0.9 ms. The in-process
+call takes 0.03-0.5 ms; the extra is the pipe and the child's command thread waking up.
 
 Channels between the console (parent) and the session (child, 'spawn' context, no Qt imported):
 
@@ -63,9 +68,9 @@ PARENT_CHECK_S = 0.25  # the child checks its parent pid this often while idle
 FINAL_SEND_TIMEOUT_S = 10.0  # the child waits this long to hand over its final report
 # Linux niceness added to the console's GUI thread (`yield_cpu_to_sessions`): with the session
 # in its own process the window no longer holds the loop's GIL, but on a 2-core machine painting
-# still competes for a core. `python -m gui.bench --runs gui`, 64 ch x 1 kHz: decision latency
-# p99 4.6 ms at nice 0 vs 2.9 ms at nice 10 (machine load 2-5). Sessions are started from a
-# spawner thread made before the nice, so they keep the normal priority.
+# still competes for a core. `python -m gui.bench`, 64 ch x 1 kHz, busy machine (load 2-5):
+# decision latency p99 3.7-4.6 ms at nice 0 vs 2.0-2.9 ms at nice 10 (quiet: ~1-1.5 ms either
+# way). Sessions start from a spawner thread made before the nice: they keep normal priority.
 GUI_NICE = 10
 CHILD_COMMANDS = frozenset(
     {
