@@ -234,13 +234,18 @@ def test_screenshot_command_writes_png_of_a_firing_session(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, replayer):
+def test_run_gui_autostart_and_close_ends_session(
+    qtbot, tmp_path, unique_name, replayer, monkeypatch
+):
     """The demo's entry point: the window starts the session itself; closing it ends cleanly."""
     from PySide6 import QtWidgets
 
+    import gui.app
     from gui.app import run_gui
 
     seen = {}
+    yielded = []  # the console lowers its GUI thread's priority (not this test process's)
+    monkeypatch.setattr(gui.app, "yield_cpu_to_sessions", lambda: yielded.append(True))
 
     def close_when_data() -> None:
         wins = [
@@ -261,6 +266,7 @@ def test_run_gui_autostart_and_close_ends_session(qtbot, tmp_path, unique_name, 
 
     QtCore.QTimer.singleShot(100, close_when_data)
     assert run_gui(_config(unique_name), autostart=True, out_root=tmp_path) == 0
+    assert yielded == [True]
     runner = seen["window"].runner
     assert not runner.running
     assert (Path(runner.session.folder) / "summary.json").exists()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytest.importorskip("pytestqt")
 
 from closedloop.control import ControlError
 from closedloop.demo import start_replayer
-from gui.procrunner import ProcessRunner, SessionProcessError
+from gui.procrunner import GUI_NICE, ProcessRunner, SessionProcessError
 from gui.window import TICK_MS, ConsoleWindow
 from tests.kill_helpers import sigkill_after
 from tests.test_gui_console import CALIBRATION_S, CONNECT_TIMEOUT_MS, RECORDING, _config
@@ -226,3 +227,40 @@ def test_a_killed_session_process_is_shown_and_estop_still_answers(
     assert win.armed_label.text().startswith("EMERGENCY STOP")
     assert "killed by SIGKILL" in runner.error_text  # the first cause stays shown
     win.close()
+
+
+NICE_CHECK = """
+import threading, time
+from closedloop.config import SessionConfig, apply_overrides
+from gui.procrunner import ProcessRunner, yield_cpu_to_sessions
+
+def nice_of(path):
+    return int(open(path).read().rsplit(")", 1)[1].split()[16])
+
+if __name__ == "__main__":
+    assert yield_cpu_to_sessions()
+    assert not yield_cpu_to_sessions()  # once per process
+    cfg = apply_overrides(SessionConfig(), {overrides!r})
+    runner = ProcessRunner(cfg).start()
+    me = nice_of(f"/proc/self/task/{{threading.get_native_id()}}/stat")
+    child = nice_of(f"/proc/{{runner.pid}}/stat")
+    runner.stop("test", 20.0)
+    print(me, child)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux")
+@pytest.mark.timeout(60)
+def test_gui_thread_yields_cpu_but_session_processes_keep_their_priority(unique_name):
+    overrides = {"source.name": unique_name, "source.resolve_timeout_s": 0.5}
+    out = subprocess.run(
+        [sys.executable, "-c", NICE_CHECK.format(overrides=overrides)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=True,
+    )
+    gui_nice, child_nice = map(int, out.stdout.split()[-2:])
+    base = os.nice(0)
+    assert gui_nice == base + GUI_NICE
+    assert child_nice == base
