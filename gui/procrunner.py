@@ -251,7 +251,9 @@ class _Child:
 
     # ---- command thread -------------------------------------------------------------------
     def _serve(self) -> None:
-        while not self.done.is_set():
+        # Serves until the process exits, also while the session shuts down: a late EMERGENCY
+        # STOP gets an answer rather than a timeout (which would kill a child mid-flush).
+        while True:
             try:
                 if not self.cmd.poll(PARENT_CHECK_S):
                     if os.getppid() != self.parent_pid:
@@ -384,6 +386,8 @@ class SessionProxy:
 
     def emergency_stop(self, source: str) -> None:
         """Disarm in the child; if it does not confirm within ESTOP_TIMEOUT_S, kill it."""
+        if not self._runner.running:
+            raise ControlError("the session process is not running: nothing can fire")
         try:
             self._runner.call("emergency_stop", source, timeout_s=ESTOP_TIMEOUT_S)
         except ControlError as exc:
