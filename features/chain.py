@@ -419,7 +419,7 @@ class FeatureChain:
                 self._scale,
                 self._weights,
                 art,
-                t,
+                np.ascontiguousarray(t, dtype=np.float64),  # one compiled variant
                 st,
                 fst,
                 self._tr_idx if len(self._tr_idx) >= n else self._grow_tr(n),
