@@ -82,3 +82,28 @@ def test_decide_relative_output_and_nan_power():
     np.testing.assert_allclose(latest[:, 0], [0.25, 0.75])
     kernels.decide(power, 0, False, True, *args, st, np.zeros(3), i1, i1, latest, feat, z)
     np.testing.assert_array_equal(latest, to_output(power[-1], "log"))  # nan stays nan
+
+
+def test_no_compilation_while_a_session_runs():
+    """After the chain's constructor (kernels.warm_up), chunks from a file (read-only views),
+    a non-finite sample and artifacts run without compiling anything new."""
+    import mne
+
+    from acquisition.file_source import FileSource
+    from benchmarks.synth import alternating_blocks, bench_config, synth
+    from features.chain import FeatureChain
+
+    sfreq = 250.0
+    names, data = synth(8, sfreq, 30.0, alternating_blocks(14.0, 6, 1.0, 1.5), seed=2)
+    data[4000:4003, 1] = np.nan  # non-finite input
+    data[5000:5100, 0] += 400e-6  # an amplitude artifact
+    info = mne.create_info(list(names), sfreq, "eeg")
+    src = FileSource(mne.io.RawArray(data.T, info, verbose="error"), chunk_size=10)
+    cfg = bench_config()
+    chain = FeatureChain(cfg.preprocess, cfg.bandpower, cfg.artifacts, cfg.state, names, sfreq)
+    compiled = [kernels.preprocess, kernels.artifacts, kernels.iir_bandpower, kernels.decide]
+    before = [len(k.signatures) for k in compiled]
+    labels = {chain.step(chunk).label for chunk in src}
+    assert chain.calibrated
+    assert {Label.TARGET, Label.ARTIFACT} <= labels
+    assert [len(k.signatures) for k in compiled] == before
