@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -30,3 +31,20 @@ def unique_name(request) -> str:
     """A unique LSL stream name / source id for this test."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name[:40])
     return f"cltest-{safe}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def looping_replayer(unique_name):
+    """The bundled 4-channel 256 Hz recording replayed in a loop over LSL as `unique_name`."""
+    from closedloop.demo import start_replayer
+
+    proc = start_replayer(
+        REPLAY_DATA / "sim_4ch_256hz.fif", unique_name, unique_name, speed=1.0, loop="forever"
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -10,7 +10,6 @@ loss raising the banner, and a clean close.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,6 @@ from PySide6 import QtCore, QtGui
 
 from acquisition.chunk import Chunk
 from closedloop.config import SessionConfig, apply_overrides
-from closedloop.demo import start_replayer
 from closedloop.load import load_session
 from closedloop.scope import Scope
 from features.types import Label, State
@@ -59,19 +57,7 @@ def _config(name: str, **extra) -> SessionConfig:
 
 
 @pytest.fixture
-def replayer(unique_name):
-    proc = start_replayer(RECORDING, unique_name, unique_name, speed=1.0, loop="forever")
-    yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture
-def window(request, qtbot, tmp_path, unique_name, replayer):
+def window(request, qtbot, tmp_path, unique_name, looping_replayer):
     extra = getattr(request, "param", {})
     win = ConsoleWindow(_config(unique_name, **extra), out_root=tmp_path)
     win.confirm_arm = lambda: True  # the confirmation dialog, accepted
@@ -164,7 +150,7 @@ def test_console_session_end_to_end(qtbot, window, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_keyboard_emergency_stop_and_stream_loss_banner(qtbot, window, replayer):
+def test_keyboard_emergency_stop_and_stream_loss_banner(qtbot, window, looping_replayer):
     win = window
     runner = win.start_session()
     _wait_running(qtbot, win)
@@ -177,7 +163,7 @@ def test_keyboard_emergency_stop_and_stream_loss_banner(qtbot, window, replayer)
     assert win.armed_label.text().startswith("EMERGENCY STOP")
     win.acknowledge_banner()
 
-    replayer.kill()  # the amplifier goes away
+    looping_replayer.kill()  # the amplifier goes away
     qtbot.waitUntil(win.banner.isVisible, timeout=5000)
     assert "STREAM LOST" in win.banner_label.text() or "STREAM STALE" in win.banner_label.text()
     win.close()
@@ -235,7 +221,7 @@ def test_screenshot_command_writes_png_of_a_firing_session(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_run_gui_autostart_and_close_ends_session(
-    qtbot, tmp_path, unique_name, replayer, monkeypatch
+    qtbot, tmp_path, unique_name, looping_replayer, monkeypatch
 ):
     """The demo's entry point: the window starts the session itself; closing it ends cleanly."""
     from PySide6 import QtWidgets

@@ -21,27 +21,14 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from closedloop.control import ControlError
-from closedloop.demo import start_replayer
 from gui.procrunner import GUI_NICE, ProcessRunner, SessionProcessError
 from gui.window import TICK_MS, ConsoleWindow
 from tests.kill_helpers import sigkill_after
-from tests.test_gui_console import CALIBRATION_S, CONNECT_TIMEOUT_MS, RECORDING, _config
+from tests.test_gui_console import CALIBRATION_S, CONNECT_TIMEOUT_MS, _config
 
 pytestmark = [pytest.mark.gui, pytest.mark.lsl]
 
 CHILD_END_TIMEOUT_S = 30.0  # an orphaned session process disarms, flushes and exits in this
-
-
-@pytest.fixture
-def replayer(unique_name):
-    proc = start_replayer(RECORDING, unique_name, unique_name, speed=1.0, loop="forever")
-    yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -60,7 +47,7 @@ def _pid_alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_commands_round_trip_to_the_child_and_close_leaves_a_complete_folder(
-    qtbot, tmp_path, unique_name, replayer
+    qtbot, tmp_path, unique_name, looping_replayer
 ):
     win = ConsoleWindow(_config(unique_name), out_root=tmp_path)
     qtbot.addWidget(win)
@@ -156,7 +143,7 @@ if __name__ == "__main__":
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sigkill_of_the_console_leaves_the_child_disarmed_with_a_complete_folder(
-    tmp_path, unique_name, replayer
+    tmp_path, unique_name, looping_replayer
 ):
     overrides = {
         "source.name": unique_name,
@@ -210,7 +197,7 @@ def test_a_session_that_fails_in_the_child_is_shown_in_the_window(qtbot, tmp_pat
 
 @pytest.mark.timeout(90)
 def test_a_killed_session_process_is_shown_and_estop_still_answers(
-    qtbot, tmp_path, unique_name, replayer
+    qtbot, tmp_path, unique_name, looping_replayer
 ):
     win = ConsoleWindow(_config(unique_name), out_root=tmp_path, list_streams=lambda _t: [])
     qtbot.addWidget(win)
