@@ -84,8 +84,14 @@ class ArtifactDetector:
         self._last_bad = np.full((len(KINDS), n), _NEVER, dtype=np.int64)
         self._last_bad_any = _NEVER
         self._count = 0
-        self._active_mask = np.zeros((len(KINDS), n), dtype=bool)
+        self._mask = np.zeros((len(KINDS), n), dtype=bool)  # memo of _reasons_for
+        self._mask_reasons: tuple[str, ...] = ()
         self._reasons: tuple[str, ...] = ()
+        self._last_rows: dict[int, np.ndarray] = {}
+        self._bad_at = np.empty((0, len(KINDS), n), dtype=np.int64)  # last_bad at grid samples
+        self._grid = np.zeros(0, dtype=np.int64)
+        self._grid_active = np.zeros(0, dtype=bool)
+        self._block_start = 0
         self.latest_muscle_ratio = np.zeros(n)
         self.reset()
 
@@ -97,8 +103,10 @@ class ArtifactDetector:
         self._last_bad[:] = _NEVER
         self._last_bad_any = _NEVER
         self._count = 0
-        self._active_mask[:] = False
+        self._mask = np.zeros_like(self._mask)
+        self._mask_reasons = ()
         self._reasons = ()
+        self._grid_active = np.zeros(0, dtype=bool)
         self.latest_muscle_ratio[:] = 0.0
 
     @property
@@ -116,16 +124,24 @@ class ArtifactDetector:
         filtered: np.ndarray,
         referenced: np.ndarray,
         nonfinite: np.ndarray | None = None,
+        grid: np.ndarray | None = None,
     ) -> np.ndarray:
         """Check one block; all arrays (n_samples, n_eeg). Returns active (n_samples,) bool.
 
         raw: volts as received (non-finite allowed); filtered: notched and high-passed, not
         re-referenced; referenced: what the band powers see; nonfinite: mask of raw, or None.
+        grid: ascending int64 sample indices of this block (default: its last sample) whose
+        flags `reasons_at` can report afterwards, as a chunk ending there would have.
         """
         n = raw.shape[0]
         s = self.settings
+        if grid is None:
+            grid = self._last_row(n)
+        self._grid = grid
+        self._block_start = self._count
         if not s.enabled:
             self._count += n
+            self._grid_active = np.zeros(len(grid), dtype=bool)
             return np.zeros(n, dtype=bool)
         if not self._all:
             raw = raw[:, self._idx]
@@ -134,6 +150,8 @@ class ArtifactDetector:
             if nonfinite is not None:
                 nonfinite = nonfinite[:, self._idx]
         active = np.empty(n, dtype=bool)
+        if self._bad_at.shape[0] != len(grid):
+            self._bad_at = np.empty((len(grid), len(KINDS), len(self.check_names)), np.int64)
         any_now, self._last_bad_any = kernels.artifacts(
             np.ascontiguousarray(raw, dtype=np.float64),
             np.ascontiguousarray(filtered, dtype=np.float64),
@@ -150,11 +168,32 @@ class ArtifactDetector:
             self.holdoff_n,
             self.latest_muscle_ratio,
             active,
+            grid,
+            self._bad_at,
         )
+        self._grid_active = active[grid]
         self._count += n
         if any_now or self._reasons:  # flags can only appear or expire in these cases
-            mask = (self._count - 1 - self._last_bad) <= self.holdoff_n
-            if not np.array_equal(mask, self._active_mask):
-                self._active_mask = mask
-                self._reasons = tuple(self._reason_names[mask].tolist())
+            self._reasons = self._reasons_for(self._count - 1 - self._last_bad)
         return active
+
+    def reasons_at(self, g: int) -> tuple[str, ...]:
+        """Active flags after grid sample g of the latest block (see `process`)."""
+        if not self._grid_active[g]:
+            return ()
+        return self._reasons_for(self._block_start + self._grid[g] - self._bad_at[g])
+
+    def _reasons_for(self, since_bad: np.ndarray) -> tuple[str, ...]:
+        """Reasons from the samples since each check's last offence (n_kinds, n_channels)."""
+        mask = since_bad <= self.holdoff_n
+        if not np.array_equal(mask, self._mask):  # the same flags give the same tuple
+            self._mask = mask
+            self._mask_reasons = tuple(self._reason_names[mask].tolist())
+        return self._mask_reasons
+
+    def _last_row(self, n: int) -> np.ndarray:
+        """[n - 1] as int64, cached per block length."""
+        row = self._last_rows.get(n)
+        if row is None:
+            row = self._last_rows[n] = np.array([n - 1], dtype=np.int64)
+        return row

@@ -15,6 +15,7 @@ chunk, ~150 ms for 60 s at 1000 Hz x 6 channels). A separate calibration recordi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -209,15 +210,14 @@ class FeatureChain:
         m.before_artifact = Label.NON_TARGET
         m.transitions.clear()
         self._latest = np.full((len(self.band_names), len(self._groups)), _NAN)
-        self._feat_now = np.full(len(self._feature_refs), _NAN)
-        self._z_now = np.full(len(self._feature_refs), _NAN)
-        # kernels.decide's machine state, label changes and last-sample outputs
+        # kernels.decide's machine state and its outputs (label changes, per-sample values),
+        # sized for the largest block so far
         self._mst = np.zeros(7, dtype=np.int64)
         self._mfst = np.zeros(3)
-        self._tr_idx = np.zeros(0, dtype=np.int64)
-        self._tr_code = np.zeros(0, dtype=np.int64)
+        self._cap = 0
+        self._grow(64)
         self._latest_buf = np.full((len(self.band_names), len(self._groups)), _NAN)
-        self._score_now = _NAN
+        self._grids: dict[tuple[int, int], np.ndarray] = {}
         self._time_in_label: dict[str, float] = {lab.value: 0.0 for lab in Label}
         self._t_last = _NAN
         self._state = State(
@@ -345,9 +345,32 @@ class FeatureChain:
     # ------------------------------------------------------------------ the hot path
     def step(self, chunk: Chunk) -> State:
         """Process one chunk; returns the state after its last sample."""
+        if chunk.n_samples == 0:
+            return self._state
+        return self._run(chunk, None)[-1]
+
+    def step_every(self, chunk: Chunk, every: int) -> list[State]:
+        """Process one block; return the State after every `every`-th sample and after the last.
+
+        The states equal those of `step` fed the same samples as `every`-sample chunks (the
+        first starting at this block's first sample), with the per-sample work done once for
+        the whole block (offline: large blocks, decisions on the live chunk grid).
+        """
         n = chunk.n_samples
         if n == 0:
-            return self._state
+            return []
+        grid = self._grids.get((n, every))
+        if grid is None:
+            grid = np.arange(every - 1, n, every, dtype=np.int64)
+            if n % every:
+                grid = np.append(grid, np.int64(n - 1))
+            self._grids[(n, every)] = grid
+        return self._run(chunk, grid)
+
+    def _run(self, chunk: Chunk, grid: np.ndarray | None) -> list[State]:
+        """The chain over one non-empty block; the States after the samples of `grid` (sorted
+        int64 indices ending with n - 1; None: only the last sample)."""
+        n = chunk.n_samples
         raw = chunk.data if self._eeg_all else chunk.data[:, self._eeg_idx]
         nonfinite = None
         res = self._pre.process(raw, self._last_finite)  # None: a non-finite sample in raw
@@ -358,13 +381,14 @@ class FeatureChain:
             res = self._pre.process(filled, self._last_finite)
             assert res is not None
         filt, ref = res
-        art = self._art.process(raw, filt, ref, nonfinite)
+        art = self._art.process(raw, filt, ref, nonfinite, grid)
         t = chunk.timestamps
         m = self._machine
         m.transitions.clear()
         if self._pending_label is not None:
             m.set(self._pending_label, float(t[0]))
             self._pending_label = None
+        pre_label, pre_changed = m.label, m.t_changed  # the label before a calibration ends
 
         k = 0  # first sample with a calibrated label machine
         x = None  # the estimator's channels of ref, when needed as an array
@@ -386,17 +410,10 @@ class FeatureChain:
             else:
                 k = n
 
-        output = self.bandpower_settings.output
-        bi, gi = self._feat_idx
-        if m.label in (Label.UNCALIBRATED, Label.CALIBRATING):
-            feats = to_output(power[-1], output)
-            self._feat_now = np.ascontiguousarray(feats[bi, gi])
-            self._z_now[:] = _NAN
-            self._score_now = _NAN
-            self._latest = feats
-        else:
-            # k == n: the calibration finished on the last sample; score that sample without
-            # stepping the label machine (it starts with the next sample)
+        # samples start.. are scored (the one that completed a calibration included); the
+        # label machine steps from k
+        start = n if m.label in (Label.UNCALIBRATED, Label.CALIBRATING) else max(k - 1, 0)
+        if start < n:
             st, fst = self._mst, self._mfst
             st[0], st[1], st[2], st[3] = (
                 _CODE[m.label],
@@ -406,15 +423,15 @@ class FeatureChain:
             )
             st[4], st[5], st[6] = m.dwell_n, m.leave_dwell_n, m.resume
             fst[0], fst[1], fst[2] = m.enter, m.leave, m.t_changed
-            if self._feat_now.base is not None:  # a view from the uncalibrated branch
-                self._feat_now = self._feat_now.copy()
-            n_tr, score = kernels.decide(
+            if n > self._cap:
+                self._grow(n)
+            n_tr = kernels.decide(
                 power,
-                min(k, n - 1),
-                k < n,
-                output == "log",
-                bi,
-                gi,
+                start,
+                k,
+                self.bandpower_settings.output == "log",
+                self._feat_idx[0],
+                self._feat_idx[1],
                 self._median,
                 self._scale,
                 self._weights,
@@ -422,44 +439,92 @@ class FeatureChain:
                 np.ascontiguousarray(t, dtype=np.float64),  # one compiled variant
                 st,
                 fst,
-                self._tr_idx if len(self._tr_idx) >= n else self._grow_tr(n),
+                self._tr_idx,
                 self._tr_code,
                 self._latest_buf,
-                self._feat_now,
-                self._z_now,
+                self._lab,
+                self._above,
+                self._changed,
+                self._score,
+                self._feat,
+                self._z,
             )
             if k < n:
                 m.label, m.above_n, m.below_n = _LABELS[st[0]], int(st[1]), int(st[2])
                 m.before_artifact, m.t_changed = _LABELS[st[3]], float(fst[2])
                 for i in range(n_tr):
                     m.transitions.append((float(t[self._tr_idx[i]]), _LABELS[self._tr_code[i]]))
-            self._score_now = float(score)
             self._latest = self._latest_buf
-
-        t_last = float(t[-1])
-        if self._t_last == self._t_last:  # not nan: account time per label
-            self._time_in_label[self._state.label.value] += t_last - self._t_last
-        self._t_last = t_last
+        else:
+            self._latest = to_output(power[-1], self.bandpower_settings.output)
         self._seen += n
-        self._state = State(
-            t_stream=t_last,
-            label=m.label,
-            score=self._score_now,
-            time_in_state_s=t_last - m.t_changed if m.t_changed == m.t_changed else 0.0,
-            dwell_progress=m.dwell_progress if m.label in (Label.NON_TARGET, Label.TARGET) else 0.0,
-            features=dict(zip(self.feature_names, self._feat_now.tolist(), strict=True)),
-            z=dict(zip(self.feature_names, self._z_now.tolist(), strict=True))
-            if self.calibrated
-            else {},
-            artifacts=self._art.reasons,
-        )
-        return self._state
+        return self._states(t, power, grid, start, pre_label, pre_changed)
 
-    def _grow_tr(self, n: int) -> np.ndarray:
-        """Room for n label changes (the first chunk of each larger size allocates)."""
+    def _states(
+        self,
+        t: np.ndarray,
+        power: np.ndarray,
+        grid: np.ndarray | None,
+        start: int,
+        pre_label: Label,
+        pre_changed: float,
+    ) -> list[State]:
+        """The States after the grid samples: samples before `start` keep pre_label (not yet
+        calibrated: no score, no z); later ones read kernels.decide's per-sample outputs."""
+        n = t.shape[0]
+        rows = [n - 1] if grid is None else grid.tolist()
+        names = self.feature_names
+        bi, gi = self._feat_idx
+        dwell_n = self._machine.dwell_n
+        n_pre = sum(1 for b in rows if b < start) if rows[0] < start else 0
+        if n_pre:  # features of the uncalibrated samples, all in one call
+            pre = power[rows[:n_pre]]
+            pre_feats = to_output(pre, self.bandpower_settings.output)[:, bi, gi].tolist()
+        states = []
+        for g, b in enumerate(rows):
+            tb = float(t[b])
+            if g < n_pre:
+                label, score, changed, dwell, z = pre_label, _NAN, pre_changed, 0.0, {}
+                feats = pre_feats[g]
+            else:
+                label = _LABELS[self._lab[b]]
+                score, changed = float(self._score[b]), float(self._changed[b])
+                feats = self._feat[b].tolist()
+                z = dict(zip(names, self._z[b].tolist(), strict=True))
+                if label is Label.TARGET:
+                    dwell = 1.0
+                elif label is Label.NON_TARGET:
+                    dwell = min(1.0, int(self._above[b]) / dwell_n)
+                else:
+                    dwell = 0.0
+            if self._t_last == self._t_last:  # not nan: account time per label
+                self._time_in_label[self._state.label.value] += tb - self._t_last
+            self._t_last = tb
+            self._state = State(
+                t_stream=tb,
+                label=label,
+                score=score,
+                time_in_state_s=tb - changed if math.isfinite(changed) else 0.0,
+                dwell_progress=dwell,
+                features=dict(zip(names, feats, strict=True)),
+                z=z,
+                artifacts=self._art.reasons_at(g),
+            )
+            states.append(self._state)
+        return states
+
+    def _grow(self, n: int) -> None:
+        """Room for n samples in kernels.decide's outputs (allocated by the first larger block)."""
+        n_f = len(self._feature_refs)
+        self._cap = n
         self._tr_idx = np.zeros(n, dtype=np.int64)
         self._tr_code = np.zeros(n, dtype=np.int64)
-        return self._tr_idx
+        self._lab = np.zeros(n, dtype=np.int64)
+        self._above = np.zeros(n, dtype=np.int64)
+        self._changed = np.full(n, _NAN)
+        self._score = np.full(n, _NAN)
+        self._feat = np.full((n, n_f), _NAN)
+        self._z = np.full((n, n_f), _NAN)
 
     def _collect(self, x: np.ndarray | None, art: np.ndarray, power: np.ndarray) -> int:
         """Store calibration samples (features of `power` (n, n_bands, n_groups), flags, and
@@ -471,13 +536,16 @@ class FeatureChain:
         if i >= n:
             return n
         feats = to_output(power, self.bandpower_settings.output).reshape(n, -1)
+        # a sample without an estimate yet (welch: nan until a window free of held samples is
+        # full) is no baseline data, like an artifact (it made the whole baseline nan)
+        unusable = art if np.isfinite(feats).all() else art | ~np.isfinite(feats).all(axis=1)
         keep_x = self._cal_x.shape[0] > 0
         cap = self._cal_f.shape[0]
         need = self._target_n
         while i < n:
             space = cap - self._cal_len
             take = min(n - i, space)
-            a = art[i : i + take]
+            a = unusable[i : i + take]
             # samples of this slice still inside the settle time do not count
             skip = min(take, max(0, self._settle_n - self._cal_len))
             counted_n = take - skip - int(np.count_nonzero(a[skip:]))
@@ -494,7 +562,7 @@ class FeatureChain:
             self._cal_f[j : j + take] = feats[i : i + take]
             if keep_x:
                 self._cal_x[j : j + take] = x[i : i + take]
-            self._cal_art[j : j + take] = art[i : i + take]
+            self._cal_art[j : j + take] = unusable[i : i + take]
             self._cal_len += take
             self._cal_clean = clean_after
             i += take

@@ -91,6 +91,8 @@ def artifacts(  # pragma: no cover - compiled
     holdoff_n,
     ratio_out,
     active,
+    grid,
+    bad_at,
 ):
     """All artifact checks of one block, per sample and channel, in one pass.
 
@@ -100,7 +102,9 @@ def artifacts(  # pragma: no cover - compiled
     mus_zi (2, n_sections, 2, c); ema_a (3,) smoothing constants (muscle band, broadband, flat);
     ema_zi (3, 2, c). last_bad (5, c) running index of the last offending sample per (kind,
     channel), updated. active (n,) gets the hold-off flag per sample; ratio_out (c,) the latest
-    muscle ratio. Returns (any sample offended, new last_bad_any).
+    muscle ratio. grid (k,) ascending sample indices: bad_at (k, 5, c) gets a copy of last_bad
+    after each of them (the flags a chunk ending there would report). Returns (any sample
+    offended, new last_bad_any).
     """
     n, c = raw.shape
     rail, amp, flat, mus = thr[0], thr[1], thr[2], thr[3]
@@ -109,6 +113,7 @@ def artifacts(  # pragma: no cover - compiled
     has_nf = nonfinite.shape[0] > 0
     any_now = False
     ns = mus_sos.shape[1]
+    g = 0
     for t in range(n):
         idx = count + t
         bad_t = False
@@ -164,6 +169,11 @@ def artifacts(  # pragma: no cover - compiled
             any_now = True
             last_bad_any = idx
         active[t] = idx - last_bad_any <= holdoff_n
+        if g < grid.shape[0] and grid[g] == t:
+            for k in range(5):
+                for j in range(c):
+                    bad_at[g, k, j] = last_bad[k, j]
+            g += 1
     return any_now, last_bad_any
 
 
@@ -226,7 +236,7 @@ UNCALIBRATED, CALIBRATING, ARTIFACT, NON_TARGET, TARGET = 0, 1, 2, 3, 4
 def decide(  # pragma: no cover - compiled
     power,
     start,
-    run_machine,
+    machine_from,
     log_out,
     bi,
     gi,
@@ -240,18 +250,24 @@ def decide(  # pragma: no cover - compiled
     tr_idx,
     tr_code,
     latest,
-    feat_now,
-    z_now,
+    lab_out,
+    above_out,
+    tchg_out,
+    score_out,
+    feat_out,
+    z_out,
 ):
-    """Features, robust z, score and the label machine over samples start.. of one block.
+    """Features, robust z, score and the label machine for samples start.. of one block.
 
     power (n, n_bands, n_groups) V²; log_out: log10 power, else relative power; bi, gi (n_f,)
-    band and group of each score feature; median, scale, weights (n_f,). run_machine: step the
-    label machine (`features.state.LabelMachine.run`, the same rules) over art (n,) bool and
-    t (n,) stream s; its state st = [label, above_n, below_n, before_artifact, dwell_n,
-    leave_dwell_n, resume] (int64, updated), fst = [enter, leave, t_changed] (updated).
-    Label changes go to tr_idx / tr_code (n,); latest (n_bands, n_groups), feat_now and z_now
-    (n_f,) get the last sample's values. Returns (number of label changes, last score).
+    band and group of each score feature; median, scale, weights (n_f,). The label machine
+    (`features.state.LabelMachine.run`, the same rules) steps over samples machine_from.. (>=
+    start) with art (n,) bool and t (n,) stream s; its state st = [label, above_n, below_n,
+    before_artifact, dwell_n, leave_dwell_n, resume] (int64, updated), fst = [enter, leave,
+    t_changed] (updated). Label changes go to tr_idx / tr_code (n,). Per sample i >= start:
+    lab_out, above_out (n,) int64 label code and samples above enter, tchg_out (n,) stream time
+    of the last label change, score_out (n,), feat_out and z_out (n, n_f). latest
+    (n_bands, n_groups) gets the last sample's band powers. Returns the number of label changes.
     """
     n, n_b, n_g = power.shape
     n_f = bi.shape[0]
@@ -259,7 +275,6 @@ def decide(  # pragma: no cover - compiled
     dwell_n, leave_dwell_n, resume = st[4], st[5], st[6]
     enter, leave = fst[0], fst[1]
     n_tr = 0
-    score = np.nan
     for i in range(start, n):
         score = 0.0
         for f in range(n_f):
@@ -274,54 +289,44 @@ def decide(  # pragma: no cover - compiled
                 v = p / _floor(tot)
             z = (v - median[f]) / scale[f]
             score += z * weights[f]
-            if i == n - 1:
-                feat_now[f] = v
-                z_now[f] = z
-        if not run_machine:
-            continue
-        if art[i]:
-            above = 0
-            below = 0
-            if label != ARTIFACT:
-                before = label
-                label = ARTIFACT
-                fst[2] = t[i]
-                tr_idx[n_tr] = i
-                tr_code[n_tr] = label
-                n_tr += 1
-            continue
-        if label == ARTIFACT:
-            label = TARGET if resume and before == TARGET and score >= leave else NON_TARGET
-            fst[2] = t[i]
-            tr_idx[n_tr] = i
-            tr_code[n_tr] = label
-            n_tr += 1
-            continue
-        if label == NON_TARGET:
-            if score > enter:
-                above += 1
-                if above >= dwell_n:
-                    label = TARGET
-                    above = 0
-                    below = 0
-                    fst[2] = t[i]
-                    tr_idx[n_tr] = i
-                    tr_code[n_tr] = label
-                    n_tr += 1
-            else:
-                above = 0
-        elif score < leave:
-            below += 1
-            if below >= leave_dwell_n:
-                label = NON_TARGET
+            feat_out[i, f] = v
+            z_out[i, f] = z
+        score_out[i] = score
+        if i >= machine_from:
+            prev = label
+            if art[i]:
                 above = 0
                 below = 0
+                if label != ARTIFACT:
+                    before = label
+                    label = ARTIFACT
+            elif label == ARTIFACT:
+                label = TARGET if resume and before == TARGET and score >= leave else NON_TARGET
+            elif label == NON_TARGET:
+                if score > enter:
+                    above += 1
+                    if above >= dwell_n:
+                        label = TARGET
+                        above = 0
+                        below = 0
+                else:
+                    above = 0
+            elif score < leave:
+                below += 1
+                if below >= leave_dwell_n:
+                    label = NON_TARGET
+                    above = 0
+                    below = 0
+            else:
+                below = 0
+            if label != prev:
                 fst[2] = t[i]
                 tr_idx[n_tr] = i
                 tr_code[n_tr] = label
                 n_tr += 1
-        else:
-            below = 0
+        lab_out[i] = label
+        above_out[i] = above
+        tchg_out[i] = fst[2]
     for b in range(n_b):
         for g in range(n_g):
             p = power[n - 1, b, g]
@@ -333,7 +338,7 @@ def decide(  # pragma: no cover - compiled
                     tot += power[n - 1, bb, g]
                 latest[b, g] = p / _floor(tot)
     st[0], st[1], st[2], st[3] = label, above, below, before
-    return n_tr, score
+    return n_tr
 
 
 _warm: list[bool] = []  # [True] once warm_up ran in this process
@@ -378,6 +383,8 @@ def warm_up() -> None:
                 1,
                 np.zeros(c),
                 np.empty(n, dtype=bool),
+                np.array([n - 1], dtype=np.int64),
+                np.zeros((1, 5, c), dtype=np.int64),
             )
     for hold in (np.zeros(0, dtype=bool), np.zeros(n, dtype=bool)):
         iir_bandpower(
@@ -395,11 +402,11 @@ def warm_up() -> None:
     i1, f1 = np.zeros(1, dtype=np.int64), np.zeros(1)
     t_ro = np.zeros(n)
     t_ro.flags.writeable = False  # FileSource timestamps are read-only views
-    for run, t in ((True, np.zeros(n)), (False, np.zeros(n)), (True, t_ro)):
+    for t in (np.zeros(n), t_ro):
         decide(
             np.ones((n, 1, 1)),
             0,
-            run,
+            0,
             True,
             i1,
             i1,
@@ -413,7 +420,11 @@ def warm_up() -> None:
             np.zeros(n, dtype=np.int64),
             np.zeros(n, dtype=np.int64),
             np.zeros((1, 1)),
-            np.zeros(1),
-            np.zeros(1),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros((n, 1)),
+            np.zeros((n, 1)),
         )
     _warm.append(True)

@@ -505,3 +505,17 @@ def test_relative_output():
     assert total == pytest.approx(1.0)
     assert 0.0 < states[-1].features["alpha@posterior"] < 1.0
     assert states[-1].is_target  # alpha x4 raises its share well above the baseline
+
+
+def test_welch_baseline_skips_samples_without_an_estimate(sim32):
+    """With a short warm-up the Welch window still holds the start-up artifact when the baseline
+    begins; those samples have no estimate (nan) and must not enter the median (they made the
+    whole baseline nan, so the state never left NON_TARGET)."""
+    raw = sim32.copy().crop(0, 30)
+    state = StateSettings(calibration_s=10.0, warmup_s=1.0)
+    chain = _chain(raw, bandpower=BandPowerSettings(method="welch"), state=state)
+    chain.start_calibration()
+    states, _ = _run(chain, raw, 10)
+    assert chain.calibrated
+    assert all(np.isfinite(m) and np.isfinite(d) for m, d in chain.baseline.values())
+    assert np.isfinite(states[-1].score)

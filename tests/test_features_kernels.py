@@ -50,20 +50,27 @@ def test_decide_runs_the_label_machine_rules(dwell_n, leave_dwell_n, resume):
     fst = np.array([enter, leave, t[0]])
     got_changes = []
     tr_idx, tr_code = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    latest, feat, z = np.zeros((n_b, n_g)), np.zeros(2), np.zeros(2)
+    latest = np.zeros((n_b, n_g))
+    lab, above = np.zeros(37, dtype=np.int64), np.zeros(37, dtype=np.int64)
+    changed, sc, feat, z = np.zeros(37), np.zeros(37), np.zeros((37, 2)), np.zeros((37, 2))
     for i in range(0, n, 37):
         sl = slice(i, i + 37)
         ref.transitions.clear()
         ref.run(score[sl], art[sl], t[sl])
         ref_changes += ref.transitions
         m = len(t[sl])
-        n_tr, last = kernels.decide(
-            np.ascontiguousarray(power[sl]), 0, True, True, bi, gi, median, scale, weights,
-            art[sl], t[sl], st, fst, tr_idx, tr_code, latest, feat, z,
+        n_tr = kernels.decide(
+            np.ascontiguousarray(power[sl]), 0, 0, True, bi, gi, median, scale, weights,
+            art[sl], t[sl], st, fst, tr_idx, tr_code, latest, lab, above, changed, sc, feat, z,
         )  # fmt: skip
         got_changes += [(t[sl][tr_idx[j]], LABELS[tr_code[j]]) for j in range(n_tr)]
-        assert last == pytest.approx(score[sl][-1], rel=1e-12)
+        np.testing.assert_allclose(sc[:m], score[sl], rtol=1e-12)
+        np.testing.assert_allclose(feat[:m], fs[sl], rtol=1e-14)
+        np.testing.assert_allclose(z[:m], (fs[sl] - median) / scale, rtol=1e-14)
         np.testing.assert_allclose(latest, to_output(power[sl][m - 1], "log"), rtol=1e-14)
+        assert LABELS[lab[m - 1]] is ref.label
+        assert above[m - 1] == ref.above_n
+        assert changed[m - 1] == ref.t_changed
         assert LABELS[st[0]] is ref.label
         assert (st[1], st[2]) == (ref.above_n, ref.below_n)
         assert fst[2] == ref.t_changed
@@ -75,12 +82,14 @@ def test_decide_runs_the_label_machine_rules(dwell_n, leave_dwell_n, resume):
 def test_decide_relative_output_and_nan_power():
     power = np.array([[[1.0], [3.0]], [[np.nan], [2.0]]])  # (2 samples, 2 bands, 1 group)
     i1 = np.zeros(1, dtype=np.int64)
-    latest, feat, z = np.zeros((2, 1)), np.zeros(1), np.zeros(1)
+    i2, f2, f21 = np.zeros(2, dtype=np.int64), np.zeros(2), np.zeros((2, 1))
+    latest = np.zeros((2, 1))
     st = np.array([3, 0, 0, 3, 1, 1, 1], dtype=np.int64)
     args = (i1, i1, np.zeros(1), np.ones(1), np.ones(1), np.zeros(2, dtype=bool), np.zeros(2))
-    kernels.decide(power[:1], 0, False, False, *args, st, np.zeros(3), i1, i1, latest, feat, z)
+    out = (i2, i2, f2, f2, f21, f21)
+    kernels.decide(power[:1], 0, 2, False, *args, st, np.zeros(3), i2, i2, latest, *out)
     np.testing.assert_allclose(latest[:, 0], [0.25, 0.75])
-    kernels.decide(power, 0, False, True, *args, st, np.zeros(3), i1, i1, latest, feat, z)
+    kernels.decide(power, 0, 2, True, *args, st, np.zeros(3), i2, i2, latest, *out)
     np.testing.assert_array_equal(latest, to_output(power[-1], "log"))  # nan stays nan
 
 
