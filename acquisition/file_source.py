@@ -96,6 +96,7 @@ class FileSource:
             orig_time=None,
         )
         self._connected = False
+        self._stops: dict[float, int] = {}  # pull_chunks: duration -> end sample
         self._reset()
 
     # ---------------------------------------------------------------- life cycle
@@ -140,6 +141,31 @@ class FileSource:
         timeout_s is accepted for call compatibility with LslSource.pull and ignored: a file
         never waits.
         """
+        return self._pull(self._chunk_size)
+
+    def pull_chunks(self, k: int, stop_after_s: float | None = None) -> Chunk | None:
+        """The next k chunks as one Chunk (None when exhausted), with the health events the k
+        chunks would have carried, in time order: offline blocks that a FeatureChain splits
+        back into the chunk grid (`step_every`).
+
+        stop_after_s: end the block with the first chunk whose last sample is at least this
+        many seconds after the recording's first sample (where a session of that duration fed
+        single chunks stops).
+        """
+        n = self._chunk_size * max(1, int(k))
+        if stop_after_s is not None:
+            stop = self._stops.get(stop_after_s)
+            if stop is None:
+                cs = self._chunk_size
+                # the first sample at or after the duration, as a live loop computes it
+                last = int(np.searchsorted(self._times - self._times[0], stop_after_s))
+                stop = self._stops[stop_after_s] = min(self._data.shape[0], (last // cs + 1) * cs)
+            n = max(0, min(n, stop - self._pos))
+            if n == 0:
+                return None
+        return self._pull(n)
+
+    def _pull(self, size: int) -> Chunk | None:
         if not self._connected:
             raise RuntimeError("FileSource.pull() before connect()")
         i0 = self._pos
@@ -147,21 +173,25 @@ class FileSource:
         if i0 >= n:
             self._finished = True
             return None
-        i1 = min(i0 + self._chunk_size, n)
+        i1 = min(i0 + size, n)
         self._pos = i1
         times = self._times[i0:i1]
         events: tuple[HealthEvent, ...] = ()
         if i0 == 0:
             events = (HealthEvent(HealthKind.CONNECTED, self._t0, _NAN, self._name),)
         rows = self._nonfinite_rows
-        if self._next_nonfinite < rows.size and rows[self._next_nonfinite] < i1:
-            events += (self._nonfinite_event(i0, i1),)
+        while self._next_nonfinite < rows.size and rows[self._next_nonfinite] < i1:
+            # one event per chunk of chunk_size holding a non-finite sample
+            c0 = max(i0, int(rows[self._next_nonfinite]) // self._chunk_size * self._chunk_size)
+            events += (self._nonfinite_event(c0, min(c0 + self._chunk_size, i1)),)
         gaps = self._gap_rows
         while self._next_gap < gaps.size and gaps[self._next_gap] < i1:
             events += (self._gap_event(int(gaps[self._next_gap])),)
             self._next_gap += 1
         if i1 == n:
             events += (HealthEvent(HealthKind.END, float(times[-1]), _NAN, "end of recording"),)
+        if len(events) > 1:
+            events = tuple(sorted(events, key=lambda e: e.t_stream))
         return Chunk(self._data[i0:i1], times, self._ch_names, self._sfreq, events, _NAN)
 
     # Rare paths: formatting only happens when there is something to report.

@@ -28,14 +28,24 @@ class Event:
 class Subscription:
     """A bounded queue of events for one consumer (GUI, MQTT, recorder)."""
 
-    def __init__(self, name: str, maxlen: int, kinds: frozenset[str] | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        maxlen: int,
+        kinds: frozenset[str] | None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> None:
         self.name = name
         self.kinds = kinds
+        self.exclude = exclude
         self._queue: deque[Event] = deque(maxlen=maxlen)
         self.dropped = 0
 
+    def takes(self, kind: str) -> bool:
+        return (self.kinds is None or kind in self.kinds) and kind not in self.exclude
+
     def _offer(self, event: Event) -> None:
-        if self.kinds is not None and event.kind not in self.kinds:
+        if not self.takes(event.kind):
             return
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1  # deque drops the oldest on append
@@ -61,18 +71,36 @@ class EventBus:
     def __init__(self) -> None:
         self._subs: tuple[Subscription, ...] = ()
         self._lock = threading.Lock()  # only guards (un)subscribe, not publish
+        self._wants: dict[str, bool] = {}  # kind -> some subscriber takes it (reset on change)
 
     def subscribe(
-        self, name: str, maxlen: int = 10_000, kinds: set[str] | frozenset[str] | None = None
+        self,
+        name: str,
+        maxlen: int = 10_000,
+        kinds: set[str] | frozenset[str] | None = None,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> Subscription:
-        sub = Subscription(name, maxlen, frozenset(kinds) if kinds is not None else None)
+        """A new queue taking `kinds` (None: all) except `exclude`."""
+        sub = Subscription(
+            name, maxlen, frozenset(kinds) if kinds is not None else None, frozenset(exclude)
+        )
         with self._lock:
             self._subs = (*self._subs, sub)
+            self._wants = {}
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
             self._subs = tuple(s for s in self._subs if s is not sub)
+            self._wants = {}
+
+    def wants(self, kind: str) -> bool:
+        """Whether any subscriber takes `kind` (lets the hot path skip building an event)."""
+        wants = self._wants
+        got = wants.get(kind)
+        if got is None:
+            got = wants[kind] = any(s.takes(kind) for s in self._subs)
+        return got
 
     def publish(self, event: Event) -> None:
         for sub in self._subs:  # tuple snapshot: safe against concurrent subscribe

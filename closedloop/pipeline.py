@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 from pylsl import local_clock
 
-from acquisition.chunk import Chunk
+from acquisition.chunk import Chunk, HealthEvent
 from closedloop.bus import Event, EventBus
 from closedloop.config import SessionConfig
 from features.chain import FeatureChain
-from features.types import State
+from features.types import Label, State
 from triggers.audit import AuditLog
 from triggers.interlock import SafetyInterlock
 from triggers.outputs import build_outputs
 from triggers.policy import TriggerPolicy
 from triggers.unit import Attempt, TriggerUnit
 
+UNCALIBRATED = frozenset({Label.UNCALIBRATED, Label.CALIBRATING})
 LATENCY_RING = 8192  # decision latencies kept for p50/p99 (about 80 s of 10-sample chunks at 1 kHz)
 
 
@@ -53,6 +54,8 @@ class Pipeline:
         # trigger output, so they never delay a pulse; an exception in a tap disarms like any fault.
         self.taps: list[Callable[[Chunk, State], None]] = []
         self.state: State | None = None
+        # called once, after the first calibrated State went to the trigger (e.g. auto-arm)
+        self.on_calibrated: Callable[[], None] | None = None
         self.n_samples = 0
         self.n_chunks = 0
         self.faults: list[str] = []
@@ -93,14 +96,114 @@ class Pipeline:
         )
         return cls(chain, trigger, bus, live)
 
-    def step(self, chunk: Chunk) -> StepResult:
+    def step(self, chunk: Chunk, every: int | None = None) -> StepResult:
         """Process one chunk; never raises for data problems (they become faults -> DISARMED).
 
+        every: offline blocks, decide after every `every` samples of the chunk (the live chunk
+        grid, `FeatureChain.step_every`): each State goes to the trigger, the taps and the bus
+        in turn, and each health event just before the first State at or after its time, so
+        the pulses equal those of a run fed `every`-sample chunks.
         Decision latency: live, from the pull returning (chunk.t_arrival) to the outputs having
         returned; offline (no arrival time), the compute time of this step.
         """
         t_start = chunk.t_arrival if self.live else local_clock()
-        for event in chunk.events:
+        events = list(chunk.events)
+        if chunk.n_samples == 0 or every is None:  # a single decision: every fault before it
+            self._on_health(events)
+            events = []
+        if chunk.n_samples == 0:
+            return StepResult(self.state, None)
+        if self.n_chunks == 0:
+            self.first_t = float(chunk.timestamps[0])
+        try:
+            states = (
+                [self.chain.step(chunk)] if every is None else self.chain.step_every(chunk, every)
+            )
+        except Exception as exc:  # a bug in a feature must not fire or crash the loop silently
+            self._on_health(events)
+            reason = f"exception in features: {type(exc).__name__}: {exc}"
+            self.trigger.fault(reason, chunk.t_last)
+            self.faults.append(reason)
+            if self.bus is not None:
+                self.bus.emit(
+                    "error", chunk.t_last, reason=reason, traceback=traceback.format_exc()
+                )
+            return StepResult(self.state, None)
+        last_attempt = None
+        last = len(states) - 1
+        a = 0  # first sample of the current state's part of the chunk
+        bus, taps = self.bus, self.taps
+        publish_states = bus is not None and bus.wants("state")
+        for i, state in enumerate(states):
+            if events:  # faults before the state they precede (nan times: at once)
+                due = [e for e in events if not e.t_stream > state.t_stream]
+                if due:
+                    self._on_health(due)
+                    events = events[len(due) :]
+            attempt = self._decide(state, chunk.t_arrival)
+            if i == last:
+                self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
+                self._n_latency += 1
+            if taps:
+                if every is None:
+                    part = chunk
+                else:  # the part of the block this state decided on
+                    b = min(a + every, chunk.n_samples)
+                    part = Chunk(
+                        chunk.data[a:b],
+                        chunk.timestamps[a:b],
+                        chunk.ch_names,
+                        chunk.sfreq,
+                        t_arrival=chunk.t_arrival,
+                    )
+                    a = b
+                self._run_taps(part, state)
+            if bus is not None:
+                if publish_states:
+                    bus.publish(Event("state", _state_payload(state), state.t_stream))
+                if attempt is not None:
+                    bus.publish(Event("attempt", asdict(attempt), attempt.t_stream))
+            if attempt is not None:
+                last_attempt = attempt
+            if self.on_calibrated is not None and state.label not in UNCALIBRATED:
+                hook, self.on_calibrated = self.on_calibrated, None
+                hook()
+        self._on_health(events)
+        self.n_samples += chunk.n_samples
+        self.n_chunks += 1
+        return StepResult(states[-1], last_attempt)
+
+    def _decide(self, state: State, t_arrival: float) -> Attempt | None:
+        """One State to the trigger (a railing amplifier first becomes a fault)."""
+        if state.artifacts:
+            self._check_railing(state)
+        elif self._railing:
+            self._railing = False
+        try:
+            attempt = self.trigger.on_state(state, t_arrival)
+        except Exception as exc:  # TriggerUnit already disarmed (fault) before re-raising
+            reason = f"exception in trigger: {type(exc).__name__}: {exc}"
+            self.faults.append(reason)
+            if self.bus is not None:
+                self.bus.emit(
+                    "error", state.t_stream, reason=reason, traceback=traceback.format_exc()
+                )
+            attempt = None
+        self.state = state
+        return attempt
+
+    def _run_taps(self, chunk: Chunk, state: State) -> None:
+        for tap in self.taps:
+            try:
+                tap(chunk, state)
+            except Exception as exc:
+                reason = f"exception in tap {getattr(tap, '__qualname__', tap)}: {exc}"
+                self.trigger.fault(reason, chunk.t_last)
+                self.faults.append(reason)
+
+    def _on_health(self, events: list[HealthEvent]) -> None:
+        """Source health events: faults go to the interlock; all are published."""
+        for event in events:
             if event.is_fault:
                 self.trigger.on_health(event)
                 self.faults.append(f"{event.kind.value}: {event.detail}")
@@ -113,52 +216,6 @@ class Pipeline:
                         event.t_local,
                     )
                 )
-        if chunk.n_samples == 0:
-            return StepResult(self.state, None)
-        if self.n_chunks == 0:
-            self.first_t = float(chunk.timestamps[0])
-        try:
-            state = self.chain.step(chunk)
-        except Exception as exc:  # a bug in a feature must not fire or crash the loop silently
-            reason = f"exception in features: {type(exc).__name__}: {exc}"
-            self.trigger.fault(reason, chunk.t_last)
-            self.faults.append(reason)
-            if self.bus is not None:
-                self.bus.emit(
-                    "error", chunk.t_last, reason=reason, traceback=traceback.format_exc()
-                )
-            return StepResult(self.state, None)
-        if state.artifacts:
-            self._check_railing(state)
-        elif self._railing:
-            self._railing = False
-        try:
-            attempt = self.trigger.on_state(state, chunk.t_arrival)
-        except Exception as exc:  # TriggerUnit already disarmed (fault) before re-raising
-            reason = f"exception in trigger: {type(exc).__name__}: {exc}"
-            self.faults.append(reason)
-            if self.bus is not None:
-                self.bus.emit(
-                    "error", chunk.t_last, reason=reason, traceback=traceback.format_exc()
-                )
-            attempt = None
-        self.state = state
-        self.n_samples += chunk.n_samples
-        self.n_chunks += 1
-        self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
-        self._n_latency += 1
-        for tap in self.taps:
-            try:
-                tap(chunk, state)
-            except Exception as exc:
-                reason = f"exception in tap {getattr(tap, '__qualname__', tap)}: {exc}"
-                self.trigger.fault(reason, chunk.t_last)
-                self.faults.append(reason)
-        if self.bus is not None:
-            self.bus.publish(Event("state", _state_payload(state), state.t_stream))
-            if attempt is not None:
-                self.bus.publish(Event("attempt", asdict(attempt), attempt.t_stream))
-        return StepResult(state, attempt)
 
     def _check_railing(self, state: State) -> None:
         """A railing amplifier is a fault (DESIGN.md safety model), not only an artifact veto."""

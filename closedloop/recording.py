@@ -44,11 +44,11 @@ def to_json_line(record: dict[str, Any]) -> str:
 
 
 class EventLog:
-    """Writes every bus event except per-chunk 'state' to events.jsonl from a background thread."""
+    """Writes every bus event except per-decision 'state' to events.jsonl from its own thread."""
 
     def __init__(self, bus: EventBus, path: Path, kinds: set[str] | None = None) -> None:
         self.path = path
-        self._sub = bus.subscribe("event-log", maxlen=100_000, kinds=kinds)
+        self._sub = bus.subscribe("event-log", maxlen=100_000, kinds=kinds, exclude={"state"})
         self._bus = bus
         self._stop = threading.Event()
         self._file = path.open("a", encoding="utf-8")
@@ -62,8 +62,6 @@ class EventLog:
     def _write_pending(self) -> None:
         events = self._sub.drain()
         for ev in events:
-            if ev.kind == "state":
-                continue
             self._file.write(
                 to_json_line(
                     {"kind": ev.kind, "t_stream": ev.t_stream, "t_local": ev.t_local, **ev.payload}

@@ -198,6 +198,7 @@ class Session:
             self._add_live_outlets()
             self._add_feedback()
         xdf = self._start_xdf()
+        eeg_saver = self._save_recording()
         mqtt = self._start_mqtt()
         t_start_local = local_clock()
         try:
@@ -222,7 +223,7 @@ class Session:
             self.stop_reason = self.stop_reason or f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self._shutdown(events, xdf, t_start_local)
+            self._shutdown(events, xdf, eeg_saver, t_start_local)
             if mqtt is not None:
                 mqtt.stop()  # after the summary: the final interlock and session events go out
         return self.summary
@@ -233,24 +234,25 @@ class Session:
         duration_s = self.config.session.duration_s
         next_status = next_health = 0.0
         t0_stream = None
-        calibrating = True
+        p.on_calibrated = self._on_calibrated
+        # Offline from a file: blocks of offline_block_s through the chain, decisions on the
+        # source's chunk grid (the same pulses as single chunks, ~2x faster).
+        every = getattr(self.source, "chunk_size", None)
+        blocks = not self.live and every is not None and hasattr(self.source, "pull_chunks")
+        if blocks:
+            per_block = round(self.config.source.offline_block_s * self.source.sfreq / every)
         while not self.stop_event.is_set():
-            chunk = self.source.pull(LSL_PULL_TIMEOUT_S) if self.live else self.source.pull()
+            if blocks:
+                chunk = self.source.pull_chunks(per_block, stop_after_s=duration_s)
+            elif self.live:
+                chunk = self.source.pull(LSL_PULL_TIMEOUT_S)
+            else:
+                chunk = self.source.pull()
             if chunk is None:  # finite source ended
                 self.stop_reason = self.stop_reason or "end of recording"
                 break
             with self._lock:
-                result = p.step(chunk)
-                if calibrating and p.chain.calibrated:
-                    calibrating = False
-                    self._publish_baseline("auto")
-                    self._set_phase("running")
-                    sham_off = self.feedback is not None and not self.feedback.pulses_allowed
-                    if self.arm_action and not self._stimulation_ended and not sham_off:
-                        try:
-                            p.trigger.arm(self.arm_action, operator="auto", calibrated=True)
-                        except Exception as exc:
-                            self.warnings.append(f"could not arm after calibration: {exc}")
+                result = p.step(chunk, every if blocks else None)
             if chunk.n_samples:
                 if t0_stream is None:
                     t0_stream = float(chunk.timestamps[0])
@@ -268,7 +270,26 @@ class Session:
                 next_status = now + self.status_period_s
                 self._update_status(result.state)
 
-    def _shutdown(self, events: EventLog, xdf: XdfRecorder | None, t_start_local: float) -> None:
+    def _on_calibrated(self) -> None:
+        """The first calibrated decision went out: publish the baseline, arm when asked to."""
+        p = self.pipeline
+        assert p is not None
+        self._publish_baseline("auto")
+        self._set_phase("running")
+        sham_off = self.feedback is not None and not self.feedback.pulses_allowed
+        if self.arm_action and not self._stimulation_ended and not sham_off:
+            try:
+                p.trigger.arm(self.arm_action, operator="auto", calibrated=True)
+            except Exception as exc:
+                self.warnings.append(f"could not arm after calibration: {exc}")
+
+    def _shutdown(
+        self,
+        events: EventLog,
+        xdf: XdfRecorder | None,
+        eeg_saver: threading.Thread | None,
+        t_start_local: float,
+    ) -> None:
         """Disarm first, then close outputs, then flush records (issue [4] order)."""
         reason = self.stop_reason or "session ended"
         with self._lock:
@@ -286,13 +307,12 @@ class Session:
             xdf.stop()
             if xdf.error:
                 self.warnings.append(xdf.error)
+        if eeg_saver is not None:
+            eeg_saver.join()
         self.summary = self._build_summary(reason, local_clock() - t_start_local, events)
         events.close()
         if self.folder is not None:
             write_json(self.folder / "summary.json", self.summary)
-            if not self.live and hasattr(self.source, "raw"):
-                # offline: the recording itself is the EEG record of the session
-                self.source.raw.save(self.folder / "eeg_raw.fif", overwrite=True, verbose="error")
         self._update_status(self.pipeline.state if self.pipeline else None)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -319,6 +339,28 @@ class Session:
             log.warning(msg)
             return None
         return rec
+
+    def _save_recording(self) -> threading.Thread | None:
+        """Offline: the recording itself is the session's EEG record. It is known in full at the
+        start, so it is written now, on its own thread (the file is there even if the loop
+        fails, and the ~80 ms write of a 150 s 32-channel file overlaps the processing)."""
+        raw = getattr(self.source, "raw", None)
+        if self.live or raw is None:
+            return None
+        assert self.folder is not None
+        path = self.folder / "eeg_raw.fif"
+
+        def save() -> None:
+            try:
+                raw.save(path, overwrite=True, verbose="error")
+            except Exception as exc:  # reported, never silent; the decisions are in the audit
+                msg = f"could not save the EEG record {path.name}: {type(exc).__name__}: {exc}"
+                self.warnings.append(msg)
+                log.error(msg)
+
+        thread = threading.Thread(target=save, name="eeg-record", daemon=False)
+        thread.start()
+        return thread
 
     def _source_id(self) -> str | None:
         sid = getattr(getattr(self.source, "info", None), "source_id", None)
@@ -433,8 +475,7 @@ class Session:
         p = self.pipeline
         s = self.status
         if p is not None:
-            st = p.trigger.stats
-            s.pulses, s.vetoes = st["fired"], st["vetoed"]
+            s.pulses, s.vetoes = p.trigger.counts
             s.interlock = p.trigger.interlock.state.value
             s.calibration_progress = p.chain.calibration_progress
             s.latency_p50_ms, s.latency_p99_ms, _ = p.latency_percentiles()

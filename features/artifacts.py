@@ -177,6 +177,11 @@ class ArtifactDetector:
             self._reasons = self._reasons_for(self._count - 1 - self._last_bad)
         return active
 
+    @property
+    def grid_active(self) -> np.ndarray:
+        """(k,) bool: flags active after each grid sample of the latest block."""
+        return self._grid_active
+
     def reasons_at(self, g: int) -> tuple[str, ...]:
         """Active flags after grid sample g of the latest block (see `process`)."""
         if not self._grid_active[g]:

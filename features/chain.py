@@ -218,7 +218,7 @@ class FeatureChain:
         self._grow(64)
         self._latest_buf = np.full((len(self.band_names), len(self._groups)), _NAN)
         self._grids: dict[tuple[int, int], np.ndarray] = {}
-        self._time_in_label: dict[str, float] = {lab.value: 0.0 for lab in Label}
+        self._time_in_label = dict.fromkeys(Label, 0.0)
         self._t_last = _NAN
         self._state = State(
             t_stream=_NAN, label=Label.UNCALIBRATED, score=_NAN, time_in_state_s=0.0
@@ -345,9 +345,10 @@ class FeatureChain:
     # ------------------------------------------------------------------ the hot path
     def step(self, chunk: Chunk) -> State:
         """Process one chunk; returns the state after its last sample."""
-        if chunk.n_samples == 0:
+        n = chunk.n_samples
+        if n == 0:
             return self._state
-        return self._run(chunk, None)[-1]
+        return self._run(chunk, self._grid(n, n))[-1]
 
     def step_every(self, chunk: Chunk, every: int) -> list[State]:
         """Process one block; return the State after every `every`-th sample and after the last.
@@ -359,17 +360,21 @@ class FeatureChain:
         n = chunk.n_samples
         if n == 0:
             return []
+        return self._run(chunk, self._grid(n, every))
+
+    def _grid(self, n: int, every: int) -> np.ndarray:
+        """Sample indices every-1, 2 every-1, ... and n-1 of an n-sample block (int64, cached)."""
         grid = self._grids.get((n, every))
         if grid is None:
             grid = np.arange(every - 1, n, every, dtype=np.int64)
             if n % every:
                 grid = np.append(grid, np.int64(n - 1))
             self._grids[(n, every)] = grid
-        return self._run(chunk, grid)
+        return grid
 
-    def _run(self, chunk: Chunk, grid: np.ndarray | None) -> list[State]:
+    def _run(self, chunk: Chunk, grid: np.ndarray) -> list[State]:
         """The chain over one non-empty block; the States after the samples of `grid` (sorted
-        int64 indices ending with n - 1; None: only the last sample)."""
+        int64 indices ending with n - 1)."""
         n = chunk.n_samples
         raw = chunk.data if self._eeg_all else chunk.data[:, self._eeg_idx]
         nonfinite = None
@@ -464,53 +469,66 @@ class FeatureChain:
         self,
         t: np.ndarray,
         power: np.ndarray,
-        grid: np.ndarray | None,
+        grid: np.ndarray,
         start: int,
         pre_label: Label,
         pre_changed: float,
     ) -> list[State]:
         """The States after the grid samples: samples before `start` keep pre_label (not yet
-        calibrated: no score, no z); later ones read kernels.decide's per-sample outputs."""
-        n = t.shape[0]
-        rows = [n - 1] if grid is None else grid.tolist()
+        calibrated: no score, no z); later ones read kernels.decide's per-sample outputs.
+
+        Everything per grid sample is gathered as Python lists first (one numpy call per
+        quantity per block, not per State: ~2x faster for 200-State blocks)."""
+        rows = grid
         names = self.feature_names
-        bi, gi = self._feat_idx
-        dwell_n = self._machine.dwell_n
-        n_pre = sum(1 for b in rows if b < start) if rows[0] < start else 0
-        if n_pre:  # features of the uncalibrated samples, all in one call
+        n_pre = int(np.searchsorted(rows, start))  # grid samples before start
+        times = t[rows].tolist()
+        if n_pre:  # not yet calibrated
             pre = power[rows[:n_pre]]
+            bi, gi = self._feat_idx
             pre_feats = to_output(pre, self.bandpower_settings.output)[:, bi, gi].tolist()
+        if n_pre < len(rows):
+            post = rows[n_pre:]
+            labels = [_LABELS[c] for c in self._lab[post].tolist()]
+            scores = self._score[post].tolist()
+            changed = self._changed[post].tolist()
+            feats = self._feat[post].tolist()
+            zs = self._z[post].tolist()
+            dwell = (np.minimum(1.0, self._above[post] / self._machine.dwell_n)).tolist()
+        flagged = self._art.grid_active.tolist()
+        label_now = self._state.label
+        t_last = self._t_last
+        in_label = self._time_in_label
         states = []
-        for g, b in enumerate(rows):
-            tb = float(t[b])
+        for g, tb in enumerate(times):
             if g < n_pre:
-                label, score, changed, dwell, z = pre_label, _NAN, pre_changed, 0.0, {}
-                feats = pre_feats[g]
+                label, score, t_chg, prog, z = pre_label, _NAN, pre_changed, 0.0, {}
+                f = pre_feats[g]
             else:
-                label = _LABELS[self._lab[b]]
-                score, changed = float(self._score[b]), float(self._changed[b])
-                feats = self._feat[b].tolist()
-                z = dict(zip(names, self._z[b].tolist(), strict=True))
+                i = g - n_pre
+                label, score, t_chg, f = labels[i], scores[i], changed[i], feats[i]
+                z = dict(zip(names, zs[i], strict=True))
                 if label is Label.TARGET:
-                    dwell = 1.0
-                elif label is Label.NON_TARGET:
-                    dwell = min(1.0, int(self._above[b]) / dwell_n)
+                    prog = 1.0
                 else:
-                    dwell = 0.0
-            if self._t_last == self._t_last:  # not nan: account time per label
-                self._time_in_label[self._state.label.value] += tb - self._t_last
-            self._t_last = tb
-            self._state = State(
-                t_stream=tb,
-                label=label,
-                score=score,
-                time_in_state_s=tb - changed if math.isfinite(changed) else 0.0,
-                dwell_progress=dwell,
-                features=dict(zip(names, feats, strict=True)),
-                z=z,
-                artifacts=self._art.reasons_at(g),
+                    prog = dwell[i] if label is Label.NON_TARGET else 0.0
+            if not math.isnan(t_last):  # account time per label
+                in_label[label_now] += tb - t_last
+            t_last, label_now = tb, label
+            states.append(
+                State(
+                    t_stream=tb,
+                    label=label,
+                    score=score,
+                    time_in_state_s=0.0 if math.isnan(t_chg) else tb - t_chg,
+                    dwell_progress=prog,
+                    features=dict(zip(names, f, strict=True)),
+                    z=z,
+                    artifacts=self._art.reasons_at(g) if flagged[g] else (),
+                )
             )
-            states.append(self._state)
+        self._t_last = t_last
+        self._state = states[-1]
         return states
 
     def _grow(self, n: int) -> None:
@@ -637,7 +655,7 @@ class FeatureChain:
     @property
     def time_in_label(self) -> dict[str, float]:
         """Stream seconds spent in each label since construction / reset()."""
-        return dict(self._time_in_label)
+        return {lab.value: s for lab, s in self._time_in_label.items()}
 
     @property
     def groups(self) -> dict[str, list[str]]:

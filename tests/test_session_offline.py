@@ -76,20 +76,68 @@ def test_same_chunks_give_the_same_pulses_and_chunk_size_moves_them_by_less_than
     assert np.max(np.abs(np.subtract(times[0], times[2]))) <= 25 / 500.0 + 1e-9
 
 
+class SingleChunks:
+    """A FileSource seen without pull_chunks: the session feeds it chunk by chunk, as live."""
+
+    def __init__(self, source: FileSource) -> None:
+        self._src = source
+
+    def __getattr__(self, name):
+        if name == "pull_chunks":
+            raise AttributeError(name)
+        return getattr(self._src, name)
+
+
+def _decisions(folder):
+    """The audit log without wall-clock fields: every attempt and interlock change."""
+    wall = {"t_local", "latency_ms", "output_ms", "t_wall", "time", "wall_time"}
+    records = read_jsonl(folder / "audit.jsonl")
+    return [{k: v for k, v in rec.items() if k not in wall} for rec in records]
+
+
+@pytest.mark.parametrize("block_s", [0.5, 2.0, 7.3])
+def test_offline_blocks_give_the_pulses_of_single_chunks(recording, tmp_path, block_s):
+    """Offline blocks (offline_block_s) decide on the chunk grid: the audit log (every attempt,
+    veto, pulse and interlock change, with its stream time, score and features) equals that of
+    the same recording fed chunk by chunk, through gaps and NaN."""
+    raw = recording.copy()
+    data = raw._data
+    data[3, 70_003:70_007] = np.nan  # a fault inside a block, after the pulses
+    config = fast_config()
+    config.source.offline_block_s = block_s
+    ref = Session(
+        config,
+        SingleChunks(FileSource(raw, chunk_size=10)),
+        live=False,
+        out_root=tmp_path / "ref",
+        arm_action="offline_run",
+    )
+    ref_summary = ref.run()
+    got, summary = run_offline(raw, tmp_path / "got", config=config)
+    expected = _decisions(ref.folder)
+    assert sum(1 for r in expected if r.get("fired")) >= 3
+    reasons = [r.get("reason", "") for r in expected if r.get("event") == "interlock"]
+    assert any("non-finite" in r for r in reasons)
+    assert _decisions(got.folder) == expected
+    for key in ("pulses", "attempts", "vetoes_by_reason", "samples", "faults"):
+        assert summary[key] == ref_summary[key], key
+    assert summary["time_in_state_s"] == pytest.approx(ref_summary["time_in_state_s"], abs=1e-9)
+
+
 def test_exception_inside_a_feature_disarms_with_reason_and_no_pulse_after(
     recording, tmp_path, monkeypatch
 ):
     from features.chain import FeatureChain
 
-    original = FeatureChain.step
+    original = FeatureChain._run  # what step and step_every (offline blocks) both run
     t_fail = 95.0
 
-    def failing_step(self, chunk):
+    def failing_run(self, chunk, grid):
         if chunk.t_last >= t_fail:
             raise FloatingPointError("injected feature failure")
-        return original(self, chunk)
+        return original(self, chunk, grid)
 
-    monkeypatch.setattr(FeatureChain, "step", failing_step)
+    monkeypatch.setattr(FeatureChain, "_run", failing_run)
     session, summary = run_offline(recording, tmp_path)
     audit = read_jsonl(session.folder / "audit.jsonl")
     assert not [

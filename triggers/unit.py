@@ -411,6 +411,11 @@ class TriggerUnit:
         self.audit.write(record)
 
     @property
+    def counts(self) -> tuple[int, int]:
+        """(fired, vetoed) so far: cheap, for status lines (`stats` computes percentiles)."""
+        return self._n_fired, sum(self._vetoes.values())
+
+    @property
     def stats(self) -> dict[str, Any]:
         """Counts and latencies (ms) so far; computed on demand (not for the per-chunk path)."""
         lat = np.asarray(self._latencies_ms, dtype=float)
