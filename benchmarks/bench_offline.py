@@ -3,11 +3,12 @@
     python -m benchmarks offline memory [--quick]
 
 offline: the bundled 32-channel 500 Hz recording (replay_data/sim_32ch_500hz.fif, 150 s) through
-`Session(config, FileSource(...), live=False, arm_action=...)` with the default config at chunks
-of 10, 100 and 500 samples (source.chunk_size), best of three runs: stream seconds / wall seconds,
-for the whole `session.run()` (folder,
-audit, events, summary and the saved eeg_raw.fif included) and for the processing loop alone
-(`Pipeline.step` over the same chunks). Loading the file is not counted.
+`Session(config, FileSource(...), live=False, arm_action=...)` with the default config, deciding
+every 10 samples (the live chunking) one chunk per chain call (the baseline of the same run) and
+in 2 s blocks (source.offline_block_s, the default: the same pulses, checked), and deciding every
+100 / 500 samples; best and median of five runs: stream seconds / wall seconds, for the whole
+`session.run()` (folder, audit, events, summary and the saved eeg_raw.fif included) and for the
+processing loop alone (`Pipeline.step` over the same blocks). Loading the file is not counted.
 
 memory: an offline Session over a synthetic 64-channel 1000 Hz stream served in a loop (target
 blocks every 2.5 s, so pulses fire and the audit log grows) for one hour of stream time (five
@@ -33,6 +34,7 @@ from acquisition.file_source import FileSource
 from acquisition.simulator import replay_data_dir
 from benchmarks.synth import CHUNK_SAMPLES, alternating_blocks, bench_config, synth
 from closedloop.config import SessionConfig, apply_overrides
+from closedloop.load import read_jsonl
 from closedloop.pipeline import Pipeline
 from closedloop.session import Session
 
@@ -51,56 +53,107 @@ def rss_mb() -> float:
         return math.nan
 
 
-def _offline_one(path: Path, chunk_size: int, runs: int, tmp: Path) -> dict[str, Any]:
-    config = apply_overrides(
-        SessionConfig(), {"session.name": "bench-offline", "source.chunk_size": chunk_size}
-    )
-    session_x, loop_x, cpu_x, pulses, duration_s = [], [], [], 0, 0.0
+class SingleChunks:
+    """A FileSource without pull_chunks: the session takes it chunk by chunk, one chain call
+    per decision (how offline sessions ran before blocks; the baseline of the same run)."""
+
+    def __init__(self, source: FileSource) -> None:
+        self._src = source
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "pull_chunks":
+            raise AttributeError(name)
+        return getattr(self._src, name)
+
+
+def _pulse_times(folder: str) -> list[float]:
+    return [
+        a["t_stream"]
+        for a in read_jsonl(Path(folder) / "audit.jsonl")
+        if a.get("event") == "attempt" and a["fired"]
+    ]
+
+
+def _offline_one(
+    path: Path, chunk_size: int, block_s: float | None, runs: int, tmp: Path
+) -> dict[str, Any]:
+    """block_s None: single chunks (one chain call per decision)."""
+    over = {"session.name": "bench-offline", "source.chunk_size": chunk_size}
+    if block_s is not None:
+        over["source.offline_block_s"] = block_s
+    config = apply_overrides(SessionConfig(), over)
+    session_x, loop_x, cpu_x, duration_s = [], [], [], 0.0
+    summary: dict[str, Any] = {}
     for _ in range(runs):
         src = FileSource(path, chunk_size=chunk_size)
         duration_s = src.duration_s
         gc.collect()
         w0, c0 = time.perf_counter(), time.process_time()
-        summary = Session(config, src, live=False, out_root=tmp, arm_action="benchmark").run()
+        summary = Session(
+            config,
+            src if block_s is not None else SingleChunks(src),
+            live=False,
+            out_root=tmp,
+            arm_action="benchmark",
+        ).run()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         session_x.append(duration_s / wall)
         cpu_x.append(duration_s / cpu)
-        pulses = summary["pulses"]
         src = FileSource(path, chunk_size=chunk_size).connect()
         p = Pipeline.build(config, src.ch_names, src.sfreq, tmp / "audit.jsonl", live=False)
-        chunks = list(src)
+        if block_s is None:
+            chunks, every = list(src), None
+        else:
+            per_block = round(block_s * src.sfreq / chunk_size)
+            chunks, every = [], chunk_size
+            while (block := src.pull_chunks(per_block)) is not None:
+                chunks.append(block)
         gc.collect()
         w0 = time.perf_counter()
         for c in chunks:
-            p.step(c)
+            p.step(c, every)
         loop_x.append(duration_s / (time.perf_counter() - w0))
         p.close()
     return {
-        "chunk_samples": chunk_size,
+        "decision_every": chunk_size,
+        "block_s": block_s,
         "duration_s": duration_s,
-        "pulses": pulses,
+        "pulses": summary["pulses"],
+        "pulse_times": _pulse_times(summary["folder"]),
         "session_x_realtime": max(session_x),
+        "session_x_median": float(np.median(session_x)),
+        "session_x_runs": session_x,
         "session_x_per_cpu_s": max(cpu_x),
         "loop_x_realtime": max(loop_x),
     }
 
 
+# (decision every n samples, offline block s): single chunks first (the baseline of this run),
+# then the default (blocks, the same decisions), then coarser decisions
+OFFLINE_MODES = ((10, None), (10, 2.0), (100, 2.0), (500, 2.0))
+
+
 def offline(quick: bool, log=print) -> dict[str, Any]:
-    """Default config on the bundled recording at 10-sample chunks (the live chunking: the same
-    decisions as live) and at 100 / 500 samples (features are chunk-independent; the policy and
-    interlock then decide once per chunk, so a pulse can come up to one chunk later)."""
+    """Default config on the bundled recording, deciding every 10 samples (the live chunking)
+    one chunk per call and in 2 s blocks (the default: the same decisions), and deciding every
+    100 / 500 samples (a pulse can then come up to one such chunk later). Best of `runs`."""
     path = replay_data_dir() / OFFLINE_FILE
-    runs = 1 if quick else 3
+    runs = 2 if quick else 5
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for cs in CHUNK_SIZES:
-            row = _offline_one(path, cs, runs, Path(tmp))
+        for every, block_s in OFFLINE_MODES:
+            row = _offline_one(path, every, block_s, runs, Path(tmp))
+            row["same_pulses_as_single_chunks"] = (
+                row["pulse_times"] == rows[0]["pulse_times"] if rows else True
+            )
             rows.append(row)
+            how = "single chunks" if block_s is None else f"{block_s:g} s blocks"
             log(
-                f"  offline 32 ch x 500 Hz ({row['duration_s']:.0f} s), chunk {cs:3d}: session "
-                f"{row['session_x_realtime']:.0f}x real time ({row['session_x_per_cpu_s']:.0f}x "
-                f"per CPU s), processing loop alone {row['loop_x_realtime']:.0f}x "
-                f"({row['pulses']} pulses)"
+                f"  offline 32 ch x 500 Hz ({row['duration_s']:.0f} s), decisions every "
+                f"{every:3d} samples, {how}: session {row['session_x_realtime']:.0f}x real time "
+                f"(median {row['session_x_median']:.0f}x, {row['session_x_per_cpu_s']:.0f}x per "
+                f"CPU s), processing loop alone {row['loop_x_realtime']:.0f}x ({row['pulses']} "
+                f"pulses{', the same' if row['same_pulses_as_single_chunks'] else ''})"
             )
     return {
         "recording": OFFLINE_FILE,
@@ -108,7 +161,7 @@ def offline(quick: bool, log=print) -> dict[str, Any]:
         "sfreq_hz": 500.0,
         "runs": runs,
         "goal_x": OFFLINE_GOAL_X,
-        "by_chunk": rows,
+        "by_mode": rows,
     }
 
 

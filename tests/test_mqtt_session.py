@@ -43,7 +43,14 @@ def test_offline_session_publishes_every_attempt_health_and_interlock(tmp_path):
             ),
             15.0,
         )
-        got = [m.json() for m in sub.on("cltest/offline1/attempt")]
+        received = [m.json() for m in sub.on("cltest/offline1/attempt")]
+        # QoS 1 is at least once: a publish cut off by the session's end is sent again with the
+        # same seq (docs/mqtt.md), which a consumer drops
+        got, seen = [], set()
+        for g in received:  # the first of each seq
+            if g["seq"] not in seen:
+                seen.add(g["seq"])
+                got.append(g)
         # every attempt, in order, with its audit fields (schema v1: docs/mqtt.md)
         assert [g["data"]["attempt_number"] for g in got] == [a["attempt"] for a in attempts]
         assert [g["data"]["fired"] for g in got] == [a["fired"] for a in attempts]
