@@ -88,9 +88,11 @@ class ArtifactDetector:
         self._mask_reasons: tuple[str, ...] = ()
         self._reasons: tuple[str, ...] = ()
         self._last_rows: dict[int, np.ndarray] = {}
+        self._no_grid = np.zeros(0, dtype=np.int64)
         self._bad_at = np.empty((0, len(KINDS), n), dtype=np.int64)  # last_bad at grid samples
         self._grid = np.zeros(0, dtype=np.int64)
-        self._grid_active = np.zeros(0, dtype=bool)
+        self._active = np.zeros(0, dtype=bool)
+        self._grid_active: np.ndarray | None = None
         self._block_start = 0
         self.latest_muscle_ratio = np.zeros(n)
         self.reset()
@@ -106,7 +108,9 @@ class ArtifactDetector:
         self._mask = np.zeros_like(self._mask)
         self._mask_reasons = ()
         self._reasons = ()
-        self._grid_active = np.zeros(0, dtype=bool)
+        self._grid = np.zeros(0, dtype=np.int64)
+        self._active = np.zeros(0, dtype=bool)
+        self._grid_active = None
         self.latest_muscle_ratio[:] = 0.0
 
     @property
@@ -141,8 +145,9 @@ class ArtifactDetector:
         self._block_start = self._count
         if not s.enabled:
             self._count += n
-            self._grid_active = np.zeros(len(grid), dtype=bool)
-            return np.zeros(n, dtype=bool)
+            self._active = np.zeros(n, dtype=bool)
+            self._grid_active = None
+            return self._active
         if not self._all:
             raw = raw[:, self._idx]
             filtered = filtered[:, self._idx]
@@ -150,8 +155,11 @@ class ArtifactDetector:
             if nonfinite is not None:
                 nonfinite = nonfinite[:, self._idx]
         active = np.empty(n, dtype=bool)
-        if self._bad_at.shape[0] != len(grid):
-            self._bad_at = np.empty((len(grid), len(KINDS), len(self.check_names)), np.int64)
+        # flags after each grid sample; a grid of the last sample alone is `reasons` (live:
+        # no snapshot, which touched 2.5 KB more per chunk at 64 channels)
+        snap = grid if len(grid) > 1 else self._no_grid
+        if self._bad_at.shape[0] != len(snap):
+            self._bad_at = np.empty((len(snap), len(KINDS), len(self.check_names)), np.int64)
         any_now, self._last_bad_any = kernels.artifacts(
             np.ascontiguousarray(raw, dtype=np.float64),
             np.ascontiguousarray(filtered, dtype=np.float64),
@@ -168,10 +176,11 @@ class ArtifactDetector:
             self.holdoff_n,
             self.latest_muscle_ratio,
             active,
-            grid,
+            snap,
             self._bad_at,
         )
-        self._grid_active = active[grid]
+        self._active = active
+        self._grid_active = None  # gathered on demand (live asks only for `reasons`)
         self._count += n
         if any_now or self._reasons:  # flags can only appear or expire in these cases
             self._reasons = self._reasons_for(self._count - 1 - self._last_bad)
@@ -180,12 +189,16 @@ class ArtifactDetector:
     @property
     def grid_active(self) -> np.ndarray:
         """(k,) bool: flags active after each grid sample of the latest block."""
+        if self._grid_active is None:
+            self._grid_active = self._active[self._grid]
         return self._grid_active
 
     def reasons_at(self, g: int) -> tuple[str, ...]:
         """Active flags after grid sample g of the latest block (see `process`)."""
-        if not self._grid_active[g]:
+        if not self.grid_active[g]:
             return ()
+        if len(self._grid) == 1:  # the block's last sample
+            return self._reasons
         return self._reasons_for(self._block_start + self._grid[g] - self._bad_at[g])
 
     def _reasons_for(self, since_bad: np.ndarray) -> tuple[str, ...]:

@@ -267,7 +267,8 @@ def decide(  # pragma: no cover - compiled
     t_changed] (updated). Label changes go to tr_idx / tr_code (n,). Per sample i >= start:
     lab_out, above_out (n,) int64 label code and samples above enter, tchg_out (n,) stream time
     of the last label change, score_out (n,), feat_out and z_out (n, n_f). latest
-    (n_bands, n_groups) gets the last sample's band powers. Returns the number of label changes.
+    (n_bands, n_groups) gets the last sample's band powers. Returns (number of label changes,
+    the last sample's score).
     """
     n, n_b, n_g = power.shape
     n_f = bi.shape[0]
@@ -275,6 +276,7 @@ def decide(  # pragma: no cover - compiled
     dwell_n, leave_dwell_n, resume = st[4], st[5], st[6]
     enter, leave = fst[0], fst[1]
     n_tr = 0
+    score = np.nan
     for i in range(start, n):
         score = 0.0
         for f in range(n_f):
@@ -338,7 +340,7 @@ def decide(  # pragma: no cover - compiled
                     tot += power[n - 1, bb, g]
                 latest[b, g] = p / _floor(tot)
     st[0], st[1], st[2], st[3] = label, above, below, before
-    return n_tr
+    return n_tr, score
 
 
 _warm: list[bool] = []  # [True] once warm_up ran in this process

@@ -59,12 +59,13 @@ def test_decide_runs_the_label_machine_rules(dwell_n, leave_dwell_n, resume):
         ref.run(score[sl], art[sl], t[sl])
         ref_changes += ref.transitions
         m = len(t[sl])
-        n_tr = kernels.decide(
+        n_tr, last = kernels.decide(
             np.ascontiguousarray(power[sl]), 0, 0, True, bi, gi, median, scale, weights,
             art[sl], t[sl], st, fst, tr_idx, tr_code, latest, lab, above, changed, sc, feat, z,
         )  # fmt: skip
         got_changes += [(t[sl][tr_idx[j]], LABELS[tr_code[j]]) for j in range(n_tr)]
         np.testing.assert_allclose(sc[:m], score[sl], rtol=1e-12)
+        assert last == sc[m - 1]
         np.testing.assert_allclose(feat[:m], fs[sl], rtol=1e-14)
         np.testing.assert_allclose(z[:m], (fs[sl] - median) / scale, rtol=1e-14)
         np.testing.assert_allclose(latest, to_output(power[sl][m - 1], "log"), rtol=1e-14)
