@@ -181,3 +181,22 @@ def test_offline_cli_bad_recording_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.edf" in err
     assert "Traceback" not in err
+
+
+def test_latency_percentiles_equal_numpys(tmp_path):
+    """The pipeline's own percentile (sorted values, linear) gives np.percentile's numbers."""
+    from closedloop.config import SessionConfig
+    from closedloop.pipeline import LATENCY_RING, Pipeline
+
+    p = Pipeline.build(SessionConfig(), ["Fz", "Pz"], 250.0, tmp_path / "audit.jsonl", live=False)
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 75, LATENCY_RING + 100):
+        lat = rng.gamma(2.0, 0.3, n)
+        lat[rng.random(n) < 0.05] = np.nan  # chunks without an arrival time
+        p._latency_ms[:] = np.nan
+        p._latency_ms[: min(n, LATENCY_RING)] = lat[:LATENCY_RING]
+        p._n_latency = n
+        finite = lat[:LATENCY_RING][np.isfinite(lat[:LATENCY_RING])]
+        expected = (*np.percentile(finite, [50, 99]), finite.max())
+        np.testing.assert_allclose(p.latency_percentiles(), expected, rtol=1e-12)
+    p.close()
