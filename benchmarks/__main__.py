@@ -5,7 +5,8 @@
 Names: decision, throughput, e2e, offline, memory, feedback, tune_speed (default: all).
 --quick: short runs (about 5 minutes in all) to check that everything works, written to quick.json
 and quick.md beside latest.*, so the committed results stay; those come from a full run (about 20
-minutes on a 2-core machine). Not part of the test suite.
+minutes on a 2-core machine). A run of some names only goes to partial.json / partial.md. Not part
+of the test suite.
 The machine, versions, date, git commit and the load average around each benchmark are recorded:
 on a shared machine other processes lengthen the latency tails (compare the CPU-time figures).
 """
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=ROOT / "benchmarks" / "results",
-        help="where latest.json and latest.md (quick.* with --quick) go",
+        help="where latest.json and latest.md go (quick.* with --quick, partial.* for a subset)",
     )
     args = ap.parse_args(argv)
     names = args.names or list(NAMES)
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     res["goals"] = goals(res["results"])
     args.out.mkdir(parents=True, exist_ok=True)
     # a quick run never overwrites the committed results of a full run
-    stem = "quick" if args.quick else "latest"
+    # the committed latest.* hold a full run; a quick or partial run goes beside them
+    stem = "quick" if args.quick else "latest" if set(names) == set(NAMES) else "partial"
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=_jsonable) + "\n")
     md = markdown(res)
     (args.out / f"{stem}.md").write_text(md)
