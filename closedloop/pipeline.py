@@ -139,7 +139,7 @@ class Pipeline:
                 due = [e for e in events if not e.t_stream > state.t_stream]
                 if due:
                     self._on_health(due)
-                    events = events[len(due) :]
+                    events = [e for e in events if e.t_stream > state.t_stream]
             attempt = self._decide(state, chunk.t_arrival)
             if i == last:
                 self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3

@@ -515,8 +515,8 @@ class FeatureChain:
         """The States after the grid samples: samples before `start` keep pre_label (not yet
         calibrated: no score, no z); later ones read kernels.decide's per-sample outputs.
 
-        Everything per grid sample is gathered as Python lists first (one numpy call per
-        quantity per block, not per State: ~2x faster for 200-State blocks)."""
+        Everything per grid sample is gathered as Python lists first: one numpy call per
+        quantity per block, not per State."""
         rows = grid
         names = self.feature_names
         n_pre = int(np.searchsorted(rows, start))  # grid samples before start
