@@ -488,18 +488,32 @@ class FeatureChain:
             feats = self._feat_rows[n - 1].tolist()
             z = dict(zip(names, self._z_rows[n - 1].tolist(), strict=True))
             prog = m.dwell_progress if label in (Label.NON_TARGET, Label.TARGET) else 0.0
-        if not math.isnan(self._t_last):  # account time per label
+        return self._emit(tb, label, score, t_chg, prog, feats, z, self._art.reasons)
+
+    def _emit(
+        self,
+        tb: float,
+        label: Label,
+        score: float,
+        t_changed: float,
+        progress: float,
+        feats: list[float],
+        z: dict[str, float],
+        artifacts: tuple[str, ...],
+    ) -> State:
+        """The State after stream time tb (time in the previous label accounted)."""
+        if not math.isnan(self._t_last):
             self._time_in_label[self._state.label] += tb - self._t_last
         self._t_last = tb
         self._state = State(
             t_stream=tb,
             label=label,
             score=score,
-            time_in_state_s=0.0 if math.isnan(t_chg) else tb - t_chg,
-            dwell_progress=prog,
-            features=dict(zip(names, feats, strict=True)),
+            time_in_state_s=0.0 if math.isnan(t_changed) else tb - t_changed,
+            dwell_progress=progress,
+            features=dict(zip(self.feature_names, feats, strict=True)),
             z=z,
-            artifacts=self._art.reasons,
+            artifacts=artifacts,
         )
         return self._state
 
@@ -534,9 +548,6 @@ class FeatureChain:
             zs = self._z[post].tolist()
             dwell = (np.minimum(1.0, self._above[post] / self._machine.dwell_n)).tolist()
         flagged = self._art.grid_active.tolist()
-        label_now = self._state.label
-        t_last = self._t_last
-        in_label = self._time_in_label
         states = []
         for g, tb in enumerate(times):
             if g < n_pre:
@@ -550,23 +561,8 @@ class FeatureChain:
                     prog = 1.0
                 else:
                     prog = dwell[i] if label is Label.NON_TARGET else 0.0
-            if not math.isnan(t_last):  # account time per label
-                in_label[label_now] += tb - t_last
-            t_last, label_now = tb, label
-            states.append(
-                State(
-                    t_stream=tb,
-                    label=label,
-                    score=score,
-                    time_in_state_s=0.0 if math.isnan(t_chg) else tb - t_chg,
-                    dwell_progress=prog,
-                    features=dict(zip(names, f, strict=True)),
-                    z=z,
-                    artifacts=self._art.reasons_at(g) if flagged[g] else (),
-                )
-            )
-        self._t_last = t_last
-        self._state = states[-1]
+            reasons = self._art.reasons_at(g) if flagged[g] else ()
+            states.append(self._emit(tb, label, score, t_chg, prog, f, z, reasons))
         return states
 
     def _grow(self, n: int) -> None:
