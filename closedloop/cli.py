@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from acquisition.lsl_config import configure_liblsl_log
+
+    configure_liblsl_log(debug=args.debug)  # liblsl's INFO/ERR lines only with --debug
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as exc:

@@ -16,6 +16,10 @@ from closedloop.config import SessionConfig
 from closedloop.errors import UserError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "replay_data" / "sim_32ch_500hz.fif"
+# The bundled recording opens with 26 s of mind wandering before its first meditation block:
+# a 20 s baseline fits inside it (warm-up 2 s + settle 1.5 s + 20 s = 23.5 s), so the first pulse
+# comes at about 29 s instead of after a 60 s baseline that would also swallow a target block.
+DEMO_CALIBRATION_S = 20.0
 
 
 def has_display() -> bool:
@@ -70,16 +74,23 @@ def start_replayer(
         "--wait-consumers",
         str(wait_consumers_s),
     ]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # its own process group, as an amplifier app would be: Ctrl-C in the terminal stops the
+    # session (which prints its summary), not the stream under it
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def demo_config(config: SessionConfig, name: str, source_id: str) -> SessionConfig:
-    """The demo streams its own replayer: point the source at it, keep everything else."""
+def demo_config(
+    config: SessionConfig, name: str, source_id: str, bundled: bool = True
+) -> SessionConfig:
+    """The demo streams its own replayer: point the source at it; on the bundled recording, a
+    shorter baseline (DEMO_CALIBRATION_S) so that a newcomer sees a pulse within about 30 s."""
     config = config.model_copy(deep=True)
     config.source.kind = "lsl"
     config.source.name = name
     config.source.source_id = source_id
     config.session.name = "demo"
+    if bundled:
+        config.state.calibration_s = min(config.state.calibration_s, DEMO_CALIBRATION_S)
     return config
 
 
@@ -108,7 +119,8 @@ def run_demo(
         )
     tag = uuid.uuid4().hex[:8]
     name, source_id = f"closedloop-demo-{tag}", f"closedloop-demo-{tag}"
-    config = demo_config(config, name, source_id)
+    bundled = recording.resolve() == BUNDLED
+    config = demo_config(config, name, source_id, bundled=bundled)
     if duration_s is not None:
         config.session.duration_s = duration_s
     replayer = start_replayer(recording, name, source_id, speed)
@@ -127,7 +139,10 @@ def run_demo(
             return run_gui(config, autostart=True, arm_action="demo_auto_arm", out_root=out_root)
         print(
             f"closedloop demo: headless: replaying {recording.name} as LSL stream "
-            f"'{name}', simulated stimulator, auto-armed after calibration. Ctrl-C stops.",
+            f"'{name}', simulated stimulator, auto-armed after a "
+            f"{config.state.calibration_s:g} s baseline"
+            + (" (shortened for the bundled simulation)" if bundled else "")
+            + ". Ctrl-C stops.",
             file=sys.stderr,
         )
         source = LslSource(

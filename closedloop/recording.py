@@ -149,6 +149,10 @@ class XdfRecorder:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            # its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) must
+            # reach only the session, which then asks the recorder to finish the file; killed by
+            # the signal, the CLI left the XDF unfinished and broke the pipe of the Enter we send
+            start_new_session=True,
         )
         self._reader = threading.Thread(
             target=self._read_stdout, args=(self._proc.stdout,), name="labrecorder", daemon=True
@@ -205,7 +209,10 @@ class XdfRecorder:
         if proc is not None:
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
-                    stream.close()
+                    try:
+                        stream.close()
+                    except OSError:  # BrokenPipeError: the CLI died with our Enter unflushed
+                        pass
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -35,3 +38,45 @@ def test_demo_headless_runs_the_closed_loop_and_ends_with_the_summary(tmp_path):
 def test_qt_probe_reports_a_working_platform():
     ok, why = qt_window_works()  # the tests run offscreen, which always loads
     assert ok, why
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_the_demo_cleanly_with_its_summary(tmp_path):
+    """SIGINT to the whole foreground process group, as a terminal sends it: before, the
+    LabRecorder child died too and the demo ended with 'BrokenPipeError' and exit 1, no summary.
+    Also: the bundled recording's shorter baseline gives a pulse within about 30 s of stream, and
+    liblsl's INFO / ERR lines stay off the console."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "closedloop.cli", "demo", "--headless", "--speed", "2",
+         "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True,  # its own group: the test sends the group SIGINT like a terminal
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            folders = list(tmp_path.iterdir())
+            audit = folders[0] / "audit.jsonl" if folders else None
+            if audit is not None and audit.exists() and '"fired":true' in audit.read_text():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the demo ended before the first pulse"
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "session summary" in out
+    assert "stop_reason       signal SIGINT" in out
+    assert "Broken pipe" not in err
+    assert "INFO|" not in err
+    assert "ERR|" not in err
+    assert "shortened for the bundled simulation" in err
+    (folder,) = tmp_path.iterdir()
+    rec = load_session(folder)
+    assert rec.summary["pulses"] >= 1
+    assert rec.eeg_source == "xdf"  # LabRecorder finished the file: it was not killed by SIGINT
+    first_pulse = rec.raw.annotations.onset[rec.raw.annotations.description == "pulse"][0]
+    assert first_pulse < 35.0  # stream seconds from the first sample
