@@ -586,6 +586,7 @@ class StatePanel:
             self.score_plot.addItem(line)
             line.sigPositionChangeFinished.connect(self._dropped)
             line.sigDragged.connect(self._dragging)
+        self.time_plot: pg.PlotWidget = self.score_plot  # scrolled here (the window may re-point)
         return box
 
     def update(self, tick: Tick) -> None:
@@ -663,8 +664,8 @@ class StatePanel:
         for k, curve in enumerate(self.band_curves):
             curve.setData(x, dec.features[:, k], connect="finite")
         t_now = float(x[-1])
-        # the band and raster plots are x-linked to this one (gui/window.py)
-        self.score_plot.setXRange(max(0.0, t_now - HISTORY_S), max(t_now, 1.0), padding=0)
+        # the history plots are x-linked to `time_plot` (gui/window.py)
+        self.time_plot.setXRange(max(0.0, t_now - HISTORY_S), max(t_now, 1.0), padding=0)
         st = scope.last_state
         if st is not None:
             self.show_state(st.label, st.time_in_state_s, st.dwell_progress, st.score)

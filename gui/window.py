@@ -164,9 +164,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         top.addWidget(self.calibration.build(), 1)
         lay.addLayout(top)
         raster_plot = self.raster_panel.build()
-        # one time axis: the state panel scrolls the score plot, the others follow
-        self.state.band_plot.setXLink(self.state.score_plot)
-        raster_plot.setXLink(self.state.score_plot)
+        # one time axis: the state panel scrolls the raster, the score and band plots follow
+        self.state.time_plot = raster_plot
+        self.state.band_plot.setXLink(raster_plot)
+        self.state.score_plot.setXLink(raster_plot)
         lay.addWidget(self.state.band_plot, 2)
         lay.addWidget(self.state.score_plot, 2)
         lay.addWidget(raster_plot, 1)
