@@ -656,3 +656,74 @@ def test_guided_with_an_unknown_output_name_is_silent_and_says_so(pulse, unique_
     events = {e.payload["action"]: e.payload for e in sub.drain()}
     assert "matching 'speakers'" in events["no_device"]["detail"]
     assert list(events) == ["start", "no_device", "stop"]
+
+
+@pytest.mark.gui
+@pytest.mark.lsl
+@pytest.mark.timeout(150)
+def test_console_shows_the_participant_audio_lost_and_reopened(
+    pulse_daemon, monkeypatch, tmp_path, unique_name, looping_replayer, qtbot
+):
+    """A live session in the console's child process, its feedback on a sink that is removed
+    and brought back: the health panel says open, LOST, reopened; the session runs on."""
+    pytest.importorskip("pytestqt")
+    if shutil.which("pactl") is None:
+        pytest.skip("pactl not installed (pulseaudio-utils): cannot remove a sink")
+    from closedloop.config import apply_overrides
+    from gui.window import ConsoleWindow
+    from tests.test_gui_console import CONNECT_TIMEOUT_MS, _config
+
+    own = start_pulse()
+    monkeypatch.setenv("PULSE_SERVER", own.server)  # the session process inherits it
+    config = apply_overrides(
+        _config(unique_name),
+        {
+            "feedback.enabled": True,
+            "feedback.publish_lsl": False,
+            "feedback.audio.output": "device",
+            "feedback.audio.sample_rate_hz": SR,
+        },
+    )
+    win = ConsoleWindow(config, out_root=tmp_path, list_streams=lambda _t: [])
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        runner = win.start_session()
+        qtbot.waitUntil(lambda: runner.scope is not None, timeout=CONNECT_TIMEOUT_MS)
+
+        def health() -> str:
+            return win.health_label.text()
+
+        qtbot.waitUntil(lambda: "participant audio <b" in health(), timeout=5000)
+        assert ">open<" in health()
+        assert win.snapshot.audio_device == "open"
+        sink = next(
+            line.split()[0]
+            for line in _pactl(own, "list", "short", "modules").splitlines()
+            if "module-null-sink" in line
+        )
+        _pactl(own, "unload-module", sink)
+        qtbot.waitUntil(lambda: "LOST" in health(), timeout=8000)
+        assert win.snapshot.audio_device == "lost"
+        n_samples = runner.scope.n_samples
+        qtbot.wait(1000)
+        assert runner.running
+        assert runner.scope.n_samples > n_samples  # the session goes on without its sound
+        _pactl(own, "load-module", "module-null-sink", f"sink_name={SINK}", f"rate={SR}")
+        qtbot.waitUntil(lambda: ">reopened<" in health(), timeout=8000)
+        assert "lost 1x, reopened 1x" in health()
+        assert win.snapshot.audio_device == "reopened"
+        win.close()
+        assert not runner.running
+    finally:
+        if win.runner is not None and win.runner.running:
+            win.close()
+        own.stop()
+        shutil.rmtree(own.folder, ignore_errors=True)
+    folder = Path(runner.session.folder)
+    events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines() if x]
+    states = [e["state"] for e in events if e.get("kind") == "audio_device"]
+    assert states == ["open", "lost", "reopened"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["feedback"]["audio_device"]["losses"] == 1
+    assert summary["feedback"]["audio_device"]["reopens"] == 1
