@@ -573,7 +573,10 @@ def test_a_removed_sink_is_reported_lost_and_reopened_when_it_comes_back(
         assert states() == ["open", "lost"]
         assert pushed[0] > n_before + 50  # the feedback (and the session) went on
         _pactl(own, "load-module", "module-null-sink", f"sink_name={SINK}", f"rate={SR}")
-        _wait_for(lambda: "reopened" in states(), DEVICE_REOPEN_EVERY_S + 3.0, "reopened event")
+        t_back = _wait_for(
+            lambda: "reopened" in states(), DEVICE_REOPEN_EVERY_S + 3.0, "reopened event"
+        )
+        print(f"sink removed -> lost {t_lost:.2f} s; sink back -> reopened {t_back:.2f} s")
         if own.keepalive is not None:
             own.keepalive.close()
         own.keep_busy()  # the new sink at low latency (an idle null sink renders in 2 s blocks)
