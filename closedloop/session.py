@@ -83,7 +83,7 @@ class SessionSnapshot:
     vetoes: int = 0
     latency_p50_ms: float = float("nan")  # decision latency, as of the last status update
     latency_p99_ms: float = float("nan")
-    audio_device: str = ""  # participant audio output: '' none, open, lost, reopened
+    audio_device: str = ""  # participant audio: '' none, wav, open, lost, reopened, closed
 
 
 class Session:
