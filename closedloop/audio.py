@@ -51,6 +51,14 @@ UNSUPPORTED_FORMAT_MESSAGE = (
 # enough to lose 3-13 % of the blocks (dropouts); 20-40 ms lost 0-5 %: raise period_ms there.
 DEVICE_PERIOD_MS = 10
 GUIDED_PERIOD_MS = 40  # a recording needs no low latency: larger periods, fewer wake-ups
+# A device whose callbacks stop for this long is lost (its sink removed, its server gone). Not
+# shorter: an otherwise idle PulseAudio null sink renders in ~2 s blocks, and a new stream's
+# second callback came 0.5-1.5 s after its first (tests/test_audio_device.py, keep_busy); a
+# sound card calls back every period_ms (10-40 ms).
+DEVICE_LOST_AFTER_S = 3.0
+# While lost, look for the output again this often (one probe: ~5-25 ms on the feedback
+# writer thread, never on the acquisition thread); the device reopens on the first success.
+DEVICE_REOPEN_EVERY_S = 1.0
 LATENCY_RING = 4096  # update -> rendered latencies kept for percentiles
 
 
@@ -344,6 +352,7 @@ class WavFeedbackAudio:
     """
 
     kind = "wav"
+    device_state = "wav"  # what the console shows for the participant audio
 
     def __init__(self, audio: AudioSettings, path: Path) -> None:
         self.path = Path(path)
@@ -405,6 +414,12 @@ class DeviceFeedbackAudio:
 
     poll() -> (value 0..1 or nan, t_local of that update, update count, target entries so far);
     without one, the values given to `feed` are played (a standalone sink, one drain late).
+
+    A lost output (callbacks stopped for DEVICE_LOST_AFTER_S: its sink removed, its server
+    gone) is closed and looked for again every DEVICE_REOPEN_EVERY_S; when it is back the device
+    is reopened on it. `check()` does this (the feedback writer thread calls it every 50 ms) and
+    returns each change of `device_state` (open -> lost -> reopened -> lost ...); the session
+    and its pulses never wait for it.
     """
 
     kind = "device"
@@ -426,15 +441,71 @@ class DeviceFeedbackAudio:
         self.error: str | None = None
         self._lat_ms = np.full(LATENCY_RING, np.nan)
         self.n_latencies = 0
-        self._device = _open_playback(
-            audio.device, 1, self.sr, audio.period_ms, "closedloop feedback"
-        )
+        self._settings = audio
+        self._device = None
+        self._open()
         self.backend: str = self._device.backend
-        gen = self._generate()
-        next(gen)
         self.t_opened = clock()
         self.t_closed = math.nan
-        _start(self._device, gen)
+        self.device_state = "open"  # open, lost, reopened (closed after close())
+        self.n_losses = 0
+        self.n_reopens = 0
+        self._callbacks_seen = 0
+        self._t_progress = self.t_opened  # last time the callback count was seen to move
+        self._next_try = math.nan
+
+    def _open(self) -> None:
+        """Open and start a playback device on the configured output (AudioError if none)."""
+        a = self._settings
+        device = _open_playback(a.device, 1, self.sr, a.period_ms, "closedloop feedback")
+        gen = self._generate()
+        next(gen)
+        _start(device, gen)
+        self._device = device
+
+    def check(self) -> tuple[str, str] | None:
+        """Notice a lost output, reopen it when it is back: (new state, detail) on a change.
+
+        Writer thread only (as close()); never raises (a failed reopen is retried later).
+        """
+        now = self.clock()
+        if self._device is not None:
+            return self._watch(now)
+        if self.device_state == "closed" or not now >= self._next_try:
+            return None
+        self._next_try = now + DEVICE_REOPEN_EVERY_S
+        return self._reopen(now)
+
+    def _watch(self, now: float) -> tuple[str, str] | None:
+        n = self.n_callbacks
+        if n != self._callbacks_seen:
+            self._callbacks_seen, self._t_progress = n, now
+            return None
+        stalled_s = now - self._t_progress
+        if stalled_s < DEVICE_LOST_AFTER_S:
+            return None
+        device, self._device = self._device, None
+        try:
+            device.close()
+        except Exception as exc:  # a dead device may fail to close: it is gone either way
+            self.error = self.error or f"closing the lost output: {exc}"
+        self.device_state = "lost"
+        self.n_losses += 1
+        self._next_try = now + DEVICE_REOPEN_EVERY_S
+        return "lost", f"no audio callback for {stalled_s:.1f} s"
+
+    def _reopen(self, now: float) -> tuple[str, str] | None:
+        try:
+            self._open()
+        except AudioError:
+            return None  # not back yet
+        except Exception as exc:  # unexpected: keep trying, say why once
+            self.error = self.error or f"reopening the output: {type(exc).__name__}: {exc}"
+            return None
+        self.device_state = "reopened"
+        self.n_reopens += 1
+        self._callbacks_seen, self._t_progress = self.n_callbacks, now
+        return "reopened", f"output back after loss {self.n_losses}"
 
     def _generate(self):
         """miniaudio callback generator: receives a frame count, yields that many int16 frames."""
@@ -495,14 +566,18 @@ class DeviceFeedbackAudio:
             "played_s": self.n_frames / self.sr,
             "open_s": end - self.t_opened,
             "render_latency_ms": self.render_latency_ms(),
+            "losses": self.n_losses,
+            "reopens": self.n_reopens,
             "error": self.error,
         }
 
     def close(self) -> None:
+        if self.device_state != "closed":
+            self.device_state = "closed"
+            self.t_closed = self.clock()
         if self._device is not None:
             self._device.close()
             self._device = None
-            self.t_closed = self.clock()
 
 
 def open_feedback_audio(

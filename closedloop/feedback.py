@@ -421,6 +421,8 @@ class Feedback:
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> Feedback:
         self._emit("feedback", event="started", **self._record())
+        if isinstance(self.audio, DeviceFeedbackAudio):
+            self._emit("audio_device", state="open", detail="", backend=self.audio.backend)
         if self.guided_skipped:
             self._emit(
                 "guided_audio",
@@ -468,8 +470,17 @@ class Feedback:
             self.audio.feed(t, value, entry)
         self._n_written = n
 
+    def _check_audio(self) -> None:
+        """A lost audio output is reported, and reopened when it is back (the session goes on)."""
+        check = getattr(self.audio, "check", None)
+        change = check() if check is not None else None
+        if change is not None:
+            state, detail = change
+            self._emit("audio_device", state=state, detail=detail, backend=self.audio.backend)
+
     def _run_writer(self) -> None:
         while not self._stop.wait(WRITER_PERIOD_S):
+            self._check_audio()
             try:
                 self._drain()
             except Exception as exc:  # loud, but the session (and its pulses) go on

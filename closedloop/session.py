@@ -56,6 +56,36 @@ class SessionStatus:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    """What a console shows of a running session, read in one go (plain values, picklable).
+
+    Taken without the session lock (single attribute reads, no percentiles computed: latency
+    comes from the status the loop refreshes every `status_period_s`), so any thread may call
+    `Session.snapshot()` at display rate. Defaults are the "no session yet" view.
+    """
+
+    phase: str = "idle"  # idle, connecting, calibrating, running, stopped
+    ready: bool = False  # the pipeline exists (commands other than disarm / stop can succeed)
+    folder: str = ""
+    interlock: str = "disarmed"  # disarmed, armed, refractory
+    interlock_reason: str = ""
+    locked_out: bool = False  # emergency stop latched: never arms again this session
+    session_cap: int = 0  # interlock settings shown beside the counts (0: no session)
+    max_per_minute: int = 0
+    min_interval_s: float = float("nan")
+    calibrated: bool = False
+    calibrating: bool = False
+    calibration_progress: float = 0.0  # 0..1
+    baseline: tuple[tuple[str, float, float], ...] = ()  # (feature, median, MAD), sorted
+    thresholds: tuple[float, float] = (float("nan"), float("nan"))  # (enter, leave), z
+    pulse_count: int = 0
+    vetoes: int = 0
+    latency_p50_ms: float = float("nan")  # decision latency, as of the last status update
+    latency_p99_ms: float = float("nan")
+    audio_device: str = ""  # participant audio: '' none, wav, open, lost, reopened, closed
+
+
 class Session:
     """Runs one config against one source (LslSource live, FileSource offline)."""
 
@@ -149,6 +179,40 @@ class Session:
     def thresholds(self) -> tuple[float, float]:
         with self._lock:
             return self._require_pipeline().chain.thresholds
+
+    def snapshot(self) -> SessionSnapshot:
+        """The values a console displays, now (any thread, no lock: see SessionSnapshot)."""
+        st = self.status
+        p = self.pipeline
+        folder = str(self.folder) if self.folder is not None else ""
+        fb = self.feedback
+        audio = getattr(getattr(fb, "audio", None), "device_state", "") if fb is not None else ""
+        if p is None:
+            return SessionSnapshot(phase=st.phase, folder=folder, audio_device=audio)
+        chain, il = p.chain, p.trigger.interlock
+        _, vetoed = p.trigger.counts
+        limits = il.settings
+        return SessionSnapshot(
+            phase=st.phase,
+            ready=True,
+            folder=folder,
+            interlock=il.state.value,
+            interlock_reason=il.last_reason,
+            locked_out=bool(il.locked_out),
+            session_cap=int(limits.session_cap),
+            max_per_minute=int(limits.max_per_minute),
+            min_interval_s=float(limits.min_interval_s),
+            calibrated=chain.calibrated,
+            calibrating=chain.calibrating,
+            calibration_progress=float(chain.calibration_progress),
+            baseline=tuple(sorted((k, float(m), float(d)) for k, (m, d) in chain.baseline.items())),
+            thresholds=tuple(chain.thresholds),
+            pulse_count=int(il.pulse_count),
+            vetoes=int(vetoed),
+            latency_p50_ms=st.latency_p50_ms,
+            latency_p99_ms=st.latency_p99_ms,
+            audio_device=audio,
+        )
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask the loop to end (thread-safe; SIGINT/SIGTERM handlers call this)."""

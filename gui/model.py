@@ -2,7 +2,7 @@
 
 `ConsoleModel.apply(events)` folds bus events (drained on each GUI tick) into counters, the pulse
 raster, calibration results, health figures and the banner. `Snapshot` is what the window reads
-from the running session on each tick without taking the session lock (attribute reads only).
+from the running session on each tick (`Session.snapshot()`: plain values, no session lock).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from closedloop.bus import Event
+from closedloop.session import SessionSnapshot
 
 GUI_EVENT_KINDS = frozenset(
     {
@@ -29,6 +30,7 @@ GUI_EVENT_KINDS = frozenset(
         "error",
         "session",
         "emergency_stop",
+        "audio_device",
     }
 )
 # The console does not need per-chunk 'state' events (the scope tap has them as arrays).
@@ -63,55 +65,18 @@ class AttemptMark:
         return f"{what}{lat}"
 
 
-@dataclass
-class Snapshot:
-    """Read from the session on every tick (no lock: single attribute reads)."""
-
-    phase: str = "idle"
-    interlock: str = "disarmed"
-    interlock_reason: str = ""
-    locked_out: bool = False
-    calibrated: bool = False
-    calibrating: bool = False
-    calibration_progress: float = 0.0
-    thresholds: tuple[float, float] = (float("nan"), float("nan"))
-    pulse_count: int = 0
-    session_cap: int = 0
-    max_per_minute: int = 0
+# What the window reads from the session each tick (closedloop.session.SessionSnapshot).
+Snapshot = SessionSnapshot
 
 
 def snapshot_of(session: Any) -> Snapshot:
-    """Current values of a closedloop Session (or anything with the same attributes)."""
-    snap = Snapshot(phase=getattr(session.status, "phase", "idle"))
-    p = getattr(session, "pipeline", None)
-    if p is None:
-        return snap
-    chain, trig = p.chain, p.trigger
-    il = trig.interlock
-    snap.interlock = getattr(il.state, "value", str(il.state))
-    snap.interlock_reason = getattr(il, "last_reason", "")
-    snap.locked_out = bool(getattr(il, "locked_out", False))
-    snap.calibrated = bool(chain.calibrated)
-    snap.calibrating = bool(chain.calibrating)
-    snap.calibration_progress = float(chain.calibration_progress)
-    snap.thresholds = tuple(chain.thresholds)
-    snap.pulse_count = int(getattr(il, "pulse_count", 0))
-    settings = getattr(il, "settings", None)
-    if settings is not None:
-        snap.session_cap = int(settings.session_cap)
-        snap.max_per_minute = int(settings.max_per_minute)
-    return snap
+    """The session's own snapshot (a Session, or anything with `snapshot()`)."""
+    return session.snapshot()
 
 
 def latency_samples_ms(pipeline: Any) -> np.ndarray:
-    """Recent decision latencies (ms) of a Pipeline, copied (empty when none yet)."""
-    get = getattr(pipeline, "latency_samples", None)
-    if callable(get):
-        return np.asarray(get(), dtype=float)
-    ring = getattr(pipeline, "_latency_ms", None)  # until the pipeline exposes them publicly
-    if ring is None:
-        return np.zeros(0)
-    lat = np.array(ring, dtype=float)
+    """Recent decision latencies (ms) of a Pipeline, finite values only, copied."""
+    lat = np.asarray(pipeline.latency_samples(), dtype=float)
     return lat[np.isfinite(lat)]
 
 
@@ -145,6 +110,11 @@ class ConsoleModel:
     session_folder: str = ""
     stop_reason: str = ""
     errors: list[str] = field(default_factory=list)
+    audio_state: str = ""  # participant audio device: open, lost, reopened, wav ('' none)
+    audio_backend: str = ""
+    audio_detail: str = ""
+    audio_losses: int = 0
+    audio_reopens: int = 0
     changed_attempts: bool = False  # set when the raster needs a redraw
     changed_baseline: bool = False
     changed_thresholds: bool = False
@@ -246,6 +216,19 @@ class ConsoleModel:
             self.session_folder = str(p["folder"])
         if self.session_phase == "stopped":
             self.stop_reason = str(p.get("reason", ""))
+
+    def _on_audio_device(self, ev: Event) -> None:
+        """The participant audio output opened, was lost, or was reopened (the session goes on
+        either way: the sound is for the participant, not a safety signal)."""
+        p = ev.payload
+        state = str(p.get("state", ""))
+        self.audio_state = state
+        self.audio_backend = str(p.get("backend") or self.audio_backend)
+        self.audio_detail = str(p.get("detail", ""))
+        if state == "lost":
+            self.audio_losses += 1
+        elif state == "reopened":
+            self.audio_reopens += 1
 
     def _on_error(self, ev: Event) -> None:
         reason = str(ev.payload.get("reason", "error"))

@@ -18,11 +18,15 @@ Channels between the console (parent) and the session (child, 'spawn' context, n
   The reply carries the child's local_clock() when the command had taken effect, so the time
   from the call to the interlock disarmed is measured (`SessionProxy.last_command_ms`).
 - events + status: a one-way Pipe written by one forwarder thread in the child every
-  FORWARD_PERIOD_S (bus events, a `Snapshot`, every LATENCY_PERIOD_S the latency ring, last a
-  'final' report with the summary or the error). The loop never touches a pipe: events wait in
-  the bus subscription (bounded, drops counted and shown) until the forwarder takes them.
+  FORWARD_PERIOD_S (bus events, `Session.snapshot()`, every LATENCY_PERIOD_S the latency
+  ring, last a 'final' report with the summary or the error). The loop never touches a pipe:
+  events wait in the bus subscription (bounded, drops counted and shown) until the forwarder
+  takes them.
 - EEG and decisions for the scope: `multiprocessing.shared_memory`, the Scope's flat buffer
-  (closedloop/scope.py), written by the pipeline tap in the child, read by the window.
+  (closedloop/scope.py), written by the pipeline tap in the child, read by the window. The
+  child unlinks the segment when it ends; a child that died without doing so (SIGKILL, a
+  crash) is noticed by the console's next poll, which unlinks it then (the console's own
+  mapping stays valid until it lets go), so /dev/shm does not keep a dead session's ring.
 
 Safety: the child disarms and ends the session (recording flushed, summary written) when asked
 (`stop`), when the command pipe reaches EOF or the parent pid changes (the console died, even by
@@ -54,7 +58,8 @@ from pylsl import local_clock
 from closedloop.config import SessionConfig
 from closedloop.control import ControlError
 from closedloop.scope import Scope
-from gui.model import POLLED_KINDS, Snapshot, snapshot_of
+from closedloop.session import SessionSnapshot
+from gui.model import POLLED_KINDS
 from gui.runner import SUBSCRIPTION_MAXLEN, SourceSpec, source_for
 
 log = logging.getLogger(__name__)
@@ -210,15 +215,7 @@ class _Child:
             if events:
                 msgs.append(("events", events))
             s = self.session
-            msgs.append(
-                (
-                    "status",
-                    snapshot_of(s),
-                    str(s.folder) if s.folder is not None else "",
-                    s.pipeline is not None,
-                    self.subscription.dropped,
-                )
-            )
+            msgs.append(("status", s.snapshot(), self.subscription.dropped))
             now = time.monotonic()
             if now >= next_latency and s.pipeline is not None:
                 next_latency = now + LATENCY_PERIOD_S
@@ -283,15 +280,14 @@ class _Child:
             self.request_stop(*args)
             return None
         if name == "probe":  # the child's own view, for tests and diagnostics
-            p = s.pipeline
-            il = p.trigger.interlock if p is not None else None
+            snap = s.snapshot()
             return {
-                "interlock": getattr(getattr(il, "state", None), "value", None),
-                "reason": getattr(il, "last_reason", ""),
-                "locked_out": bool(getattr(il, "locked_out", False)),
-                "thresholds": tuple(p.chain.thresholds) if p is not None else None,
-                "pulse_count": int(getattr(il, "pulse_count", 0)),
-                "folder": str(s.folder) if s.folder is not None else "",
+                "interlock": snap.interlock if snap.ready else None,
+                "reason": snap.interlock_reason,
+                "locked_out": snap.locked_out,
+                "thresholds": snap.thresholds if snap.ready else None,
+                "pulse_count": snap.pulse_count,
+                "folder": snap.folder,
                 "pid": os.getpid(),
             }
         if name not in CHILD_COMMANDS:
@@ -483,12 +479,13 @@ class ProcessRunner:
         self.error_text = ""
         self.error_traceback = ""
         self.events_dropped = 0
-        self._snapshot = Snapshot()
+        self._snapshot = SessionSnapshot()
         self._latency = np.zeros(0)
         self._ready = False
         self._final = False
         self._in_closed = False
         self._shm: _AttachedMemory | None = None
+        self._shm_released = False
         self._cmd_lock = threading.Lock()
         self._next_id = 0
 
@@ -517,7 +514,7 @@ class ProcessRunner:
         """The child's pipeline exists."""
         return self._ready and self.running
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> SessionSnapshot:
         self.poll()
         return self._snapshot
 
@@ -542,15 +539,31 @@ class ProcessRunner:
         if self._in_closed and not self._final and self.error is None and self.started:
             self._proc.join(1.0)
             self._fail(f"session process died without a report ({_exit_text(self._proc)})")
+        if self._in_closed and self._shm is not None and not self._shm_released:
+            self._release_shm()
+
+    def _release_shm(self) -> None:
+        """The child is gone: remove its scope segment from /dev/shm unless it did so itself.
+
+        A child that ended cleanly unlinked it already (FileNotFoundError here); one killed
+        (SIGKILL, OOM) could not, and the resource tracker would only do it when the console
+        exits. Unlinking removes the name; the mapping the window reads stays valid.
+        """
+        if self._proc.is_alive():  # pipe closed but still running: it unlinks at its end
+            return
+        self._shm_released = True
+        with contextlib.suppress(FileNotFoundError):
+            self._shm.unlink()
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "events":
             self.subscription.events.extend(msg[1])
         elif kind == "status":
-            _, self._snapshot, folder, self._ready, self.events_dropped = msg
-            if folder:
-                self.session.folder = Path(folder)
+            _, self._snapshot, self.events_dropped = msg
+            self._ready = self._snapshot.ready
+            if self._snapshot.folder:
+                self.session.folder = Path(self._snapshot.folder)
         elif kind == "latency":
             self._latency = msg[1]
         elif kind == "scope":

@@ -1,8 +1,9 @@
-"""Run a closedloop Session in a thread of this process, with a scope tap on its pipeline.
+"""How the console runs a session: the `Runner` contract, and the thread runner.
 
-The console runs its sessions in a child process (gui/procrunner.py, `ProcessRunner`); this
-in-process runner has the same interface and is kept for tools and tests that want the Session
-object itself (and as the "before" of `python -m gui.bench`).
+The console runs its sessions in a child process (gui/procrunner.py, `ProcessRunner`); the
+in-process `SessionRunner` here satisfies the same `Runner` protocol and is kept for tools and
+tests that want the Session object itself (and as the "before" of `python -m gui.bench`).
+tests/test_gui_runners.py runs one contract test against both.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,12 +22,64 @@ from acquisition.lsl_source import LslSource
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig
 from closedloop.scope import Scope
-from closedloop.session import Session
-from gui.model import POLLED_KINDS, Snapshot, latency_samples_ms, snapshot_of
+from closedloop.session import Session, SessionSnapshot
+from gui.model import POLLED_KINDS, latency_samples_ms
 
 log = logging.getLogger(__name__)
 
 SUBSCRIPTION_MAXLEN = 20_000  # events buffered between two GUI ticks (drained every 40 ms)
+
+
+class EventInbox(Protocol):
+    """The runner's events for the window: `drain()` returns those since the last drain."""
+
+    def drain(self) -> list: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """One session run for the console (gui.window.ConsoleWindow drives it on its QTimer).
+
+    Life: `start()` -> poll `snapshot()` / `subscription.drain()` / `scope` each tick ->
+    `stop(reason)` (disarms, waits for a complete folder). `session` is the SessionControl the
+    window's buttons call (arm, disarm, emergency_stop, set_thresholds, start_calibration,
+    stop_calibration, thresholds, stop); a refused command raises ControlError. A runner that
+    failed keeps `error` / `error_text` (shown in the window) and `running` turns False.
+    """
+
+    session: Any
+    subscription: EventInbox
+    scope: Scope | None  # the EEG and decision rings; None until the pipeline exists
+    summary: dict[str, Any] | None  # the session's summary once it ended cleanly
+    error: BaseException | None
+    error_text: str
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def events_dropped(self) -> int: ...
+
+    def start(self) -> Runner: ...
+
+    def stop(self, reason: str, timeout_s: float = 20.0) -> bool: ...
+
+    def poll(self) -> None:
+        """Take in what the session reported; notice (and clean up after) its death."""
+        ...
+
+    def snapshot(self) -> SessionSnapshot: ...
+
+    def latency_samples(self) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +134,7 @@ def make_lsl_source(
 
 
 class SessionRunner:
-    """One session on one source, run by `Session.run()` in a daemon thread.
+    """One session on one source, run by `Session.run()` in a daemon thread (a `Runner`).
 
     The GUI reads `scope` (filled by a pipeline tap in the acquisition thread), drains
     `subscription` on its timer, reads `snapshot()` / `latency_samples()` and calls the
@@ -141,8 +194,11 @@ class SessionRunner:
     def events_dropped(self) -> int:
         return self.subscription.dropped
 
-    def snapshot(self) -> Snapshot:
-        return snapshot_of(self.session)
+    def poll(self) -> None:
+        """Nothing to take in: the session is in this process (its events are in `bus`)."""
+
+    def snapshot(self) -> SessionSnapshot:
+        return self.session.snapshot()
 
     def latency_samples(self) -> np.ndarray:
         """Recent decision latencies (ms), copied."""

@@ -502,6 +502,102 @@ def test_device_feedback_survives_the_server_dying(pulse_daemon, monkeypatch, tm
     assert device["played_s"] < device["open_s"] - 0.4
 
 
+def _pactl(pulse: Pulse, *args: str) -> str:
+    out = subprocess.run(
+        ["pactl", "--server", pulse.server, *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return out.stdout
+
+
+def _wait_for(pred, timeout_s: float, what: str) -> float:
+    """Poll `pred` every 20 ms; return the seconds it took (fails after `timeout_s`)."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"{what} not within {timeout_s} s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest.mark.timeout(90)
+def test_a_removed_sink_is_reported_lost_and_reopened_when_it_comes_back(
+    pulse_daemon, monkeypatch, tmp_path
+):
+    """The participant's output goes away mid-session and comes back: 'audio_device' events
+    say open -> lost -> reopened, the feedback goes on meanwhile, and sound flows again."""
+    if shutil.which("pactl") is None:
+        pytest.skip("pactl not installed (pulseaudio-utils): cannot remove a sink")
+    from closedloop.audio import DEVICE_LOST_AFTER_S, DEVICE_REOPEN_EVERY_S
+
+    own = start_pulse()  # a daemon of its own: this test removes its sink
+    bus = EventBus()
+    sub = bus.subscribe("test", kinds={"audio_device"})
+    seen: list[dict] = []
+
+    def states() -> list[str]:
+        seen.extend(dict(e.payload) for e in sub.drain())
+        return [e["state"] for e in seen]
+
+    stop = threading.Event()
+    try:
+        monkeypatch.setenv("PULSE_SERVER", own.server)
+        fb = Feedback.from_settings(feedback_settings(), tmp_path, bus).start()
+        assert isinstance(fb.audio, DeviceFeedbackAudio)
+        pushed = [0]
+
+        def updates() -> None:  # the session's decisions, on regardless of the audio
+            while not stop.is_set():
+                fb.push(pylsl.local_clock(), 0.5, False)
+                pushed[0] += 1
+                time.sleep(UPDATE_S)
+
+        th = threading.Thread(target=updates)
+        th.start()
+        _wait_for(lambda: fb.audio.n_callbacks > 5, 5.0, "first callbacks")
+        assert states() == ["open"]
+        sink = next(
+            line.split()[0]
+            for line in _pactl(own, "list", "short", "modules").splitlines()
+            if "module-null-sink" in line
+        )
+        _pactl(own, "unload-module", sink)
+        t_lost = _wait_for(lambda: "lost" in states(), DEVICE_LOST_AFTER_S + 3.0, "lost event")
+        assert t_lost >= DEVICE_LOST_AFTER_S - 0.5  # after the stall, not a false alarm before
+        assert fb.audio.device_state == "lost"
+        n_before = pushed[0]
+        time.sleep(2 * DEVICE_REOPEN_EVERY_S)  # no output: retries fail quietly
+        assert states() == ["open", "lost"]
+        assert pushed[0] > n_before + 50  # the feedback (and the session) went on
+        _pactl(own, "load-module", "module-null-sink", f"sink_name={SINK}", f"rate={SR}")
+        t_back = _wait_for(
+            lambda: "reopened" in states(), DEVICE_REOPEN_EVERY_S + 3.0, "reopened event"
+        )
+        print(f"sink removed -> lost {t_lost:.2f} s; sink back -> reopened {t_back:.2f} s")
+        if own.keepalive is not None:
+            own.keepalive.close()
+        own.keep_busy()  # the new sink at low latency (an idle null sink renders in 2 s blocks)
+        n_cb = fb.audio.n_callbacks
+        _wait_for(lambda: fb.audio.n_callbacks > n_cb + 10, 5.0, "callbacks after reopening")
+        stop.set()
+        th.join(5.0)
+        summary = fb.close()
+    finally:
+        stop.set()
+        own.stop()
+        shutil.rmtree(own.folder, ignore_errors=True)
+    assert states() == ["open", "lost", "reopened"]
+    assert seen[1]["backend"] == "PulseAudio"
+    assert "no audio callback" in seen[1]["detail"]
+    assert summary["updates"] == pushed[0]
+    device = summary["audio_device"]
+    assert (device["losses"], device["reopens"]) == (1, 1)
+    assert device["error"] is None
+
+
 @pytest.mark.timeout(60)
 def test_sham_feedback_is_what_the_device_plays(pulse, tmp_path):
     """Sham: the sink gets the earlier session's trace, not the live score."""
@@ -563,3 +659,74 @@ def test_guided_with_an_unknown_output_name_is_silent_and_says_so(pulse, unique_
     events = {e.payload["action"]: e.payload for e in sub.drain()}
     assert "matching 'speakers'" in events["no_device"]["detail"]
     assert list(events) == ["start", "no_device", "stop"]
+
+
+@pytest.mark.gui
+@pytest.mark.lsl
+@pytest.mark.timeout(150)
+def test_console_shows_the_participant_audio_lost_and_reopened(
+    pulse_daemon, monkeypatch, tmp_path, unique_name, looping_replayer, qtbot
+):
+    """A live session in the console's child process, its feedback on a sink that is removed
+    and brought back: the health panel says open, LOST, reopened; the session runs on."""
+    pytest.importorskip("pytestqt")
+    if shutil.which("pactl") is None:
+        pytest.skip("pactl not installed (pulseaudio-utils): cannot remove a sink")
+    from closedloop.config import apply_overrides
+    from gui.window import ConsoleWindow
+    from tests.test_gui_console import CONNECT_TIMEOUT_MS, _config
+
+    own = start_pulse()
+    monkeypatch.setenv("PULSE_SERVER", own.server)  # the session process inherits it
+    config = apply_overrides(
+        _config(unique_name),
+        {
+            "feedback.enabled": True,
+            "feedback.publish_lsl": False,
+            "feedback.audio.output": "device",
+            "feedback.audio.sample_rate_hz": SR,
+        },
+    )
+    win = ConsoleWindow(config, out_root=tmp_path, list_streams=lambda _t: [])
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        runner = win.start_session()
+        qtbot.waitUntil(lambda: runner.scope is not None, timeout=CONNECT_TIMEOUT_MS)
+
+        def health() -> str:
+            return win.health_label.text()
+
+        qtbot.waitUntil(lambda: "participant audio <b" in health(), timeout=5000)
+        assert ">open<" in health()
+        assert win.snapshot.audio_device == "open"
+        sink = next(
+            line.split()[0]
+            for line in _pactl(own, "list", "short", "modules").splitlines()
+            if "module-null-sink" in line
+        )
+        _pactl(own, "unload-module", sink)
+        qtbot.waitUntil(lambda: "LOST" in health(), timeout=8000)
+        assert win.snapshot.audio_device == "lost"
+        n_samples = runner.scope.n_samples
+        qtbot.wait(1000)
+        assert runner.running
+        assert runner.scope.n_samples > n_samples  # the session goes on without its sound
+        _pactl(own, "load-module", "module-null-sink", f"sink_name={SINK}", f"rate={SR}")
+        qtbot.waitUntil(lambda: ">reopened<" in health(), timeout=8000)
+        assert "lost 1x, reopened 1x" in health()
+        assert win.snapshot.audio_device == "reopened"
+        win.close()
+        assert not runner.running
+    finally:
+        if win.runner is not None and win.runner.running:
+            win.close()
+        own.stop()
+        shutil.rmtree(own.folder, ignore_errors=True)
+    folder = Path(runner.session.folder)
+    events = [json.loads(x) for x in (folder / "events.jsonl").read_text().splitlines() if x]
+    states = [e["state"] for e in events if e.get("kind") == "audio_device"]
+    assert states == ["open", "lost", "reopened"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["feedback"]["audio_device"]["losses"] == 1
+    assert summary["feedback"]["audio_device"]["reopens"] == 1

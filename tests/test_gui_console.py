@@ -304,3 +304,22 @@ def test_stream_picker_lists_streams_and_starts_on_the_picked_one(qtbot, unique_
     assert made == [SourceSpec("amp-A", "sid-A", "EEG")]  # the child resolves this stream
     win.tick()  # a tick with the (idle) runner is harmless
     win.close()
+
+
+def test_health_panel_shows_the_participant_audio_device(qtbot, unique_name):
+    """'audio_device' events reach the health panel on its next slow tick (no session needed)."""
+    from closedloop.bus import Event
+    from gui.window import SLOW_EVERY_TICKS
+
+    win = ConsoleWindow(_config(unique_name), list_streams=lambda _t: [])
+    qtbot.addWidget(win)
+    win.timer.stop()  # ticks by hand: the health text is redrawn on slow ticks only
+    win.tick()
+    assert "participant audio" not in win.health_label.text()
+    win.model.apply([Event("audio_device", {"state": "lost", "detail": "gone", "backend": "X"})])
+    while win._tick_count % SLOW_EVERY_TICKS != 0:  # up to the tick before the next slow one
+        win.tick()
+    win.tick()
+    assert "participant audio" in win.health_label.text()
+    assert "LOST" in win.health_label.text()
+    win.close()

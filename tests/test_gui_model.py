@@ -140,3 +140,27 @@ def test_scope_reader_on_the_writers_buffer_sees_samples_and_state():
     assert writer.last_state is not st  # the writer keeps its own State object
     with pytest.raises(ValueError, match="scope buffer"):
         Scope(names, 100.0, feats, seconds=1.0, buffer=bytearray(size - 1))
+
+
+def test_model_and_health_line_follow_the_participant_audio_device():
+    from closedloop.session import SessionSnapshot
+    from gui.panels import audio_text
+
+    m = ConsoleModel()
+    assert audio_text(m, SessionSnapshot()) == ""  # no feedback audio: no line
+    assert "WAV" in audio_text(m, SessionSnapshot(audio_device="wav"))
+    m.apply([_ev("audio_device", state="open", detail="", backend="PulseAudio")])
+    line = audio_text(m, SessionSnapshot(audio_device="open"))
+    assert ">open<" in line
+    assert "PulseAudio" in line
+    m.apply([_ev("audio_device", state="lost", detail="no audio callback for 3.0 s")])
+    line = audio_text(m, SessionSnapshot(audio_device="open"))  # the event is newer
+    assert "LOST" in line
+    assert "no audio callback for 3.0 s" in line
+    assert "lost 1x, reopened 0x" in line
+    assert m.banner is None  # the session goes on: no alarm banner for the participant's sound
+    m.apply([_ev("audio_device", state="reopened", detail="output back after loss 1")])
+    line = audio_text(m, SessionSnapshot(audio_device="reopened"))
+    assert ">reopened<" in line
+    assert "lost 1x, reopened 1x" in line
+    assert "no audio callback" not in line

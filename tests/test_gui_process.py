@@ -216,6 +216,34 @@ def test_a_killed_session_process_is_shown_and_estop_still_answers(
     win.close()
 
 
+@pytest.mark.timeout(90)
+def test_a_killed_session_process_leaves_no_shared_memory_while_the_console_stays_open(
+    qtbot, tmp_path, unique_name, looping_replayer
+):
+    """SIGKILL of the child: its scope segment leaves /dev/shm on the console's next polls,
+    not when the console exits; the window keeps showing the last data it mapped."""
+    win = ConsoleWindow(_config(unique_name), out_root=tmp_path, list_streams=lambda _t: [])
+    qtbot.addWidget(win)
+    win.show()
+    runner = win.start_session()
+    qtbot.waitUntil(lambda: runner.scope is not None, timeout=CONNECT_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: runner.scope.n_samples > 0, timeout=5000)
+    segment = Path("/dev/shm") / runner._shm.name
+    if not segment.parent.is_dir():
+        pytest.skip("no /dev/shm on this platform")
+    assert segment.exists()
+    os.kill(runner.pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    qtbot.waitUntil(lambda: not segment.exists(), timeout=2000)
+    gone_s = time.monotonic() - t_kill
+    print(f"segment removed {1e3 * gone_s:.0f} ms after SIGKILL")
+    assert win.isVisible()
+    assert runner.scope.n_samples > 0  # the console's mapping outlives the name
+    qtbot.wait(3 * TICK_MS)  # later polls do not trip over the removed segment
+    assert "killed by SIGKILL" in runner.error_text
+    win.close()
+
+
 NICE_CHECK = """
 import threading, time
 from closedloop.config import SessionConfig, apply_overrides
