@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -209,10 +210,9 @@ class XdfRecorder:
         if proc is not None:
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
-                    try:
+                    # BrokenPipeError: the CLI died with our Enter unflushed
+                    with contextlib.suppress(OSError):
                         stream.close()
-                    except OSError:  # BrokenPipeError: the CLI died with our Enter unflushed
-                        pass
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
