@@ -155,7 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     from closedloop.tune import add_tune_arguments
 
     add_tune_arguments(p)
+    _add_report_commands(sub)
     return parser
+
+
+def _add_report_commands(sub) -> None:
+    """report, export-bids, latency-check (issue 17: what a session proves)."""
+    p = sub.add_parser("report", help="write an HTML timing and quality report of a session")
+    p.add_argument("session", type=Path, help="session folder")
+    p.add_argument(
+        "--out", type=Path, default=None, help="HTML file (default: SESSION/report.html)"
+    )
 
 
 def _config(args):
@@ -353,6 +363,13 @@ def cmd_tune(args) -> int:
     return run_tune(args)
 
 
+def cmd_report(args) -> int:
+    from closedloop.report import write_report
+
+    print(f"wrote {write_report(args.session, args.out)}")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
@@ -362,6 +379,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "gui": cmd_gui,
     "tune": cmd_tune,
+    "report": cmd_report,
 }
 
 

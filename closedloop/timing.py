@@ -162,7 +162,11 @@ def code_version() -> dict[str, Any]:
         pkg = version("closedloop")
     except PackageNotFoundError:
         pkg = None
-    return {"git_describe": git_describe(), "package_version": pkg, "source_sha256": source_sha256()}
+    return {
+        "git_describe": git_describe(),
+        "package_version": pkg,
+        "source_sha256": source_sha256(),
+    }
 
 
 def session_timing(folder: Path | None, live: bool) -> dict[str, Any]:
