@@ -167,6 +167,18 @@ def _add_report_commands(sub) -> None:
         "--out", type=Path, default=None, help="HTML file (default: SESSION/report.html)"
     )
 
+    p = sub.add_parser(
+        "export-bids", help="write a session as a BIDS EEG dataset (pulses as events)"
+    )
+    p.add_argument("session", type=Path, help="session folder")
+    p.add_argument("--bids-root", type=Path, required=True, help="BIDS dataset folder")
+    p.add_argument("--subject", required=True, help="BIDS subject label (letters and digits)")
+    p.add_argument("--session", dest="bids_session", default=None, help="BIDS session label")
+    p.add_argument("--task", default="closedloop", help="BIDS task label (default: closedloop)")
+    p.add_argument("--run", type=int, default=None, help="BIDS run index")
+    p.add_argument("--include-vetoed", action="store_true", help="also every vetoed attempt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recording")
+
 
 def _config(args):
     from closedloop.config import apply_overrides, load_config
@@ -363,6 +375,23 @@ def cmd_tune(args) -> int:
     return run_tune(args)
 
 
+def cmd_export_bids(args) -> int:
+    from closedloop.bids import export_bids
+
+    path = export_bids(
+        args.session,
+        args.bids_root,
+        args.subject,
+        session=args.bids_session,
+        task=args.task,
+        run=args.run,
+        include_vetoed=args.include_vetoed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {path.fpath}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from closedloop.report import write_report
 
@@ -380,6 +409,7 @@ COMMANDS = {
     "gui": cmd_gui,
     "tune": cmd_tune,
     "report": cmd_report,
+    "export-bids": cmd_export_bids,
 }
 
 
