@@ -179,6 +179,18 @@ def _add_report_commands(sub) -> None:
     p.add_argument("--include-vetoed", action="store_true", help="also every vetoed attempt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing recording")
 
+    p = sub.add_parser(
+        "latency-check",
+        help="bench check (never on a person): fire test pulses wired back into the amplifier's "
+        "trigger input and measure the whole delay",
+    )
+    _add_config(p, required=True)
+    p.add_argument("--n", type=int, default=20, help="test pulses (default 20)")
+    p.add_argument("--trigger-channel", default=None, help="EEG stream channel of the trigger")
+    p.add_argument("--threshold", type=float, default=0.5, help="trigger value counted as high")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--out", type=Path, default=Path("sessions"), help="where the report goes")
+
 
 def _config(args):
     from closedloop.config import apply_overrides, load_config
@@ -392,6 +404,31 @@ def cmd_export_bids(args) -> int:
     return 0
 
 
+def cmd_latency_check(args) -> int:
+    import statistics
+
+    from closedloop.latency_check import run_latency_check
+
+    if args.set:
+        raise UserError("latency-check: --set is not supported; edit the config file")
+    folder, results = run_latency_check(
+        args.config,
+        n=args.n,
+        trigger_channel=args.trigger_channel,
+        threshold=args.threshold,
+        yes=args.yes,
+        out_root=args.out,
+    )
+    seen = [r.delay_ms for r in results if r.delay_ms == r.delay_ms]
+    if seen:
+        print(
+            f"{len(seen)} of {len(results)} pulses seen: delay median "
+            f"{statistics.median(seen):.2f} ms, max {max(seen):.2f} ms"
+        )
+    print(f"wrote {folder / 'latency.html'}")
+    return 0 if len(seen) == len(results) else 1
+
+
 def cmd_report(args) -> int:
     from closedloop.report import write_report
 
@@ -410,6 +447,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "report": cmd_report,
     "export-bids": cmd_export_bids,
+    "latency-check": cmd_latency_check,
 }
 
 
