@@ -145,6 +145,7 @@ def run_latency_check(
     source.connect()
     try:
         ch_names = list(source.ch_names)
+        sfreq = float(source.sfreq)
         k = _trigger_index(ch_names, trigger_channel)
         scale = float(source.scales[k])  # back to the stream's own units
         interval_s = float(config.safety.min_interval_s)
@@ -166,7 +167,7 @@ def run_latency_check(
             unit.close("latency check finished")
     finally:
         source.disconnect()
-    write_latency_report(folder, results, ch_names[k], float(source.sfreq), config_path)
+    write_latency_report(folder, results, ch_names[k], sfreq, config_path)
     return folder, results
 
 

@@ -1,0 +1,150 @@
+"""`closedloop latency-check` end to end against a simulated amplifier: an LSL stream whose
+trigger channel goes high a known delay after a byte arrives on a pseudo-terminal (the serial
+output's port), so the measured delay must equal the injected one within a sample period."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import threading
+import time
+
+import numpy as np
+import pylsl
+import pytest
+import yaml
+
+from closedloop.cli import main
+from closedloop.report import read_report_data
+
+pytestmark = [pytest.mark.lsl]
+SFREQ = 500.0  # one sample period: 2 ms
+DELAY_S = 0.0237  # injected amplifier delay (not on the sample grid on purpose)
+HIGH_S = 0.05  # the trigger channel stays high this long
+
+
+class SimulatedAmplifier:
+    """EEG at SFREQ on an exact clock grid; TRIG = 1 from DELAY_S after each byte on the pty's
+    master side for HIGH_S. Samples go out as soon as their time has passed (every ~2 ms)."""
+
+    def __init__(self, name: str) -> None:
+        self.master, self.slave = os.openpty()
+        self.port = os.ttyname(self.slave)
+        info = pylsl.StreamInfo(name, "EEG", 3, SFREQ, pylsl.cf_float32, name)
+        chans = info.desc().append_child("channels")
+        for label, kind, unit in (("Cz", "EEG", "microvolts"), ("Pz", "EEG", "microvolts"),
+                                  ("TRIG", "stim", "")):  # fmt: skip
+            ch = chans.append_child("channel")
+            ch.append_child_value("label", label)
+            ch.append_child_value("type", kind)
+            ch.append_child_value("unit", unit)
+        self.outlet = pylsl.StreamOutlet(info)
+        self.arrivals: list[float] = []
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._push, daemon=True),
+        ]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        os.close(self.master)
+        os.close(self.slave)
+
+    def _read(self) -> None:
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if ready:
+                t = pylsl.local_clock()  # the byte's arrival on the amplifier's trigger input
+                data = os.read(self.master, 64)
+                self.arrivals.extend([t] * len(data))
+
+    def _push(self) -> None:
+        rng = np.random.default_rng(0)
+        t0 = pylsl.local_clock()
+        sent = 0
+        while not self.stop.is_set():
+            due = int((pylsl.local_clock() - t0) * SFREQ) + 1
+            if due > sent:
+                ts = t0 + np.arange(sent, due) / SFREQ
+                trig = np.zeros(ts.size)
+                for a in list(self.arrivals):
+                    trig[(ts >= a + DELAY_S) & (ts < a + DELAY_S + HIGH_S)] = 1.0
+                eeg = rng.normal(0, 10, (ts.size, 2))
+                chunk = np.column_stack([eeg, trig]).astype(np.float32)
+                self.outlet.push_chunk(chunk, ts.tolist())
+                sent = due
+            time.sleep(0.001)
+
+
+def write_config(path, name: str, port: str) -> None:
+    cfg = {
+        "source": {"name": name, "source_id": name, "resolve_timeout_s": 10.0},
+        "safety": {"min_interval_s": 1.0, "max_per_minute": 60},
+        "outputs": {"outputs": [{"kind": "serial", "port": port}]},
+    }
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+
+
+@pytest.mark.timeout(90)
+def test_measured_delay_matches_the_injected_one(unique_name, tmp_path, capsys):
+    cfg = tmp_path / "bench.yaml"
+    with SimulatedAmplifier(unique_name) as amp:
+        write_config(cfg, unique_name, amp.port)
+        argv = ["latency-check", "--config", str(cfg), "--n", "5", "--yes",
+                "--trigger-channel", "TRIG", "--out", str(tmp_path)]  # fmt: skip
+        t0 = time.monotonic()
+        assert main(argv) == 0
+        elapsed = time.monotonic() - t0
+        arrivals = list(amp.arrivals)
+    assert len(arrivals) == 5  # exactly the test pulses reached the amplifier
+    err = capsys.readouterr().err
+    assert "NEVER run this with a person" in err
+    assert elapsed < 20  # 5 pulses at the 1.0 s floor
+    folder = next(tmp_path.glob("latency-check-*"))
+    doc = json.loads((folder / "latency.json").read_text())
+    delays = np.array([p["delay_ms"] for p in doc["per_pulse"]], dtype=float)
+    assert delays.size == 5
+    assert doc["missing"] == 0
+    period_ms = 1000.0 / SFREQ
+    # each edge is seen at the first sample stamped at or after arrival + delay: the measured
+    # delay exceeds the injected one by the serial transit plus less than one sample period
+    assert np.all(delays >= 1000 * DELAY_S)
+    assert np.all(delays - 1000 * DELAY_S < period_ms + 0.5)  # + 0.5 ms: pty transit, wake-up
+    assert abs(np.median(delays) - 1000 * DELAY_S) < period_ms
+    # the pulses kept the interlock's limits (each fired through it, 1.0 s apart at least)
+    fire = np.array([p["t_fire"] for p in doc["per_pulse"]])
+    assert np.diff(fire).min() >= 1.0
+    audit = [json.loads(x) for x in (folder / "audit.jsonl").read_text().splitlines()]
+    fired = [a for a in audit if a.get("event") == "attempt" and a["fired"]]
+    assert len(fired) == 5
+    assert any(a.get("reason", "").startswith("armed: latency_check_cli") for a in audit)
+    assert audit[-1]["new"] == "disarmed"  # disarmed when done
+    page = read_report_data(folder / "latency.html")
+    assert page["timing"]["trigger_delay_ms"]["median"] == pytest.approx(np.median(delays))
+
+
+@pytest.mark.timeout(60)
+def test_refuses_without_confirmation(unique_name, tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "bench.yaml"
+    with SimulatedAmplifier(unique_name) as amp:
+        write_config(cfg, unique_name, amp.port)
+        monkeypatch.setattr("sys.stdin", io.StringIO("yes\n"))  # not the word asked for
+        argv = ["latency-check", "--config", str(cfg), "--n", "2", "--trigger-channel", "TRIG",
+                "--out", str(tmp_path)]  # fmt: skip
+        assert main(argv) == 2
+        time.sleep(0.2)
+        assert amp.arrivals == []  # nothing fired
+    err = capsys.readouterr().err
+    assert "not confirmed" in err
+    assert "Type 'fire'" in err
+    assert not list(tmp_path.glob("latency-check-*"))
