@@ -286,7 +286,7 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
     """Score with thresholds, labels and interlock as strips, every attempt (fired red, vetoed
     by reason), annotated target epochs of the recording shaded."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(12, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(12, 4.6), dpi=100)
     state = (rec.config or {}).get("state") or {}
     enter, leave = float(state.get("enter", 1.0)), float(state.get("leave", 0.0))
     attempts = [a for a in rec.audit if a.get("event") == "attempt"]
@@ -316,6 +316,8 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
     else:
         top, bottom = enter + 1, leave - 1
     top, bottom = max(top, enter) + 0.8, min(bottom, leave) - 1.2
+    strip = 0.045 * (top - bottom)  # label and interlock strips: the same height at any scale
+    bottom -= 2 * strip
     cal = data.calibration.get("done_at_s")
     if cal is not None:
         ax.axvspan(0, cal, color="0.85", alpha=0.5, lw=0, label="calibration")
@@ -337,7 +339,7 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
             ax.fill_between(
                 trace.t,
                 bottom,
-                bottom + 0.3,
+                bottom + strip,
                 where=trace.label == lab,
                 color=colour,
                 step="post",
@@ -361,8 +363,8 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
     for i, (a, b) in enumerate(spans):
         ax.fill_between(
             [a, b],
-            bottom + 0.35,
-            bottom + 0.6,
+            bottom + 1.1 * strip,
+            bottom + 2 * strip,
             color="tab:red",
             alpha=0.35,
             lw=0,
@@ -380,7 +382,7 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
         ]
         ax.plot(
             ts,
-            np.full(len(ts), top - 0.35),
+            np.full(len(ts), top - strip),
             VETO_MARKERS[i % 6],
             color=VETO_COLOURS[i % 6],
             ms=8,
@@ -392,7 +394,7 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
     ax.set_xlabel("time since the first sample (s)")
     ax.set_ylabel("state score (z)")
     ax.set_title(f"{Path(data.folder).name}: score, states and every attempt", fontsize=10)
-    ax.legend(loc="upper left", fontsize=7, ncol=6, framealpha=0.85)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, ncol=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -3,6 +3,7 @@ checked against the audit log; the summary's timing table; the bootstrap table i
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -99,6 +100,31 @@ def test_offline_report_matches_audit_and_recomputes_the_sessions_scores(tmp_pat
     assert summary["timing"] == timing_from_audit(on_disk, live=False)
     assert summary["code"]["source_sha256"] == data["hashes"]["code"]["source_sha256"]
     assert data["hashes"]["code"]["recorded"].startswith("by the session")
+    assert not [n for n in data["notes"] if "not recomputed" in n]
+
+
+def test_report_of_an_old_folder_without_timing_or_eeg(tmp_path):
+    """A folder from before the summary carried timing and code, and without its EEG record:
+    the page still has the timing table (from the audit log) and says what it could not show."""
+    session = Session(
+        fast_config(),
+        FileSource(REPLAY_DATA / "sim_32ch_500hz.fif"),
+        live=False,
+        out_root=tmp_path,
+        arm_action="offline_run",
+    )
+    session.run()
+    folder = session.folder
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["timing"], summary["code"]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "eeg_raw.fif").unlink()
+    data = read_report_data(write_report(folder))
+    fired = [a for a in fired_of(folder) if a["fired"]]
+    assert data["pulses"] == len(fired) == summary["pulses"]
+    assert data["timing"]["decision_latency_ms"]["n"] == len(fired)
+    assert data["hashes"]["code"]["recorded"].startswith("at report time")
+    assert any("no EEG" in n for n in data["notes"])
 
 
 @pytest.mark.lsl
