@@ -263,6 +263,11 @@ def collect(folder: str | Path) -> tuple[ReportData, SessionRecord, Trace | None
         summary=rec.summary,
         notes=notes,
     )
+    if live and data.pulses and "sample_age_ms" not in data.timing:
+        notes.append(
+            "sample age at firing not shown: the stream's timestamps run ahead of the local clock "
+            "(a replay faster than real time, or an amplifier clock that LSL does not correct)"
+        )
     if "pulses" in rec.summary and rec.summary["pulses"] != data.pulses:
         notes.append(
             f"summary.json says {rec.summary['pulses']} pulses, the audit log {data.pulses}"
@@ -295,9 +300,8 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
     target = state.get("target_name", "meditation")
     if rec.raw is not None:
         ann = rec.raw.annotations
-        for i, (on, dur, desc) in enumerate(
-            zip(ann.onset, ann.duration, ann.description, strict=True)
-        ):
+        first = True
+        for on, dur, desc in zip(ann.onset, ann.duration, ann.description, strict=True):
             if desc == target and dur > 0:
                 on0 = on - (rec.raw.first_time if ann.orig_time is not None else 0.0)
                 ax.axvspan(
@@ -306,8 +310,9 @@ def plot_trace(path: Path, data: ReportData, rec: SessionRecord, trace: Trace | 
                     color="tab:green",
                     alpha=0.13,
                     lw=0,
-                    label=f"annotated '{target}'" if i == 0 else None,
+                    label=f"annotated '{target}'" if first else None,
                 )
+                first = False
     if trace is not None and trace.t.size:
         score = trace.score
         finite = score[np.isfinite(score)]

@@ -29,6 +29,7 @@ import numpy as np
 QUANTILES = {"median": 50.0, "p95": 95.0, "p99": 99.0}
 BOOTSTRAP_RESAMPLES = 2000  # 2000 resamples: the 95 % interval ends move < 1 % between seeds
 CONFIDENCE = 0.95
+SAMPLE_AGE_FUTURE_MS = 5.0  # a deciding sample this far ahead of the local clock: not one clock
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("acquisition", "features", "triggers", "closedloop", "gui")
 
@@ -90,9 +91,12 @@ def timing_samples(audit: Sequence[dict[str, Any]], live: bool | None = None) ->
             _num(a.get("t_local")) - _num(a.get("t_stream")) < 3600.0 for a in fired
         )
     if live:
-        rows["sample_age_ms"] = [
-            1000.0 * (_num(a.get("t_local")) - _num(a.get("t_stream"))) for a in fired
-        ]
+        ages = [1000.0 * (_num(a.get("t_local")) - _num(a.get("t_stream"))) for a in fired]
+        # a sample cannot come from the future on one clock: stream times ahead of the local
+        # clock (a replay faster than real time, an amplifier clock not on LSL's) make the age
+        # meaningless, so the row is left out (5 ms: time_correction noise, measured < 1 ms)
+        if not any(age < -SAMPLE_AGE_FUTURE_MS for age in ages):
+            rows["sample_age_ms"] = ages
     names = sorted({k for a in fired for k in (a.get("output_ms") or {})})
     for name in names:
         rows[f"output_ms:{name}"] = [(a.get("output_ms") or {}).get(name) for a in fired]

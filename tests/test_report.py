@@ -17,7 +17,7 @@ from closedloop.config import apply_overrides, load_config
 from closedloop.load import read_jsonl
 from closedloop.report import DISCLAIMER, collect, read_report_data, write_report
 from closedloop.session import Session
-from closedloop.timing import percentile_table, timing_from_audit
+from closedloop.timing import percentile_table, timing_from_audit, timing_samples
 from tests.session_helpers import REPLAY_DATA, fast_config
 
 CONFIGS = REPLAY_DATA.parent / "configs"
@@ -187,3 +187,18 @@ def test_percentile_table_bootstrap_interval_covers_and_is_deterministic():
     one = percentile_table([2.0])
     assert one["median"] == 2.0
     assert math.isnan(one["median_ci"][0])
+
+
+def test_sample_age_only_where_stream_and_local_clock_agree():
+    def attempt(t_stream, t_local):
+        return {"event": "attempt", "fired": True, "latency_ms": 0.5, "output_ms": {"serial": 0.03},
+                "t_stream": t_stream, "t_local": t_local}  # fmt: skip
+
+    same_clock = [attempt(100.0, 100.002), attempt(105.0, 105.0031)]
+    rows = timing_samples(same_clock, live=True)
+    assert rows["sample_age_ms"] == pytest.approx([2.0, 3.1])
+    assert rows["output_ms:serial"] == [0.03, 0.03]
+    # replayed 3x faster than real time: stream time runs ahead of the local clock
+    ahead = [attempt(100.0, 100.002), attempt(115.0, 105.0)]
+    assert "sample_age_ms" not in timing_samples(ahead, live=True)
+    assert "sample_age_ms" not in timing_samples(same_clock, live=False)
