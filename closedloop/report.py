@@ -134,7 +134,13 @@ def recompute_trace(rec: SessionRecord) -> Trace | None:
         return None
     cfg = parse_config(rec.config or {}, "config.yaml")
     chunk = cfg.source.chunk_size
-    src = FileSource(rec.raw, chunk_size=chunk, t0=0.0, counter_channel=None)
+    # start where the session started: live, LabRecorder subscribes before the session, so the
+    # XDF may hold samples the session never processed (and its calibration began after them)
+    first = next((e for e in rec.events if e.get("kind") == "first_sample"), {})
+    sfreq = float(rec.raw.info["sfreq"])
+    k0 = max(0, round(((first.get("t_stream") or rec.t0_stream) - rec.t0_stream) * sfreq))
+    raw = rec.raw if k0 == 0 else rec.raw.copy().crop(tmin=k0 / sfreq)
+    src = FileSource(raw, chunk_size=chunk, t0=k0 / sfreq, counter_channel=None)
     src.connect()
     chain = FeatureChain.from_settings(cfg, ch_names=list(src.ch_names), sfreq=src.sfreq)
     chain.start_calibration()  # as Session.run: calibration from the first sample

@@ -168,6 +168,18 @@ def test_live_report_from_a_real_replay(looping_replayer, unique_name, tmp_path)
     assert rate.size >= 10
     assert np.median(rate) == pytest.approx(256.0, rel=0.05)
     assert summary["timing"]["decision_latency_ms"]["n"] == len(fired)
+    # the trace recomputed from the XDF's EEG, from the session's first sample, follows the
+    # live scores: exactly where a live decision fell on the recompute's 10-sample grid, else
+    # within the change of a smoothed score over one chunk
+    _data, rec, trace = collect(session.folder)
+    for a in fired:
+        t = a["t_stream"] - rec.t0_stream
+        i = int(np.argmin(np.abs(trace.t - t)))
+        assert abs(trace.t[i] - t) <= 10 / 256 + 1e-6
+        if abs(trace.t[i] - t) < 1e-6:
+            assert trace.score[i] == pytest.approx(a["score"], rel=1e-9)
+        else:
+            assert trace.score[i] == pytest.approx(a["score"], abs=0.2)
 
 
 def test_percentile_table_bootstrap_interval_covers_and_is_deterministic():
