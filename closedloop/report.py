@@ -187,7 +187,9 @@ def calibration_info(rec: SessionRecord, trace: Trace | None) -> dict[str, Any]:
             if e.get("phase") == "started" and (e.get("t_local") or 0) <= last["t_local"]
         ]
         t_start = starts[-1].get("t_stream") if starts else None
-        t_start = rec.t0_stream if t_start is None else t_start  # started before the first sample
+        if t_start is None:  # started before the first sample: from the session's first one
+            first = next((e for e in rec.events if e.get("kind") == "first_sample"), {})
+            t_start = first.get("t_stream") or rec.t0_stream
         out["duration_s"] = float(last["t_stream"] - t_start)
         out["done_at_s"] = float(last["t_stream"] - rec.t0_stream)
         out["baseline"] = last.get("baseline") or {}
