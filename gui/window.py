@@ -146,6 +146,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._banner_shown: tuple | None = None
         self._history_scope: Scope | None = None
         self._failure_shown = False
+        self._report_folder: Path | None = None  # the ended session's folder (report button)
+        self._report_job: tuple[threading.Thread, dict] | None = None
+        self.report_path: Path | None = None
         self.tick_durations_ms: list[float] = []
         self.tick_interval_ms = TICK_MS
         self._duty_t = (time.perf_counter(), time.thread_time())
@@ -200,6 +203,13 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.stop_button.clicked.connect(self._stop_clicked)
         self.stop_button.setEnabled(False)
         row.addWidget(self.stop_button)
+        self.report_button = QtWidgets.QPushButton("Session report")
+        self.report_button.setToolTip(
+            "write the ended session's timing and quality report, open it"
+        )
+        self.report_button.clicked.connect(self.open_report)
+        self.report_button.setEnabled(False)
+        row.addWidget(self.report_button)
         self.connection_label = QtWidgets.QLabel("not connected")
         self.connection_label.setStyleSheet("font-weight: bold; padding: 0 8px;")
         row.addWidget(self.connection_label, 1)
@@ -594,6 +604,45 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             line.setValue(v)
             line.blockSignals(False)
 
+    def open_report(self) -> None:
+        """`closedloop report` of the ended session, written off the GUI thread (3-5 s for 150 s
+        of 32 channels), then opened in the browser."""
+        folder = self._report_folder
+        if folder is None or self._report_job is not None:
+            return
+        result: dict[str, Any] = {}
+
+        def work() -> None:  # no Qt calls here: the tick shows the result
+            from closedloop.report import write_report
+
+            try:
+                result["path"] = write_report(folder)
+            except Exception as exc:  # shown in the status line, never silent
+                result["error"] = f"{type(exc).__name__}: {exc}"
+
+        self._report_job = (threading.Thread(target=work, name="report", daemon=True), result)
+        self._report_job[0].start()
+        self.report_button.setEnabled(False)
+        self._message(f"writing the report of {Path(folder).name} …")
+
+    def _poll_report(self) -> None:
+        assert self._report_job is not None
+        thread, result = self._report_job
+        if thread.is_alive():
+            return
+        self._report_job = None
+        self.report_button.setEnabled(self._report_folder is not None)
+        if "error" in result:
+            self._message(f"report failed: {result['error']}", error=True)
+            return
+        self.report_path = result["path"]
+        self._message(f"report: {self.report_path}")
+        self.open_url(self.report_path)
+
+    def open_url(self, path: Path) -> None:
+        """Open a file in the desktop's browser (tests replace this)."""
+        QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(str(path)))
+
     def _message(self, text: str, error: bool = False) -> None:
         self.status_line.setText(text)
         self.status_line.setStyleSheet("color: #b71c1c; font-weight: bold;" if error else "")
@@ -653,6 +702,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         slow = self._tick_count % SLOW_EVERY_TICKS == 1
         now = local_clock()
         runner = self.runner
+        if self._report_job is not None:
+            self._poll_report()
         if runner is not None:
             self.model.apply(runner.subscription.drain())
             self.snapshot = runner.snapshot()
@@ -763,6 +814,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         if runner is not None and not runner.running and runner.started:
             self.start_button.setEnabled(True)
             self.stop_button.setEnabled(False)
+            self._report_folder = getattr(runner.session, "folder", None)
+            self.report_button.setEnabled(
+                self._report_folder is not None and self._report_job is None
+            )
         if self.connection_label.text() != text:
             self.connection_label.setText(text)
 
