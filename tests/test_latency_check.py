@@ -116,11 +116,21 @@ def test_measured_delay_matches_the_injected_one(unique_name, tmp_path, capsys):
     assert delays.size == 5
     assert doc["missing"] == 0
     period_ms = 1000.0 / SFREQ
-    # each edge is seen at the first sample stamped at or after arrival + delay: the measured
-    # delay exceeds the injected one by the serial transit plus less than one sample period
-    assert np.all(delays >= 1000 * DELAY_S)
-    assert np.all(delays - 1000 * DELAY_S < period_ms + 0.5)  # + 0.5 ms: pty transit, wake-up
-    assert abs(np.median(delays) - 1000 * DELAY_S) < period_ms
+    # each pulse's edge is the first sample the amplifier stamped at or after the byte's arrival
+    # plus the injected delay: the check found exactly that sample, to within one period
+    t_edge = np.array([p["t_edge"] for p in doc["per_pulse"]])
+    t_fire = np.array([p["t_fire"] for p in doc["per_pulse"]])
+    lag_ms = 1000 * (t_edge - (np.array(arrivals) + DELAY_S))
+    assert np.all(lag_ms >= 0.0)
+    assert np.all(lag_ms < period_ms)
+    # fire -> byte seen by the amplifier's reader thread: pty transit (20-35 us measured) plus
+    # the thread's wake-up, which reached ~3 ms with the 2 cores at load 10
+    transit_ms = 1000 * (np.array(arrivals) - t_fire)
+    assert np.all(transit_ms > 0.0)
+    assert np.all(transit_ms < 10.0)
+    # the whole delay: the injected one, plus the transit, plus less than one sample period
+    excess_ms = delays - 1000 * DELAY_S - transit_ms
+    assert np.all((excess_ms >= 0.0) & (excess_ms < period_ms))
     # the pulses kept the interlock's limits (each fired through it, 1.0 s apart at least)
     fire = np.array([p["t_fire"] for p in doc["per_pulse"]])
     assert np.diff(fire).min() >= 1.0
