@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from closedloop.load import SessionRecord, load_session
 from closedloop.timing import code_version, sha256_file, timing_from_audit
@@ -656,7 +655,8 @@ def render_html(
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in data.notes)
     trace_note = f"<p>Score trace {html.escape(trace.note)}.</p>" if trace is not None else ""
     data_json = json.dumps(_jsonable(asdict_report(data)), allow_nan=False)
-    config_text = yaml.safe_dump(rec.config, sort_keys=False) if rec.config else "(none)"
+    cfg_file = rec.folder / "config.yaml"
+    config_text = cfg_file.read_text(encoding="utf-8") if cfg_file.exists() else "(none)"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>closedloop session report: {html.escape(name)}</title>
