@@ -184,7 +184,9 @@ def _add_report_commands(sub) -> None:
         help="bench check (never on a person): fire test pulses wired back into the amplifier's "
         "trigger input and measure the whole delay",
     )
-    _add_config(p, required=True)
+    p.add_argument(
+        "--config", "-c", type=Path, required=True, help="YAML: source, a serial output, safety"
+    )
     p.add_argument("--n", type=int, default=20, help="test pulses (default 20)")
     p.add_argument("--trigger-channel", default=None, help="EEG stream channel of the trigger")
     p.add_argument("--threshold", type=float, default=0.5, help="trigger value counted as high")
@@ -409,8 +411,6 @@ def cmd_latency_check(args) -> int:
 
     from closedloop.latency_check import run_latency_check
 
-    if args.set:
-        raise UserError("latency-check: --set is not supported; edit the config file")
     folder, results = run_latency_check(
         args.config,
         n=args.n,

@@ -124,6 +124,8 @@ def run_latency_check(
     from triggers.unit import TriggerUnit
 
     config = load_config(config_path)
+    if not 1 <= n <= config.safety.session_cap:
+        raise UserError(f"--n {n}: between 1 and the session cap ({config.safety.session_cap})")
     outputs = build_outputs(config.outputs)
     stim = [o for o in outputs if o.kind == "serial"]
     if not stim:
