@@ -155,7 +155,43 @@ def build_parser() -> argparse.ArgumentParser:
     from closedloop.tune import add_tune_arguments
 
     add_tune_arguments(p)
+    _add_report_commands(sub)
     return parser
+
+
+def _add_report_commands(sub) -> None:
+    """report, export-bids, latency-check (issue 17: what a session proves)."""
+    p = sub.add_parser("report", help="write an HTML timing and quality report of a session")
+    p.add_argument("session", type=Path, help="session folder")
+    p.add_argument(
+        "--out", type=Path, default=None, help="HTML file (default: SESSION/report.html)"
+    )
+
+    p = sub.add_parser(
+        "export-bids", help="write a session as a BIDS EEG dataset (pulses as events)"
+    )
+    p.add_argument("session", type=Path, help="session folder")
+    p.add_argument("--bids-root", type=Path, required=True, help="BIDS dataset folder")
+    p.add_argument("--subject", required=True, help="BIDS subject label (letters and digits)")
+    p.add_argument("--session", dest="bids_session", default=None, help="BIDS session label")
+    p.add_argument("--task", default="closedloop", help="BIDS task label (default: closedloop)")
+    p.add_argument("--run", type=int, default=None, help="BIDS run index")
+    p.add_argument("--include-vetoed", action="store_true", help="also every vetoed attempt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing recording")
+
+    p = sub.add_parser(
+        "latency-check",
+        help="bench check (never on a person): fire test pulses wired back into the amplifier's "
+        "trigger input and measure the whole delay",
+    )
+    p.add_argument(
+        "--config", "-c", type=Path, required=True, help="YAML: source, a serial output, safety"
+    )
+    p.add_argument("--n", type=int, default=20, help="test pulses (default 20)")
+    p.add_argument("--trigger-channel", default=None, help="EEG stream channel of the trigger")
+    p.add_argument("--threshold", type=float, default=0.5, help="trigger value counted as high")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--out", type=Path, default=Path("sessions"), help="where the report goes")
 
 
 def _config(args):
@@ -353,6 +389,53 @@ def cmd_tune(args) -> int:
     return run_tune(args)
 
 
+def cmd_export_bids(args) -> int:
+    from closedloop.bids import export_bids
+
+    path = export_bids(
+        args.session,
+        args.bids_root,
+        args.subject,
+        session=args.bids_session,
+        task=args.task,
+        run=args.run,
+        include_vetoed=args.include_vetoed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {path.fpath}")
+    return 0
+
+
+def cmd_latency_check(args) -> int:
+    import statistics
+
+    from closedloop.latency_check import run_latency_check
+
+    folder, results = run_latency_check(
+        args.config,
+        n=args.n,
+        trigger_channel=args.trigger_channel,
+        threshold=args.threshold,
+        yes=args.yes,
+        out_root=args.out,
+    )
+    seen = [r.delay_ms for r in results if r.delay_ms == r.delay_ms]
+    if seen:
+        print(
+            f"{len(seen)} of {len(results)} pulses seen: delay median "
+            f"{statistics.median(seen):.2f} ms, max {max(seen):.2f} ms"
+        )
+    print(f"wrote {folder / 'latency.html'}")
+    return 0 if len(seen) == len(results) else 1
+
+
+def cmd_report(args) -> int:
+    from closedloop.report import write_report
+
+    print(f"wrote {write_report(args.session, args.out)}")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
@@ -362,6 +445,9 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "gui": cmd_gui,
     "tune": cmd_tune,
+    "report": cmd_report,
+    "export-bids": cmd_export_bids,
+    "latency-check": cmd_latency_check,
 }
 
 

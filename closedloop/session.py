@@ -580,6 +580,9 @@ class Session:
             )
         if self.feedback is not None:
             out["feedback"] = {k: v for k, v in self.feedback.summary().items() if k != "settings"}
+        from closedloop.timing import session_timing
+
+        out.update(session_timing(self.folder, self.live))  # timing table, code version
         return out
 
 

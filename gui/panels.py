@@ -123,10 +123,12 @@ class StreamPanel:
         on_start: Callable[[], None],
         on_stop: Callable[[], None],
         message: Callable[..., None],
+        on_report: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.lister = lister
         self.on_start, self.on_stop, self.message = on_start, on_stop, message
+        self.on_report = on_report
         self.streams: list = []
         self._result: list | None = None
         self._error = ""
@@ -153,6 +155,12 @@ class StreamPanel:
         self.stop_button.clicked.connect(self.on_stop)
         self.stop_button.setEnabled(False)
         row.addWidget(self.stop_button)
+        self.report_button = QtWidgets.QPushButton("Session report")
+        self.report_button.setToolTip("write the ended session's timing and quality report")
+        if self.on_report is not None:
+            self.report_button.clicked.connect(self.on_report)
+        self.report_button.setEnabled(False)
+        row.addWidget(self.report_button)
         self.connection_label = QtWidgets.QLabel("not connected")
         self.connection_label.setStyleSheet("font-weight: bold; padding: 0 8px;")
         row.addWidget(self.connection_label, 1)

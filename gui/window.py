@@ -20,6 +20,7 @@ latency p99 was 9.5-15 ms with the window drawing vs 1.5-2 ms headless (`python 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,9 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self._tick_count = 0
         self._t0: float | None = None  # stream time shown as 0 on the history plots
         self._failure_shown = False
+        self._report_folder: Path | None = None  # the ended session's folder (report button)
+        self._report_job: tuple[threading.Thread, dict] | None = None
+        self.report_path: Path | None = None
         self.tick_durations_ms: list[float] = []
         self.tick_interval_ms = TICK_MS
         self._duty_t = (time.perf_counter(), time.thread_time())
@@ -102,7 +106,12 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         self.resize(1600, 1000)
         pg.setConfigOptions(antialias=False, background="w", foreground="k")
         self.stream_panel = StreamPanel(
-            config, list_streams, self._start_clicked, self._stop_clicked, self._message
+            config,
+            list_streams,
+            self._start_clicked,
+            self._stop_clicked,
+            self._message,
+            on_report=self.open_report,
         )
         self.arming = ArmingPanel(
             self.arm_clicked,
@@ -189,6 +198,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
     stop_button = property(lambda self: self.stream_panel.stop_button)
     refresh_button = property(lambda self: self.stream_panel.refresh_button)
     connection_label = property(lambda self: self.stream_panel.connection_label)
+    report_button = property(lambda self: self.stream_panel.report_button)
     armed_label = property(lambda self: self.arming.armed_label)
     arm_button = property(lambda self: self.arming.arm_button)
     disarm_button = property(lambda self: self.arming.disarm_button)
@@ -356,6 +366,54 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             return
         self._message(f"thresholds set: enter {enter:.2f}, leave {leave:.2f}")
 
+    def open_report(self) -> None:
+        """`closedloop report` of the ended session, written off the GUI thread (3-5 s for 150 s
+        of 32 channels), then opened in the browser."""
+        folder = self._report_folder
+        if folder is None or self._report_job is not None:
+            return
+        result: dict[str, Any] = {}
+
+        def work() -> None:  # no Qt calls here: the tick shows the result
+            from closedloop.report import write_report
+
+            try:
+                result["path"] = write_report(folder)
+            except Exception as exc:  # shown in the status line, never silent
+                result["error"] = f"{type(exc).__name__}: {exc}"
+
+        self._report_job = (threading.Thread(target=work, name="report", daemon=True), result)
+        self._report_job[0].start()
+        self.report_button.setEnabled(False)
+        self._message(f"writing the report of {Path(folder).name} …")
+
+    def _note_session_end(self, runner) -> None:
+        """Once the runner's session has ended, its folder is the one the report button writes."""
+        if runner.running or not runner.started:
+            return
+        folder = getattr(runner.session, "folder", None)
+        if folder is not None and folder != self._report_folder:
+            self._report_folder = folder
+            self.report_button.setEnabled(self._report_job is None)
+
+    def _poll_report(self) -> None:
+        assert self._report_job is not None
+        thread, result = self._report_job
+        if thread.is_alive():
+            return
+        self._report_job = None
+        self.report_button.setEnabled(self._report_folder is not None)
+        if "error" in result:
+            self._message(f"report failed: {result['error']}", error=True)
+            return
+        self.report_path = result["path"]
+        self._message(f"report: {self.report_path}")
+        self.open_url(self.report_path)
+
+    def open_url(self, path: Path) -> None:
+        """Open a file in the desktop's browser (tests replace this)."""
+        QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(str(path)))
+
     def _message(self, text: str, error: bool = False) -> None:
         self.status_line.setText(text)
         self.status_line.setStyleSheet("color: #b71c1c; font-weight: bold;" if error else "")
@@ -370,6 +428,10 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         t_start = time.perf_counter()
         self._tick_count += 1
         runner = self.runner
+        if self._report_job is not None:
+            self._poll_report()
+        if runner is not None:
+            self._note_session_end(runner)
         if runner is not None:
             self.model.apply(runner.subscription.drain())  # ProcessRunner: reads the pipe
             self.snapshot = runner.snapshot()
