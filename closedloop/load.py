@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import yaml
 
 from closedloop.errors import UserError
 from triggers.audit import read_audit
+
+log = logging.getLogger(__name__)
 
 PULSE = "pulse"
 
@@ -122,6 +125,7 @@ def _annotate_pulses(rec: SessionRecord) -> None:
             f"(stream time {rec.t0_stream:.3f} s + {raw.times[-1]:.3f} s): not annotated; "
             f"see pulses_outside (t_stream {times})"
         )
+        log.warning("%s: %s", rec.folder, rec.notes[-1])
     onsets = np.clip(onsets[inside], 0.0, raw.times[-1])  # within half a sample: on the data
     if onsets.size:
         ann.append(onsets, np.zeros_like(onsets), [PULSE] * onsets.size)
