@@ -26,8 +26,11 @@ class SessionControl(Protocol):
     def emergency_stop(self, source: str) -> None:
         """Disarm, stop firing and end stimulation for the session; always allowed."""
 
-    def set_thresholds(self, enter: float, leave: float, source: str) -> None:
-        """Change the state thresholds live; ControlError if invalid (enter <= leave, ...)."""
+    def set_thresholds(
+        self, enter: float, leave: float, source: str, *, refuse_if_armed: bool = False
+    ) -> None:
+        """Change the state thresholds live (audited); ControlError if invalid (enter <= leave,
+        ...) or, with refuse_if_armed, while the interlock is not disarmed."""
 
     def start_calibration(self, source: str) -> None:
         """Begin (or restart) the baseline calibration; disarms first."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import yaml
 
 from closedloop.errors import UserError
 from triggers.audit import read_audit
+
+log = logging.getLogger(__name__)
 
 PULSE = "pulse"
 
@@ -30,6 +33,9 @@ class SessionRecord:
     eeg_source: str = ""  # 'xdf' or 'fif'
     t0_stream: float = float("nan")  # stream time of the raw's first sample
     notes: list[str] = field(default_factory=list)
+    # Fired pulses (audit records) whose time lies outside the EEG in `raw`: not annotated
+    # (MNE would drop them with only a warning), listed here and counted in `notes`.
+    pulses_outside: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def pulses(self) -> list[dict[str, Any]]:
@@ -95,15 +101,42 @@ def load_session(folder: str | Path) -> SessionRecord:
 
 
 def _annotate_pulses(rec: SessionRecord) -> None:
-    """Replace marker-payload annotations by one clean 'pulse' annotation per fired attempt."""
+    """Replace marker-payload annotations by one clean 'pulse' annotation per fired attempt.
+
+    A pulse is inside the data when its onset (s from the first sample) is within half a sample
+    of [0, last sample]; the others (and pulses without a finite time) go to
+    `rec.pulses_outside` with a note, never silently dropped.
+    """
     raw = rec.raw
     assert raw is not None
     keep = [i for i, d in enumerate(raw.annotations.description) if not _is_pulse_marker(d)]
     ann = raw.annotations[keep] if len(keep) != len(raw.annotations) else raw.annotations.copy()
-    onsets = np.array([p["t_stream"] - rec.t0_stream for p in rec.pulses], dtype=float)
+    pulses = rec.pulses
+    onsets = np.array(
+        [_float(p.get("t_stream")) - rec.t0_stream for p in pulses], dtype=float
+    ).reshape(-1)
+    half = 0.5 / raw.info["sfreq"]
+    inside = (onsets >= -half) & (onsets <= raw.times[-1] + half)  # False for nan
+    rec.pulses_outside = [p for p, ok in zip(pulses, inside, strict=True) if not ok]
+    if rec.pulses_outside:
+        times = ", ".join(f"{_float(p.get('t_stream')):.3f}" for p in rec.pulses_outside[:5])
+        rec.notes.append(
+            f"{len(rec.pulses_outside)} of {len(pulses)} fired pulse(s) lie outside the EEG "
+            f"(stream time {rec.t0_stream:.3f} s + {raw.times[-1]:.3f} s): not annotated; "
+            f"see pulses_outside (t_stream {times})"
+        )
+        log.warning("%s: %s", rec.folder, rec.notes[-1])
+    onsets = np.clip(onsets[inside], 0.0, raw.times[-1])  # within half a sample: on the data
     if onsets.size:
         ann.append(onsets, np.zeros_like(onsets), [PULSE] * onsets.size)
     raw.set_annotations(ann)
+
+
+def _float(value: Any) -> float:
+    """A JSON number as float; None (a NaN written as null) or anything else: nan."""
+    return (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else np.nan
+    )
 
 
 def _is_pulse_marker(description: str) -> bool:

@@ -13,7 +13,11 @@ Topics (``{prefix}/{session}/...``; payload schema in docs/mqtt.md):
 - ``thresholds``  QoS 1, retained: the active (enter, leave).
 - ``interlock``   QoS 1, retained: every interlock transition (state, reason), in order.
 - ``event``       QoS 1: other session events (emergency_stop, calibration, session, error).
-- ``cmd``         subscribed, QoS 1: remote commands (see `CommandProcessor`).
+- ``cmd/<user>``  subscribed, QoS 1: remote commands from the MQTT user ``<user>``; the broker's
+                  ACL lets only that user publish there, so ``<user>`` is the broker-verified
+                  identity that replay protection is keyed by (see `CommandProcessor`).
+- ``cmd``         subscribed, QoS 1: the unauthenticated legacy topic: only ``disarm`` and
+                  ``emergency_stop`` are acted on there.
 - ``reply``       QoS 1: one reply per received command, accepted or refused with a reason.
 
 The connection uses MQTT v5 so that the subscription can ask for ``retainAsPublished``: with
@@ -79,6 +83,9 @@ EVENT_KINDS = frozenset({"emergency_stop", "calibration", "session", "error"})
 COMMANDS = frozenset(
     {"disarm", "emergency_stop", "set_thresholds", "start_calibration", "stop_calibration", "arm"}
 )
+# Commands that can only make the session safer: never refused for their sequence number,
+# expiry, duplication or envelope; what was wrong comes back as warnings (and is logged).
+SAFE_COMMANDS = frozenset({"disarm", "emergency_stop"})
 _TOPIC_LEVEL_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _SENDER_RE = r"^[A-Za-z0-9_.:@\-]+$"
 
@@ -146,6 +153,19 @@ class MqttSettings(BaseModel):
     )
     allow_remote_arm: bool = Field(
         False, description="Accept the 'arm' command over MQTT (off: always refused)."
+    )
+    max_remote_threshold: float = Field(
+        4.0,
+        gt=0.0,
+        le=20.0,
+        description="set_thresholds over MQTT is refused unless |enter| and |leave| are at "
+        "most this (z units of the calibrated baseline, where the score lives: 0 is the "
+        "baseline median, 1 one robust SD).",
+    )
+    allow_remote_thresholds_while_armed: bool = Field(
+        False,
+        description="Accept set_thresholds over MQTT while the interlock is armed (off: "
+        "disarm first; the GUI can always change them).",
     )
     command_max_age_s: float = Field(
         30.0,
@@ -238,6 +258,22 @@ class Topics:
         base = f"{prefix}/{session_id}"
         names = [f.name for f in dataclasses.fields(cls) if f.name != "base"]
         return cls(base=base, **{name: f"{base}/{name}" for name in names})
+
+    def cmd_of(self, user: str) -> str:
+        """The command topic of MQTT user `user` (the ACL lets only that user write there)."""
+        return f"{self.cmd}/{user}"
+
+    def identity(self, topic: str) -> str | None:
+        """The user level of a per-user command topic; None for the legacy `cmd` topic.
+
+        ValueError for a topic that is neither (or a level that is not a plain name).
+        """
+        if topic == self.cmd:
+            return None
+        level = topic.removeprefix(self.cmd + "/")
+        if level == topic or not _TOPIC_LEVEL_RE.match(level):
+            raise ValueError(f"not a command topic: {topic}")
+        return level
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +397,8 @@ class CommandResult:
     cmd: str | None = None
     seq: int | None = None
     sender: str | None = None
+    identity: str | None = None  # the MQTT user from the command topic; None: legacy topic
+    warnings: tuple[str, ...] = ()  # what was wrong with a safe command that was still acted on
 
 
 def _peek(doc: Any) -> dict[str, Any]:
@@ -384,18 +422,31 @@ def _first_error(exc: ValidationError) -> str:
 class CommandProcessor:
     """Validates and executes remote commands; no I/O, so it is tested without a broker.
 
+    `identity` is the MQTT user the command came from, taken from its topic
+    (``cmd/<user>``), which the broker's ACL lets only that user publish to; None is the
+    unauthenticated legacy ``cmd`` topic, where only the safe commands are acted on.
+
     Checks, in order (each refusal has the reason in brackets): retained flag [retained];
     payload size, JSON object [malformed]; version [unsupported_version]; envelope fields
     [malformed]; command name [unknown_command]; expiry, on the wall clock, since sender and
     receiver are different machines and only absolute time is comparable [expired], and not
-    more than `command_max_age_s` ahead [expiry_too_far]; sequence number strictly above the
-    sender's last one [duplicate]; arguments [invalid_args]; remote arming allowed
-    [remote_arm_disabled]; the session's own checks [refused]. An exception inside the
+    more than `command_max_age_s` ahead [expiry_too_far]; an authenticated topic
+    [unauthenticated]; sequence number strictly above the last one of this (identity,
+    sender) [duplicate]; arguments [invalid_args]; remote thresholds within
+    +-max_remote_threshold [out_of_range]; remote arming allowed [remote_arm_disabled]; the
+    session's own checks, e.g. thresholds while armed [refused]. An exception inside the
     session is [error] (logged with its traceback).
+
+    `disarm` and `emergency_stop` only make the session safer: a failed check from the
+    version to the arguments becomes a warning in the reply (and the log), never a refusal.
+    A retained one is acted on only when its expiry is valid and not passed (a stale one
+    stored by the broker would otherwise stop every session that subscribes).
 
     Replay protection: a command accepted at wall time t expires by t + command_max_age_s,
     so a sender's last seq is only needed that long; senders idle for longer are forgotten.
-    A restart forgets all seqs: a captured command could be replayed once within its expiry.
+    The seq state is per (identity, sender): a user cannot use up another user's seqs, since
+    the broker decides the identity. A restart forgets all seqs: a captured command could be
+    replayed once within its expiry.
     """
 
     def __init__(
@@ -404,127 +455,203 @@ class CommandProcessor:
         *,
         allow_remote_arm: bool,
         command_max_age_s: float,
+        max_remote_threshold: float = 4.0,
+        allow_remote_thresholds_while_armed: bool = False,
+        cmd_topic: str = "cmd",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._control = control
         self._allow_remote_arm = allow_remote_arm
         self._max_age_s = command_max_age_s
+        self._max_threshold = max_remote_threshold
+        self._thresholds_while_armed = allow_remote_thresholds_while_armed
+        self._cmd_topic = cmd_topic  # for the hint in an 'unauthenticated' refusal
         self._clock = clock
-        self._last_seq: dict[str, tuple[int, float]] = {}  # sender -> (seq, wall time)
+        # (identity, sender) -> (last accepted seq, wall time)
+        self._last_seq: dict[tuple[str, str], tuple[int, float]] = {}
         self.accepted = 0
         self.refused: dict[str, int] = {}
+        self.warned = 0  # safe commands acted on despite a failed check
         self.errors = 0
 
-    def handle(self, payload: bytes | bytearray | str, *, retain: bool) -> CommandResult:
-        result = self._handle(payload, retain=retain)
-        if result.ok:
+    def handle(
+        self, payload: bytes | bytearray | str, *, retain: bool, identity: str | None = None
+    ) -> CommandResult:
+        result = self._handle(payload, retain=retain, identity=identity)
+        where = f"cmd={result.cmd} seq={result.seq} sender={result.sender} user={identity}"
+        if result.ok and result.warnings:
             self.accepted += 1
-            log.info(
-                "MQTT command %s seq=%s from %s accepted", result.cmd, result.seq, result.sender
+            self.warned += 1
+            log.warning(
+                "MQTT command %s acted on despite: %s [%s]",
+                result.cmd,
+                "; ".join(result.warnings),
+                where,
             )
+        elif result.ok:
+            self.accepted += 1
+            log.info("MQTT command accepted [%s]", where)
         else:
             self.refused[result.reason] = self.refused.get(result.reason, 0) + 1
-            log.warning(
-                "MQTT command refused (%s): %s [cmd=%s seq=%s sender=%s]",
-                result.reason,
-                result.detail,
-                result.cmd,
-                result.seq,
-                result.sender,
-            )
+            log.warning("MQTT command refused (%s): %s [%s]", result.reason, result.detail, where)
         return result
 
-    def _handle(  # noqa: PLR0911 (one return per refusal reason)
-        self, payload: bytes | bytearray | str, *, retain: bool
+    def _handle(  # noqa: PLR0911 (one branch per check, in the documented order)
+        self, payload: bytes | bytearray | str, *, retain: bool, identity: str | None
     ) -> CommandResult:
         if len(payload) > MAX_PAYLOAD_BYTES:
-            return CommandResult(False, "malformed", f"payload over {MAX_PAYLOAD_BYTES} bytes")
+            return CommandResult(
+                False, "malformed", f"payload over {MAX_PAYLOAD_BYTES} bytes", identity=identity
+            )
         try:
             doc = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as exc:
             doc, error = None, f"not JSON: {exc}"
         else:
             error = "" if isinstance(doc, dict) else "payload is not a JSON object"
-        peek = _peek(doc)  # for the reply and the log only; nothing unchecked is acted on
-        if retain:
-            return CommandResult(False, "retained", "retained commands are never acted on", **peek)
+        # for the reply and the log only; nothing unchecked is acted on except a safe command
+        ctx: dict[str, Any] = {**_peek(doc), "identity": identity}
+        safe = isinstance(doc, dict) and doc.get("cmd") in SAFE_COMMANDS
+        if retain and not safe:
+            return CommandResult(False, "retained", "retained commands are never acted on", **ctx)
         if error or not isinstance(doc, dict):
-            return CommandResult(False, "malformed", error, **peek)
+            return CommandResult(False, "malformed", error, **ctx)
+        warnings: list[str] = []
         if doc.get("v") != SCHEMA_VERSION:
-            return CommandResult(
-                False,
-                "unsupported_version",
-                f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}",
-                **peek,
-            )
+            detail = f"v={doc.get('v')!r}, expected {SCHEMA_VERSION}"
+            if not safe:
+                return CommandResult(False, "unsupported_version", detail, **ctx)
+            warnings.append(f"unsupported_version: {detail}")
+        env: _Envelope | None
         try:
             env = _Envelope.model_validate(doc)
         except ValidationError as exc:
-            return CommandResult(False, "malformed", _first_error(exc))
-        ctx = {"cmd": env.cmd, "seq": env.seq, "sender": env.sender}
-        if env.cmd not in COMMANDS:
+            if not safe:
+                return CommandResult(False, "malformed", _first_error(exc), **ctx)
+            warnings.append(f"malformed: {_first_error(exc)}")
+            env = None
+        else:
+            ctx = {"cmd": env.cmd, "seq": env.seq, "sender": env.sender, "identity": identity}
+        cmd = env.cmd if env is not None else str(doc["cmd"])
+        if cmd not in COMMANDS:
             return CommandResult(False, "unknown_command", f"known: {sorted(COMMANDS)}", **ctx)
         now = self._clock()
-        if now > env.expiry:
-            return CommandResult(False, "expired", f"expired {now - env.expiry:.3f} s ago", **ctx)
-        if env.expiry - now > self._max_age_s:
+        fresh = False
+        if env is not None:
+            if now > env.expiry:
+                detail = f"expired {now - env.expiry:.3f} s ago"
+                if not safe:
+                    return CommandResult(False, "expired", detail, **ctx)
+                warnings.append(f"expired: {detail}")
+            elif env.expiry - now > self._max_age_s:
+                detail = (
+                    f"expires in {env.expiry - now:.1f} s > command_max_age_s {self._max_age_s}"
+                )
+                if not safe:
+                    return CommandResult(False, "expiry_too_far", detail, **ctx)
+                warnings.append(f"expiry_too_far: {detail}")
+            else:
+                fresh = True
+        if retain:  # only a safe command gets here
+            if not fresh:
+                return CommandResult(
+                    False,
+                    "retained",
+                    "a retained command is acted on only if it is a disarm or emergency stop "
+                    "whose expiry is valid and not passed",
+                    warnings=tuple(warnings),
+                    **ctx,
+                )
+            warnings.append("retained: acted on because it only makes the session safer")
+        if identity is None and not safe:
             return CommandResult(
                 False,
-                "expiry_too_far",
-                f"expires in {env.expiry - now:.1f} s > command_max_age_s {self._max_age_s}",
+                "unauthenticated",
+                f"publish {cmd} on {self._cmd_topic}/<your MQTT user name> (this topic takes "
+                "only disarm and emergency_stop)",
                 **ctx,
             )
-        last = self._last_seq.get(env.sender)
-        if last is not None and env.seq <= last[0]:
-            return CommandResult(
-                False, "duplicate", f"seq {env.seq} <= last accepted {last[0]}", **ctx
-            )
-        if last is None and not self._make_room(now):
-            return CommandResult(False, "too_many_senders", f"over {MAX_SENDERS}", **ctx)
-        self._last_seq[env.sender] = (env.seq, now)  # the seq is used up from here on
+        if env is not None and identity is not None:
+            key = (identity, env.sender)
+            last = self._last_seq.get(key)
+            if last is not None and env.seq <= last[0]:
+                detail = f"seq {env.seq} <= last accepted {last[0]}"
+                if not safe:
+                    return CommandResult(False, "duplicate", detail, **ctx)
+                warnings.append(f"duplicate: {detail}")
+            elif last is None and not self._make_room(now):
+                if not safe:
+                    return CommandResult(False, "too_many_senders", f"over {MAX_SENDERS}", **ctx)
+                warnings.append(f"too_many_senders: over {MAX_SENDERS}")
+            elif not warnings:  # a flawed safe command does not move the sequence on
+                self._last_seq[key] = (env.seq, now)  # the seq is used up from here on
+        raw_args = env.args if env is not None else doc.get("args", {})
         try:
-            args = _ARGS[env.cmd].model_validate(env.args)
+            args = _ARGS[cmd].model_validate(raw_args)
         except ValidationError as exc:
-            return CommandResult(False, "invalid_args", _first_error(exc), **ctx)
-        if env.cmd == "arm" and not self._allow_remote_arm:
+            if not safe:
+                return CommandResult(False, "invalid_args", _first_error(exc), **ctx)
+            warnings.append(f"invalid_args: {_first_error(exc)}")
+            args = _ARGS[cmd]()
+        if (
+            isinstance(args, _ThresholdArgs)
+            and max(abs(args.enter), abs(args.leave)) > self._max_threshold
+        ):
+            return CommandResult(
+                False,
+                "out_of_range",
+                f"|enter| and |leave| must be <= mqtt.max_remote_threshold "
+                f"{self._max_threshold:g} (z units)",
+                **ctx,
+            )
+        if cmd == "arm" and not self._allow_remote_arm:
             return CommandResult(
                 False, "remote_arm_disabled", "config mqtt.allow_remote_arm is false", **ctx
             )
+        sender = ctx.get("sender") or "?"
         try:
-            self._execute(env, args)
+            self._execute(cmd, args, identity, sender)
         except ControlError as exc:
-            return CommandResult(False, "refused", str(exc), **ctx)
+            return CommandResult(False, "refused", str(exc), warnings=tuple(warnings), **ctx)
         except Exception as exc:
             self.errors += 1
-            log.exception("MQTT command %s from %s failed inside the session", env.cmd, env.sender)
-            return CommandResult(False, "error", f"{type(exc).__name__}: {exc}", **ctx)
-        return CommandResult(True, "accepted", "", **ctx)
+            log.exception("MQTT command %s from %s failed inside the session", cmd, sender)
+            return CommandResult(
+                False, "error", f"{type(exc).__name__}: {exc}", warnings=tuple(warnings), **ctx
+            )
+        return CommandResult(True, "accepted", "", warnings=tuple(warnings), **ctx)
 
     def _make_room(self, now: float) -> bool:
         if len(self._last_seq) < MAX_SENDERS:
             return True
-        for sender, (_, t) in list(self._last_seq.items()):
+        for key, (_, t) in list(self._last_seq.items()):
             if now - t > self._max_age_s:  # all its commands have expired: replay is refused
-                del self._last_seq[sender]
+                del self._last_seq[key]
         return len(self._last_seq) < MAX_SENDERS
 
-    def _execute(self, env: _Envelope, args: BaseModel) -> None:
-        source = f"mqtt:{env.sender}"
+    def _execute(self, cmd: str, args: BaseModel, identity: str | None, sender: str) -> None:
+        who = f"{identity}/{sender}" if identity not in (None, sender) else sender
+        source = f"mqtt:{who}" if identity is not None else f"mqtt:unauthenticated/{sender}"
         control = self._control
-        if env.cmd == "disarm":
+        if cmd == "disarm":
             assert isinstance(args, _DisarmArgs)
             control.disarm(f"{source}: {args.reason}" if args.reason else source)
-        elif env.cmd == "emergency_stop":
+        elif cmd == "emergency_stop":
             control.emergency_stop(source)
-        elif env.cmd == "set_thresholds":
+        elif cmd == "set_thresholds":
             assert isinstance(args, _ThresholdArgs)
-            control.set_thresholds(args.enter, args.leave, source)
-        elif env.cmd == "start_calibration":
+            control.set_thresholds(
+                args.enter,
+                args.leave,
+                source,
+                refuse_if_armed=not self._thresholds_while_armed,
+            )
+        elif cmd == "start_calibration":
             control.start_calibration(source)
-        elif env.cmd == "stop_calibration":
+        elif cmd == "stop_calibration":
             control.stop_calibration(source)
-        elif env.cmd == "arm":
-            control.arm("mqtt_remote", operator=env.sender)
+        elif cmd == "arm":
+            control.arm("mqtt_remote", operator=who)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,6 +720,9 @@ class MqttBridge:
             control,
             allow_remote_arm=settings.allow_remote_arm,
             command_max_age_s=settings.command_max_age_s,
+            max_remote_threshold=settings.max_remote_threshold,
+            allow_remote_thresholds_while_armed=settings.allow_remote_thresholds_while_armed,
+            cmd_topic=self.topics.cmd,
         )
         self._state_period_s = 1.0 / settings.state_rate_hz if settings.state_rate_hz else 0.0
         self._sub: Subscription | None = None  # subscribed in start(), not before
@@ -693,6 +823,7 @@ class MqttBridge:
             "connect_failures": self._connect_failures,
             "commands_accepted": self._commands.accepted,
             "commands_refused": dict(self._commands.refused),
+            "commands_warned": self._commands.warned,
             "errors": self._errors + self._commands.errors,
             "last_error": self._last_error,
         }
@@ -961,16 +1092,17 @@ class MqttBridge:
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         # Subscribing here (not before the tasks start) lets telemetry flow and a stop
         # interrupt even while the SUBACK is pending.
-        await client.subscribe(
-            self.topics.cmd, options=SubscribeOptions(qos=1, retainAsPublished=True)
-        )
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        await client.subscribe([(self.topics.cmd, options), (self.topics.cmd_of("+"), options)])
         async for message in client.messages:
-            if message.topic.value != self.topics.cmd:
+            try:
+                identity = self.topics.identity(message.topic.value)
+            except ValueError:
                 continue
             payload = message.payload
             if not isinstance(payload, (bytes, bytearray, str)):
                 payload = str(payload)
-            result = self._commands.handle(payload, retain=bool(message.retain))
+            result = self._commands.handle(payload, retain=bool(message.retain), identity=identity)
             self._enqueue(_Outgoing(self.topics.reply, self._reply_doc(result), 1, False))
 
     # -- documents ----------------------------------------------------------------------------
@@ -1026,6 +1158,8 @@ class MqttBridge:
                 "cmd": result.cmd,
                 "cmd_seq": result.seq,
                 "sender": result.sender,
+                "user": result.identity,
+                "warnings": list(result.warnings),
             },
         )
 
@@ -1068,10 +1202,15 @@ def send_command(
     timeout_s: float = 5.0,
 ) -> dict[str, Any] | None:
     """Publish one command as a control client and wait for its reply's `data` (None when no
-    reply came within timeout_s). Blocking; call it from a thread without a running loop."""
+    reply came within timeout_s). Blocking; call it from a thread without a running loop.
+
+    The command goes to ``cmd/<user>`` with `settings.username` as the user (the broker's ACL
+    must let this user write there); without a user name (an anonymous test broker) the
+    sender names the topic level."""
     doc = build_command(cmd, sender=sender, ttl_s=ttl_s, args=args)
     topics = Topics.of(settings.topic_prefix, settings.session_id or session_id)
     s = settings
+    cmd_topic = topics.cmd_of(s.username or sender)
 
     password = s.resolved_password()
 
@@ -1087,7 +1226,7 @@ def send_command(
             tls_insecure=s.tls.insecure if s.tls.enabled else None,
         ) as client:
             await client.subscribe(topics.reply, qos=1)
-            await client.publish(topics.cmd, json.dumps(doc), qos=1)
+            await client.publish(cmd_topic, json.dumps(doc), qos=1)
             async for message in client.messages:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     data = json.loads(message.payload)["data"]

@@ -105,9 +105,20 @@ class XdfRecorder:
     occurrences in the whole output, never spin (the upstream wait loop has no sleep), keep
     stderr in `labrecorder.log` beside the file (an unread pipe would fill and block the CLI),
     and kill the CLI when it does not start.
+
+    LabRecorderCLI pulls each inlet every 500 ms (`chunk_interval` in its recording.h) and does
+    not pull once more when told to stop: whatever arrived after its last pull is lost. Measured
+    here: a stream stopped right after its last push lacked its last 215-227 ms (5 of 5 runs),
+    and a pulse decided in that tail lay outside the EEG the XDF holds (the flaky
+    `test_console_session_end_to_end`). `stop` therefore waits until the CLI has pulled after
+    the moment the file must cover (`PULL_INTERVAL_S` + `PULL_SLACK_S`, bounded).
     """
 
     STARTED = "Started data collection for stream"
+    PULL_INTERVAL_S = 0.5  # LabRecorder's chunk_interval: it pulls every inlet this often
+    # Scheduling slack for the CLI's pull thread and the LSL delivery to its inlet (sub-ms on
+    # loopback; 0.25 s covers a loaded 2-core machine several times over).
+    PULL_SLACK_S = 0.25
 
     def __init__(self, path: Path, streams: list[dict[str, str]]) -> None:
         self.path = path
@@ -183,10 +194,23 @@ class XdfRecorder:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the CLI to finish the file (Enter on stdin), kill it if it does not exit."""
+    def stop(self, timeout_s: float = 10.0, *, cover_local: float | None = None) -> None:
+        """Ask the CLI to finish the file (Enter on stdin), kill it if it does not exit.
+
+        cover_local: `pylsl.local_clock()` time (s) by which every sample the file must hold had
+        arrived here (None: now). Stopping waits until the CLI pulled after it, at most
+        PULL_INTERVAL_S + PULL_SLACK_S (0.75 s); earlier times need no wait.
+        """
         if self._proc is None:
             return
+        from pylsl import local_clock
+
+        now = local_clock()
+        covered_at = (now if cover_local is None else min(cover_local, now)) + (
+            self.PULL_INTERVAL_S + self.PULL_SLACK_S
+        )
+        if covered_at > now and self.running:
+            time.sleep(covered_at - now)
         try:
             assert self._proc.stdin is not None
             self._proc.stdin.write("\n")

@@ -151,14 +151,47 @@ class Session:
                 self.pipeline.trigger.emergency_stop(source)
             self.bus.emit("emergency_stop", self._t_now(), source=source)
 
-    def set_thresholds(self, enter: float, leave: float, source: str) -> None:
+    def set_thresholds(
+        self, enter: float, leave: float, source: str, *, refuse_if_armed: bool = False
+    ) -> None:
+        """Change the thresholds (every source: GUI, MQTT, ...); audited, then published.
+
+        refuse_if_armed: ControlError unless the interlock is disarmed (checked under the lock
+        that arming also needs, so no arm can slip in between). An audit write that fails
+        undoes the change (no threshold change without its record).
+        """
         with self._lock:
             p = self._require_pipeline()
+            if refuse_if_armed and p.trigger.interlock.state.value != "disarmed":
+                raise ControlError(
+                    f"refused while the interlock is {p.trigger.interlock.state.value}: disarm "
+                    "first (or set mqtt.allow_remote_thresholds_while_armed)"
+                )
+            old = p.chain.thresholds
             try:
                 p.chain.set_thresholds(enter, leave)
             except ValueError as exc:
                 raise ControlError(str(exc)) from exc
-            self.bus.emit("thresholds", self._t_now(), enter=enter, leave=leave, source=source)
+            try:
+                p.trigger.audit_note(
+                    "thresholds",
+                    source,
+                    enter=float(enter),
+                    leave=float(leave),
+                    previous={"enter": old[0], "leave": old[1]},
+                    t_stream=self._t_now(),
+                )
+            except Exception as exc:
+                p.chain.set_thresholds(*old)
+                raise ControlError(f"threshold change not audited, undone: {exc}") from exc
+            self.bus.emit(
+                "thresholds",
+                self._t_now(),
+                enter=enter,
+                leave=leave,
+                source=source,
+                previous={"enter": old[0], "leave": old[1]},
+            )
 
     def start_calibration(self, source: str) -> None:
         with self._lock:

@@ -40,6 +40,7 @@ class FakeControl:
         self.enter_leave = (1.0, 0.5)
         self.calibrated_enough = True
         self.running = True
+        self.armed = False
         self.fail_with = fail_with
 
     def _record(self, *call: Any) -> None:
@@ -56,9 +57,13 @@ class FakeControl:
     def emergency_stop(self, source: str) -> None:
         self._record("emergency_stop", source)
 
-    def set_thresholds(self, enter: float, leave: float, source: str) -> None:
+    def set_thresholds(
+        self, enter: float, leave: float, source: str, *, refuse_if_armed: bool = False
+    ) -> None:
         if enter <= leave:
             raise ControlError(f"enter {enter} <= leave {leave}")
+        if refuse_if_armed and self.armed:
+            raise ControlError("refused while the interlock is armed")
         self._record("set_thresholds", enter, leave, source)
         self.enter_leave = (enter, leave)
 

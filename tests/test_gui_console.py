@@ -147,6 +147,7 @@ def test_console_session_end_to_end(qtbot, window, tmp_path):
     assert record.eeg_source == "xdf"
     assert record.raw is not None
     assert "pulse" in set(record.raw.annotations.description)
+    assert record.pulses_outside == [], record.notes  # every pulse lies on the recorded EEG
 
 
 @pytest.mark.timeout(90)

@@ -201,11 +201,12 @@ def _send_and_wait(
     payloads: list[str | bytes],
     *,
     retain: bool = False,
+    topic: str = f"{BASE}/cmd/console",
     **auth: Any,
 ) -> list[dict]:
     before = len(sub.on(f"{BASE}/reply"))
     for payload in payloads:
-        publish(broker, f"{BASE}/cmd", payload, retain=retain, **auth)
+        publish(broker, topic, payload, retain=retain, **auth)
     assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/reply")) >= before + len(payloads))
     return [m.json()["data"] for m in sub.on(f"{BASE}/reply")[before:]]
 
@@ -252,7 +253,7 @@ def test_remote_arm_works_only_when_allowed(broker: Broker) -> None:
     ):
         replies = _send_and_wait(broker, sub, [command("arm", 1, sender="op-2")])
     assert replies[0]["ok"]
-    assert control.calls == [("arm", "mqtt_remote", "op-2")]
+    assert control.calls == [("arm", "mqtt_remote", "console/op-2")]  # user/sender
 
 
 def test_send_command_helper_waits_for_the_reply(broker: Broker) -> None:
@@ -279,29 +280,33 @@ def test_duplicate_expired_malformed_unknown_and_retained_commands_do_nothing(
 ) -> None:
     control = FakeControl()
     # retained before the bridge subscribes: the broker hands it over on subscribe
-    publish(broker, f"{BASE}/cmd", command("emergency_stop", 1), retain=True)
+    publish(broker, f"{BASE}/cmd/console", command("start_calibration", 1), retain=True)
     with Subscriber(broker, f"{BASE}/reply") as sub, running_bridge(broker, control=control) as b:
         assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/reply")) == 1)
         # retained while subscribed: MQTT v5 retainAsPublished keeps the flag visible
-        replies = _send_and_wait(broker, sub, [command("disarm", 2)], retain=True)
+        replies = _send_and_wait(broker, sub, [command("stop_calibration", 2)], retain=True)
         replies += _send_and_wait(
             broker,
             sub,
             [
-                command("disarm", 10),
-                command("disarm", 10),  # a QoS 1 redelivery / replay
-                command("disarm", 9),
-                command("disarm", 11, expires=time.time() - 1.0),
-                command("disarm", 12, expires=time.time() + 3600.0),
+                command("start_calibration", 10),
+                command("start_calibration", 10),  # a QoS 1 redelivery / replay
+                command("start_calibration", 9),
+                command("start_calibration", 11, expires=time.time() - 1.0),
+                command("start_calibration", 12, expires=time.time() + 3600.0),
                 b"{not json",
-                command("disarm", 13, v=2),
+                command("start_calibration", 13, v=2),
                 command("self_destruct", 14),
                 command("set_thresholds", 15, args={"enter": "high", "leave": 0.0}),
             ],
         )
+        # the legacy shared topic carries no identity: only disarm / e-stop are acted on there
+        replies += _send_and_wait(
+            broker, sub, [command("start_calibration", 16)], topic=f"{BASE}/cmd"
+        )
         stats = b.stats
     first = sub.on(f"{BASE}/reply")[0].json()["data"]
-    assert (first["cmd"], first["reason"]) == ("emergency_stop", "retained")
+    assert (first["cmd"], first["reason"]) == ("start_calibration", "retained")
     assert [r["reason"] for r in replies] == [
         "retained",
         "accepted",
@@ -313,9 +318,10 @@ def test_duplicate_expired_malformed_unknown_and_retained_commands_do_nothing(
         "unsupported_version",
         "unknown_command",
         "invalid_args",
+        "unauthenticated",
     ]
     assert all(r["detail"] for r in replies if not r["ok"])
-    assert control.calls == [("disarm", "mqtt:console")]  # only seq 10, once
+    assert control.calls == [("start_calibration", "mqtt:console")]  # only seq 10, once
     assert stats["commands_accepted"] == 1
     assert stats["commands_refused"] == {
         "retained": 2,
@@ -326,10 +332,107 @@ def test_duplicate_expired_malformed_unknown_and_retained_commands_do_nothing(
         "unsupported_version": 1,
         "unknown_command": 1,
         "invalid_args": 1,
+        "unauthenticated": 1,
     }
 
 
+def test_disarm_and_emergency_stop_are_never_refused_for_seq_or_expiry(broker: Broker) -> None:
+    """Through a real broker: a duplicate, expired, over-long, retained (fresh) or legacy-topic
+    disarm / e-stop is acted on; the reply says ok with what was wrong."""
+    control = FakeControl()
+    # a stale retained e-stop stored by the broker must not stop every new session
+    publish(
+        broker,
+        f"{BASE}/cmd/console",
+        command("emergency_stop", 1, expires=time.time() - 5.0),
+        retain=True,
+    )
+    with Subscriber(broker, f"{BASE}/reply") as sub, running_bridge(broker, control=control) as b:
+        assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/reply")) == 1)
+        stale = sub.on(f"{BASE}/reply")[0].json()["data"]
+        assert (stale["ok"], stale["reason"]) == (False, "retained")
+        assert control.calls == []
+        replies = _send_and_wait(
+            broker,
+            sub,
+            [
+                command("start_calibration", 10),
+                command("emergency_stop", 10),  # duplicate seq
+                command("disarm", 3),  # older seq
+                command("emergency_stop", 11, expires=time.time() - 30.0),
+                command("disarm", 12, expires=time.time() + 3600.0),
+            ],
+        )
+        replies += _send_and_wait(broker, sub, [command("emergency_stop", 13)], retain=True)
+        replies += _send_and_wait(
+            broker, sub, [command("emergency_stop", 10**30)], topic=f"{BASE}/cmd"
+        )
+        stats = b.stats
+    assert [(r["cmd"], r["ok"], r["reason"]) for r in replies] == [
+        ("start_calibration", True, "accepted"),
+        ("emergency_stop", True, "accepted"),
+        ("disarm", True, "accepted"),
+        ("emergency_stop", True, "accepted"),
+        ("disarm", True, "accepted"),
+        ("emergency_stop", True, "accepted"),
+        ("emergency_stop", True, "accepted"),
+    ]
+    assert [[w.split(":")[0] for w in r["warnings"]] for r in replies] == [
+        [],
+        ["duplicate"],
+        ["duplicate"],
+        ["expired"],
+        ["expiry_too_far"],
+        ["retained"],
+        [],
+    ]
+    assert [r["user"] for r in replies] == ["console"] * 6 + [None]
+    safe = ["emergency_stop", "disarm", "emergency_stop", "disarm", "emergency_stop"]
+    assert [c[0] for c in control.calls] == ["start_calibration", *safe, "emergency_stop"]
+    assert control.calls[-1] == ("emergency_stop", "mqtt:unauthenticated/console")
+    assert stats["commands_warned"] == 5
+    assert stats["commands_refused"] == {"retained": 1}
+
+
+def test_remote_thresholds_bounded_and_refused_while_armed(broker: Broker) -> None:
+    control = FakeControl()
+    with (
+        Subscriber(broker, f"{BASE}/reply") as sub,
+        running_bridge(broker, control=control, max_remote_threshold=3.0),
+    ):
+        replies = _send_and_wait(
+            broker,
+            sub,
+            [
+                command("set_thresholds", 1, args={"enter": 2.0, "leave": -3.0}),
+                command("set_thresholds", 2, args={"enter": -6.0, "leave": -7.0}),
+                command("set_thresholds", 3, args={"enter": 1e308, "leave": 0.0}),
+            ],
+        )
+        control.armed = True
+        replies += _send_and_wait(
+            broker, sub, [command("set_thresholds", 4, args={"enter": 1.5, "leave": 0.5})]
+        )
+    assert [(r["ok"], r["reason"]) for r in replies] == [
+        (True, "accepted"),
+        (False, "out_of_range"),
+        (False, "out_of_range"),
+        (False, "refused"),
+    ]
+    assert "armed" in replies[-1]["detail"]
+    assert control.calls == [("set_thresholds", 2.0, -3.0, "mqtt:console")]
+
+
 ACL_FILE = ROOT / "docs" / "mosquitto" / "acl"
+
+
+# A second console user, added the way the ACL's comment tells a lab to.
+SECOND_CONSOLE = """
+user alice
+topic write closedloop/+/cmd/alice
+topic write closedloop/+/cmd
+topic read closedloop/#
+"""
 
 
 def test_only_the_control_client_may_command(tmp_path: Path) -> None:
@@ -344,17 +447,18 @@ def test_only_the_control_client_may_command(tmp_path: Path) -> None:
             ) as bridge,
         ):
             assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/health")) >= 1)
-            # ... a read-only user's command never reaches the bridge ...
-            publish(
-                broker,
-                f"{BASE}/cmd",
-                command("emergency_stop", 1),
-                username="monitor",
-                password="m0nitor",
-            )
+            # ... a read-only user's command never reaches the bridge, on any command topic ...
+            for topic in (f"{BASE}/cmd", f"{BASE}/cmd/console", f"{BASE}/cmd/monitor"):
+                publish(
+                    broker,
+                    topic,
+                    command("emergency_stop", 1),
+                    username="monitor",
+                    password="m0nitor",
+                )
             # ... nor does an anonymous client get in at all ...
             with pytest.raises(aiomqtt.MqttError, match=r"(?i)not authori[sz]ed|bad user"):
-                publish(broker, f"{BASE}/cmd", command("emergency_stop", 1))
+                publish(broker, f"{BASE}/cmd/console", command("emergency_stop", 1))
             time.sleep(0.5)
             assert control.calls == []
             assert sub.on(f"{BASE}/reply") == []
@@ -363,6 +467,7 @@ def test_only_the_control_client_may_command(tmp_path: Path) -> None:
                 broker, sub, [command("emergency_stop", 1)], username="console", password="c0nsole"
             )
             assert replies[0]["ok"]
+            assert replies[0]["user"] == "console"
             assert control.calls == [("emergency_stop", "mqtt:console")]
             assert bridge.stats["commands_refused"] == {}
 
@@ -370,6 +475,53 @@ def test_only_the_control_client_may_command(tmp_path: Path) -> None:
         with running_bridge(broker, connect=False, username="closedloop", password="wrong") as bad:
             assert not bad.wait_connected(1.0)
             assert bad.stats["connect_failures"] >= 2
+
+
+def test_one_console_cannot_silence_another(tmp_path: Path) -> None:
+    """Issue 14: user alice sends seq=10**30 as 'console'. On console's topic the broker
+    drops it (ACL); on her own topic it counts for alice only. Console's commands still work,
+    and monitors see the emergency stop on the event topic."""
+    users = {"closedloop": "s3ssion", "console": "c0nsole", "alice": "al1ce", "monitor": "m0nitor"}
+    control = FakeControl()
+    bus = EventBus()
+    acl = ACL_FILE.read_text() + SECOND_CONSOLE
+    alice = {"username": "alice", "password": "al1ce"}
+    console = {"username": "console", "password": "c0nsole"}
+    with (
+        running_broker(tmp_path, users=users, acl=acl) as broker,
+        Subscriber(broker, f"{BASE}/#", username="monitor", password="m0nitor") as sub,
+        running_bridge(
+            broker, bus=bus, control=control, username="closedloop", password="s3ssion"
+        ) as bridge,
+    ):
+        forged = command("start_calibration", 10**30, sender="console")
+        publish(broker, f"{BASE}/cmd/console", forged, **alice)  # not her topic: dropped
+        time.sleep(0.5)
+        assert sub.on(f"{BASE}/reply") == []
+        mine = _send_and_wait(broker, sub, [forged], topic=f"{BASE}/cmd/alice", **alice)
+        assert (mine[0]["ok"], mine[0]["user"]) == (True, "alice")
+        replies = _send_and_wait(
+            broker,
+            sub,
+            [command("start_calibration", 1), command("emergency_stop", 2)],
+            **console,
+        )
+        assert [(r["ok"], r["reason"], r["warnings"]) for r in replies] == [
+            (True, "accepted", []),
+            (True, "accepted", []),
+        ]
+        assert control.calls == [
+            ("start_calibration", "mqtt:alice/console"),
+            ("start_calibration", "mqtt:console"),
+            ("emergency_stop", "mqtt:console"),
+        ]
+        # what a Session does on an emergency stop: the event reaches read-only monitors
+        bus.emit("emergency_stop", source="mqtt:console")
+        bus.emit("error", reason="test", traceback="")
+        assert sub.wait_for(lambda _: len(sub.on(f"{BASE}/event")) >= 2)
+        kinds = [m.json()["kind"] for m in sub.on(f"{BASE}/event")]
+        assert kinds == ["emergency_stop", "error"]
+        assert bridge.stats["commands_refused"] == {}
 
 
 def _make_certs(tmp_path: Path) -> dict[str, Path]:

@@ -339,6 +339,12 @@ class TriggerUnit:
         self.interlock.emergency_stop(f"emergency stop ({source})", self._t_stream_last)
         self._flush_pending()
 
+    def audit_note(self, event: str, reason: str, **extra: Any) -> None:
+        """Write one operator record (e.g. event 'thresholds', reason = who changed them) to
+        the audit log, in order with the attempts and interlock lines (any thread; fsynced).
+        Raises what the audit log raises: the caller decides whether to undo its change."""
+        self._audit_event(event, reason, **extra)
+
     def close(self, reason: str = "shutdown") -> None:
         """Disarm, close every output, then flush and close the audit log. Idempotent."""
         if self._closed:
