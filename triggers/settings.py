@@ -16,6 +16,12 @@ HARD_MAX_PER_MINUTE = 60  # at most this many pulses in any rolling RATE_WINDOW_
 HARD_SESSION_CAP = 1800  # at most this many pulses per session
 RATE_WINDOW_S = 60.0  # length of the rolling window of the rate limit
 MAX_PULSE_WIDTH_MS = 100.0  # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
+# Watchdog bounds (safety.watchdog_ms). Below 100 ms a loaded machine trips it with no hang: a
+# live loop step here is 0.3-0.7 ms p99 every <= 5 ms (the pull timeout), but with 6 test jobs
+# on 2 cores single steps took up to ~60 ms (GC, scheduling). Above 5 s a hung output would
+# leave the system armed for longer than the hard minimum interval x 5.
+WATCHDOG_MIN_MS = 100.0
+WATCHDOG_MAX_MS = 5000.0
 
 
 class PolicySettings(BaseModel):
@@ -86,6 +92,15 @@ class SafetySettings(BaseModel):
     )
     require_calibration: bool = Field(
         True, description="Refuse to arm, and veto, while the estimator has no baseline."
+    )
+    watchdog_ms: float = Field(
+        500.0,
+        ge=WATCHDOG_MIN_MS,
+        le=WATCHDOG_MAX_MS,
+        description="Live mode: disarm (reason 'watchdog') when the loop completes no step "
+        "for this long while armed (a hung output or pull). Default 500 ms: about 10x the "
+        "chunk period of amplifiers pushing 20-50 ms chunks, 10x the latency budget, 100x "
+        "the loop's 5 ms pull timeout.",
     )
 
     @field_validator("min_interval_s")
