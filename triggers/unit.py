@@ -154,8 +154,9 @@ class TriggerUnit:
         try:
             return self._on_state(state, t_arrival)
         except Exception as exc:
-            t_stream = getattr(state, "t_stream", math.nan)
-            self.interlock.fault(VetoReason.FAULT, t_stream, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, AuditError):  # an audit failure already disarmed: 'audit'
+                t_stream = getattr(state, "t_stream", math.nan)
+                self.interlock.fault(VetoReason.FAULT, t_stream, f"{type(exc).__name__}: {exc}")
             self._flush_pending()
             raise
 
