@@ -66,7 +66,8 @@ class Attempt:
     error or halt: the interlock counts it, conservatively), None when vetoed.
     stimulated: the stimulating outputs that fired without error (a halt or an error can stop
     a pulse between two of them).
-    t_local: clock when the decision was taken. latency_ms: arrival of the deciding chunk (or,
+    t_local: clock when the outputs began firing (the pulse's marker time; after the intent
+    line is durable), or when the veto was decided. latency_ms: arrival of the deciding chunk (or,
     offline, the policy's request) to the last output returning (to the veto when vetoed).
     output_ms: each output's fire() duration.
     """
@@ -288,7 +289,7 @@ class TriggerUnit:
             reason=reason,
             detail=detail,
             pulse_number=n,
-            t_local=t_decided,
+            t_local=t_fire,
             t_start=t_start,
             output_ms=output_ms,
             stimulated=tuple(stimulated),
