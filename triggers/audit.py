@@ -1,12 +1,13 @@
 """The append-only audit log: one JSON line per attempt (fired or vetoed) and per interlock change.
 
-Each line is written, flushed and fsync'ed before `write` returns, so a process killed at any
-moment leaves every earlier line readable, and a power cut loses at most the line being written.
-fsync cost, measured here (ext4 on virtio disk, lines of ~400 bytes): flush alone 2 µs median
-idle (34 µs under load); flush + fsync 127 µs median, 0.31 ms p99, 0.8 ms max on an idle machine,
-0.28 ms median, 0.94 ms p99, 10 ms max with other jobs running. Attempts come at most about once
-per second and are written after the outputs have returned, so fsync never delays a pulse: it
-stays on, one fsync per attempt (TriggerUnit batches its interlock lines into the same write).
+Each line is written and fsync'ed before `write` returns, so a process killed at any moment
+leaves every earlier line readable, and a power cut loses at most the line being written.
+fsync cost, measured here (ext4 on virtio disk, lines of ~400 bytes): 127 µs median, 0.31 ms
+p99, 0.8 ms max on an idle machine; 0.28 ms median, 0.94 ms p99, 10 ms max with other jobs
+running; with load average 9 on 2 cores (6 test jobs) 4-5 ms median, 16 ms p99, 70 ms max
+(benchmarks/ab_failsafe.py). TriggerUnit writes a pulse's `intent` line, with one fsync, before
+its outputs fire (write-ahead: a kill after the TTL still leaves the pulse in the log), so that
+fsync now lies between the decision and the TTL: it is the price of that guarantee.
 `read_audit` tolerates a torn last line (a kill inside `write`).
 """
 

@@ -60,8 +60,11 @@ class Attempt:
     """One pulse request and what became of it (also one line of the audit log).
 
     fired: every stimulating output (serial, simulated) returned without error.
-    reason: 'fired', a VetoReason value, or 'output_error' (any output failed; the interlock is
-    then DISARMED; fired stays True when only a record output such as the marker failed).
+    reason: 'fired', a VetoReason value, 'output_error' (any output failed; the interlock is
+    then DISARMED; fired stays True when only a record output such as the marker failed),
+    'audit' (the intent line could not be written: nothing fired), or 'halted' (a disarm,
+    emergency stop or watchdog came between the grant and a stimulating output, which was
+    skipped; `stimulated` says which fired before it).
     pulse_number: the session pulse count for a pulse that went to the outputs (also on output
     error or halt: the interlock counts it, conservatively), None when vetoed.
     stimulated: the stimulating outputs that fired without error (a halt or an error can stop
@@ -140,8 +143,8 @@ class TriggerUnit:
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_HISTORY)
         self._output_max_ms = dict.fromkeys(names, 0.0)
         self._output_names = [o.name for o in self.outputs]  # firing order, for intent lines
-        # interlock changes are queued by the observer and written after the attempt: an fsync
-        # (0.13 ms median, 0.8 ms max) must not sit between the decision and the TTL
+        # interlock changes are queued by the observer and written with the next audit line
+        # (the intent, the outcome, or an operator action): one fsync for all of them
         self._pending: deque[dict[str, Any]] = deque()
         interlock.add_observer(self._on_interlock_change)
 
