@@ -580,3 +580,63 @@ def test_full_disk_disarms_no_pulse_goes_unrecorded_and_shutdown_says_so(
     assert set(delivered) <= intents, "a pulse reached the stimulator without its intent line"
     arms = [a for a in audit if a.get("event") == "interlock" and a["reason"].startswith("armed")]
     assert len(arms) == 1  # armed once by the session, never again
+
+
+SIGINT_CHILD = KILL_CHILD.replace(
+    'Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm").run()',
+    "from closedloop.cli import _install_signal_handlers\n"
+    'session = Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm")\n'
+    "_install_signal_handlers(session)\n"
+    "session.run()",
+)
+
+
+def test_sigint_disarms_at_once_while_an_output_hangs(recording, unique_name, out_dir):
+    """`closedloop run` (signal handlers in the loop's thread): Ctrl-C while fire() hangs
+    disarms within milliseconds, not when the hang ends; the session then ends cleanly."""
+    import select
+
+    assert "_install_signal_handlers(session)" in SIGINT_CHILD
+    master, slave = os.openpty()
+    proc = replayer(recording, unique_name)
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_CHILD, unique_name, os.ttyname(slave), str(out_dir)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready, _, _ = select.select([master], [], [], 90.0)
+        if not ready:
+            child.kill()
+            pytest.fail(f"no TTL byte within 90 s: {child.communicate()[1][-3000:]!r}")
+        os.read(master, 1)  # the TTL went out; the simulated device now hangs for 5 s
+        t_sigint = time.time()
+        child.send_signal(signal.SIGINT)
+        folder = next(p for p in out_dir.iterdir() if p.is_dir())
+
+        def disarm_line():
+            for a in read_jsonl(folder / "audit.jsonl"):
+                if a.get("event") == "interlock" and "SIGINT" in a["reason"]:
+                    return a
+            return None
+
+        assert wait_for(lambda: disarm_line() is not None, 3.0), "SIGINT did not disarm"
+        line = disarm_line()
+        assert line["new"] == "disarmed"
+        assert line["t_wall"] - t_sigint < 0.2, line["t_wall"] - t_sigint
+        assert child.poll() is None, "the check must happen while fire() still hangs"
+        _, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        end_process(proc)
+        for fd in (master, slave):
+            os.close(fd)
+    assert child.returncode == 0, err[-3000:]
+    summary = yaml.safe_load((folder / "summary.json").read_text())
+    assert "SIGINT" in summary["stop_reason"]
