@@ -317,3 +317,20 @@ def test_serial_fire_is_bounded_when_the_byte_never_drains():
         for fd in (master, slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def test_a_plain_disarm_keeps_the_ports_open_the_emergency_stop_closes_them(tmp_path):
+    closed = []
+
+    class Tracked(SimulatedStimulator):
+        def close(self):
+            closed.append(self.name)
+
+    unit, _ = make_unit(tmp_path, [Tracked()])
+    unit.arm("gui_button")
+    unit.disarm("operator")  # nothing in fire(): the latch is enough, no re-open glitch later
+    assert closed == []
+    unit.arm("gui_button")
+    unit.emergency_stop("test")
+    assert closed == ["simulated"]
+    unit.close()

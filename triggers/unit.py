@@ -134,6 +134,7 @@ class TriggerUnit:
         self._clock = clock
         self._live = interlock.live
         self._io_lock = threading.Lock()  # firing vs. output checks from an arming thread
+        self._stim_busy = False  # a stimulating output is inside fire() (read by disarm)
         self._closed = False
         self._t_stream_last = math.nan
         self._n_attempts = 0
@@ -258,6 +259,7 @@ class TriggerUnit:
                     elif halted and not stimulated:
                         continue  # nothing reached a stimulator: no record of a pulse
                     t0 = self._clock()
+                    self._stim_busy = out.stimulates
                     try:
                         out.fire(info)
                     except Exception as exc:  # OutputError, or a bug: both are faults
@@ -277,6 +279,7 @@ class TriggerUnit:
                     output_ms[out.name] = dt_ms
                     self._output_max_ms[out.name] = max(self._output_max_ms[out.name], dt_ms)
             finally:
+                self._stim_busy = False
                 il.pulse_done()
         if error:
             self._n_output_errors += 1
@@ -413,10 +416,16 @@ class TriggerUnit:
 
     def disarm(self, reason: str) -> None:
         """Disarm now from any thread: the interlock first (a pulse granted but not yet fired
-        is stopped before its stimulating outputs), then the stimulating outputs are closed
-        (`arm` opens them again), then the audit line. Never waits for the firing thread."""
+        is stopped before its stimulating outputs), then, when a stimulating output is inside
+        fire() (maybe blocked), the stimulating outputs are closed (`arm` opens them again),
+        then the audit line. Never waits for the firing thread.
+
+        Outputs are not closed on every disarm: the latch already stops the next fire, and
+        re-opening a port at each arming could glitch RTS/DTR lines (pyserial raises them at
+        open). The emergency stop and the watchdog always close them."""
         self.interlock.disarm(reason, self._t_stream_last)
-        self._halt_outputs()
+        if self._stim_busy:
+            self._halt_outputs()
         self._flush_pending()
 
     def emergency_stop(self, source: str = "operator") -> None:
