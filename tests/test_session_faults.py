@@ -483,12 +483,18 @@ def test_kill_9_right_after_the_ttl_leaves_the_pulse_as_intent(recording, unique
     folder = next(p for p in out_dir.iterdir() if p.is_dir())
     audit = read_jsonl(folder / "audit.jsonl")
     intents = [a for a in audit if a.get("event") == "intent"]
-    outcomes = [a for a in audit if a.get("event") == "attempt" and a.get("pulse_number")]
-    assert [i["pulse_number"] for i in intents] == [1], audit
-    assert outcomes == [], "the outcome was written before the kill: the test proves nothing"
-    assert intents[0]["outputs"][0] == "serial"
+    outcomes = {a["attempt"]: a for a in audit if a.get("event") == "attempt"}
+    # the byte read was the first TTL; an earlier intent may have been vetoed 'late' after a
+    # slow fsync (then it has its outcome and sent nothing)
+    assert not any(o["fired"] for o in outcomes.values()), "an outcome came before the kill"
+    pending = [i for i in intents if i["attempt"] not in outcomes]
+    assert len(pending) == 1, audit
+    assert pending[0] is intents[-1]
+    assert pending[0]["outputs"][0] == "serial"
     rec = load_session(folder)
-    assert [(p["pulse_number"], p["outcome"]) for p in rec.pulses] == [(1, OUTCOME_UNKNOWN)]
+    assert [(p["pulse_number"], p["outcome"]) for p in rec.pulses] == [
+        (pending[0]["pulse_number"], OUTCOME_UNKNOWN)
+    ]
     assert any(OUTCOME_UNKNOWN in n for n in rec.notes)
 
 

@@ -334,3 +334,30 @@ def test_a_plain_disarm_keeps_the_ports_open_the_emergency_stop_closes_them(tmp_
     unit.emergency_stop("test")
     assert closed == ["simulated"]
     unit.close()
+
+
+def test_a_pulse_made_late_by_a_slow_intent_write_does_not_fire(tmp_path):
+    """Live: the interlock granted the pulse within the latency budget, but the intent's fsync
+    took longer than the budget (a busy disk): the outputs do not fire, the outcome is 'late'."""
+    sim = SimulatedStimulator()
+    unit, clock = make_unit(tmp_path, [sim], live=True, latency_budget_ms=50.0)
+    write_many = unit.audit.write_many
+
+    def slow_intent(records, sync=True):
+        if any(r.get("event") == "intent" for r in records):
+            clock.t += 0.08  # 80 ms in fsync
+        write_many(records, sync)
+
+    unit.audit.write_many = slow_intent
+    unit.arm("gui_button")
+    a = unit.on_state(target(1.0), t_arrival=clock.t)
+    assert sim.pulses == []
+    assert not a.fired
+    assert a.reason == "late"
+    assert "once the intent was durable" in a.detail
+    log = read_audit(unit.audit.path)
+    assert [r["event"] for r in log if r["event"] in ("intent", "attempt")] == [
+        "intent",
+        "attempt",
+    ]
+    unit.close()

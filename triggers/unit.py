@@ -133,6 +133,7 @@ class TriggerUnit:
         self.audit = audit
         self._clock = clock
         self._live = interlock.live
+        self._budget_s = interlock.settings.latency_budget_ms / 1000.0  # again after intent
         self._io_lock = threading.Lock()  # firing vs. output checks from an arming thread
         self._stim_busy = False  # a stimulating output is inside fire() (read by disarm)
         self._closed = False
@@ -232,6 +233,21 @@ class TriggerUnit:
                 output_ms={},
             )
         t_fire = self._clock()
+        if self._live and not t_fire - t_start <= self._budget_s:
+            # the intent's fsync (4-5 ms median, 70 ms max on a busy disk here) pushed the
+            # pulse past the latency budget: it would land on a brain state that has moved on
+            il.pulse_done()
+            return self._attempt(
+                state,
+                request,
+                fired=False,
+                reason=VetoReason.LATE.value,
+                detail=f"{1000 * (t_fire - t_start):.1f} ms once the intent was durable",
+                pulse_number=n,
+                t_local=t_fire,
+                t_start=t_start,
+                output_ms={},
+            )
         info = PulseInfo(
             pulse_number=n,
             t_stream=state.t_stream,
