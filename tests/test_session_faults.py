@@ -646,3 +646,50 @@ def test_sigint_disarms_at_once_while_an_output_hangs(recording, unique_name, ou
     assert child.returncode == 0, err[-3000:]
     summary = yaml.safe_load((folder / "summary.json").read_text())
     assert "SIGINT" in summary["stop_reason"]
+
+
+@pytest.mark.mqtt
+def test_hung_output_mqtt_emergency_stop_is_answered_at_once(
+    recording, unique_name, out_dir, hang_simulated, tmp_path
+):
+    """The console's e-stop over a real Mosquitto while fire() hangs: accepted and disarmed
+    within the command's round trip, not when the hang ends (5 s here)."""
+    from closedloop.mqtt import MqttSettings, send_command
+    from tests.mqtt_broker import running_broker
+
+    (tmp_path / "broker").mkdir()
+    with running_broker(tmp_path / "broker") as broker:
+        mqtt = {
+            "mqtt.enabled": True,
+            "mqtt.port": broker.port,
+            "mqtt.topic_prefix": "cltest",
+            "mqtt.session_id": "estop",
+        }
+        proc = replayer(recording, unique_name)
+        session = live_session(unique_name, **REPEAT_EVERY_SECOND, **mqtt)
+        seen: dict = {}
+
+        def estop(s):
+            hang_simulated["hang"].set()
+            assert hang_simulated["entered"].wait(10.0), "no pulse reached the output"
+            console = MqttSettings(host=broker.host, port=broker.port, topic_prefix="cltest")
+            t0 = time.perf_counter()
+            seen["reply"] = send_command(
+                console, "estop", "emergency_stop", sender="console", timeout_s=3.0
+            )
+            seen["s"] = time.perf_counter() - t0
+            seen["state"] = s.pipeline.trigger.interlock.state.value
+            seen["still_hung"] = not hang_simulated["release"].is_set()
+            hang_simulated["release"].set()
+
+        try:
+            info = run_with(session, estop, stop_after_s=1.0)
+        finally:
+            hang_simulated["release"].set()
+            end_process(proc)
+    assert seen["reply"] is not None, "no reply to the emergency stop within 3 s"
+    assert seen["reply"]["ok"], seen["reply"]
+    assert seen["still_hung"]
+    assert seen["state"] == "disarmed"
+    assert seen["s"] < 1.0, f"MQTT emergency stop round trip {seen['s']:.3f} s"
+    assert_disarmed_with(session, info, "emergency stop")
