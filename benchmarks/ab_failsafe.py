@@ -8,7 +8,8 @@ its own real pty, a simulated stimulator, and an fsync'ed audit log on the sessi
 get the same pulse-requesting States in turn (which goes first alternates), one pulse per State
 (stream time 1.1 s apart, offline interlock). Measured per pulse, with perf_counter:
 decision -> TTL (on_state called -> the serial byte handed to the driver, what the stimulator
-waits for) and decision -> done (on_state returned: outcome written). Prints one JSON line.
+waits for) and decision -> done (on_state returned: outcome written); then the per-chunk call
+without a pulse request (blocks of 1000 States, interleaved). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default=BEFORE_REV)
     ap.add_argument("--pulses", type=int, default=1000, help="pulses per version")
+    ap.add_argument("--blocks", type=int, default=200, help="blocks of 1000 no-pulse calls")
     ap.add_argument("--dir", type=Path, default=ROOT / "sessions", help="audit logs go here")
     args = ap.parse_args(argv)
     from features.types import Label, State
@@ -117,6 +119,21 @@ def main(argv: list[str] | None = None) -> int:
                 done[k].append(1000.0 * (t1 - t0))
                 os.read(ptys[k][0], 16)  # the byte arrived on the other end
             time.sleep(0.002)  # pulses are >= 1 s apart live; let the disk settle a little
+        # the per-chunk path without a pulse (a non-target State each chunk): blocks of 1000
+        # calls, alternating which version goes first
+        per_call: dict[str, list[float]] = {k: [] for k in units}
+        t_base = 2.0 + 1.1 * args.pulses
+        for b in range(args.blocks):
+            order = ("before", "after") if b % 2 == 0 else ("after", "before")
+            for k in order:
+                states = [
+                    State(t_base + 0.01 * (1000 * b + j), Label.NON_TARGET, 0.0, 1.0)
+                    for j in range(1000)
+                ]
+                t0 = time.perf_counter()
+                for st in states:
+                    units[k].on_state(st)
+                per_call[k].append(1e6 * (time.perf_counter() - t0) / 1000)
         for u in units.values():
             u.close()
 
@@ -133,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "pulses": args.pulses,
         "decision_to_ttl_ms": {k: stats(v) for k, v in ttl.items()},
         "decision_to_done_ms": {k: stats(v) for k, v in done.items()},
+        "no_pulse_on_state_us_median_of_blocks": {
+            k: round(float(np.median(v)), 3) for k, v in per_call.items()
+        },
         "ttl_p50_delta_ms": round(float(np.median(ttl["after"]) - np.median(ttl["before"])), 4),
     }
     print(json.dumps(out))
