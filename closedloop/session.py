@@ -325,8 +325,9 @@ class Session:
                 log.error(msg)
 
         def close_pipeline() -> None:
-            if self.pipeline is not None:
-                self.pipeline.close(reason)  # no session lock: it never waits for the loop
+            with self._lock:  # the loop has ended; an `arm` in progress must not outlive this
+                if self.pipeline is not None:
+                    self.pipeline.close(reason)
 
         step("disarm and close outputs", close_pipeline)
         if self.watchdog is not None:

@@ -427,6 +427,10 @@ class TriggerUnit:
             self._audit_event("arm_refused", str(exc), action=action, operator=operator)
             self._flush_pending()
             raise
+        if self._closed:  # closed by another thread while this arm was checking outputs
+            self.interlock.disarm("arm raced close", t_stream)
+            self._flush_pending()
+            raise ArmError("trigger unit is closed")
         if not self._flush_pending():  # armed, but the arming is not in the log: undo it
             raise ArmError(f"the arming could not be audited ({self.audit.failed}): disarmed")
 
@@ -560,6 +564,8 @@ class TriggerUnit:
         records = self._drain_pending()
         if not records:
             return not self.audit.failed
+        if self.audit.closed:  # after close(): nothing more can be recorded (not a failure)
+            return False
         try:
             self.audit.write_many(records, sync)
         except Exception as exc:
