@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from closedloop.errors import UserError
@@ -211,7 +212,13 @@ def _config(args):
 
 def _install_signal_handlers(session) -> None:
     def handler(signum, _frame):
-        session.stop(f"signal {signal.Signals(signum).name}")
+        reason = f"signal {signal.Signals(signum).name}"
+        session.stop(reason)
+        # disarm at once, even while the loop hangs in an output: from a thread, because this
+        # handler runs in the loop's thread, which may hold the interlock's or the audit's lock
+        threading.Thread(
+            target=session.disarm, args=(reason,), name="signal-disarm", daemon=True
+        ).start()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

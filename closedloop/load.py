@@ -18,11 +18,17 @@ from triggers.audit import read_audit
 log = logging.getLogger(__name__)
 
 PULSE = "pulse"
+OUTCOME_UNKNOWN = "fired, outcome unknown"
 
 
 @dataclass
 class SessionRecord:
-    """Everything a session folder holds. `raw` has one 'pulse' annotation per fired pulse."""
+    """Everything a session folder holds. `raw` has one 'pulse' annotation per fired pulse.
+
+    `pulses`: the fired attempts, plus every `intent` line with no outcome line (the process
+    ended between the two, e.g. killed right after the TTL): counted as fired, conservatively,
+    with `outcome` "fired, outcome unknown" (also in `notes`).
+    """
 
     folder: Path
     raw: mne.io.BaseRaw | None
@@ -39,7 +45,30 @@ class SessionRecord:
 
     @property
     def pulses(self) -> list[dict[str, Any]]:
-        return [a for a in self.audit if a.get("fired")]
+        fired = [a for a in self.audit if a.get("event") == "attempt" and a.get("fired")]
+        return sorted([*fired, *self.unresolved_intents], key=lambda a: a.get("attempt") or 0)
+
+    @property
+    def unresolved_intents(self) -> list[dict[str, Any]]:
+        """Intent lines without an outcome, as attempt-like records (fired, outcome unknown)."""
+        return unresolved_intents(self.audit)
+
+
+def unresolved_intents(audit: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pair write-ahead `intent` lines with their `attempt` outcome (same attempt number); an
+    intent left alone may have reached the stimulator: reported as fired, outcome unknown."""
+    done = {a.get("attempt") for a in audit if a.get("event") == "attempt"}
+    return [
+        {
+            **i,
+            "event": "attempt",
+            "fired": True,
+            "reason": OUTCOME_UNKNOWN,
+            "outcome": OUTCOME_UNKNOWN,
+        }
+        for i in audit
+        if i.get("event") == "intent" and i.get("attempt") not in done
+    ]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -83,6 +112,12 @@ def load_session(folder: str | Path) -> SessionRecord:
     audit = read_jsonl(folder / "audit.jsonl")
     events = read_jsonl(folder / "events.jsonl")
     rec = SessionRecord(folder, None, config or {}, summary, audit, events)
+    for u in rec.unresolved_intents:
+        rec.notes.append(
+            f"attempt {u.get('attempt')} (pulse {u.get('pulse_number')}, t_stream "
+            f"{u.get('t_stream')}): {OUTCOME_UNKNOWN} (intent written, no outcome line: the "
+            "session ended between them)"
+        )
     started = next(
         (e for e in events if e.get("kind") == "session" and e.get("phase") == "started"), {}
     )

@@ -89,9 +89,11 @@ class EventLog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._write_pending()
-        self._bus.unsubscribe(self._sub)
-        self._file.close()
+        try:
+            self._write_pending()
+        finally:  # a full disk: the lines are lost (the caller reports it), the file is closed
+            self._bus.unsubscribe(self._sub)
+            self._file.close()
 
 
 class XdfRecorder:

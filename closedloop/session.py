@@ -1,8 +1,11 @@
 """A session: connect, check, calibrate, run the loop, stop cleanly, leave a complete folder.
 
 `Session` is also the `SessionControl` the GUI and MQTT talk to: its methods take a lock that
-the loop holds only while one chunk is processed (well under a millisecond), so commands
-take effect between two chunks and never race a pulse.
+the loop holds while one chunk is processed (well under a millisecond), so commands take effect
+between two chunks and never race a pulse. `disarm` and `emergency_stop` take no session lock:
+they must act at once even while the loop is stuck in a chunk (a hung output), so they go
+straight to the trigger unit, which never waits for the firing thread (triggers/unit.py).
+Live, a watchdog thread disarms when the loop completes no step within `safety.watchdog_ms`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pylsl import local_clock
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig, dump_config, validate_for_stream
 from closedloop.control import ControlError
+from closedloop.disk import check_disk
 from closedloop.pipeline import Pipeline
 from closedloop.recording import EventLog, XdfRecorder, write_json
 from features.types import Label
@@ -121,6 +125,8 @@ class Session:
         self._own_source_ids: list[str] = []
         self.feedback = None  # closedloop.feedback.Feedback when config.feedback.enabled
         self._health_mark = (float("nan"), 0)  # (clock, samples) at the last health event
+        self.watchdog = None  # triggers.watchdog.Watchdog in live sessions
+        self.disk: dict[str, Any] = {}
 
     # ---- SessionControl -------------------------------------------------------------------
     def arm(self, action: str, operator: str = "") -> None:
@@ -140,16 +146,18 @@ class Session:
                 raise ControlError(f"arm refused: {exc}") from exc
 
     def disarm(self, reason: str) -> None:
-        with self._lock:
-            if self.pipeline is not None:
-                self.pipeline.trigger.disarm(reason)
+        """Disarm at once from any thread (no session lock: the loop may be stuck in a chunk)."""
+        p = self.pipeline
+        if p is not None:
+            p.trigger.disarm(reason)
 
     def emergency_stop(self, source: str) -> None:
-        with self._lock:
-            self._stimulation_ended = True
-            if self.pipeline is not None:
-                self.pipeline.trigger.emergency_stop(source)
-            self.bus.emit("emergency_stop", self._t_now(), source=source)
+        """Disarm and latch at once from any thread (no session lock, as `disarm`)."""
+        self._stimulation_ended = True  # before the pipeline exists too: no auto-arm, no arm
+        p = self.pipeline
+        if p is not None:
+            p.trigger.emergency_stop(source)
+        self.bus.emit("emergency_stop", self._t_now(), source=source)
 
     def set_thresholds(
         self, enter: float, leave: float, source: str, *, refuse_if_armed: bool = False
@@ -281,6 +289,7 @@ class Session:
         self.folder = self._make_folder()
         (self.folder / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
         events = EventLog(self.bus, self.folder / "events.jsonl").start()
+        self._check_disk(len(ch_names), sfreq)
         with self._lock:
             self.pipeline = Pipeline.build(
                 self.config,
@@ -298,6 +307,11 @@ class Session:
         eeg_saver = self._save_recording()
         mqtt = self._start_mqtt()
         t_start_local = local_clock()
+        if self.live:
+            from triggers.watchdog import Watchdog
+
+            timeout_s = self.config.safety.watchdog_ms / 1000.0
+            self.watchdog = Watchdog(self.pipeline.trigger, timeout_s).start()
         try:
             if not getattr(self.source, "connected", False):
                 self.source.connect()
@@ -331,6 +345,7 @@ class Session:
         duration_s = self.config.session.duration_s
         next_status = next_health = 0.0
         t0_stream = None
+        wd = self.watchdog
         p.on_calibrated = self._on_calibrated
         # Offline from a file: blocks of offline_block_s through the chain, decisions on the
         # source's chunk grid (the same pulses as single chunks, ~2x faster).
@@ -360,6 +375,8 @@ class Session:
                     break
             else:
                 now = local_clock() if self.live else float("nan")
+            if wd is not None:
+                wd.t_progress = now  # one float store: the watchdog sees the loop is alive
             if now >= next_health:
                 next_health = now + HEALTH_PERIOD_S
                 self._publish_health(chunk)
@@ -387,32 +404,82 @@ class Session:
         eeg_saver: threading.Thread | None,
         t_start_local: float,
     ) -> None:
-        """Disarm first, then close outputs, then flush records (issue [4] order)."""
+        """Disarm first, then close outputs, then flush records (issue [4] order).
+
+        Every step runs whatever an earlier one raised (a full disk, a dead device): a failed
+        step is a warning in the summary and an error on the console; a summary that cannot be
+        written is reported on the console (log.error) and in `self.summary`."""
         reason = self.stop_reason or "session ended"
-        with self._lock:
-            if self.pipeline is not None:
-                self.pipeline.close(reason)
+        failed: list[str] = []
+
+        def step(name: str, fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+            except Exception as exc:
+                msg = f"shutdown step '{name}' failed: {type(exc).__name__}: {exc}"
+                failed.append(msg)
+                self.warnings.append(msg)
+                log.error(msg)
+
+        def close_pipeline() -> None:
+            with self._lock:  # the loop has ended; an `arm` in progress must not outlive this
+                if self.pipeline is not None:
+                    self.pipeline.close(reason)
+
+        step("disarm and close outputs", close_pipeline)
+        if self.watchdog is not None:
+            step("watchdog", self.watchdog.stop)
         if self.feedback is not None:
-            self.feedback.close()
+            step("feedback", self.feedback.close)
         try:
             self.source.disconnect()
         except Exception as exc:  # the stream may be gone already; nothing is lost by this
             self.warnings.append(f"source disconnect: {exc}")
         self._set_phase("stopped")
-        self.bus.emit("session", phase="stopped", reason=reason)
-        if xdf is not None:
-            xdf.stop()
-            if xdf.error:
-                self.warnings.append(xdf.error)
+        step("session event", lambda: self.bus.emit("session", phase="stopped", reason=reason))
+
+        def stop_xdf() -> None:
+            if xdf is not None:
+                xdf.stop()
+                if xdf.error:
+                    self.warnings.append(xdf.error)
+
+        step("XDF recording", stop_xdf)
         if eeg_saver is not None:
-            eeg_saver.join()
-        self.summary = self._build_summary(reason, local_clock() - t_start_local, events)
-        events.close()
+            step("EEG record", eeg_saver.join)
+
+        def summary() -> None:
+            self.summary = self._build_summary(reason, local_clock() - t_start_local, events)
+
+        step("summary", summary)
+        if not self.summary:  # keep what is known, so the caller still has a summary
+            self.summary = {"folder": str(self.folder), "stop_reason": reason}
+        step("event log", events.close)
+        self.summary["shutdown_errors"] = failed
         if self.folder is not None:
-            write_json(self.folder / "summary.json", self.summary)
-        self._update_status(self.pipeline.state if self.pipeline else None)
+            try:
+                write_json(self.folder / "summary.json", self.summary)
+            except Exception as exc:
+                msg = f"summary.json not written: {type(exc).__name__}: {exc}"
+                self.summary["summary_error"] = msg
+                self.summary.setdefault("warnings", self.warnings).append(msg)
+                log.error(msg)
+        step("status", lambda: self._update_status(self.pipeline.state if self.pipeline else None))
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _check_disk(self, n_channels: int, sfreq: float) -> None:
+        """Free space at start: a warning (console, events, status, summary) when low."""
+        assert self.folder is not None
+        try:
+            self.disk = check_disk(self.folder, n_channels, sfreq)
+        except OSError as exc:
+            self.disk = {"level": "unknown", "message": f"free disk space unknown: {exc}"}
+        self.status.extra["disk"] = self.disk["level"]
+        if self.disk["message"]:
+            self.warnings.append(self.disk["message"])
+            log.warning(self.disk["message"])
+        self.bus.emit("disk", **self.disk)
+
     def _make_folder(self) -> Path:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         base = self.out_root / f"{self.config.session.name}-{stamp}"
@@ -610,7 +677,15 @@ class Session:
                 faults=p.faults,
                 final_interlock=p.trigger.interlock.state.value,
                 events_dropped=events.dropped,
+                audit_failed=p.trigger.audit.failed or None,
             )
+        out["disk"] = self.disk
+        if self.watchdog is not None:
+            out["watchdog"] = {
+                "timeout_ms": 1000.0 * self.watchdog.timeout_s,
+                "tripped": self.watchdog.n_tripped,
+                "last": self.watchdog.last_detail,
+            }
         if self.feedback is not None:
             out["feedback"] = {k: v for k, v in self.feedback.summary().items() if k != "settings"}
         from closedloop.timing import session_timing

@@ -331,3 +331,365 @@ def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(
     assert sig.name in summary["stop_reason"]
     assert load_session(folder).raw.n_times > 0
     assert "session summary" in out
+
+
+# ---- issue 14 items 4-7: a hung output, kill -9 after the TTL, a full disk ----------------------
+REPEAT_EVERY_SECOND = {  # a pulse request every second whatever the state
+    "state.enter": -20.0,
+    "state.leave": -30.0,
+    "trigger.mode": "repeat",
+    "trigger.repeat_interval_s": 1.0,
+}
+
+
+@pytest.fixture
+def hang_simulated(monkeypatch):
+    """Make SimulatedStimulator.fire hang (a wedged driver) once `hang` is set, until
+    `release` (at most 5 s)."""
+    from triggers.outputs import SimulatedStimulator
+
+    ctl = {"hang": threading.Event(), "entered": threading.Event(), "release": threading.Event()}
+    original = SimulatedStimulator.fire
+
+    def fire(self, pulse):
+        if ctl["hang"].is_set():
+            ctl["entered"].set()
+            ctl["release"].wait(5.0)
+        original(self, pulse)
+
+    monkeypatch.setattr(SimulatedStimulator, "fire", fire)
+    return ctl
+
+
+def test_hung_output_the_watchdog_disarms(recording, unique_name, out_dir, hang_simulated):
+    proc = replayer(recording, unique_name)
+    session = live_session(unique_name, **REPEAT_EVERY_SECOND)
+    seen: dict = {}
+
+    def hang(s):
+        hang_simulated["hang"].set()
+        assert hang_simulated["entered"].wait(10.0), "no pulse reached the output"
+        t0 = time.monotonic()
+        seen["disarmed"] = wait_for(
+            lambda: s.pipeline.trigger.interlock.state.value == "disarmed", 5.0
+        )
+        seen["took_s"] = time.monotonic() - t0
+        seen["reason"] = s.pipeline.trigger.interlock.last_reason
+        hang_simulated["release"].set()
+
+    try:
+        info = run_with(session, hang, stop_after_s=1.0)
+    finally:
+        hang_simulated["release"].set()
+        end_process(proc)
+    assert seen["disarmed"], "the watchdog did not disarm while the output hung"
+    assert seen["reason"].startswith("watchdog"), seen
+    limit_s = session.config.safety.watchdog_ms / 1000.0
+    assert seen["took_s"] < 1.5 * limit_s + 0.2, seen  # timeout + one poll period, some slack
+    assert_disarmed_with(session, info, "watchdog")
+    assert session.summary["watchdog"]["tripped"] == 1
+
+
+def test_hung_output_emergency_stop_returns_at_once(
+    recording, unique_name, out_dir, hang_simulated
+):
+    proc = replayer(recording, unique_name)
+    session = live_session(unique_name, **REPEAT_EVERY_SECOND)
+    seen: dict = {}
+
+    def estop(s):
+        hang_simulated["hang"].set()
+        assert hang_simulated["entered"].wait(10.0), "no pulse reached the output"
+        t0 = time.perf_counter()
+        s.emergency_stop("test")  # the loop is inside fire(), holding its chunk
+        seen["ms"] = 1000.0 * (time.perf_counter() - t0)
+        seen["state"] = s.pipeline.trigger.interlock.state.value
+        hang_simulated["release"].set()
+
+    try:
+        info = run_with(session, estop, stop_after_s=1.0)
+    finally:
+        hang_simulated["release"].set()
+        end_process(proc)
+    assert seen["ms"] < 50.0, f"emergency stop took {seen['ms']:.1f} ms while fire() hung"
+    assert seen["state"] == "disarmed"
+    audit = assert_disarmed_with(session, info, "emergency stop")
+    assert any(
+        a.get("event") == "interlock" and "emergency stop (test)" in a["reason"] for a in audit
+    )
+    with pytest.raises(Exception, match="emergency stop"):
+        session.arm("gui_button")  # latched (the session is over, but the answer is still no)
+
+
+KILL_CHILD = """
+import sys, time
+from pathlib import Path
+from acquisition.lsl_source import LslSource
+from closedloop.config import SessionConfig, apply_overrides
+from closedloop.session import Session
+from triggers.outputs import SimulatedStimulator
+
+def slow_after_the_ttl(self, pulse):  # a slow second device: the kill lands before the outcome
+    time.sleep(5.0)
+
+SimulatedStimulator.fire = slow_after_the_ttl
+name, port, out = sys.argv[1:4]
+cfg = apply_overrides(SessionConfig(), {
+    "state.calibration_s": 8.0, "state.enter": -20.0, "state.leave": -30.0,
+    "trigger.mode": "repeat", "trigger.repeat_interval_s": 1.0, "trigger.dwell_s": 0.5,
+    "safety.min_interval_s": 1.0, "recording.xdf": False, "session.name": name,
+    "outputs.outputs": [{"kind": "serial", "port": port}, {"kind": "simulated"}],
+})
+source = LslSource(name=name, source_id=name, stype=None, resolve_timeout_s=20.0)
+Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm").run()
+"""
+
+
+def test_kill_9_right_after_the_ttl_leaves_the_pulse_as_intent(recording, unique_name, out_dir):
+    """The stimulator (a real pty) got the byte, the session was SIGKILLed before its outcome
+    line: the audit holds the pulse as an intent and load_session says so."""
+    import select
+
+    from closedloop.load import OUTCOME_UNKNOWN
+
+    master, slave = os.openpty()
+    proc = replayer(recording, unique_name)
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, unique_name, os.ttyname(slave), str(out_dir)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready, _, _ = select.select([master], [], [], 90.0)
+        if not ready:
+            child.kill()
+            pytest.fail(f"no TTL byte within 90 s: {child.communicate()[1][-3000:]!r}")
+        byte = os.read(master, 1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+        end_process(proc)
+        for fd in (master, slave):
+            os.close(fd)
+    assert byte == b"\x01"
+    assert child.returncode == -signal.SIGKILL
+    folder = next(p for p in out_dir.iterdir() if p.is_dir())
+    audit = read_jsonl(folder / "audit.jsonl")
+    intents = [a for a in audit if a.get("event") == "intent"]
+    outcomes = {a["attempt"]: a for a in audit if a.get("event") == "attempt"}
+    # the byte read was the first TTL; an earlier intent may have been vetoed 'late' after a
+    # slow fsync (then it has its outcome and sent nothing)
+    assert not any(o["fired"] for o in outcomes.values()), "an outcome came before the kill"
+    pending = [i for i in intents if i["attempt"] not in outcomes]
+    assert len(pending) == 1, audit
+    assert pending[0] is intents[-1]
+    assert pending[0]["outputs"][0] == "serial"
+    rec = load_session(folder)
+    assert [(p["pulse_number"], p["outcome"]) for p in rec.pulses] == [
+        (pending[0]["pulse_number"], OUTCOME_UNKNOWN)
+    ]
+    assert any(OUTCOME_UNKNOWN in n for n in rec.notes)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs for the session folder (skipped where mounting is not permitted)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to `path` until the file system says ENOSPC."""
+    import errno
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 16, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_disarms_no_pulse_goes_unrecorded_and_shutdown_says_so(
+    recording, unique_name, small_disk, monkeypatch
+):
+    """The session folder's disk fills while armed: the next audit write fails, the session
+    disarms (reason 'audit'), arming is refused and the interlock really stays disarmed, every
+    pulse that reached the stimulator has its intent line, and shutdown runs to the end,
+    reporting the summary it could not write."""
+    from closedloop.control import ControlError
+    from triggers.outputs import SimulatedStimulator
+
+    delivered = []
+    original = SimulatedStimulator.fire
+
+    def fire(self, pulse):
+        delivered.append(pulse.pulse_number)
+        original(self, pulse)
+
+    monkeypatch.setattr(SimulatedStimulator, "fire", fire)
+    monkeypatch.setenv("CL_TMP", str(small_disk))
+    proc = replayer(recording, unique_name)
+    session = live_session(unique_name, **REPEAT_EVERY_SECOND, **{"recording.xdf": False})
+    seen: dict = {}
+
+    def fill(s):
+        fill_disk(small_disk / "filler")
+        trigger = s.pipeline.trigger
+        seen["disarmed"] = wait_for(lambda: trigger.interlock.last_reason.startswith("audit"), 10)
+        try:
+            s.arm("gui_button")
+            seen["arm"] = "armed"
+        except ControlError as exc:
+            seen["arm"] = str(exc)
+        seen["state_after_arm"] = trigger.interlock.state.value
+
+    try:
+        info = run_with(session, fill, stop_after_s=2.0)
+    finally:
+        end_process(proc)
+    assert info["armed_before_fault"]
+    assert seen["disarmed"], "a full disk did not disarm"
+    assert seen["arm"].startswith("arm refused"), seen
+    assert seen["state_after_arm"] == "disarmed", "arming was refused but the interlock armed"
+    summary = session.summary
+    assert summary["audit_failed"]
+    assert summary["final_interlock"] == "disarmed"
+    assert "summary_error" in summary, "the summary could not be written: that must be said"
+    assert any("audit" in e for e in summary["shutdown_errors"])
+    (small_disk / "filler").unlink()
+    audit = read_jsonl(session.folder / "audit.jsonl")
+    intents = {a["pulse_number"] for a in audit if a.get("event") == "intent"}
+    assert delivered, "no pulse before the disk filled"
+    assert set(delivered) <= intents, "a pulse reached the stimulator without its intent line"
+    arms = [a for a in audit if a.get("event") == "interlock" and a["reason"].startswith("armed")]
+    assert len(arms) == 1  # armed once by the session, never again
+
+
+SIGINT_CHILD = KILL_CHILD.replace(
+    'Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm").run()',
+    "from closedloop.cli import _install_signal_handlers\n"
+    'session = Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm")\n'
+    "_install_signal_handlers(session)\n"
+    "session.run()",
+)
+
+
+def test_sigint_disarms_at_once_while_an_output_hangs(recording, unique_name, out_dir):
+    """`closedloop run` (signal handlers in the loop's thread): Ctrl-C while fire() hangs
+    disarms within milliseconds, not when the hang ends; the session then ends cleanly."""
+    import select
+
+    assert "_install_signal_handlers(session)" in SIGINT_CHILD
+    master, slave = os.openpty()
+    proc = replayer(recording, unique_name)
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_CHILD, unique_name, os.ttyname(slave), str(out_dir)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready, _, _ = select.select([master], [], [], 90.0)
+        if not ready:
+            child.kill()
+            pytest.fail(f"no TTL byte within 90 s: {child.communicate()[1][-3000:]!r}")
+        os.read(master, 1)  # the TTL went out; the simulated device now hangs for 5 s
+        t_sigint = time.time()
+        child.send_signal(signal.SIGINT)
+        folder = next(p for p in out_dir.iterdir() if p.is_dir())
+
+        def disarm_line():
+            for a in read_jsonl(folder / "audit.jsonl"):
+                if a.get("event") == "interlock" and "SIGINT" in a["reason"]:
+                    return a
+            return None
+
+        assert wait_for(lambda: disarm_line() is not None, 3.0), "SIGINT did not disarm"
+        line = disarm_line()
+        assert line["new"] == "disarmed"
+        assert line["t_wall"] - t_sigint < 0.2, line["t_wall"] - t_sigint
+        assert child.poll() is None, "the check must happen while fire() still hangs"
+        _, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        end_process(proc)
+        for fd in (master, slave):
+            os.close(fd)
+    assert child.returncode == 0, err[-3000:]
+    summary = yaml.safe_load((folder / "summary.json").read_text())
+    assert "SIGINT" in summary["stop_reason"]
+
+
+@pytest.mark.mqtt
+def test_hung_output_mqtt_emergency_stop_is_answered_at_once(
+    recording, unique_name, out_dir, hang_simulated, tmp_path
+):
+    """The console's e-stop over a real Mosquitto while fire() hangs: accepted and disarmed
+    within the command's round trip, not when the hang ends (5 s here)."""
+    from closedloop.mqtt import MqttSettings, send_command
+    from tests.mqtt_broker import running_broker
+
+    (tmp_path / "broker").mkdir()
+    with running_broker(tmp_path / "broker") as broker:
+        mqtt = {
+            "mqtt.enabled": True,
+            "mqtt.port": broker.port,
+            "mqtt.topic_prefix": "cltest",
+            "mqtt.session_id": "estop",
+        }
+        proc = replayer(recording, unique_name)
+        session = live_session(unique_name, **REPEAT_EVERY_SECOND, **mqtt)
+        seen: dict = {}
+
+        def estop(s):
+            hang_simulated["hang"].set()
+            assert hang_simulated["entered"].wait(10.0), "no pulse reached the output"
+            console = MqttSettings(host=broker.host, port=broker.port, topic_prefix="cltest")
+            t0 = time.perf_counter()
+            seen["reply"] = send_command(
+                console, "estop", "emergency_stop", sender="console", timeout_s=3.0
+            )
+            seen["s"] = time.perf_counter() - t0
+            seen["state"] = s.pipeline.trigger.interlock.state.value
+            seen["still_hung"] = not hang_simulated["release"].is_set()
+            hang_simulated["release"].set()
+
+        try:
+            info = run_with(session, estop, stop_after_s=1.0)
+        finally:
+            hang_simulated["release"].set()
+            end_process(proc)
+    assert seen["reply"] is not None, "no reply to the emergency stop within 3 s"
+    assert seen["reply"]["ok"], seen["reply"]
+    assert seen["still_hung"]
+    assert seen["state"] == "disarmed"
+    assert seen["s"] < 1.0, f"MQTT emergency stop round trip {seen['s']:.3f} s"
+    assert_disarmed_with(session, info, "emergency stop")

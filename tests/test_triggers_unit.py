@@ -281,7 +281,7 @@ def test_emergency_stop_latches_and_close_is_ordered(tmp_path):
     unit.close()
     unit.close()
     assert sim.state_at_close is InterlockState.DISARMED
-    assert unit.audit._file.closed
+    assert unit.audit.closed
     with pytest.raises(ArmError, match="closed"):
         unit.arm("gui_button")
 

@@ -50,6 +50,8 @@ class VetoReason(str, Enum):
     LATE = "late"
     IN_FLIGHT = "in_flight"
     BAD_INPUT = "bad_input"  # fault: non-finite samples, channel mismatch
+    WATCHDOG = "watchdog"  # the loop completed no step within safety.watchdog_ms while armed
+    AUDIT = "audit"  # the audit log could not be written: no pulse may go unrecorded
     FAULT = "fault"  # any other fault (exception, shutdown, emergency stop)
 
 
@@ -125,6 +127,12 @@ class SafetyInterlock:
         self.pulse_count = 0
         self.in_flight = False
         self.locked_out = False  # after emergency_stop: never arms again
+        # +1 on every entry into DISARMED (lock held). `request` notes it for a granted pulse
+        # (`granted_epoch`); the trigger unit compares the two before each stimulating output
+        # fires, so a disarm or emergency stop from any thread stops a pulse already in flight
+        # without waiting for any lock the firing thread holds (a plain int read)
+        self.disarm_epoch = 0
+        self.granted_epoch = -1
         self._disarm_code = VetoReason.NOT_ARMED
         self._t_newest_stream = -math.inf  # newest stream time seen by tick/check
         self._t_armed_stream = math.nan
@@ -144,6 +152,8 @@ class SafetyInterlock:
                 fn(old, new, reason, t)
 
     def _set(self, new: InterlockState, reason: str, t: float, changes: list) -> None:
+        if new is InterlockState.DISARMED:
+            self.disarm_epoch += 1
         if new is not self.state:
             changes.append((self.state, new, reason, t))
             self.state = new
@@ -232,15 +242,23 @@ class SafetyInterlock:
     ) -> Veto | None:
         """`check` and, when allowed, record the pulse atomically (it is then in flight).
 
-        The caller fires its outputs and must then call `pulse_done()`.
+        The caller fires its outputs and must then call `pulse_done()`; before each stimulating
+        output it checks `halted()` (a disarm since the grant).
         """
         changes: list = []
         with self._lock:
             veto = self._check(t_sample, t_arrival, calibrated, artifact, changes)
             if veto is None:
                 self._record(t_sample, changes)
+                # after _record: the pulse that reaches the session cap disarms, yet may fire
+                self.granted_epoch = self.disarm_epoch
         self._notify(changes)
         return veto
+
+    def halted(self) -> bool:
+        """True when a disarm, fault or emergency stop came after the last granted pulse (no
+        lock: read by the firing thread before each stimulating output)."""
+        return self.disarm_epoch != self.granted_epoch
 
     def pulse_done(self) -> None:
         """The outputs of the pulse in flight have returned."""

@@ -9,6 +9,7 @@ is written right after the TTL went out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -31,6 +32,12 @@ from triggers.settings import (
 
 # `time.sleep` on this machine overshoots by 60-100 µs; sleep all but this, then spin
 SPIN_BEFORE_DEADLINE_S = 0.001
+# Draining the written byte: poll the driver's output queue (TIOCOUTQ, 1-2 µs a call) instead of
+# tcdrain, which has no timeout (a UART held off by flow control, or a wedged USB adapter, kept
+# `flush()` waiting forever). One byte at 115200 baud leaves in 87 µs: the first polls spin, then
+# the wait sleeps this long between polls until the write timeout.
+DRAIN_POLL_S = 0.0002
+DRAIN_SPIN_S = 0.0005
 
 
 class OutputError(RuntimeError):
@@ -104,7 +111,9 @@ class SerialTtlOutput(TriggerOutput):
     """A TTL trigger box on a serial port (pyserial): write one byte, or pulse RTS/DTR.
 
     `port` is a device path or any pyserial URL (e.g. 'loop://'). Opened and checked at arm time.
-    'data': write(byte) then flush() (tcdrain: returns once the byte left the driver).
+    'data': write(byte), then wait until the driver's output queue is empty, at most
+    `write_timeout_s` (OutputError after that: the byte may still leave later, and the
+    interlock disarms). A write blocked longer than `write_timeout_s` is an OutputError too.
     'rts'/'dtr': raise the line, hold it `width_ms` (sleep, then spin), lower it; this blocks
     the acquisition thread for the width.
     """
@@ -175,9 +184,10 @@ class SerialTtlOutput(TriggerOutput):
             raise OutputError(f"{self.name}: serial port {self.port} is not open")
         try:
             if self.line == "data":
+                t0 = time.perf_counter()
                 if ser.write(self._payload) != 1:
                     raise OutputError(f"{self.name}: short write to {self.port}")
-                ser.flush()
+                self._drain(ser, t0)
             else:
                 setattr(ser, self.line, True)
                 deadline = time.perf_counter() + self._width_s  # the line is high from here
@@ -194,16 +204,37 @@ class SerialTtlOutput(TriggerOutput):
         except Exception as exc:  # SerialException, SerialTimeoutException, OSError (EIO)
             raise OutputError(f"{self.name}: write to {self.port} failed: {exc}") from exc
 
+    def _drain(self, ser: Any, t0: float) -> None:
+        """Wait until the byte has left the driver, at most write_timeout_s from t0."""
+        deadline = t0 + self._write_timeout_s
+        spin_until = t0 + DRAIN_SPIN_S
+        while ser.out_waiting:
+            now = time.perf_counter()
+            if now >= deadline:
+                raise OutputError(
+                    f"{self.name}: {self.port} did not send the byte within "
+                    f"{1000 * self._write_timeout_s:g} ms (output queue not draining)"
+                )
+            if now >= spin_until:
+                time.sleep(DRAIN_POLL_S)
+
     def close(self) -> None:
+        """Release the port; safe from another thread while `fire` is blocked in it: a pending
+        write is cancelled, unsent output discarded (a close would otherwise wait for it to
+        drain, up to the driver's 30 s closing_wait), the line lowered, then the port closed."""
         ser, self._ser = self._ser, None
-        if ser is not None:
-            try:
+        if ser is None:
+            return
+        try:
+            with contextlib.suppress(Exception):  # closing a dead port: nothing left to do
+                if hasattr(ser, "cancel_write"):
+                    ser.cancel_write()
+                ser.reset_output_buffer()
+            with contextlib.suppress(Exception):
                 if self.line != "data":
                     setattr(ser, self.line, False)
-            except Exception:  # closing a dead port: nothing left to do
-                pass
-            finally:
-                ser.close()
+        finally:
+            ser.close()
 
 
 @functools.lru_cache(maxsize=64)

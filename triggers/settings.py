@@ -16,6 +16,13 @@ HARD_MAX_PER_MINUTE = 60  # at most this many pulses in any rolling RATE_WINDOW_
 HARD_SESSION_CAP = 1800  # at most this many pulses per session
 RATE_WINDOW_S = 60.0  # length of the rolling window of the rate limit
 MAX_PULSE_WIDTH_MS = 100.0  # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
+# Watchdog bounds (safety.watchdog_ms). The live loop completes a step at least every 5 ms (the
+# pull timeout) plus the step itself (0.66 ms p99): measured here over 40 s of a live 32-channel
+# session with load average 9.5 on 2 cores, the time since the last step was p99 6.8 ms, p99.9
+# 15 ms, max 30 ms. Below 100 ms such a machine would come close to tripping it with no hang;
+# above 5 s a hung output would leave the system armed for 5 hard minimum intervals.
+WATCHDOG_MIN_MS = 100.0
+WATCHDOG_MAX_MS = 5000.0
 
 
 class PolicySettings(BaseModel):
@@ -86,6 +93,15 @@ class SafetySettings(BaseModel):
     )
     require_calibration: bool = Field(
         True, description="Refuse to arm, and veto, while the estimator has no baseline."
+    )
+    watchdog_ms: float = Field(
+        500.0,
+        ge=WATCHDOG_MIN_MS,
+        le=WATCHDOG_MAX_MS,
+        description="Live mode: disarm (reason 'watchdog') when the loop completes no step "
+        "for this long while armed (a hung output or pull). Default 500 ms: about 10x the "
+        "chunk period of amplifiers pushing 20-50 ms chunks, 10x the latency budget, 100x "
+        "the loop's 5 ms pull timeout.",
     )
 
     @field_validator("min_interval_s")

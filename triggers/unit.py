@@ -4,7 +4,18 @@
 policy is an attempt: it is checked by the interlock, fired on every output in the fixed order
 (serial TTL, simulated, LSL marker, bus), timed, and audited as one JSON line whether it fired or
 was vetoed. Any output error or exception while firing is a fault: the interlock disarms.
-`arm`, `disarm` and `emergency_stop` may come from other threads (GUI, MQTT).
+
+Write-ahead audit: a granted pulse first writes and fsyncs an `intent` line (attempt, pulse
+number, t_stream, outputs), then fires, then writes the outcome (`attempt` line, same attempt
+number). A process killed between the two leaves the intent: `closedloop.load` reports it as
+"fired, outcome unknown". An intent that cannot be written means no pulse; any audit failure
+disarms (reason `audit`) and the log refuses every later line, so no further pulse and no arming.
+
+`arm`, `disarm` and `emergency_stop` may come from other threads (GUI, MQTT, the watchdog).
+Disarm and emergency stop never wait for the firing thread: the interlock's lock is held only
+briefly, `_io_lock` (held while outputs fire) is not taken, and the firing thread checks
+`SafetyInterlock.halted()` (an int compare) before each stimulating output. They also close the
+stimulating outputs, from a helper thread, so a write blocked in a driver fails at once.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from pylsl import local_clock
 
 from acquisition.chunk import HealthEvent, HealthKind
 from features.types import Label, State
-from triggers.audit import AuditLog
+from triggers.audit import AuditError, AuditLog
 from triggers.interlock import ArmError, InterlockState, SafetyInterlock, VetoReason
 from triggers.outputs import OutputError, PulseInfo, TriggerOutput, sort_outputs
 from triggers.policy import PulseRequest, TriggerPolicy
@@ -38,6 +49,10 @@ HEALTH_REASONS = {
 }
 UNCALIBRATED_LABELS = frozenset({Label.UNCALIBRATED, Label.CALIBRATING})
 LATENCY_HISTORY = 10_000  # fired-pulse latencies kept for stats (about 5 h at the hard rate)
+# how long disarm / emergency stop wait for the stimulating outputs to close before returning
+# (the close goes on in its thread): closing a pty or USB serial port takes 20-60 µs here
+HALT_JOIN_S = 0.02
+HALTED = "halted"  # outcome reason: disarmed between the grant and a stimulating output
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +60,17 @@ class Attempt:
     """One pulse request and what became of it (also one line of the audit log).
 
     fired: every stimulating output (serial, simulated) returned without error.
-    reason: 'fired', a VetoReason value, or 'output_error' (any output failed; the interlock is
-    then DISARMED; fired stays True when only a record output such as the marker failed).
+    reason: 'fired', a VetoReason value, 'output_error' (any output failed; the interlock is
+    then DISARMED; fired stays True when only a record output such as the marker failed),
+    'audit' (the intent line could not be written: nothing fired), or 'halted' (a disarm,
+    emergency stop or watchdog came between the grant and a stimulating output, which was
+    skipped; `stimulated` says which fired before it).
     pulse_number: the session pulse count for a pulse that went to the outputs (also on output
-    error: the interlock counts it, conservatively), None when vetoed.
-    t_local: clock when the decision was taken. latency_ms: arrival of the deciding chunk (or,
+    error or halt: the interlock counts it, conservatively), None when vetoed.
+    stimulated: the stimulating outputs that fired without error (a halt or an error can stop
+    a pulse between two of them).
+    t_local: clock when the outputs began firing (the pulse's marker time; after the intent
+    line is durable), or when the veto was decided. latency_ms: arrival of the deciding chunk (or,
     offline, the policy's request) to the last output returning (to the veto when vetoed).
     output_ms: each output's fire() duration.
     """
@@ -68,6 +89,7 @@ class Attempt:
     request: str
     interlock: str
     output_ms: dict[str, float] = field(default_factory=dict)
+    stimulated: tuple[str, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict (the core of the audit line; also the bus 'attempt' payload)."""
@@ -82,6 +104,7 @@ class Attempt:
             "t_local": self.t_local,
             "latency_ms": round(self.latency_ms, 4),
             "output_ms": {k: round(v, 4) for k, v in self.output_ms.items()},
+            "stimulated": list(self.stimulated),
             "label": self.label,
             "score": self.score,
             "features": self.features,
@@ -110,7 +133,9 @@ class TriggerUnit:
         self.audit = audit
         self._clock = clock
         self._live = interlock.live
+        self._budget_s = interlock.settings.latency_budget_ms / 1000.0  # again after intent
         self._io_lock = threading.Lock()  # firing vs. output checks from an arming thread
+        self._stim_busy = False  # a stimulating output is inside fire() (read by disarm)
         self._closed = False
         self._t_stream_last = math.nan
         self._n_attempts = 0
@@ -119,8 +144,9 @@ class TriggerUnit:
         self._vetoes: Counter[str] = Counter()
         self._latencies_ms: deque[float] = deque(maxlen=LATENCY_HISTORY)
         self._output_max_ms = dict.fromkeys(names, 0.0)
-        # interlock changes are queued by the observer and written after the attempt: an fsync
-        # (0.13 ms median, 0.8 ms max) must not sit between the decision and the TTL
+        self._output_names = [o.name for o in self.outputs]  # firing order, for intent lines
+        # interlock changes are queued by the observer and written with the next audit line
+        # (the intent, the outcome, or an operator action): one fsync for all of them
         self._pending: deque[dict[str, Any]] = deque()
         interlock.add_observer(self._on_interlock_change)
 
@@ -134,8 +160,9 @@ class TriggerUnit:
         try:
             return self._on_state(state, t_arrival)
         except Exception as exc:
-            t_stream = getattr(state, "t_stream", math.nan)
-            self.interlock.fault(VetoReason.FAULT, t_stream, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, AuditError):  # an audit failure already disarmed: 'audit'
+                t_stream = getattr(state, "t_stream", math.nan)
+                self.interlock.fault(VetoReason.FAULT, t_stream, f"{type(exc).__name__}: {exc}")
             self._flush_pending()
             raise
 
@@ -173,8 +200,54 @@ class TriggerUnit:
         self._write(attempt, state)
         return attempt
 
-    def _fire(self, state: State, request: PulseRequest, t_fire: float, t_start: float) -> Attempt:
-        n = self.interlock.pulse_count
+    def _fire(
+        self, state: State, request: PulseRequest, t_decided: float, t_start: float
+    ) -> Attempt:
+        il = self.interlock
+        n = il.pulse_count
+        # write-ahead: the intent is durable before any output fires (one write and one fsync,
+        # with the interlock lines of the grant); without it there is no pulse
+        intent = {
+            "event": "intent",
+            "attempt": self._n_attempts + 1,
+            "pulse_number": n,
+            "t_stream": state.t_stream,
+            "t_local": t_decided,
+            "t_wall": time.time(),
+            "outputs": self._output_names,
+        }
+        try:
+            self.audit.write_many([*self._drain_pending(), intent])
+        except Exception as exc:
+            il.fault(VetoReason.AUDIT, state.t_stream, f"intent not written, no pulse: {exc}")
+            il.pulse_done()
+            return self._attempt(
+                state,
+                request,
+                fired=False,
+                reason=VetoReason.AUDIT.value,
+                detail=str(exc),
+                pulse_number=None,
+                t_local=t_decided,
+                t_start=t_start,
+                output_ms={},
+            )
+        t_fire = self._clock()
+        if self._live and not t_fire - t_start <= self._budget_s:
+            # the intent's fsync (4-5 ms median, 70 ms max on a busy disk here) pushed the
+            # pulse past the latency budget: it would land on a brain state that has moved on
+            il.pulse_done()
+            return self._attempt(
+                state,
+                request,
+                fired=False,
+                reason=VetoReason.LATE.value,
+                detail=f"{1000 * (t_fire - t_start):.1f} ms once the intent was durable",
+                pulse_number=n,
+                t_local=t_fire,
+                t_start=t_start,
+                output_ms={},
+            )
         info = PulseInfo(
             pulse_number=n,
             t_stream=state.t_stream,
@@ -186,14 +259,23 @@ class TriggerUnit:
             reason=request.reason,
         )
         output_ms: dict[str, float] = {}
+        stimulated: list[str] = []
         error = ""
         stim_error = False
+        halted = False
         with self._io_lock:
             try:
                 for out in self.outputs:
-                    if error and out.stimulates:
-                        continue  # never stimulate again once this pulse had an error
+                    if out.stimulates:
+                        if error:
+                            continue  # never stimulate again once this pulse had an error
+                        if il.halted():  # disarm / e-stop / watchdog since the grant
+                            halted = True
+                            continue
+                    elif halted and not stimulated:
+                        continue  # nothing reached a stimulator: no record of a pulse
                     t0 = self._clock()
+                    self._stim_busy = out.stimulates
                     try:
                         out.fire(info)
                     except Exception as exc:  # OutputError, or a bug: both are faults
@@ -205,24 +287,34 @@ class TriggerUnit:
                                 else (f"{out.name}: {type(exc).__name__}: {exc}")
                             )
                             info = replace(info, reason=f"{info.reason}; output_error")
-                            self.interlock.fault(VetoReason.OUTPUT_ERROR, state.t_stream, error)
+                            il.fault(VetoReason.OUTPUT_ERROR, state.t_stream, error)
+                    else:
+                        if out.stimulates:
+                            stimulated.append(out.name)
                     dt_ms = 1000.0 * (self._clock() - t0)
                     output_ms[out.name] = dt_ms
                     self._output_max_ms[out.name] = max(self._output_max_ms[out.name], dt_ms)
             finally:
-                self.interlock.pulse_done()
+                self._stim_busy = False
+                il.pulse_done()
         if error:
             self._n_output_errors += 1
+            reason, detail = VetoReason.OUTPUT_ERROR.value, error
+        elif halted:
+            reason, detail = HALTED, f"disarmed before the output fired: {il.last_reason}"
+        else:
+            reason, detail = "fired", ""
         return self._attempt(
             state,
             request,
-            fired=not stim_error,
-            reason=VetoReason.OUTPUT_ERROR.value if error else "fired",
-            detail=error,
+            fired=not (stim_error or halted),
+            reason=reason,
+            detail=detail,
             pulse_number=n,
             t_local=t_fire,
             t_start=t_start,
             output_ms=output_ms,
+            stimulated=tuple(stimulated),
         )
 
     def _attempt(
@@ -237,6 +329,7 @@ class TriggerUnit:
         t_local: float,
         t_start: float,
         output_ms: dict[str, float],
+        stimulated: tuple[str, ...] = (),
     ) -> Attempt:
         latency_ms = 1000.0 * (self._clock() - t_start)
         self._n_attempts += 1
@@ -260,6 +353,7 @@ class TriggerUnit:
             request=request.reason,
             interlock=self.interlock.state.value,
             output_ms=output_ms,
+            stimulated=stimulated,
         )
 
     def _write(self, attempt: Attempt, state: State) -> None:
@@ -272,8 +366,9 @@ class TriggerUnit:
         try:
             self.audit.write_many(records)  # one fsync per attempt
         except Exception as exc:
-            # an attempt that cannot be audited must not be followed by more pulses
-            self.interlock.fault(VetoReason.FAULT, attempt.t_stream, f"audit log: {exc}")
+            # an attempt that cannot be audited must not be followed by more pulses (the log
+            # now refuses every line, so no intent, so no pulse, and arming is refused)
+            self.interlock.fault(VetoReason.AUDIT, attempt.t_stream, f"audit log: {exc}")
             raise
 
     def on_health(self, event: HealthEvent) -> None:
@@ -307,11 +402,15 @@ class TriggerUnit:
 
         action: the operator action ('gui_button', 'cli_flag', 'mqtt_remote'). t_stream: stream
         time of the arming (for arm expiry offline); defaults to the newest state's time.
+        The interlock is armed when this returns, and disarmed when it raises (also when the
+        arming itself could not be audited).
         """
         if not math.isfinite(t_stream):
             t_stream = self._t_stream_last
         if self._closed:
             raise ArmError("trigger unit is closed")
+        if self.audit.failed:
+            raise ArmError(f"audit log failed ({self.audit.failed}): no arming this session")
         with self._io_lock:
             for out in self.outputs:
                 try:
@@ -326,42 +425,108 @@ class TriggerUnit:
             self.interlock.arm(action, t_stream, operator, calibrated=calibrated)
         except ArmError as exc:
             self._audit_event("arm_refused", str(exc), action=action, operator=operator)
-            raise
-        finally:
             self._flush_pending()
+            raise
+        if self._closed:  # closed by another thread while this arm was checking outputs
+            self.interlock.disarm("arm raced close", t_stream)
+            self._flush_pending()
+            raise ArmError("trigger unit is closed")
+        if not self._flush_pending():  # armed, but the arming is not in the log: undo it
+            raise ArmError(f"the arming could not be audited ({self.audit.failed}): disarmed")
 
     def disarm(self, reason: str) -> None:
+        """Disarm now from any thread: the interlock first (a pulse granted but not yet fired
+        is stopped before its stimulating outputs), then, when a stimulating output is inside
+        fire() (maybe blocked), the stimulating outputs are closed (`arm` opens them again),
+        then the audit line. Never waits for the firing thread.
+
+        Outputs are not closed on every disarm: the latch already stops the next fire, and
+        re-opening a port at each arming could glitch RTS/DTR lines (pyserial raises them at
+        open). The emergency stop and the watchdog always close them."""
         self.interlock.disarm(reason, self._t_stream_last)
+        if self._stim_busy:
+            self._halt_outputs()
         self._flush_pending()
 
     def emergency_stop(self, source: str = "operator") -> None:
-        """Disarm and latch for the rest of the session (arming is refused afterwards)."""
+        """Disarm and latch for the rest of the session (arming is refused afterwards); as
+        `disarm`, it never waits for the firing thread."""
         self.interlock.emergency_stop(f"emergency stop ({source})", self._t_stream_last)
+        self._halt_outputs()
         self._flush_pending()
 
     def audit_note(self, event: str, reason: str, **extra: Any) -> None:
         """Write one operator record (e.g. event 'thresholds', reason = who changed them) to
         the audit log, in order with the attempts and interlock lines (any thread; fsynced).
-        Raises what the audit log raises: the caller decides whether to undo its change."""
-        self._audit_event(event, reason, **extra)
+        Raises AuditError when the line could not be written (the unit is then disarmed,
+        reason `audit`): the caller decides whether to undo its change."""
+        if not self._audit_event(event, reason, **extra):
+            raise AuditError(f"audit log failed: {self.audit.failed}")
+
+    def halt(self, reason: VetoReason, detail: str = "") -> None:
+        """A fault seen from outside the loop (the watchdog): disarm, close the stimulating
+        outputs, audit. Like `disarm`, never waits for the firing thread; it can never fire."""
+        self.interlock.fault(reason, self._t_stream_last, detail)
+        self._halt_outputs()
+        self._flush_pending()
+
+    def _halt_outputs(self) -> None:
+        """Close the stimulating outputs without `_io_lock` (the firing thread may hold it,
+        blocked in a write): a closed port makes that write fail. In a helper thread, joined
+        for at most HALT_JOIN_S, so a close that hangs in a driver cannot hold the caller."""
+        stim = [o for o in self.outputs if o.stimulates]
+        if not stim:
+            return
+
+        def close_all() -> None:
+            for out in stim:
+                try:
+                    out.close()
+                except Exception as exc:  # reported in the audit; the latch already holds
+                    self._pending.append(
+                        {
+                            "event": "close_error",
+                            "t_wall": time.time(),
+                            "t_local": self._clock(),
+                            "reason": f"{out.name}: {type(exc).__name__}: {exc}",
+                        }
+                    )
+
+        t = threading.Thread(target=close_all, name="halt-outputs", daemon=True)
+        t.start()
+        t.join(HALT_JOIN_S)
 
     def close(self, reason: str = "shutdown") -> None:
-        """Disarm, close every output, then flush and close the audit log. Idempotent."""
+        """Disarm, close every output, then flush and close the audit log. Idempotent.
+
+        Every step runs whatever an earlier one raised; an audit failure is raised at the end
+        (AuditError), after the outputs are closed."""
         if self._closed:
             return
-        self.interlock.disarm(reason, self._t_stream_last)
-        self._flush_pending()
         self._closed = True
+        self.interlock.disarm(reason, self._t_stream_last)
+        audited = self._flush_pending()
         errors = []
-        with self._io_lock:
+        # the loop has ended when close runs; a fire hung in another thread must not stop the
+        # outputs from closing (they are closed without the lock after this wait)
+        locked = self._io_lock.acquire(timeout=1.0)
+        try:
             for out in self.outputs:
                 try:
                     out.close()
                 except Exception as exc:
                     errors.append(f"{out.name}: {exc}")
+        finally:
+            if locked:
+                self._io_lock.release()
         if errors:
-            self._audit_event("close_error", "; ".join(errors))
-        self.audit.close()
+            audited = self._audit_event("close_error", "; ".join(errors)) and audited
+        try:
+            self.audit.close()
+        except Exception as exc:
+            raise AuditError(f"audit log close failed: {exc}") from exc
+        if not audited:
+            raise AuditError(f"audit log incomplete: {self.audit.failed}")
 
     def __enter__(self) -> TriggerUnit:
         return self
@@ -401,13 +566,27 @@ class TriggerUnit:
                 break
         return out
 
-    def _flush_pending(self, sync: bool = True) -> None:
+    def _flush_pending(self, sync: bool = True) -> bool:
+        """Write the queued interlock lines. False (after disarming, reason `audit`) when the
+        log failed: callers in fault paths go on (the disarm they made stands)."""
         records = self._drain_pending()
-        if records:
+        if not records:
+            return not self.audit.failed
+        if self.audit.closed:  # after close(): nothing more can be recorded (not a failure)
+            return False
+        try:
             self.audit.write_many(records, sync)
+        except Exception as exc:
+            self._audit_failed(exc)
+            return False
+        return True
 
-    def _audit_event(self, event: str, reason: str, **extra: Any) -> None:
-        self._flush_pending()  # keep the log in order
+    def _audit_failed(self, exc: Exception) -> None:
+        """Fail closed: disarmed with reason `audit`; the log refuses every later line."""
+        self.interlock.fault(VetoReason.AUDIT, self._t_stream_last, str(exc))
+        self._pending.clear()  # unwritable; the state they describe is DISARMED now
+
+    def _audit_event(self, event: str, reason: str, **extra: Any) -> bool:
         record = {
             "event": event,
             "t_wall": time.time(),
@@ -415,7 +594,13 @@ class TriggerUnit:
             "reason": reason,
             **extra,
         }
-        self.audit.write(record)
+        records = [*self._drain_pending(), record]  # keep the log in order
+        try:
+            self.audit.write_many(records)
+        except Exception as exc:
+            self._audit_failed(exc)
+            return False
+        return True
 
     @property
     def counts(self) -> tuple[int, int]:
