@@ -512,6 +512,7 @@ class Session:
                 samples=p.n_samples,
                 faults=p.faults,
                 final_interlock=p.trigger.interlock.state.value,
+                simulated_outputs=p.simulated_outputs,
                 events_dropped=events.dropped,
             )
         if self.feedback is not None:

@@ -20,6 +20,7 @@ from closedloop.bus import EventBus
 from features.types import Label, State
 from tests.kill_helpers import sigkill_after
 from triggers.audit import AuditLog, read_audit
+from triggers.guard import OutputGuard
 from triggers.interlock import ArmError, InterlockState, SafetyInterlock
 from triggers.outputs import (
     BusOutput,
@@ -166,7 +167,10 @@ def test_serial_ttl_through_the_unit_and_a_dying_port_disarms(tmp_path):
         bus = EventBus()
         sub = bus.subscribe("test")
         sim = SimulatedStimulator()
-        ttl = SerialTtlOutput(os.ttyname(slave), byte=7, name="ttl")
+        # the fires are microseconds apart in wall time: the guard sees 10 s between them
+        steps = itertools.count(0.0, 10.0)
+        guard = OutputGuard(clock=lambda: next(steps))
+        ttl = SerialTtlOutput(os.ttyname(slave), byte=7, name="ttl", guard=guard)
         unit, _ = make_unit(tmp_path, [BusOutput(bus), sim, ttl])  # any order in, safe order out
         assert [o.name for o in unit.outputs] == ["ttl", "simulated", "bus"]
         unit.arm("gui_button")

@@ -47,6 +47,7 @@ class VetoReason(str, Enum):
     ARTIFACT = "artifact"
     UNCALIBRATED = "uncalibrated"
     OUTPUT_ERROR = "output_error"
+    OUTPUT_GUARD = "output_guard"  # a hardware output's own guard refused a fire (triggers.guard)
     LATE = "late"
     IN_FLIGHT = "in_flight"
     BAD_INPUT = "bad_input"  # fault: non-finite samples, channel mismatch

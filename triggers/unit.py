@@ -24,7 +24,13 @@ from acquisition.chunk import HealthEvent, HealthKind
 from features.types import Label, State
 from triggers.audit import AuditLog
 from triggers.interlock import ArmError, InterlockState, SafetyInterlock, VetoReason
-from triggers.outputs import OutputError, PulseInfo, TriggerOutput, sort_outputs
+from triggers.outputs import (
+    OutputError,
+    OutputGuardError,
+    PulseInfo,
+    TriggerOutput,
+    sort_outputs,
+)
 from triggers.policy import PulseRequest, TriggerPolicy
 
 # health faults -> interlock veto reasons (other fault kinds map to BAD_INPUT)
@@ -187,6 +193,7 @@ class TriggerUnit:
         )
         output_ms: dict[str, float] = {}
         error = ""
+        code = VetoReason.OUTPUT_ERROR  # OUTPUT_GUARD when a hardware output's guard refused
         stim_error = False
         with self._io_lock:
             try:
@@ -204,8 +211,10 @@ class TriggerUnit:
                                 if isinstance(exc, OutputError)
                                 else (f"{out.name}: {type(exc).__name__}: {exc}")
                             )
-                            info = replace(info, reason=f"{info.reason}; output_error")
-                            self.interlock.fault(VetoReason.OUTPUT_ERROR, state.t_stream, error)
+                            if isinstance(exc, OutputGuardError):
+                                code = VetoReason.OUTPUT_GUARD
+                            info = replace(info, reason=f"{info.reason}; {code.value}")
+                            self.interlock.fault(code, state.t_stream, error)
                     dt_ms = 1000.0 * (self._clock() - t0)
                     output_ms[out.name] = dt_ms
                     self._output_max_ms[out.name] = max(self._output_max_ms[out.name], dt_ms)
@@ -217,7 +226,7 @@ class TriggerUnit:
             state,
             request,
             fired=not stim_error,
-            reason=VetoReason.OUTPUT_ERROR.value if error else "fired",
+            reason=code.value if error else "fired",
             detail=error,
             pulse_number=n,
             t_local=t_fire,
