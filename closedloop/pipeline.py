@@ -81,13 +81,17 @@ class Pipeline:
         live: bool = True,
         clock=local_clock,
         extra_outputs: list | None = None,
+        replay_speed: float = 1.0,
     ) -> Pipeline:
         """Wire the stages from a validated config (call `validate_for_stream` first).
 
         extra_outputs: outputs added to the configured ones (the session's LSL pulse markers).
         Not live (offline, tuning): every stimulating output (serial, ...) is replaced by the
         simulated stimulator, always (no setting keeps it): `simulated_outputs` says which, and
-        the audit log opens with one `outputs_simulated` line each.
+        the audit log opens with one `outputs_simulated` line each. The same holds live on a
+        declared replay faster than real time (replay_speed > 1, `LslSource.replay_speed`):
+        its stamps run ahead of the clock, so the sample-age check falls back to the pull age,
+        and such a simulation must not reach a stimulator either.
         """
         chain = FeatureChain.from_settings(
             config.preprocess,
@@ -97,13 +101,19 @@ class Pipeline:
             list(ch_names),
             sfreq,
         )
-        interlock = SafetyInterlock(config.safety, clock=clock, live=live)
+        fast_replay = live and replay_speed > 1.0
+        interlock = SafetyInterlock(
+            config.safety, clock=clock, live=live, stamps_ahead_ok=fast_replay
+        )
         outputs = build_outputs(
             config.outputs, bus=bus, session_cap=config.safety.session_cap
         ) + list(extra_outputs or [])
         notes: list[str] = []
-        if not live:
+        if not live or fast_replay:
             outputs, notes = simulate_stimulators(outputs)
+            if fast_replay:
+                notes = [n.replace("not a live session", f"a replay at {replay_speed:g}x")
+                         for n in notes]  # fmt: skip
         audit = AuditLog(audit_path)
         for note in notes:
             audit.write({"event": "outputs_simulated", "reason": note})

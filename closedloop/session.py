@@ -193,6 +193,7 @@ class Session:
                 bus=self.bus,
                 live=self.live,
                 extra_outputs=self._live_marker_outputs(),
+                replay_speed=float(getattr(self.source, "replay_speed", 1.0)),
             )
             self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
             self._add_live_outlets()

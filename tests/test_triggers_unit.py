@@ -259,12 +259,15 @@ def test_live_late_veto_and_latency_from_arrival(tmp_path):
     sim = SimulatedStimulator()
     unit, clock = make_unit(tmp_path, [sim], live=True, latency_budget_ms=50.0)
     unit.arm("gui_button")
-    a = unit.on_state(target(1.0), t_arrival=clock.t - 0.080)
+    # live, sample stamps are on the local clock (LslSource adds the time correction)
+    clock.t = 1.0 + 0.080
+    a = unit.on_state(target(1.0), t_arrival=clock.t - 0.001)  # pulled 1 ms ago, 80 ms old
     assert a.reason == "late"
-    assert a.latency_ms == pytest.approx(80.0)
-    b = unit.on_state(target(2.0), t_arrival=clock.t - 0.010)
+    assert a.latency_ms == pytest.approx(1.0)
+    clock.t = 2.0 + 0.010
+    b = unit.on_state(target(2.0), t_arrival=clock.t - 0.005)
     assert b.fired
-    assert b.latency_ms == pytest.approx(10.0)
+    assert b.latency_ms == pytest.approx(5.0)
     # live: records are stamped with the firing time on the local clock, not stream time
     assert sim.pulses[0].t_marker == sim.pulses[0].t_fire == clock.t
     assert sim.pulses[0].t_stream == 2.0

@@ -15,6 +15,11 @@ HARD_MIN_INTERVAL_S = 1.0  # no two pulses closer than this, whatever the config
 HARD_MAX_PER_MINUTE = 60  # at most this many pulses in any rolling RATE_WINDOW_S
 HARD_SESSION_CAP = 1800  # at most this many pulses per session
 RATE_WINDOW_S = 60.0  # length of the rolling window of the rate limit
+# The deciding EEG sample may be at most this old (live): beyond 2 s the state is history, not
+# the brain state a pulse is meant to meet (states change within 1-2 s: dwell_s is 1 s); a pulse
+# later than 1 s after its sample misses any phase- or state-locked window by far.
+MAX_STALE_AFTER_S = 2.0
+MAX_LATENCY_BUDGET_MS = 1000.0
 MAX_PULSE_WIDTH_MS = 100.0  # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
 
 
@@ -74,15 +79,19 @@ class SafetySettings(BaseModel):
     latency_budget_ms: float = Field(
         50.0,
         gt=0.0,
-        le=10_000.0,
-        description="Live mode: veto as 'late' when the deciding chunk arrived longer ago.",
+        le=MAX_LATENCY_BUDGET_MS,
+        description="Live: veto as 'late' when the deciding EEG sample is older than this (ms): "
+        "local clock now minus its LSL timestamp corrected to the local clock, so a backlog "
+        "pulled just now still counts as old; a sample without a time, or stamped ahead of the "
+        f"clock, is late too. At most {MAX_LATENCY_BUDGET_MS:g} ms.",
     )
     stale_after_s: float = Field(
         0.5,
         gt=0.0,
-        le=60.0,
-        description="Veto as 'stale' when the deciding sample is older than this (stream time "
-        "behind the newest seen sample, or live age since arrival).",
+        le=MAX_STALE_AFTER_S,
+        description="Veto as 'stale' when the deciding sample is older than this (s): behind "
+        "the newest sample seen (stream time) or, live, by its age on the local clock. At most "
+        f"{MAX_STALE_AFTER_S:g} s.",
     )
     require_calibration: bool = Field(
         True, description="Refuse to arm, and veto, while the estimator has no baseline."
