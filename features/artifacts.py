@@ -7,6 +7,8 @@ Checks (each per channel and sample, so any chunking flags the same samples):
 - flat: RMS of the filtered, unreferenced channel (exponential, flat_window_s) < flat_uv;
 - muscle: smoothed power in muscle_band_hz / power in broadband_hz > muscle_ratio.
 A sample is "active" while within holdoff_s of the last offending sample of any check.
+`enabled: false` turns off amplitude, flat and muscle only: non-finite and railing input are
+input faults (the pipeline disarms on them), not artifact settings, and are always checked.
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ class ArtifactDetector:
         # All checks of a block run in one compiled call (`kernels.artifacts`); a check that is
         # off has a nan threshold there.
         nan = float("nan")
+        on = s.enabled  # off: only the input faults (non-finite, rail) are checked
         self._thr = np.array(
             [
                 s.rail_uv * UV if s.rail_uv is not None else nan,
-                s.amplitude_uv * UV if s.amplitude_uv is not None else nan,
-                (s.flat_uv * UV) ** 2 if s.flat_uv is not None else nan,
-                s.muscle_ratio if s.muscle_ratio is not None else nan,
+                s.amplitude_uv * UV if on and s.amplitude_uv is not None else nan,
+                (s.flat_uv * UV) ** 2 if on and s.flat_uv is not None else nan,
+                s.muscle_ratio if on and s.muscle_ratio is not None else nan,
             ]
         )
         self._mus_sos = np.ascontiguousarray(
@@ -138,16 +141,10 @@ class ArtifactDetector:
         flags `reasons_at` can report afterwards, as a chunk ending there would have.
         """
         n = raw.shape[0]
-        s = self.settings
         if grid is None:
             grid = self._last_row(n)
         self._grid = grid
         self._block_start = self._count
-        if not s.enabled:
-            self._count += n
-            self._active = np.zeros(n, dtype=bool)
-            self._grid_active = None
-            return self._active
         if not self._all:
             raw = raw[:, self._idx]
             filtered = filtered[:, self._idx]

@@ -285,7 +285,11 @@ class BandPowerSettings(_Base):
 class ArtifactSettings(_Base):
     """Per-sample artifact checks; a flag holds for holdoff_s after the last offending sample."""
 
-    enabled: bool = Field(True, description="Run the artifact checks at all.")
+    enabled: bool = Field(
+        True,
+        description="Run the artifact checks (amplitude, flat, muscle). Non-finite and railing "
+        "input (rail_uv) are input faults that disarm: checked even when false.",
+    )
     channels: list[str] | None = Field(
         None, description="Channels checked; null: all EEG channels."
     )
