@@ -7,9 +7,11 @@ them again at construction (defense in depth against `model_construct`, which sk
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from features.strict import FiniteModel, StrictNumbersModel, refuse_bool_for_number
 
 HARD_MIN_INTERVAL_S = 1.0  # no two pulses closer than this, whatever the config says
 HARD_MAX_PER_MINUTE = 60  # at most this many pulses in any rolling RATE_WINDOW_S
@@ -23,7 +25,7 @@ MAX_LATENCY_BUDGET_MS = 1000.0
 MAX_PULSE_WIDTH_MS = 100.0  # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
 
 
-class PolicySettings(BaseModel):
+class PolicySettings(StrictNumbersModel):
     """When would we like a pulse (the interlock decides whether one may happen)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -56,7 +58,7 @@ class PolicySettings(BaseModel):
     seed: int = Field(0, description="Seed of the jitter generator (deterministic replays).")
 
 
-class SafetySettings(BaseModel):
+class SafetySettings(StrictNumbersModel):
     """Limits of the safety interlock. Defaults are stricter than the hard limits."""
 
     model_config = ConfigDict(extra="forbid")
@@ -124,7 +126,7 @@ class SafetySettings(BaseModel):
         return v
 
 
-class SimulatedOutputSettings(BaseModel):
+class SimulatedOutputSettings(FiniteModel):
     """A stimulator that only records the pulses (the demo's default)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -132,7 +134,7 @@ class SimulatedOutputSettings(BaseModel):
     name: str = Field("simulated", description="Name in stats and the audit log.")
 
 
-class SerialOutputSettings(BaseModel):
+class SerialOutputSettings(FiniteModel):
     """TTL trigger box on a serial port: write one byte, or pulse the RTS/DTR line."""
 
     model_config = ConfigDict(extra="forbid")
@@ -154,8 +156,13 @@ class SerialOutputSettings(BaseModel):
         0.05, gt=0.0, le=5.0, description="A write blocked longer than this is an output error."
     )
 
+    @field_validator("baudrate", "byte", "width_ms", "write_timeout_s", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(cls, value, info)
 
-class LslMarkerOutputSettings(BaseModel):
+
+class LslMarkerOutputSettings(FiniteModel):
     """An irregular-rate LSL string marker outlet: the record of each pulse."""
 
     model_config = ConfigDict(extra="forbid")
@@ -165,7 +172,7 @@ class LslMarkerOutputSettings(BaseModel):
     source_id: str = Field("closedloop-pulses", min_length=1, description="LSL source_id.")
 
 
-class BusOutputSettings(BaseModel):
+class BusOutputSettings(FiniteModel):
     """A 'pulse' event on the event bus (GUI, MQTT); never blocks."""
 
     model_config = ConfigDict(extra="forbid")
@@ -179,7 +186,7 @@ OutputSpec = Annotated[
 ]
 
 
-class OutputSettings(BaseModel):
+class OutputSettings(StrictNumbersModel):
     """The outputs that fire on each pulse (all of them, in a fixed safe order)."""
 
     model_config = ConfigDict(extra="forbid")
