@@ -187,7 +187,7 @@ class SerialTtlOutput(TriggerOutput):
         ser = self._ser
         if ser is None:
             raise OutputError(f"{self.name}: serial port {self.port} is not open")
-        refused = self.guard.admit()  # 0.3 µs; before anything reaches the port
+        refused = self.guard.admit()  # 1.3 µs median here; before anything reaches the port
         if refused is not None:
             raise OutputGuardError(f"{self.name}: output_guard refused the fire: {refused}")
         try:
