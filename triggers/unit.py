@@ -52,7 +52,8 @@ class Attempt:
 
     fired: every stimulating output (serial, simulated) returned without error.
     reason: 'fired', a VetoReason value, or 'output_error' (any output failed; the interlock is
-    then DISARMED; fired stays True when only a record output such as the marker failed).
+    then DISARMED; fired stays True when only a record output such as the marker failed), or
+    'output_guard' (a hardware output's own guard refused the fire: nothing was sent).
     pulse_number: the session pulse count for a pulse that went to the outputs (also on output
     error: the interlock counts it, conservatively), None when vetoed.
     t_local: clock when the decision was taken. latency_ms: arrival of the deciding chunk (or,
