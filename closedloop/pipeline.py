@@ -112,8 +112,8 @@ class Pipeline:
         if not live or fast_replay:
             outputs, notes = simulate_stimulators(outputs)
             if fast_replay:
-                notes = [n.replace("not a live session", f"a replay at {replay_speed:g}x")
-                         for n in notes]  # fmt: skip
+                why = f"a replay at {replay_speed:g}x real time"
+                notes = [n.replace("not a live session", why) for n in notes]
         audit = AuditLog(audit_path)
         for note in notes:
             audit.write({"event": "outputs_simulated", "reason": note})
