@@ -163,6 +163,27 @@ def test_an_offline_pipeline_refuses_hardware_outputs(tmp_path):
     built.close()
 
 
+def test_a_live_pipeline_on_a_fast_replay_is_simulated_and_a_real_time_one_is_not(tmp_path):
+    from closedloop.config import SessionConfig, apply_overrides
+    from closedloop.pipeline import Pipeline
+
+    config = apply_overrides(
+        SessionConfig(), {"outputs.outputs": [{"kind": "serial", "port": "/dev/null-x"}]}
+    )
+    chans = ["Fz", "Pz", "O1", "Oz"]
+    fast = Pipeline.build(config, chans, 250.0, tmp_path / "a.jsonl", live=True, replay_speed=4.0)
+    assert [o.kind for o in fast.trigger.outputs] == ["simulated"]
+    assert fast.simulated_outputs == [
+        "serial output 'serial' (/dev/null-x) replaced by the simulated stimulator: "
+        "a replay at 4x real time"
+    ]
+    real = Pipeline.build(config, chans, 250.0, tmp_path / "b.jsonl", live=True)
+    assert [o.kind for o in real.trigger.outputs] == ["serial"]
+    assert real.simulated_outputs == []
+    fast.close()
+    real.close()
+
+
 # ---- item 2: the output's own guard -----------------------------------------------------------
 
 
