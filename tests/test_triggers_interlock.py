@@ -78,7 +78,7 @@ def test_settings_above_hard_limits_are_errors_naming_the_limit(key, value, limi
     ("key", "value", "limit_name"),
     [
         ("min_interval_s", 0.5, "HARD_MIN_INTERVAL_S"),
-        ("min_interval_s", math.nan, "finite number"),  # refused before the limit check
+        ("min_interval_s", math.nan, "HARD_MIN_INTERVAL_S"),
         ("max_per_minute", 1000, "HARD_MAX_PER_MINUTE"),
         ("session_cap", 10_000, "HARD_SESSION_CAP"),
         ("stale_after_s", -1.0, "stale_after_s"),
