@@ -82,6 +82,8 @@ def test_settings_above_hard_limits_are_errors_naming_the_limit(key, value, limi
         ("max_per_minute", 1000, "HARD_MAX_PER_MINUTE"),
         ("session_cap", 10_000, "HARD_SESSION_CAP"),
         ("stale_after_s", -1.0, "stale_after_s"),
+        ("stale_after_s", 2.5, "stale_after_s"),  # above MAX_STALE_AFTER_S (issue 14)
+        ("latency_budget_ms", 1500.0, "latency_budget_ms"),  # above MAX_LATENCY_BUDGET_MS
     ],
 )
 def test_interlock_refuses_unvalidated_settings(key, value, limit_name):
