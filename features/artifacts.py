@@ -8,7 +8,8 @@ Checks (each per channel and sample, so any chunking flags the same samples):
 - muscle: smoothed power in muscle_band_hz / power in broadband_hz > muscle_ratio.
 A sample is "active" while within holdoff_s of the last offending sample of any check.
 `enabled: false` turns off amplitude, flat and muscle only: non-finite and railing input are
-input faults (the pipeline disarms on them), not artifact settings, and are always checked.
+input faults (the pipeline disarms on them), not artifact settings, and are always checked, on
+every EEG channel (also those outside a `channels` subset).
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ class ArtifactDetector:
         eeg_names: Sequence[str],
         sfreq: float,
         check_names: Sequence[str] | None = None,
+        *,
+        input_faults_everywhere: bool = True,
     ) -> None:
+        """input_faults_everywhere: also check the EEG channels outside `check_names` for rail
+        and non-finite input (False only for that inner check itself)."""
         self.settings = settings
         self.sfreq = float(sfreq)
         eeg_names = tuple(eeg_names)
@@ -45,6 +50,20 @@ class ArtifactDetector:
         self._idx = np.array([eeg_names.index(c) for c in names], dtype=int)
         self._all = len(names) == len(eeg_names) and bool(
             np.array_equal(self._idx, np.arange(len(eeg_names)))
+        )
+        # Input faults (rail, non-finite) hold on every EEG channel, not only on the checked
+        # subset: a railing channel outside it still corrupts a common reference.
+        rest = [c for c in eeg_names if c not in names]
+        self._inputs = (
+            ArtifactDetector(
+                settings.model_copy(update={"enabled": False}),
+                eeg_names,
+                sfreq,
+                rest,
+                input_faults_everywhere=False,
+            )
+            if rest and input_faults_everywhere
+            else None
         )
         n = len(names)
         self.holdoff_n = round(settings.holdoff_s * sfreq)
@@ -101,6 +120,8 @@ class ArtifactDetector:
         self.reset()
 
     def reset(self) -> None:
+        if self._inputs is not None:
+            self._inputs.reset()
         self._mus_zi[...] = 0.0
         self._ema_zi[...] = 0.0
         # direct form II transposed: z[0] = (1 - a) * y[-1]
@@ -145,6 +166,9 @@ class ArtifactDetector:
             grid = self._last_row(n)
         self._grid = grid
         self._block_start = self._count
+        extra = None
+        if self._inputs is not None:  # the other channels' input faults
+            extra = self._inputs.process(raw, filtered, referenced, nonfinite, grid)
         if not self._all:
             raw = raw[:, self._idx]
             filtered = filtered[:, self._idx]
@@ -181,6 +205,10 @@ class ArtifactDetector:
         self._count += n
         if any_now or self._reasons:  # flags can only appear or expire in these cases
             self._reasons = self._reasons_for(self._count - 1 - self._last_bad)
+        if extra is not None:
+            np.logical_or(active, extra, out=active)
+            if self._inputs._reasons:
+                self._reasons = self._reasons + self._inputs._reasons
         return active
 
     @property
@@ -196,7 +224,8 @@ class ArtifactDetector:
             return ()
         if len(self._grid) == 1:  # the block's last sample
             return self._reasons
-        return self._reasons_for(self._block_start + self._grid[g] - self._bad_at[g])
+        own = self._reasons_for(self._block_start + self._grid[g] - self._bad_at[g])
+        return own + self._inputs.reasons_at(g) if self._inputs is not None else own
 
     def _reasons_for(self, since_bad: np.ndarray) -> tuple[str, ...]:
         """Reasons from the samples since each check's last offence (n_kinds, n_channels)."""

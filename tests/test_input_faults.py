@@ -41,6 +41,32 @@ def test_rail_and_nonfinite_are_flagged_with_the_artifact_checks_off(kind):
     assert flags == {f"{kind}:b"}
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_rail_outside_the_checked_channels_is_still_flagged(enabled):
+    """artifacts.channels narrows the artifact checks, not the input faults: a railing channel
+    outside the subset (which still feeds a common reference) is flagged, with its hold-off,
+    also at the grid samples of an offline block."""
+    rng = np.random.default_rng(1)
+    raw = 10e-6 * rng.standard_normal((400, 3))
+    raw[100:105, 2] = -0.2  # channel c rails; only a and b are checked for artifacts
+    settings = ArtifactSettings(
+        enabled=enabled,
+        channels=["a", "b"],
+        holdoff_s=0.1,
+        muscle_ratio=None,  # white noise
+    )
+    det = ArtifactDetector(settings, ["a", "b", "c"], SFREQ, ["a", "b"])
+    grid = np.arange(9, 400, 10, dtype=np.int64)  # decisions every 10 samples, one block
+    active = det.process(raw, raw, raw, None, grid)
+    flagged = [g for g in range(len(grid)) if det.reasons_at(g)]
+    assert flagged  # the grid samples from 109 to within the 0.1 s hold-off
+    assert all(det.reasons_at(g) == ("rail:c",) for g in flagged)
+    on = np.flatnonzero(active)
+    assert on[0] == 100
+    assert on[-1] == 104 + round(0.1 * SFREQ)
+    assert det.reasons == ()  # over by the block's end
+
+
 def test_railing_channel_disarms_with_artifacts_disabled_and_no_pulse_follows(tmp_path):
     raw = simulate(
         duration_s=40.0, sfreq=SFREQ, montage=CHANNELS, seed=11, bad_channel=False,
