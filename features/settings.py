@@ -295,7 +295,9 @@ class ArtifactSettings(_Base):
         "input (rail_uv) are input faults that disarm: checked even when false.",
     )
     channels: list[str] | None = Field(
-        None, description="Channels checked; null: all EEG channels."
+        None,
+        description="Channels checked; null: all EEG channels (rail and non-finite input are "
+        "checked on every EEG channel whatever this says).",
     )
     amplitude_uv: float | None = Field(
         100.0,
