@@ -65,6 +65,14 @@ def test_rail_outside_the_checked_channels_is_still_flagged(enabled):
     assert on[0] == 100
     assert on[-1] == 104 + round(0.1 * SFREQ)
     assert det.reasons == ()  # over by the block's end
+    # chunk by chunk (most chunks skip the full check of the other channels): the same flags
+    det2 = ArtifactDetector(settings, ["a", "b", "c"], SFREQ, ["a", "b"])
+    chunked, reasons = [], []
+    for i in range(0, 400, 10):
+        chunked.append(det2.process(raw[i : i + 10], raw[i : i + 10], raw[i : i + 10]))
+        reasons.append(det2.reasons)
+    np.testing.assert_array_equal(np.concatenate(chunked), active)
+    assert reasons == [det.reasons_at(g) for g in range(len(grid))]
 
 
 def test_railing_channel_disarms_with_artifacts_disabled_and_no_pulse_follows(tmp_path):
