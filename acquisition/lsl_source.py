@@ -133,6 +133,9 @@ class StreamDescription:
     ch_names: tuple[str, ...] = ()
     ch_units: tuple[str, ...] = ()
     ch_types: tuple[str, ...] = ()
+    # closedloop's own Replayer declares its speed (desc/acquisition/speed); 1.0 otherwise.
+    # Faster than 1, its timestamps (recording time) run ahead of the local clock by design.
+    replay_speed: float = 1.0
 
     @classmethod
     def from_info(cls, info: pylsl.StreamInfo, with_channels: bool = False) -> StreamDescription:
@@ -147,6 +150,16 @@ class StreamDescription:
                 types.append(ch.child_value("type"))
                 ch = ch.next_sibling("channel")
         n = info.channel_count()
+        speed = 1.0
+        if with_channels:
+            acq = info.desc().child("acquisition")
+            if acq.child_value("manufacturer") == "closedloop" and (
+                acq.child_value("model") == "Replayer"
+            ):
+                try:
+                    speed = float(acq.child_value("speed"))
+                except ValueError:
+                    speed = 1.0
         if with_channels:
             # Missing or empty labels fall back to ch0, ch1, ...; missing units stay empty.
             names += [""] * (n - len(names))
@@ -166,6 +179,7 @@ class StreamDescription:
             ch_names=tuple(names),
             ch_units=tuple(units),
             ch_types=tuple(types),
+            replay_speed=speed if speed > 0 else 1.0,
         )
 
     def __str__(self) -> str:
@@ -414,6 +428,11 @@ class LslSource:
         self._require_desc()
         assert self._scales is not None
         return self._scales.copy()
+
+    @property
+    def replay_speed(self) -> float:
+        """The speed closedloop's Replayer declares for this stream (1.0 for any other)."""
+        return self._require_desc().replay_speed
 
     @property
     def time_correction(self) -> float:

@@ -251,9 +251,10 @@ def _print_summary(summary: dict) -> None:
         "time_in_state_s",
         "latency_ms",
         "final_interlock",
+        "simulated_outputs",
         "warnings",
     ):
-        if key in summary:
+        if key in summary and (key != "simulated_outputs" or summary[key]):
             print(f"  {key:<17} {fmt(summary[key])}")
 
 

@@ -8,6 +8,7 @@ this module composes them into `SessionConfig` sections and turns pydantic error
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,15 +19,17 @@ from closedloop.errors import ConfigError
 from closedloop.feedback import FeedbackSettings
 from closedloop.mqtt import MqttSettings
 from features.settings import (
+    DEFAULT_GROUPS,
     ArtifactSettings,
     BandPowerSettings,
     PreprocessSettings,
     StateSettings,
 )
+from features.strict import StrictNumbersModel
 from triggers.settings import OutputSettings, PolicySettings, SafetySettings
 
 
-class _Strict(BaseModel):
+class _Strict(StrictNumbersModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -143,10 +146,34 @@ def format_errors(exc: ValidationError, model: type[BaseModel] = SessionConfig) 
             lines.append(f"{path}: unknown key{hint}{allowed}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "value_error":
+                path, msg = _key_path(model, loc, path, msg)
             got = err.get("input")
             shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
             lines.append(f"{path}: {msg}{shown}")
     return lines
+
+
+_MSG_KEY_RE = re.compile(r"([A-Za-z_]\w*)((?:\.[\w-]+|\[\d+\])*): (.+)", re.DOTALL)
+
+
+def _key_path(model: type[BaseModel], loc: tuple[Any, ...], path: str, msg: str) -> tuple[str, str]:
+    """(path, message) of a validator's error, with the key it names moved into the path:
+    'groups.frontal: ...' raised at `bandpower` reads 'bandpower.groups.frontal: ...' (also
+    'bands.alpha: ...' raised at `bandpower.bands`, and 'enter (1.0) must ...' at `state`)."""
+    owner = _model_at(model, loc)
+    m = _MSG_KEY_RE.fullmatch(msg)
+    if m is not None:
+        first, rest, text = m.groups()
+        if owner is not None and first in owner.model_fields:
+            return f"{path}.{first}{rest}" if loc else f"{first}{rest}", text
+        if loc and str(loc[-1]) == first:
+            return f"{path}{rest}", text
+    # 'enter (nan) must be above leave (0.0)' raised at `state`: the key is its first word
+    word = re.match(r"[A-Za-z_]\w*(?= \()", msg)
+    if owner is not None and word is not None and word.group() in owner.model_fields:
+        return (f"{path}.{word.group()}" if loc else word.group()), msg
+    return path, msg
 
 
 def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> SessionConfig:
@@ -158,9 +185,37 @@ def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> Sessi
             source, [f"<root>: expected a mapping of sections, got {type(data).__name__}"]
         )
     try:
-        return SessionConfig.model_validate(data)
+        config = SessionConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, format_errors(exc)) from None
+    if config.source.expected_sfreq is not None:
+        # the rate is known: what depends on it (bands at or above Nyquist, welch segments in
+        # samples) is checked now, as at session start, with every channel the config names
+        errors = _feature_errors(config, _channels_named(config), config.source.expected_sfreq)
+        if errors:
+            raise ConfigError(source, [f"{e} (rate from source.expected_sfreq)" for e in errors])
+    return config
+
+
+def _channels_named(config: SessionConfig) -> list[str]:
+    """Every channel the config names, and the default groups' (a stand-in stream layout)."""
+    names = [c for chans in DEFAULT_GROUPS.values() for c in chans]
+    names += [c for chans in (config.bandpower.groups or {}).values() for c in chans]
+    names += list(config.artifacts.channels or [])
+    if isinstance(config.preprocess.reference, list):
+        names += config.preprocess.reference
+    return list(dict.fromkeys(names))
+
+
+def _feature_errors(config: SessionConfig, ch_names: list[str], sfreq: float) -> list[str]:
+    found = [
+        *config.preprocess.validate_for(ch_names, sfreq),
+        *config.bandpower.validate_for(ch_names, sfreq),
+        *config.artifacts.validate_for(ch_names, sfreq),
+        # the state's features name groups and bands: check them against the bandpower section
+        *config.state.validate_for(ch_names, sfreq, bandpower=config.bandpower),
+    ]
+    return list(dict.fromkeys(found))  # the same problem seen by two sections: report once
 
 
 def load_config(path: str | Path | None) -> SessionConfig:
@@ -185,15 +240,7 @@ def validate_for_stream(
     config: SessionConfig, ch_names: list[str], sfreq: float, where: str = "config vs stream"
 ) -> None:
     """Check what depends on the stream (channels, Nyquist); raise ConfigError with all problems."""
-    errors: list[str] = []
-    found = [
-        *config.preprocess.validate_for(ch_names, sfreq),
-        *config.bandpower.validate_for(ch_names, sfreq),
-        *config.artifacts.validate_for(ch_names, sfreq),
-        # the state's features name groups and bands: check them against the bandpower section
-        *config.state.validate_for(ch_names, sfreq, bandpower=config.bandpower),
-    ]
-    errors += list(dict.fromkeys(found))  # the same problem seen by two sections: report once
+    errors = _feature_errors(config, ch_names, sfreq)
     src = config.source
     if src.expected_sfreq is not None and abs(src.expected_sfreq - sfreq) > 1e-6:
         errors.append(

@@ -223,6 +223,14 @@ class MqttSettings(BaseModel):
             raise ValueError("give password or password_env, not both")
         if (self.password is not None or self.password_env) and self.username is None:
             raise ValueError("password given without username")
+        if self.allow_remote_arm and not (
+            self.tls.enabled and self.username and (self.password or self.password_env)
+        ):
+            # anyone who can reach the broker could arm a stimulator otherwise
+            raise ValueError(
+                "allow_remote_arm: needs tls.enabled and a login (username and password or "
+                "password_env)"
+            )
         return self
 
     def resolved_password(self) -> str | None:

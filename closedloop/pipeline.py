@@ -21,7 +21,7 @@ from features.chain import FeatureChain
 from features.types import Label, State
 from triggers.audit import AuditLog
 from triggers.interlock import SafetyInterlock
-from triggers.outputs import build_outputs
+from triggers.outputs import build_outputs, simulate_stimulators
 from triggers.policy import TriggerPolicy
 from triggers.unit import Attempt, TriggerUnit
 
@@ -45,10 +45,15 @@ class Pipeline:
         bus: EventBus | None = None,
         live: bool = True,
     ) -> None:
+        hardware = [o.name for o in trigger.outputs if o.hardware]
+        if not live and hardware:  # offline never drives a stimulator (see `build`)
+            raise ValueError(f"offline pipeline with hardware outputs {hardware}")
         self.chain = chain
         self.trigger = trigger
         self.bus = bus
         self.live = live
+        # one sentence per stimulating output replaced by the simulated one (`build`)
+        self.simulated_outputs: list[str] = []
         # Taps: cheap non-blocking callables (chunk, state) run after each decision, e.g. the
         # state LSL outlet, the GUI's EEG ring buffer, the feedback stream. They run after the
         # trigger output, so they never delay a pulse; an exception in a tap disarms like any fault.
@@ -76,10 +81,17 @@ class Pipeline:
         live: bool = True,
         clock=local_clock,
         extra_outputs: list | None = None,
+        replay_speed: float = 1.0,
     ) -> Pipeline:
         """Wire the stages from a validated config (call `validate_for_stream` first).
 
         extra_outputs: outputs added to the configured ones (the session's LSL pulse markers).
+        Not live (offline, tuning): every stimulating output (serial, ...) is replaced by the
+        simulated stimulator, always (no setting keeps it): `simulated_outputs` says which, and
+        the audit log opens with one `outputs_simulated` line each. The same holds live on a
+        declared replay faster than real time (replay_speed > 1, `LslSource.replay_speed`):
+        its stamps run ahead of the clock, so the sample-age check falls back to the pull age,
+        and such a simulation must not reach a stimulator either.
         """
         chain = FeatureChain.from_settings(
             config.preprocess,
@@ -89,12 +101,26 @@ class Pipeline:
             list(ch_names),
             sfreq,
         )
-        interlock = SafetyInterlock(config.safety, clock=clock, live=live)
-        outputs = build_outputs(config.outputs, bus=bus) + list(extra_outputs or [])
-        trigger = TriggerUnit(
-            TriggerPolicy(config.trigger), interlock, outputs, AuditLog(audit_path), clock=clock
+        fast_replay = live and replay_speed > 1.0
+        interlock = SafetyInterlock(
+            config.safety, clock=clock, live=live, stamps_ahead_ok=fast_replay
         )
-        return cls(chain, trigger, bus, live)
+        outputs = build_outputs(
+            config.outputs, bus=bus, session_cap=config.safety.session_cap
+        ) + list(extra_outputs or [])
+        notes: list[str] = []
+        if not live or fast_replay:
+            outputs, notes = simulate_stimulators(outputs)
+            if fast_replay:
+                why = f"a replay at {replay_speed:g}x real time"
+                notes = [n.replace("not a live session", why) for n in notes]
+        audit = AuditLog(audit_path)
+        for note in notes:
+            audit.write({"event": "outputs_simulated", "reason": note})
+        trigger = TriggerUnit(TriggerPolicy(config.trigger), interlock, outputs, audit, clock=clock)
+        pipeline = cls(chain, trigger, bus, live)
+        pipeline.simulated_outputs = notes
+        return pipeline
 
     def step(self, chunk: Chunk, every: int | None = None) -> StepResult:
         """Process one chunk; never raises for data problems (they become faults -> DISARMED).

@@ -299,6 +299,7 @@ class Session:
                 bus=self.bus,
                 live=self.live,
                 extra_outputs=self._live_marker_outputs(),
+                replay_speed=float(getattr(self.source, "replay_speed", 1.0)),
             )
             self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
             self._add_live_outlets()
@@ -676,6 +677,7 @@ class Session:
                 samples=p.n_samples,
                 faults=p.faults,
                 final_interlock=p.trigger.interlock.state.value,
+                simulated_outputs=p.simulated_outputs,
                 events_dropped=events.dropped,
                 audit_failed=p.trigger.audit.failed or None,
             )

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from features.strict import StrictNumbersModel
 
 # Default bands (Hz), half-open [lo, hi). Gamma stops at 45 Hz to stay clear of 50 Hz mains.
 DEFAULT_BANDS_HZ: dict[str, tuple[float, float]] = {
@@ -77,8 +79,8 @@ def _missing_channel_msg(path: str, name: str, ch_names: Sequence[str]) -> str:
     return f"{path}: channel '{name}' not in stream (have: {have}){hint}"
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Base(StrictNumbersModel):
+    """Settings base: unknown keys, NaN/inf and booleans for numbers are errors."""
 
 
 class PreprocessSettings(_Base):
@@ -202,10 +204,12 @@ class BandPowerSettings(_Base):
 
     @field_validator("bands", "individual_bands")
     @classmethod
-    def _bands_ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    def _bands_ordered(
+        cls, v: dict[str, tuple[float, float]], info: ValidationInfo
+    ) -> dict[str, tuple[float, float]]:
         for name, (lo, hi) in v.items():
             if not lo < hi:
-                raise ValueError(f"band '{name}': lo ({lo}) must be below hi ({hi})")
+                raise ValueError(f"{info.field_name}.{name}: lo ({lo}) must be below hi ({hi})")
         return v
 
     @model_validator(mode="after")
@@ -285,9 +289,15 @@ class BandPowerSettings(_Base):
 class ArtifactSettings(_Base):
     """Per-sample artifact checks; a flag holds for holdoff_s after the last offending sample."""
 
-    enabled: bool = Field(True, description="Run the artifact checks at all.")
+    enabled: bool = Field(
+        True,
+        description="Run the artifact checks (amplitude, flat, muscle). Non-finite and railing "
+        "input (rail_uv) are input faults that disarm: checked even when false.",
+    )
     channels: list[str] | None = Field(
-        None, description="Channels checked; null: all EEG channels."
+        None,
+        description="Channels checked; null: all EEG channels (rail and non-finite input are "
+        "checked on every EEG channel whatever this says).",
     )
     amplitude_uv: float | None = Field(
         100.0,

@@ -332,8 +332,11 @@ def publish(
     qos: int = 1,
     username: str | None = None,
     password: str | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> None:
-    """Publish one message from a fresh client (like an operator's console would)."""
+    """Publish one message from a fresh client (like an operator's console would).
+
+    tls: extra aiomqtt.Client arguments for a TLS broker, e.g. {"tls_params": ...}."""
 
     async def _go() -> None:
         async with aiomqtt.Client(
@@ -343,6 +346,7 @@ def publish(
             password=password,
             protocol=aiomqtt.ProtocolVersion.V5,
             timeout=5,
+            **(tls or {}),
         ) as client:
             await client.publish(topic, payload, qos=qos, retain=retain)
 

@@ -165,3 +165,128 @@ def test_check_config_subprocess_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "safety.min_interval_s" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- issue 14, item 10: strictness -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "state:\n  enter: {v}\n",
+        "state:\n  leave: {v}\n",
+        "state:\n  features:\n    - {{group: posterior, band: alpha, weight: {v}}}\n",
+        "safety:\n  latency_budget_ms: {v}\n",
+        "artifacts:\n  amplitude_uv: {v}\n",
+        "bandpower:\n  bands:\n    alpha: [8.0, {v}]\n",
+    ],
+)
+def test_nan_and_infinite_thresholds_and_weights_are_errors(tmp_path, where, bad):
+    path = tmp_path / "c.yaml"
+    path.write_text(where.format(v=bad), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (err,) = info.value.errors
+    assert "finite" in err
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"safety": {"min_interval_s": True}}, "safety.min_interval_s"),
+        ({"safety": {"session_cap": True}}, "safety.session_cap"),
+        ({"safety": {"max_per_minute": False}}, "safety.max_per_minute"),
+        ({"trigger": {"dwell_s": True}}, "trigger.dwell_s"),
+        ({"state": {"enter": True, "leave": False}}, "state.enter"),
+        ({"state": {"features": [{"group": "a", "band": "b", "weight": True}]}}, "state.features"),
+        ({"bandpower": {"bands": {"alpha": [True, 13.0]}}}, "bandpower.bands"),
+        ({"artifacts": {"rail_uv": True}}, "artifacts.rail_uv"),
+        ({"source": {"expected_sfreq": True}}, "source.expected_sfreq"),
+        ({"outputs": {"outputs": [{"kind": "serial", "port": "x", "baudrate": True}]}}, "outputs"),
+    ],
+)
+def test_booleans_where_numbers_are_meant_are_errors(data, path):
+    errors = _errors(data)
+    assert any(e.startswith(path) and "boolean" in e for e in errors), errors
+
+
+def test_integers_stay_numbers_and_booleans_stay_booleans():
+    config = parse_config(
+        {
+            "safety": {"min_interval_s": 2, "latency_budget_ms": 100, "require_calibration": False},
+            "state": {"enter": 2, "leave": 0},
+            "bandpower": {"bands": {"alpha": [8, 13]}, "individual_alpha": True},
+            "artifacts": {"enabled": False, "rail_uv": 200000},
+        }
+    )
+    assert config.safety.min_interval_s == 2.0
+    assert config.state.enter == 2.0
+    assert config.bandpower.bands["alpha"] == (8.0, 13.0)
+    assert config.bandpower.individual_alpha is True
+    assert config.safety.require_calibration is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("stale_after_s", 2.0, True),
+        ("stale_after_s", 2.01, False),
+        ("latency_budget_ms", 1000.0, True),
+        ("latency_budget_ms", 1000.5, False),
+    ],
+)
+def test_sample_age_limits_are_bounded(key, value, ok):
+    if ok:
+        assert getattr(parse_config({"safety": {key: value}}).safety, key) == value
+    else:
+        (err,) = _errors({"safety": {key: value}})
+        assert err.startswith(f"safety.{key}:")
+
+
+def test_bands_at_or_above_nyquist_are_errors_when_the_rate_is_known():
+    data = {
+        "source": {"expected_sfreq": 100.0},
+        "preprocess": {"notch_hz": None},
+        "bandpower": {"bands": {"beta": [13.0, 30.0], "gamma": [30.0, 50.0]}},
+    }
+    errors = _errors(data)
+    assert errors == [
+        "bandpower.bands.gamma: 50 Hz above Nyquist (50 Hz) (rate from source.expected_sfreq)"
+    ]
+    data["bandpower"]["bands"]["gamma"] = [30.0, 49.0]
+    assert parse_config(data).source.expected_sfreq == 100.0
+    del data["source"]  # rate unknown: checked at session start instead (validate_for_stream)
+    data["bandpower"]["bands"]["gamma"] = [30.0, 50.0]
+    config = parse_config(data)
+    with pytest.raises(ConfigError, match=r"bandpower\.bands\.gamma"):
+        validate_for_stream(config, ["Fz", "Pz", "O1"], 100.0)
+
+
+def test_remote_arm_needs_tls_and_a_login(tmp_path):
+    for mqtt in (
+        {"allow_remote_arm": True},
+        {"allow_remote_arm": True, "tls": {"enabled": True}},
+        {"allow_remote_arm": True, "username": "op", "password": "pw"},
+        {"allow_remote_arm": True, "tls": {"enabled": True}, "username": "op"},
+    ):
+        (err,) = _errors({"mqtt": mqtt})
+        assert err.startswith("mqtt.allow_remote_arm: needs tls.enabled and a login"), err
+    ok = {"allow_remote_arm": True, "tls": {"enabled": True}, "username": "op"}
+    assert parse_config({"mqtt": {**ok, "password": "pw"}}).mqtt.allow_remote_arm
+    assert parse_config({"mqtt": {**ok, "password_env": "CL_PW"}}).mqtt.allow_remote_arm
+
+
+def test_check_config_prints_key_paths_for_validator_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "bandpower:\n  groups:\n    frontal: []\n"
+        "state:\n  enter: 0.5\n  leave: 1.0\n"
+        "trigger:\n  dwell_s: true\n",
+        encoding="utf-8",
+    )
+    assert main(["check-config", str(bad)]) == 2
+    lines = [ln.strip() for ln in capsys.readouterr().err.splitlines()]
+    assert "- bandpower.groups.frontal: empty channel list" in lines
+    assert "- state.enter: enter (0.5) must be above leave (1.0)" in lines
+    assert any(ln.startswith("- trigger.dwell_s: expected a number, got a boolean") for ln in lines)

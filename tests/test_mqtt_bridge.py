@@ -245,13 +245,29 @@ def test_each_command_kind_works(broker: Broker) -> None:
     ]
 
 
-def test_remote_arm_works_only_when_allowed(broker: Broker) -> None:
+@pytest.mark.slow
+def test_remote_arm_works_only_when_allowed(tmp_path: Path) -> None:
+    """allow_remote_arm needs TLS and a login (issue 14): a TLS broker with passwords."""
+    certs = _make_certs(tmp_path)
+    users = {"closedloop": "s3ssion", "console": "c0nsole"}
+    tls_client = {
+        "tls_params": aiomqtt.TLSParameters(ca_certs=str(certs["ca"]), cert_reqs=ssl.CERT_REQUIRED)
+    }
+    console = {"username": "console", "password": "c0nsole", "tls": tls_client}
     control = FakeControl()
     with (
-        Subscriber(broker, f"{BASE}/reply") as sub,
-        running_bridge(broker, control=control, allow_remote_arm=True),
+        running_broker(tmp_path, users=users, tls=certs) as broker,
+        Subscriber(broker, f"{BASE}/reply", **console) as sub,
+        running_bridge(
+            broker,
+            control=control,
+            allow_remote_arm=True,
+            username="closedloop",
+            password="s3ssion",
+            tls={"enabled": True, "ca_file": certs["ca"]},
+        ),
     ):
-        replies = _send_and_wait(broker, sub, [command("arm", 1, sender="op-2")])
+        replies = _send_and_wait(broker, sub, [command("arm", 1, sender="op-2")], **console)
     assert replies[0]["ok"]
     assert control.calls == [("arm", "mqtt_remote", "console/op-2")]  # user/sender
 

@@ -231,7 +231,9 @@ def test_exception_inside_a_feature_disarms(recording, unique_name, out_dir, mon
 def test_serial_port_that_disappears_disarms(recording, unique_name, out_dir):
     master, slave = os.openpty()
     port = os.ttyname(slave)
-    proc = replayer(recording, unique_name)
+    # real time: a replay faster than real time is a simulation and never reaches the serial
+    # port (its outputs are replaced by the simulated stimulator, issue 14)
+    proc = start_replayer(recording, unique_name, speed=1.0)
     # a pulse request every second whatever the state, so one comes right after the unplug
     session = live_session(
         unique_name,

@@ -64,7 +64,7 @@ def test_defaults_are_stricter_than_hard_limits():
     ("key", "value", "limit_name"),
     [
         ("min_interval_s", 0.999, "HARD_MIN_INTERVAL_S"),
-        ("min_interval_s", math.nan, "HARD_MIN_INTERVAL_S"),
+        ("min_interval_s", math.nan, "finite number"),  # refused before the limit check
         ("max_per_minute", 61, "HARD_MAX_PER_MINUTE"),
         ("session_cap", 1801, "HARD_SESSION_CAP"),
     ],
@@ -82,6 +82,8 @@ def test_settings_above_hard_limits_are_errors_naming_the_limit(key, value, limi
         ("max_per_minute", 1000, "HARD_MAX_PER_MINUTE"),
         ("session_cap", 10_000, "HARD_SESSION_CAP"),
         ("stale_after_s", -1.0, "stale_after_s"),
+        ("stale_after_s", 2.5, "stale_after_s"),  # above MAX_STALE_AFTER_S (issue 14)
+        ("latency_budget_ms", 1500.0, "latency_budget_ms"),  # above MAX_LATENCY_BUDGET_MS
     ],
 )
 def test_interlock_refuses_unvalidated_settings(key, value, limit_name):
@@ -218,20 +220,36 @@ def test_vetoes_do_not_count_towards_the_rate():
 
 
 def test_live_limits_also_hold_on_the_clock():
-    """A fast-forwarded stream (replay bug, clock jump) cannot bypass the interval live."""
-    il, clock = make(live=True, min_interval_s=2.0, max_per_minute=2)
+    """A fast-forwarded stream (replay bug, clock jump) cannot bypass the interval live.
+
+    Stamps ahead of the clock are themselves vetoed as late live; to test the clock limits on
+    their own, this interlock takes them as a declared fast replay does (aged by the pull)."""
+    clock = FakeClock(0.0)
+    s = SafetySettings(min_interval_s=2.0, max_per_minute=2)
+    il = SafetyInterlock(s, clock=clock, live=True, stamps_ahead_ok=True)
     il.arm("gui_button", 0.0)
-    assert il.request(0.0) is None
+    assert il.request(0.0, clock.t) is None
     il.pulse_done()
     clock.t += 1.0
-    assert il.request(100.0).reason is VetoReason.REFRACTORY  # stream says 100 s, clock says 1
+    assert il.request(100.0, clock.t).reason is VetoReason.REFRACTORY  # stream 100 s, clock 1
     clock.t += 1.0
-    assert il.request(200.0) is None
+    assert il.request(200.0, clock.t) is None
     il.pulse_done()
     clock.t += 2.0
-    assert il.request(300.0).reason is VetoReason.RATE_LIMIT  # 2 pulses in the last clock minute
+    assert il.request(300.0, clock.t).reason is VetoReason.RATE_LIMIT  # 2 in the clock minute
     clock.t += RATE_WINDOW_S
-    assert il.request(400.0) is None
+    assert il.request(400.0, clock.t) is None
+
+
+def test_live_stream_stamped_ahead_of_the_clock_never_fires():
+    il, clock = make(live=True, min_interval_s=1.0)
+    il.arm("gui_button", 0.0)
+    assert il.request(clock.t, clock.t) is None
+    il.pulse_done()
+    clock.t += 5.0
+    veto = il.request(clock.t + 100.0, clock.t)  # the stream jumped 100 s ahead
+    assert veto.reason is VetoReason.LATE
+    assert "ahead of the clock" in veto.detail
 
 
 def test_session_cap_disarms_and_blocks_arming():
@@ -246,12 +264,58 @@ def test_session_cap_disarms_and_blocks_arming():
         il.arm("gui_button", 6.0)
 
 
-def test_late_and_stale_live():
-    il, clock = make(live=True, min_interval_s=1.0, latency_budget_ms=50, stale_after_s=0.5)
+def test_late_and_stale_live_are_the_age_of_the_sample():
+    """Live, the deciding sample's age on the local clock decides, not the pull's: a backlog
+    pulled 0.25 ms ago whose sample is 1.26 s old is late (it fired before issue 14)."""
+    il, clock = make(live=True, min_interval_s=1.0, latency_budget_ms=50, stale_after_s=2.0)
     il.arm("gui_button", 0.0)
-    assert il.request(0.0, t_arrival=clock.t - 0.060).reason is VetoReason.LATE
-    assert il.request(0.0, t_arrival=clock.t - 0.6).reason is VetoReason.STALE_DATA
-    assert il.request(0.0, t_arrival=clock.t - 0.010) is None
+    now = clock.t
+    assert il.request(now - 1.26, t_arrival=now - 0.00025).reason is VetoReason.LATE
+    assert il.request(now - 0.060, t_arrival=now - 0.001).reason is VetoReason.LATE
+    assert il.request(now - 2.5, t_arrival=now - 0.001).reason is VetoReason.STALE_DATA
+    assert il.request(now + 0.010, t_arrival=now).reason is VetoReason.LATE  # ahead of the clock
+    assert il.request(now - 0.010, t_arrival=math.nan).reason is VetoReason.LATE  # no arrival
+    assert il.request(math.nan, t_arrival=now).reason is not None  # no timestamp
+    assert il.pulse_count == 0
+    assert il.request(now - 0.010, t_arrival=now - 0.001) is None
+
+
+def test_a_declared_fast_replay_ages_samples_stamped_ahead_by_their_pull():
+    clock = FakeClock()
+    s = SafetySettings(min_interval_s=1.0, latency_budget_ms=50)
+    il = SafetyInterlock(s, clock=clock, live=True, stamps_ahead_ok=True)
+    il.arm("gui_button", 0.0)
+    now = clock.t
+    assert il.request(now - 0.080, t_arrival=now - 0.001).reason is VetoReason.LATE  # old: late
+    assert il.request(now + 30.0, t_arrival=now - 0.080).reason is VetoReason.LATE  # late pull
+    assert il.request(now + 30.0, t_arrival=now - 0.001) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    age=st.one_of(
+        st.floats(-1.0, 3.0),
+        st.sampled_from([0.0, 0.05, 0.0500001, -1e-9, math.nan, math.inf, -math.inf]),
+    ),
+    pulled=st.one_of(st.floats(0.0, 3.0), st.sampled_from([0.0, math.nan, math.inf])),
+    budget_ms=st.floats(1.0, 1000.0),
+    stale=st.floats(0.01, 2.0),
+)
+def test_sample_age_veto_fires_only_for_a_known_age_within_budget(age, pulled, budget_ms, stale):
+    il, clock = make(
+        live=True, min_interval_s=1.0, latency_budget_ms=budget_ms, stale_after_s=stale
+    )
+    il.arm("gui_button", 0.0)
+    veto = il.request(clock.t - age, t_arrival=clock.t - pulled)
+    fires = veto is None
+    sample_age = clock.t - (clock.t - age)  # as the interlock sees it (float rounding)
+    known = math.isfinite(sample_age) and math.isfinite(pulled)
+    assert fires == (known and 0.0 <= sample_age <= budget_ms / 1000.0 and sample_age <= stale), (
+        veto,
+        sample_age,
+    )
+    if not fires:
+        assert veto.reason in (VetoReason.LATE, VetoReason.STALE_DATA)
 
 
 def test_stale_offline_is_stream_time_behind_newest():
@@ -356,10 +420,13 @@ def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, o
             t_stream = max(0.0, t_stream + control[1])
         t_stream += dts
         clock.t += dtl
-        il.tick(t_stream)
+        il.tick(clock.t if live else t_stream)  # live: stamps on the local clock
         if want:
             before = il.state
-            veto = il.request(t_stream, t_arrival=clock.t - age)
+            # live, the deciding sample is stamped on the local clock, `age` old; offline the
+            # stream has its own clock and no age
+            t_req = clock.t - age if live else t_stream
+            veto = il.request(t_req, t_arrival=clock.t - age / 2)
             if veto is None:
                 assert before is not InterlockState.DISARMED  # nothing fires while disarmed
                 assert armed_since_fault
@@ -368,7 +435,7 @@ def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, o
                 assert il.state is not InterlockState.ARMED  # refractory (or capped)
                 if live:
                     assert age * 1000.0 <= 50.0
-                fired.append((t_stream, clock.t))
+                fired.append((t_req, clock.t))
             if done:
                 il.pulse_done()
                 in_flight = False

@@ -4,6 +4,7 @@ marker received by a separate inlet, the bus event, the simulated stimulator, bu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -15,6 +16,7 @@ import pytest
 from pylsl import StreamInlet, local_clock, resolve_byprop
 
 from closedloop.bus import EventBus
+from triggers.guard import OutputGuard
 from triggers.outputs import (
     BusOutput,
     LslMarkerOutput,
@@ -24,7 +26,7 @@ from triggers.outputs import (
     SimulatedStimulator,
     build_outputs,
 )
-from triggers.settings import OutputSettings
+from triggers.settings import HARD_MIN_INTERVAL_S, OutputSettings
 
 
 def pulse(n: int = 1, t_marker: float = 123.456, t_start: float | None = None) -> PulseInfo:
@@ -67,7 +69,10 @@ def read_exactly(fd: int, n: int, timeout_s: float = 2.0) -> tuple[bytes, float]
 @pytest.mark.timeout(30)
 def test_serial_byte_arrives_on_the_other_end_of_a_pty(pty_pair):
     master, path = pty_pair
-    out = SerialTtlOutput(path, baudrate=115_200, byte=0xA5, name="ttl")
+    # back to back: the output's own guard gets a clock that says 1 s passed between fires
+    steps = itertools.count(0.0, HARD_MIN_INTERVAL_S)
+    guard = OutputGuard(clock=lambda: next(steps))
+    out = SerialTtlOutput(path, baudrate=115_200, byte=0xA5, name="ttl", guard=guard)
     out.check()
     fire_us, arrive_us = [], []
     for n in range(1, 51):

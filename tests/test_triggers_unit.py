@@ -20,6 +20,7 @@ from closedloop.bus import EventBus
 from features.types import Label, State
 from tests.kill_helpers import sigkill_after
 from triggers.audit import AuditLog, read_audit
+from triggers.guard import OutputGuard
 from triggers.interlock import ArmError, InterlockState, SafetyInterlock
 from triggers.outputs import (
     BusOutput,
@@ -166,7 +167,10 @@ def test_serial_ttl_through_the_unit_and_a_dying_port_disarms(tmp_path):
         bus = EventBus()
         sub = bus.subscribe("test")
         sim = SimulatedStimulator()
-        ttl = SerialTtlOutput(os.ttyname(slave), byte=7, name="ttl")
+        # the fires are microseconds apart in wall time: the guard sees 10 s between them
+        steps = itertools.count(0.0, 10.0)
+        guard = OutputGuard(clock=lambda: next(steps))
+        ttl = SerialTtlOutput(os.ttyname(slave), byte=7, name="ttl", guard=guard)
         unit, _ = make_unit(tmp_path, [BusOutput(bus), sim, ttl])  # any order in, safe order out
         assert [o.name for o in unit.outputs] == ["ttl", "simulated", "bus"]
         unit.arm("gui_button")
@@ -255,12 +259,15 @@ def test_live_late_veto_and_latency_from_arrival(tmp_path):
     sim = SimulatedStimulator()
     unit, clock = make_unit(tmp_path, [sim], live=True, latency_budget_ms=50.0)
     unit.arm("gui_button")
-    a = unit.on_state(target(1.0), t_arrival=clock.t - 0.080)
+    # live, sample stamps are on the local clock (LslSource adds the time correction)
+    clock.t = 1.0 + 0.080
+    a = unit.on_state(target(1.0), t_arrival=clock.t - 0.001)  # pulled 1 ms ago, 80 ms old
     assert a.reason == "late"
-    assert a.latency_ms == pytest.approx(80.0)
-    b = unit.on_state(target(2.0), t_arrival=clock.t - 0.010)
+    assert a.latency_ms == pytest.approx(1.0)
+    clock.t = 2.0 + 0.010
+    b = unit.on_state(target(2.0), t_arrival=clock.t - 0.005)
     assert b.fired
-    assert b.latency_ms == pytest.approx(10.0)
+    assert b.latency_ms == pytest.approx(5.0)
     # live: records are stamped with the firing time on the local clock, not stream time
     assert sim.pulses[0].t_marker == sim.pulses[0].t_fire == clock.t
     assert sim.pulses[0].t_stream == 2.0

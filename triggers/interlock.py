@@ -25,6 +25,8 @@ from triggers.settings import (
     HARD_MAX_PER_MINUTE,
     HARD_MIN_INTERVAL_S,
     HARD_SESSION_CAP,
+    MAX_LATENCY_BUDGET_MS,
+    MAX_STALE_AFTER_S,
     RATE_WINDOW_S,
     SafetySettings,
 )
@@ -47,6 +49,7 @@ class VetoReason(str, Enum):
     ARTIFACT = "artifact"
     UNCALIBRATED = "uncalibrated"
     OUTPUT_ERROR = "output_error"
+    OUTPUT_GUARD = "output_guard"  # a hardware output's own guard refused a fire (triggers.guard)
     LATE = "late"
     IN_FLIGHT = "in_flight"
     BAD_INPUT = "bad_input"  # fault: non-finite samples, channel mismatch
@@ -88,9 +91,12 @@ def check_hard_limits(s: SafetySettings) -> None:
         raise HardLimitError(
             f"session_cap={s.session_cap} outside 1..HARD_SESSION_CAP={HARD_SESSION_CAP}"
         )
-    for name in ("latency_budget_ms", "stale_after_s"):
-        if not getattr(s, name) > 0.0:
-            raise HardLimitError(f"{name}={getattr(s, name)} must be > 0")
+    for name, most in (
+        ("latency_budget_ms", MAX_LATENCY_BUDGET_MS),
+        ("stale_after_s", MAX_STALE_AFTER_S),
+    ):
+        if not 0.0 < getattr(s, name) <= most:
+            raise HardLimitError(f"{name}={getattr(s, name)} must be > 0 and <= {most:g}")
     if s.arm_expiry_min is not None and not s.arm_expiry_min > 0.0:
         raise HardLimitError(f"arm_expiry_min={s.arm_expiry_min} must be > 0 or None")
 
@@ -103,12 +109,18 @@ class SafetyInterlock:
         settings: SafetySettings,
         clock: Callable[[], float] = local_clock,
         live: bool = True,
+        stamps_ahead_ok: bool = False,
     ) -> None:
+        """clock: the local clock; live, sample timestamps must be on it (LslSource adds the
+        inlet's time correction). stamps_ahead_ok: the stream is a declared replay faster than
+        real time (its stamps run ahead of the clock by design; only simulated outputs then):
+        a sample stamped ahead of the clock is aged by its pull instead of being vetoed."""
         check_hard_limits(settings)
         self.settings = settings
         self._clock = clock
         self._live = live
         self.live = live  # read-only for callers: limits also hold on `clock` when True
+        self._stamps_ahead_ok = stamps_ahead_ok
         self._lock = threading.Lock()
         self._observers: list[Observer] = []
         self._min_interval_s = float(settings.min_interval_s)
@@ -225,6 +237,9 @@ class SafetyInterlock:
         """Would a pulse decided on the sample at stream time `t_sample` be allowed now?
 
         t_arrival: local clock when the deciding chunk arrived (nan offline: no 'late' check).
+        Live, the sample's age (clock now - t_sample, both on the local clock) decides: older
+        than stale_after_s is 'stale_data', older than latency_budget_ms (or stamped ahead of
+        the clock, or any time unknown) is 'late'.
         """
         changes: list = []
         with self._lock:
@@ -319,16 +334,34 @@ class SafetyInterlock:
             return Veto(VetoReason.RATE_LIMIT, f"{self._max_per_window} per {RATE_WINDOW_S:g} s")
         if not self._t_newest_stream - t_sample <= self._stale_s:
             return Veto(VetoReason.STALE_DATA, "behind newest sample")
-        if self._live and math.isfinite(t_arrival):
-            age_s = self._clock() - t_arrival
-            if not age_s <= self._stale_s:
-                return Veto(VetoReason.STALE_DATA, f"arrived {age_s:.3f} s ago")
-            if not age_s <= self._budget_s:
-                return Veto(VetoReason.LATE, f"{1000 * age_s:.1f} ms")
+        if self._live:
+            veto = self._age_veto(t_sample, t_arrival)
+            if veto is not None:
+                return veto
         if artifact:
             return Veto(VetoReason.ARTIFACT)
         if self.settings.require_calibration and not calibrated:
             return Veto(VetoReason.UNCALIBRATED)
+        return None
+
+    def _age_veto(self, t_sample: float, t_arrival: float) -> Veto | None:
+        """Live: the age of the deciding EEG sample, not of the pull (a backlog pulled 0.25 ms
+        ago can hold samples 1.26 s old). Fires only when 0 <= age <= budget."""
+        now = self._clock()
+        age_s = now - t_sample
+        pulled_s = now - t_arrival
+        if not (math.isfinite(age_s) and math.isfinite(pulled_s)):
+            return Veto(VetoReason.LATE, "sample timestamp or arrival time unknown")
+        if age_s < 0.0 and self._stamps_ahead_ok:
+            age_s = max(pulled_s, 0.0)  # a declared fast replay: only the pull age is known
+        if not age_s >= 0.0:
+            return Veto(
+                VetoReason.LATE, f"sample stamped {-1000 * age_s:.1f} ms ahead of the clock"
+            )
+        if not age_s <= self._stale_s:
+            return Veto(VetoReason.STALE_DATA, f"sample {age_s:.3f} s old")
+        if not age_s <= self._budget_s:
+            return Veto(VetoReason.LATE, f"sample {1000 * age_s:.1f} ms old")
         return None
 
     def _record(self, t_sample: float, changes: list) -> None:

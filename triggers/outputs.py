@@ -22,7 +22,9 @@ import serial
 from pylsl import IRREGULAR_RATE, StreamInfo, StreamOutlet, local_clock
 
 from closedloop.bus import Event
+from triggers.guard import OutputGuard
 from triggers.settings import (
+    HARD_SESSION_CAP,
     BusOutputSettings,
     LslMarkerOutputSettings,
     OutputSettings,
@@ -42,6 +44,10 @@ DRAIN_SPIN_S = 0.0005
 
 class OutputError(RuntimeError):
     """An output could not be opened, checked or fired; the message names the output."""
+
+
+class OutputGuardError(OutputError):
+    """The output's own guard refused a fire (a hard limit); nothing was sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +72,12 @@ class PulseInfo:
 
 class TriggerOutput:
     """Base class. `stimulates`: drives a stimulator (skipped for a pulse once an earlier output
-    of the same pulse failed); records (marker, bus) still run and carry the error."""
+    of the same pulse failed); records (marker, bus) still run and carry the error.
+    `hardware`: reaches a device (never in offline or tuning runs: `simulate_stimulators`)."""
 
     kind = "base"
     stimulates = False
+    hardware = False
     order = 99
 
     def __init__(self, name: str) -> None:
@@ -116,10 +124,14 @@ class SerialTtlOutput(TriggerOutput):
     interlock disarms). A write blocked longer than `write_timeout_s` is an OutputError too.
     'rts'/'dtr': raise the line, hold it `width_ms` (sleep, then spin), lower it; this blocks
     the acquisition thread for the width.
+    guard: the output's own check of the hard limits (`triggers.guard`; default: on
+    time.monotonic with the hard session cap); a refused fire sends nothing and raises
+    OutputGuardError.
     """
 
     kind = "serial"
     stimulates = True
+    hardware = True
     order = 0
 
     def __init__(
@@ -133,8 +145,10 @@ class SerialTtlOutput(TriggerOutput):
         write_timeout_s: float = 0.05,
         name: str = "serial",
         serial_factory: Callable[..., Any] | None = None,
+        guard: OutputGuard | None = None,
     ) -> None:
         super().__init__(name)
+        self.guard = guard if guard is not None else OutputGuard()
         if line not in ("data", "rts", "dtr"):
             raise ValueError(f"line must be 'data', 'rts' or 'dtr', not {line!r}")
         if not 0 <= byte <= 255:
@@ -182,6 +196,9 @@ class SerialTtlOutput(TriggerOutput):
         ser = self._ser
         if ser is None:
             raise OutputError(f"{self.name}: serial port {self.port} is not open")
+        refused = self.guard.admit()  # 1.3 µs median here; before anything reaches the port
+        if refused is not None:
+            raise OutputGuardError(f"{self.name}: output_guard refused the fire: {refused}")
         try:
             if self.line == "data":
                 t0 = time.perf_counter()
@@ -321,8 +338,13 @@ class BusOutput(TriggerOutput):
         self._bus.publish(Event("pulse", asdict(pulse), pulse.t_stream))
 
 
-def build_outputs(settings: OutputSettings, bus: Any = None) -> list[TriggerOutput]:
-    """Outputs from settings, in firing order (serial, simulated, lsl_marker, bus); not opened."""
+def build_outputs(
+    settings: OutputSettings, bus: Any = None, session_cap: int = HARD_SESSION_CAP
+) -> list[TriggerOutput]:
+    """Outputs from settings, in firing order (serial, simulated, lsl_marker, bus); not opened.
+
+    session_cap: the hardware outputs' guards also hold this cap (never above HARD_SESSION_CAP).
+    """
     outs: list[TriggerOutput] = []
     for spec in settings.outputs:
         if isinstance(spec, SerialOutputSettings):
@@ -335,6 +357,7 @@ def build_outputs(settings: OutputSettings, bus: Any = None) -> list[TriggerOutp
                     width_ms=spec.width_ms,
                     write_timeout_s=spec.write_timeout_s,
                     name=spec.name,
+                    guard=OutputGuard(session_cap=session_cap),
                 )
             )
         elif isinstance(spec, SimulatedOutputSettings):
@@ -353,3 +376,27 @@ def build_outputs(settings: OutputSettings, bus: Any = None) -> list[TriggerOutp
 def sort_outputs(outputs: Sequence[TriggerOutput]) -> list[TriggerOutput]:
     """Firing order: stimulating outputs first (serial, simulated), then records (marker, bus)."""
     return sorted(outputs, key=lambda o: o.order)  # stable: config order within a kind
+
+
+def simulate_stimulators(
+    outputs: Sequence[TriggerOutput],
+) -> tuple[list[TriggerOutput], list[str]]:
+    """Every stimulating output but the simulated stimulator, replaced by a SimulatedStimulator
+    of the same name (offline and tuning runs: nothing may reach a stimulator there).
+
+    Returns (outputs in firing order, one sentence per replacement). Records (LSL marker, bus)
+    stay. There is no way to keep a hardware output: a stimulating output that is not a
+    SimulatedStimulator is replaced whatever its kind.
+    """
+    kept: list[TriggerOutput] = []
+    notes: list[str] = []
+    for out in outputs:
+        if out.stimulates and not isinstance(out, SimulatedStimulator):
+            where = getattr(out, "port", "")
+            what = f"{out.kind} output {out.name!r}" + (f" ({where})" if where else "")
+            notes.append(f"{what} replaced by the simulated stimulator: not a live session")
+            out.close()  # never opened here; closes anything a caller opened
+            kept.append(SimulatedStimulator(out.name))
+        else:
+            kept.append(out)
+    return sort_outputs(kept), notes

@@ -7,14 +7,21 @@ them again at construction (defense in depth against `model_construct`, which sk
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from features.strict import FiniteModel, StrictNumbersModel, refuse_bool_for_number
 
 HARD_MIN_INTERVAL_S = 1.0  # no two pulses closer than this, whatever the config says
 HARD_MAX_PER_MINUTE = 60  # at most this many pulses in any rolling RATE_WINDOW_S
 HARD_SESSION_CAP = 1800  # at most this many pulses per session
 RATE_WINDOW_S = 60.0  # length of the rolling window of the rate limit
+# The deciding EEG sample may be at most this old (live): beyond 2 s the state is history, not
+# the brain state a pulse is meant to meet (states change within 1-2 s: dwell_s is 1 s); a pulse
+# later than 1 s after its sample misses any phase- or state-locked window by far.
+MAX_STALE_AFTER_S = 2.0
+MAX_LATENCY_BUDGET_MS = 1000.0
 MAX_PULSE_WIDTH_MS = 100.0  # RTS/DTR pulse width ceiling: the width blocks the acquisition thread
 # Watchdog bounds (safety.watchdog_ms). The live loop completes a step at least every 5 ms (the
 # pull timeout) plus the step itself (0.66 ms p99): measured here over 40 s of a live 32-channel
@@ -25,7 +32,7 @@ WATCHDOG_MIN_MS = 100.0
 WATCHDOG_MAX_MS = 5000.0
 
 
-class PolicySettings(BaseModel):
+class PolicySettings(StrictNumbersModel):
     """When would we like a pulse (the interlock decides whether one may happen)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -58,7 +65,7 @@ class PolicySettings(BaseModel):
     seed: int = Field(0, description="Seed of the jitter generator (deterministic replays).")
 
 
-class SafetySettings(BaseModel):
+class SafetySettings(StrictNumbersModel):
     """Limits of the safety interlock. Defaults are stricter than the hard limits."""
 
     model_config = ConfigDict(extra="forbid")
@@ -81,15 +88,19 @@ class SafetySettings(BaseModel):
     latency_budget_ms: float = Field(
         50.0,
         gt=0.0,
-        le=10_000.0,
-        description="Live mode: veto as 'late' when the deciding chunk arrived longer ago.",
+        le=MAX_LATENCY_BUDGET_MS,
+        description="Live: veto as 'late' when the deciding EEG sample is older than this (ms): "
+        "local clock now minus its LSL timestamp corrected to the local clock, so a backlog "
+        "pulled just now still counts as old; a sample without a time, or stamped ahead of the "
+        f"clock, is late too. At most {MAX_LATENCY_BUDGET_MS:g} ms.",
     )
     stale_after_s: float = Field(
         0.5,
         gt=0.0,
-        le=60.0,
-        description="Veto as 'stale' when the deciding sample is older than this (stream time "
-        "behind the newest seen sample, or live age since arrival).",
+        le=MAX_STALE_AFTER_S,
+        description="Veto as 'stale' when the deciding sample is older than this (s): behind "
+        "the newest sample seen (stream time) or, live, by its age on the local clock. At most "
+        f"{MAX_STALE_AFTER_S:g} s.",
     )
     require_calibration: bool = Field(
         True, description="Refuse to arm, and veto, while the estimator has no baseline."
@@ -131,7 +142,7 @@ class SafetySettings(BaseModel):
         return v
 
 
-class SimulatedOutputSettings(BaseModel):
+class SimulatedOutputSettings(FiniteModel):
     """A stimulator that only records the pulses (the demo's default)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -139,7 +150,7 @@ class SimulatedOutputSettings(BaseModel):
     name: str = Field("simulated", description="Name in stats and the audit log.")
 
 
-class SerialOutputSettings(BaseModel):
+class SerialOutputSettings(FiniteModel):
     """TTL trigger box on a serial port: write one byte, or pulse the RTS/DTR line."""
 
     model_config = ConfigDict(extra="forbid")
@@ -161,8 +172,13 @@ class SerialOutputSettings(BaseModel):
         0.05, gt=0.0, le=5.0, description="A write blocked longer than this is an output error."
     )
 
+    @field_validator("baudrate", "byte", "width_ms", "write_timeout_s", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(cls, value, info)
 
-class LslMarkerOutputSettings(BaseModel):
+
+class LslMarkerOutputSettings(FiniteModel):
     """An irregular-rate LSL string marker outlet: the record of each pulse."""
 
     model_config = ConfigDict(extra="forbid")
@@ -172,7 +188,7 @@ class LslMarkerOutputSettings(BaseModel):
     source_id: str = Field("closedloop-pulses", min_length=1, description="LSL source_id.")
 
 
-class BusOutputSettings(BaseModel):
+class BusOutputSettings(FiniteModel):
     """A 'pulse' event on the event bus (GUI, MQTT); never blocks."""
 
     model_config = ConfigDict(extra="forbid")
@@ -186,7 +202,7 @@ OutputSpec = Annotated[
 ]
 
 
-class OutputSettings(BaseModel):
+class OutputSettings(StrictNumbersModel):
     """The outputs that fire on each pulse (all of them, in a fixed safe order)."""
 
     model_config = ConfigDict(extra="forbid")

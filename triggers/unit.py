@@ -35,7 +35,13 @@ from acquisition.chunk import HealthEvent, HealthKind
 from features.types import Label, State
 from triggers.audit import AuditError, AuditLog
 from triggers.interlock import ArmError, InterlockState, SafetyInterlock, VetoReason
-from triggers.outputs import OutputError, PulseInfo, TriggerOutput, sort_outputs
+from triggers.outputs import (
+    OutputError,
+    OutputGuardError,
+    PulseInfo,
+    TriggerOutput,
+    sort_outputs,
+)
 from triggers.policy import PulseRequest, TriggerPolicy
 
 # health faults -> interlock veto reasons (other fault kinds map to BAD_INPUT)
@@ -62,9 +68,10 @@ class Attempt:
     fired: every stimulating output (serial, simulated) returned without error.
     reason: 'fired', a VetoReason value, 'output_error' (any output failed; the interlock is
     then DISARMED; fired stays True when only a record output such as the marker failed),
-    'audit' (the intent line could not be written: nothing fired), or 'halted' (a disarm,
-    emergency stop or watchdog came between the grant and a stimulating output, which was
-    skipped; `stimulated` says which fired before it).
+    'output_guard' (a hardware output's own guard refused the fire: nothing was sent), 'audit'
+    (the intent line could not be written: nothing fired), or 'halted' (a disarm, emergency
+    stop or watchdog came between the grant and a stimulating output, which was skipped;
+    `stimulated` says which fired before it).
     pulse_number: the session pulse count for a pulse that went to the outputs (also on output
     error or halt: the interlock counts it, conservatively), None when vetoed.
     stimulated: the stimulating outputs that fired without error (a halt or an error can stop
@@ -261,6 +268,7 @@ class TriggerUnit:
         output_ms: dict[str, float] = {}
         stimulated: list[str] = []
         error = ""
+        code = VetoReason.OUTPUT_ERROR  # OUTPUT_GUARD when a hardware output's guard refused
         stim_error = False
         halted = False
         with self._io_lock:
@@ -286,8 +294,10 @@ class TriggerUnit:
                                 if isinstance(exc, OutputError)
                                 else (f"{out.name}: {type(exc).__name__}: {exc}")
                             )
-                            info = replace(info, reason=f"{info.reason}; output_error")
-                            il.fault(VetoReason.OUTPUT_ERROR, state.t_stream, error)
+                            if isinstance(exc, OutputGuardError):
+                                code = VetoReason.OUTPUT_GUARD
+                            info = replace(info, reason=f"{info.reason}; {code.value}")
+                            il.fault(code, state.t_stream, error)
                     else:
                         if out.stimulates:
                             stimulated.append(out.name)
@@ -299,7 +309,7 @@ class TriggerUnit:
                 il.pulse_done()
         if error:
             self._n_output_errors += 1
-            reason, detail = VetoReason.OUTPUT_ERROR.value, error
+            reason, detail = code.value, error
         elif halted:
             reason, detail = HALTED, f"disarmed before the output fired: {il.last_reason}"
         else:
