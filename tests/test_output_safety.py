@@ -279,6 +279,7 @@ def test_guard_refuses_and_disarms_when_the_interlock_is_bypassed(tmp_path):
     try:
         il = SafetyInterlock(SafetySettings(min_interval_s=1.0, max_per_minute=60), live=True)
         il._check = lambda *args, **kw: None  # bypassed: every request passes
+        il.sample_age_veto = lambda *args, **kw: None  # and its re-check after the intent
         ttl = SerialTtlOutput(os.ttyname(slave), name="ttl")  # default guard: time.monotonic
         sim = SimulatedStimulator()
         unit = TriggerUnit(

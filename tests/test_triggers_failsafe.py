@@ -350,7 +350,7 @@ def test_a_pulse_made_late_by_a_slow_intent_write_does_not_fire(tmp_path):
 
     unit.audit.write_many = slow_intent
     unit.arm("gui_button")
-    a = unit.on_state(target(1.0), t_arrival=clock.t)
+    a = unit.on_state(target(clock.t), t_arrival=clock.t)  # a fresh sample: granted
     assert sim.pulses == []
     assert not a.fired
     assert a.reason == "late"

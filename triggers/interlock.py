@@ -344,6 +344,11 @@ class SafetyInterlock:
             return Veto(VetoReason.UNCALIBRATED)
         return None
 
+    def sample_age_veto(self, t_sample: float, t_arrival: float) -> Veto | None:
+        """Live: `late` / `stale_data` by the deciding sample's age now (None offline). The trigger
+        unit asks again once the write-ahead intent is durable (its fsync takes time)."""
+        return self._age_veto(t_sample, t_arrival) if self._live else None
+
     def _age_veto(self, t_sample: float, t_arrival: float) -> Veto | None:
         """Live: the age of the deciding EEG sample, not of the pull (a backlog pulled 0.25 ms
         ago can hold samples 1.26 s old). Fires only when 0 <= age <= budget."""

@@ -140,7 +140,6 @@ class TriggerUnit:
         self.audit = audit
         self._clock = clock
         self._live = interlock.live
-        self._budget_s = interlock.settings.latency_budget_ms / 1000.0  # again after intent
         self._io_lock = threading.Lock()  # firing vs. output checks from an arming thread
         self._stim_busy = False  # a stimulating output is inside fire() (read by disarm)
         self._closed = False
@@ -203,12 +202,17 @@ class TriggerUnit:
                 output_ms={},
             )
         else:
-            attempt = self._fire(state, request, t_decided, t_start)
+            attempt = self._fire(state, request, t_decided, t_start, t_arrival)
         self._write(attempt, state)
         return attempt
 
     def _fire(
-        self, state: State, request: PulseRequest, t_decided: float, t_start: float
+        self,
+        state: State,
+        request: PulseRequest,
+        t_decided: float,
+        t_start: float,
+        t_arrival: float,
     ) -> Attempt:
         il = self.interlock
         n = il.pulse_count
@@ -240,16 +244,17 @@ class TriggerUnit:
                 output_ms={},
             )
         t_fire = self._clock()
-        if self._live and not t_fire - t_start <= self._budget_s:
+        late = il.sample_age_veto(state.t_stream, t_arrival)
+        if late is not None:
             # the intent's fsync (4-5 ms median, 70 ms max on a busy disk here) pushed the
-            # pulse past the latency budget: it would land on a brain state that has moved on
+            # deciding sample past the latency budget: the brain state has moved on
             il.pulse_done()
             return self._attempt(
                 state,
                 request,
                 fired=False,
-                reason=VetoReason.LATE.value,
-                detail=f"{1000 * (t_fire - t_start):.1f} ms once the intent was durable",
+                reason=late.reason.value,
+                detail=f"{late.detail}, once the intent was durable",
                 pulse_number=n,
                 t_local=t_fire,
                 t_start=t_start,
