@@ -1436,7 +1436,7 @@ def run_tune(args: argparse.Namespace) -> int:
         raise UserError("--scheduler needs --executor dask")
     if args.workers is not None and (executor_kind != "dask" or args.scheduler):
         raise UserError("--workers sizes the LocalCluster of --executor dask without --scheduler")
-    workers = args.workers or args.jobs or os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else args.jobs or os.cpu_count() or 1
     if workers < 1:
         raise UserError(f"--workers must be >= 1 (got {workers})")
     _check_keys(base, list(grid_values))  # key typos before reading any recording
