@@ -249,7 +249,7 @@ class DaskExecutor:
         for t in tasks:
             key = f"{DASK_TASK_PREFIX}-{sweep}-s{t.setting}-r{t.recording}"
             fut = self.client.submit(
-                _dask_run, fn, t, data[t.path], key=key, pure=False, retries=DASK_RETRIES
+                _dask_run, fn, t, data.get(t.path), key=key, pure=False, retries=DASK_RETRIES
             )
             futures[fut] = t
             ours[key] = t
