@@ -254,17 +254,20 @@ class DaskExecutor:
             futures[fut] = t
             ours[key] = t
         try:
-            for fut in as_completed(futures):
+            # with_results: results are gathered in the background as tasks finish, rather
+            # than one fut.result() round trip per task
+            done = as_completed(futures, with_results=True, raise_errors=False)
+            for fut, result in done:
                 if time.monotonic() - self._last_watch > WATCH_EVERY_S:
                     self._watch()  # workers that joined (e.g. a lost one's replacement)
                 self._lost_workers(self._drain(), ours, seen)
                 task = futures[fut]
                 if fut.status != "finished":
-                    exc = fut.exception() if fut.status == "error" else RuntimeError(fut.status)
+                    exc = result[1] if isinstance(result, tuple) else result
                     raise RuntimeError(
                         f"setting {task.setting} on {task.path} failed: {type(exc).__name__}: {exc}"
                     ) from exc
-                yield task, fut.result()
+                yield task, result
                 fut.release()
             # an event may arrive after the last result: ask the scheduler for each worker's
             for addr in sorted(self._watched):

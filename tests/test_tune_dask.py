@@ -179,3 +179,32 @@ def test_executor_argument_errors(tmp_path):
         with pytest.raises(UserError, match=match):
             tune.run_tune(_args(_argv(tmp_path / "never", *extra)))
     assert not (tmp_path / "never").exists()
+
+
+class _Job:
+    def __init__(self, setting: int) -> None:
+        self.setting, self.recording, self.path = setting, 0, "job"
+
+
+def _fails_on_setting_2(task: _Job, raw=None) -> int:
+    if task.setting == 2:
+        raise ValueError("bad input")
+    return task.setting
+
+
+def test_dask_task_error_names_the_run(cluster):
+    """A run that raises is an error of the sweep naming the setting (not retried: the same
+    input fails the same way), and the executor stays usable."""
+    from closedloop.executors import DaskExecutor
+
+    cl, _ = cluster
+    ex = DaskExecutor(cl.scheduler_address)
+    try:
+        assert ex.workers == 2
+        with pytest.raises(RuntimeError, match="setting 2 on job failed: ValueError: bad input"):
+            list(ex.run(_fails_on_setting_2, [_Job(i) for i in range(4)], {}))
+        got = sorted(r for _, r in ex.run(_fails_on_setting_2, [_Job(0), _Job(1)], {}))
+        assert got == [0, 1]
+        assert ex.notes == []
+    finally:
+        ex.close()
