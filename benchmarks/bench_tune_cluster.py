@@ -11,7 +11,8 @@ included (the spawn pool starts its processes in the sweep; the LocalCluster's s
 apart, since a real cluster is already up).
 
 Scheduling overhead per task: a task that does nothing (returns its argument), N of them
-through each executor, wall / N: what the executor adds to every run. In the sweep, the cost
+through each executor, wall from the first result to the last / (N - 1): what the executor adds
+to every run once its workers are up. In the sweep, the cost
 per run beyond the Session itself is also given: wall x workers / runs - median Session wall.
 """
 
@@ -31,7 +32,7 @@ from closedloop.config import SessionConfig
 from closedloop.executors import DaskExecutor, LocalExecutor
 
 WORKERS = 2
-ENTER_VALUES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+ENTER_VALUES = tuple(0.5 + 0.25 * i for i in range(12))  # 0.5 .. 3.25
 
 
 def _noop(task: Any, raw: Any = None) -> Any:
@@ -46,18 +47,12 @@ class _Noop:
 
 
 def _overhead(executor, n: int) -> float:
-    """Seconds per empty task: (wall of n tasks - wall of a few) / the difference, so the
-    start of the local pool's processes (a new pool per sweep) cancels out."""
-    few = WORKERS * 4
-
-    def batch(k: int) -> float:
-        t = time.perf_counter()
-        got = sum(1 for _ in executor.run(_noop, [_Noop(i) for i in range(k)], {}))
-        assert got == k
-        return time.perf_counter() - t
-
-    batch(few)  # warm: imports, connections
-    return (batch(n) - batch(few)) / (n - few)
+    """Seconds per empty task in steady state: from the first result to the last of n, over
+    n - 1 (the start of the local pool's processes, new in every sweep, is left out)."""
+    list(executor.run(_noop, [_Noop(i) for i in range(WORKERS * 4)], {}))  # warm
+    stamps = [time.perf_counter() for _ in executor.run(_noop, [_Noop(i) for i in range(n)], {})]
+    assert len(stamps) == n
+    return (stamps[-1] - stamps[0]) / (n - 1)
 
 
 def _sweep(executor, tasks) -> tuple[float, dict]:

@@ -9,12 +9,15 @@ How a recording reaches the workers:
 
 - local: each spawn worker process reads the file the first time it runs a task on it and keeps
   it (and its FileSource) for the rest of the sweep (`tune._source_for`): once per worker.
-- dask: the client scatters every loaded recording once, to every worker (`broadcast=True`), and
-  each task takes the scattered recording as an argument; Dask hands the worker's own copy to
-  every task there (no per-task transfer). The worker keeps its FileSource in a cache keyed by
-  path, content digest, chunk size and thread, so a worker reused across sweeps never serves a
-  stale file and two task threads never share a FileSource. A worker that joins later (or
-  replaces a lost one) fetches the copy from another worker on its first task.
+- dask: the client scatters every loaded recording once, to every worker (`broadcast=True`; to
+  one worker each when they add up to more than BROADCAST_MAX_BYTES, the others fetching a copy
+  on their first run of it), and each task takes the scattered recording as an argument; Dask
+  hands the worker's own copy to every task there (no per-task transfer). The worker keeps its
+  FileSource in a cache keyed by path, content digest, chunk size and thread, so a worker reused
+  across sweeps never serves a stale file and two task threads never share a FileSource. A
+  worker that joins later (or replaces a lost one) fetches a copy from another worker on its
+  first task. Not broadcast, a recording whose only copy was on a lost worker is gone: the
+  sweep stops with an error naming the run (Dask cannot recompute scattered data).
 
 A worker lost mid-sweep (killed, out of memory, node gone): the scheduler sends the tasks it was
 running to other workers (up to `distributed.scheduler.allowed-failures`, 3, per task); the
@@ -45,6 +48,10 @@ DASK_TASK_PREFIX = "closedloop-tune"
 # a task that fails with a Python exception is a bug or a bad file, not a lost worker: the same
 # input fails the same way again, so it is not retried (worker loss is retried by the scheduler)
 DASK_RETRIES = 0
+# recordings (float64 samples, all of them) sent to every worker up front when at most this
+# much; above it each goes to one worker and moves on demand (a 10-minute 64-channel 1 kHz
+# recording is 0.3 GB: 8 of them fit)
+BROADCAST_MAX_BYTES = 2 * 2**30
 WATCH_EVERY_S = 1.0  # how often the sweep looks for workers that joined (an RPC to the scheduler)
 
 
@@ -131,6 +138,11 @@ class LocalExecutor:
 
 
 # ------------------------------------------------------------------------------ dask
+
+
+def _nbytes(raw: Any) -> int:
+    data = getattr(raw, "_data", None)
+    return int(getattr(data, "nbytes", 0))
 
 
 def _dask_run(fn: Callable[..., Any], task: Any, raw: Any) -> Any:
@@ -240,8 +252,13 @@ class DaskExecutor:
         seen: set = set()
         self._watch()
         # once per worker, up front: every worker needs every recording (settings x recordings)
+        # and a lost worker's copy is not the only one. A study too large to sit whole on every
+        # worker goes to one worker each instead; the others fetch a recording on their first
+        # run of it and keep it while runs of it are waiting.
+        total = sum(_nbytes(raw) for raw in recordings.values())
+        broadcast = total <= BROADCAST_MAX_BYTES
         data = {
-            path: self.client.scatter(raw, broadcast=True, hash=False)
+            path: self.client.scatter(raw, broadcast=broadcast, hash=False)
             for path, raw in recordings.items()
         }
         futures = {}

@@ -95,7 +95,12 @@ def cluster():
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_dask_local_cluster_scores_equal_local_pool(local_out, tmp_path, capsys):
+def test_dask_local_cluster_scores_equal_local_pool(local_out, tmp_path, capsys, monkeypatch):
+    """Also the path for studies too large to broadcast: each recording scattered to one
+    worker, the other fetching it on its first run (the lost-worker test below broadcasts)."""
+    from closedloop import executors
+
+    monkeypatch.setattr(executors, "BROADCAST_MAX_BYTES", 0)
     out = tmp_path / "dask"
     rc = tune.run_tune(_args(_argv(out, "--executor", "dask", "--workers", "2")))
     assert rc == 0
