@@ -1234,45 +1234,6 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RECORDING",
         help="annotated recordings (any format load_recording reads); or --bids-root",
     )
-    study = parser.add_argument_group("a BIDS study as input (instead of RECORDING files)")
-    study.add_argument(
-        "--bids-root",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="a BIDS dataset: every EEG recording of --task (target epochs from events.tsv, "
-        "--target names the trial_type); --validate then holds out one participant at a time",
-    )
-    study.add_argument("--task", default=None, help="the BIDS task of the recordings to tune on")
-    study.add_argument(
-        "--subjects",
-        nargs="+",
-        default=None,
-        metavar="LABEL",
-        help="only these participants (labels with or without 'sub-'; default: all)",
-    )
-    where = parser.add_argument_group("where the runs happen")
-    where.add_argument(
-        "--executor",
-        choices=("local", "dask"),
-        default="local",
-        help="local: a process pool on this machine (default); dask: a dask.distributed "
-        "cluster (--scheduler, else a LocalCluster of --workers processes on 127.0.0.1)",
-    )
-    where.add_argument(
-        "--scheduler",
-        default=None,
-        metavar="ADDRESS",
-        help="the Dask scheduler to run on, e.g. tcp://host:8786 (its workers need closedloop "
-        "installed); with --executor dask",
-    )
-    where.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes of the LocalCluster when --executor dask has no --scheduler "
-        "(default: --jobs, else all cores)",
-    )
     parser.add_argument(
         "--config",
         "-c",
@@ -1346,6 +1307,45 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep every run's session folder under OUT/sessions (large)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    study = parser.add_argument_group("a BIDS study as input (instead of RECORDING files)")
+    study.add_argument(
+        "--bids-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a BIDS dataset: every EEG recording of --task (target epochs from events.tsv, "
+        "--target names the trial_type); --validate then holds out one participant at a time",
+    )
+    study.add_argument("--task", default=None, help="the BIDS task of the recordings to tune on")
+    study.add_argument(
+        "--subjects",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="only these participants (labels with or without 'sub-'; default: all)",
+    )
+    where = parser.add_argument_group("where the runs happen")
+    where.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        default="local",
+        help="local: a process pool on this machine (default); dask: a dask.distributed "
+        "cluster (--scheduler, else a LocalCluster of --workers processes on 127.0.0.1)",
+    )
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="the Dask scheduler to run on, e.g. tcp://host:8786 (its workers need closedloop "
+        "installed); with --executor dask",
+    )
+    where.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes of the LocalCluster when --executor dask has no --scheduler "
+        "(default: --jobs, else all cores)",
+    )
 
 
 def _load_recordings(
