@@ -191,7 +191,11 @@ class DaskExecutor:
             where = "LocalCluster"
         info = self.client.scheduler_info()
         self.workers = max(1, sum(w["nthreads"] for w in info["workers"].values()))
-        self.name = f"dask {where} ({len(info['workers'])} workers, {self.workers} threads)"
+        n = len(info["workers"])
+        self.name = (
+            f"dask {where} ({n} worker{'s' * (n != 1)}, {self.workers} "
+            f"thread{'s' * (self.workers != 1)})"
+        )
         self.scheduler_address = self.client.scheduler.address
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._watched: set[str] = set()
