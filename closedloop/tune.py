@@ -9,8 +9,10 @@ A few things differ from a plain offline run, none of which changes a decision (
 outputs are replaced by the simulated stimulator (a tuner must never drive a TTL box or publish
 markers from worker processes), `session.publish_lsl` and participant feedback are off.
 
-Work is spread over processes (spawn, so it is safe with Qt/LSL libraries loaded); each worker
-loads a recording once and reuses its FileSource across settings (disconnect/connect rewinds it).
+Work is spread by an executor (closedloop/executors.py): a local process pool (spawn, so it is
+safe with Qt/LSL libraries loaded) or a Dask cluster (`--executor dask`); each worker gets a
+recording once and reuses its FileSource across settings (disconnect/connect rewinds it). Input is
+recording files or a BIDS study (`--bids-root`, closedloop/study.py).
 """
 
 from __future__ import annotations
