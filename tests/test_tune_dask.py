@@ -213,3 +213,34 @@ def test_dask_task_error_names_the_run(cluster):
         assert ex.notes == []
     finally:
         ex.close()
+
+
+def test_recording_digest_and_worker_cache():
+    """The worker cache is keyed by content: a rewritten recording at the same path gets a new
+    FileSource; the same content reuses it."""
+    import mne
+
+    from closedloop.executors import recording_digest
+
+    raw = mne.io.read_raw_fif(RECORDING, preload=True, verbose="error")
+    same = raw.copy()
+    d0 = recording_digest(raw)
+    assert recording_digest(same) == d0
+    changed = raw.copy()
+    changed._data[1, 100] += 1e-9
+    assert recording_digest(changed) != d0
+    relabelled = raw.copy()
+    relabelled.annotations.description[0] = "other"
+    assert recording_digest(relabelled) != d0
+
+    path = "/nonexistent/rec.fif"  # never read: the executor hands the worker the recording
+    try:
+        a = tune._source_for(path, 16, raw, d0)
+        assert tune._source_for(path, 16, same, d0) is a
+        d1 = recording_digest(changed)
+        b = tune._source_for(path, 16, changed, d1)
+        assert b is not a
+        assert b.raw is changed
+    finally:
+        for key in [k for k in tune._SOURCES if k[0] == path]:
+            del tune._SOURCES[key]
