@@ -2,7 +2,8 @@
 
     python -m benchmarks [NAME ...] [--quick] [--out DIR]      (./dev bench does this)
 
-Names: decision, throughput, e2e, offline, memory, feedback, tune_speed (default: all).
+Names: decision, throughput, e2e, offline, memory, feedback, tune_speed, tune_cluster (default:
+all).
 --quick: short runs (about 5 minutes in all) to check that everything works, written to quick.json
 and quick.md beside latest.*, so the committed results stay; those come from a full run (about 20
 minutes on a 2-core machine). A run of some names only goes to partial.json / partial.md. Not part
@@ -26,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("decision", "throughput", "e2e", "offline", "memory", "feedback", "tune_speed")
+NAMES = (
+    "decision",
+    "throughput",
+    "e2e",
+    "offline",
+    "memory",
+    "feedback",
+    "tune_speed",
+    "tune_cluster",
+)
 GOALS = {
     "decision_p99_ms_64x1000": 1.0,
     "e2e_p50_ms": 2.0,
@@ -174,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             out = run_script("bench_feedback_latency.py", ["--seconds", secs])
             for ln in out["lines"]:
                 log(f"  {ln}")
+        elif name == "tune_cluster":
+            from benchmarks import bench_tune_cluster
+
+            out = bench_tune_cluster.run(args.quick, log=log)
         else:  # tune_speed
             out = run_script(
                 "bench_tune_speed.py",
@@ -416,6 +430,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"({x['slope_mb_per_stream_hour']:+.2f} MB per stream hour over the second half).",
             "",
         ]
+    if "tune_cluster" in r:
+        from benchmarks import bench_tune_cluster
+
+        lines += bench_tune_cluster.markdown(r["tune_cluster"])
     for key, title in (
         ("feedback", "Feedback (bench_feedback_latency.py)"),
         ("tune_speed", "Tuner speed (bench_tune_speed.py)"),

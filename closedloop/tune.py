@@ -9,8 +9,10 @@ A few things differ from a plain offline run, none of which changes a decision (
 outputs are replaced by the simulated stimulator (a tuner must never drive a TTL box or publish
 markers from worker processes), `session.publish_lsl` and participant feedback are off.
 
-Work is spread over processes (spawn, so it is safe with Qt/LSL libraries loaded); each worker
-loads a recording once and reuses its FileSource across settings (disconnect/connect rewinds it).
+Work is spread by an executor (closedloop/executors.py): a local process pool (spawn, so it is
+safe with Qt/LSL libraries loaded) or a Dask cluster (`--executor dask`); each worker gets a
+recording once and reuses its FileSource across settings (disconnect/connect rewinds it). Input is
+recording files or a BIDS study (`--bids-root`, closedloop/study.py).
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -47,6 +47,9 @@ from closedloop.scoring import (
     score_table,
     target_epochs,
 )
+
+if TYPE_CHECKING:
+    from closedloop.executors import Executor
 
 MAX_GRID_VALUES = 10_000  # values one range may expand to (a typo like 0:100:0.0001 stops here)
 MAX_SETTINGS = 100_000  # combinations in one grid
@@ -325,47 +328,87 @@ class Task:
     path: str
     config: SessionConfig
     keep_dir: str | None = None  # keep the session folder under this root
+    digest: str = ""  # content digest of the recording (executors.recording_digest)
+    reader: str = "file"  # how a worker reads `path` itself: "file" (load_recording) or "bids"
 
 
 _RAWS: dict[str, Any] = {}
-_SOURCES: dict[tuple[str, int], Any] = {}
+_DIGESTS: dict[str, str] = {}  # path -> digest of the recording loaded in this process
+_SOURCES: dict[tuple, Any] = {}
 
 
-def _source_for(path: str, chunk_size: int):
-    """A FileSource per (recording, chunk size), loaded once per process and rewound per run."""
-    from acquisition.file_source import FileSource
+def _read_raw(path: str, reader: str = "file"):
+    if reader == "bids":
+        from closedloop.study import read_bids_raw
+
+        return read_bids_raw(path)
     from acquisition.readers import load_recording
 
-    key = (path, chunk_size)
+    return load_recording(path)
+
+
+def _source_for(
+    path: str, chunk_size: int, raw: Any = None, digest: str | None = None, reader: str = "file"
+):
+    """A FileSource per (recording, chunk size), loaded once per process and rewound per run.
+
+    raw: the recording already loaded (a Dask worker's copy); else it is read from `path` once.
+    The cache key holds the content digest (a long-lived Dask worker may see a rewritten file
+    at the same path in a later sweep) and, off the main thread, the thread (Dask runs tasks on
+    worker threads: two runs must never rewind one FileSource under each other).
+    """
+    from acquisition.file_source import FileSource
+    from closedloop.executors import thread_key
+
+    if digest is None:
+        digest = _DIGESTS.get(path, "")
+    key = (path, digest, chunk_size, thread_key())
     src = _SOURCES.get(key)
     if src is None:
-        raw = _RAWS.get(path)
         if raw is None:
-            raw = _RAWS[path] = load_recording(path)
+            raw = _RAWS.get(path) if _DIGESTS.get(path, "") == digest else None
+        if raw is None:
+            raw = _RAWS[path] = _read_raw(path, reader)
+            _DIGESTS[path] = digest
         src = _SOURCES[key] = FileSource(raw, chunk_size=chunk_size)
     src.disconnect()  # Session.run connects, which rewinds to sample 0
     return src
 
 
-def run_session(path: str, config: SessionConfig, out_root: Path, bus=None):
+def run_session(
+    path: str,
+    config: SessionConfig,
+    out_root: Path,
+    bus=None,
+    *,
+    raw: Any = None,
+    digest: str | None = None,
+    reader: str = "file",
+):
     """One offline Session on a recording, exactly as `closedloop offline` runs it.
 
     Returns (session, wall seconds). The session folder is `session.folder`.
     """
     from closedloop.session import Session
 
-    source = _source_for(path, config.source.chunk_size)
+    source = _source_for(path, config.source.chunk_size, raw, digest, reader)
     session = Session(config, source, live=False, bus=bus, out_root=out_root, arm_action=ARM_ACTION)
     t = time.perf_counter()
     session.run()
     return session, time.perf_counter() - t
 
 
-def run_task(task: Task) -> tuple[int, int, Outcome]:
-    """Worker entry point: run one (setting, recording) and read its outcome."""
+def run_task(task: Task, raw: Any = None) -> tuple[int, int, Outcome]:
+    """Worker entry point: run one (setting, recording) and read its outcome.
+
+    raw: the loaded recording when the executor ships it (Dask); None reads `task.path` once
+    per worker process.
+    """
     with tempfile.TemporaryDirectory(prefix="cltune-") as tmp:
         root = Path(task.keep_dir) if task.keep_dir else Path(tmp)
-        session, wall = run_session(task.path, task.config, root)
+        session, wall = run_session(
+            task.path, task.config, root, raw=raw, digest=task.digest, reader=task.reader
+        )
         outcome = read_outcome(session.folder)
         outcome.wall_s = wall
         if task.keep_dir:
@@ -374,11 +417,15 @@ def run_task(task: Task) -> tuple[int, int, Outcome]:
 
 
 def run_all(
-    tasks: Sequence[Task], jobs: int, progress: bool = True
+    tasks: Sequence[Task], jobs: int, progress: bool = True, executor: Executor | None = None
 ) -> dict[tuple[int, int], Outcome]:
-    """Run tasks (in-process with jobs=1, else a spawn process pool) with a tqdm bar and ETA."""
+    """Run tasks on `executor` (default: in-process with jobs=1, else a spawn process pool) with
+    a tqdm bar and time left; results arrive in completion order from either executor."""
     from tqdm import tqdm
 
+    from closedloop.executors import LocalExecutor
+
+    executor = executor or LocalExecutor(jobs)
     results: dict[tuple[int, int], Outcome] = {}
     bar = tqdm(
         total=len(tasks),
@@ -388,48 +435,16 @@ def run_all(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    recordings = {t.path: _RAWS[t.path] for t in tasks if t.path in _RAWS}
     try:
-        if jobs <= 1:
-            for task in tasks:
-                s, r, out = run_task(task)
-                results[(s, r)] = out
-                bar.update()
-            return results
-        _run_pool(tasks, jobs, results, bar)
+        for _, (s, r, out) in executor.run(run_task, tasks, recordings):
+            results[(s, r)] = out
+            bar.update()
         return results
     except KeyboardInterrupt:
         raise UserError("interrupted: no output written") from None
     finally:
         bar.close()
-
-
-def _run_pool(tasks: Sequence[Task], jobs: int, results: dict, bar) -> None:
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
-    pending: dict = {}
-    try:
-        pending = {pool.submit(run_task, t): t for t in tasks}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                task = pending.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
-                    raise RuntimeError(
-                        f"setting {task.setting} on {task.path} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
-                s, r, out = fut.result()
-                results[(s, r)] = out
-                bar.update()
-    except BaseException:
-        # stop now rather than finish the runs in flight: end our own workers, by their handles
-        workers = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in workers:
-            proc.terminate()
-        for proc in workers:
-            proc.join(timeout=5)
-        raise
-    pool.shutdown(wait=True)
 
 
 def trace_run(
@@ -469,6 +484,9 @@ class Recording:
     duration_s: float
     ch_names: list[str]
     sfreq: float
+    subject: str | None = None  # BIDS participant label (validation holds one out at a time)
+    digest: str = ""  # executors.recording_digest of the loaded recording
+    reader: str = "file"  # "file" or "bids" (how a worker reads `path`)
 
 
 def score_rows(
@@ -682,6 +700,8 @@ class TuneResult:
     validation: dict[str, Any] | None
     jobs: int
     plots: list[tuple[str, str]] = field(default_factory=list)  # (file, caption)
+    executor: str = ""  # where the runs happened (executors.Executor.name)
+    executor_notes: list[str] = field(default_factory=list)  # e.g. runs re-run after a lost worker
     wall_s: float = math.nan
 
     @property
@@ -732,25 +752,28 @@ def validate_loro(
     outcomes: dict[tuple[int, int], Outcome],
     objective: Objective,
     min_epoch_s: float,
+    by_subject: bool = False,
 ) -> dict[str, Any]:
-    """Leave-one-recording-out: pick on the others, score the held-out recording."""
+    """Leave-one-out: pick on the others, score the held-out recording (or, by_subject, all
+    recordings of the held-out participant pooled)."""
     folds = []
     held_counts: list[dict[str, Counts]] = []
     target_s = window_s = 0.0
-    for k in range(len(recs)):
-        train = [r for r in range(len(recs)) if r != k]
+    for name, group in _groups(recs, by_subject):
+        train = [r for r in range(len(recs)) if r not in group]
         rows = score_rows(grid, recs, outcomes, train, min_epoch_s)
         order, feasible = rank(rows, objective)
         s = order[0]
-        out = outcomes[(s, k)]
-        counts = score_outcome(out, recs[k].epochs, min_epoch_s)
-        held_counts.append(counts)
-        target_s += out.target_s
-        window_s += out.window_s
-        test = score_table([counts], out.target_s, out.window_s)
+        counts_g = [score_outcome(outcomes[(s, k)], recs[k].epochs, min_epoch_s) for k in group]
+        g_target_s = sum(outcomes[(s, k)].target_s for k in group)
+        g_window_s = sum(outcomes[(s, k)].window_s for k in group)
+        held_counts += counts_g
+        target_s += g_target_s
+        window_s += g_window_s
+        test = score_table(counts_g, g_target_s, g_window_s)
         folds.append(
             {
-                "held_out": recs[k].name,
+                "held_out": name,
                 "setting": s,
                 "overrides": grid.settings[s],
                 "train": rows[s],
@@ -760,7 +783,51 @@ def validate_loro(
             }
         )
     pooled = score_table(held_counts, target_s, window_s)
-    return {"folds": folds, "pooled": pooled, "pooled_meets": rank([pooled], objective)[1][0]}
+    return {
+        "folds": folds,
+        "pooled": pooled,
+        "pooled_meets": rank([pooled], objective)[1][0],
+        "unit": "participant" if by_subject else "recording",
+    }
+
+
+def _groups(recs: Sequence[Recording], by_subject: bool) -> list[tuple[str, list[int]]]:
+    """(name, recording indices) per recording, or per participant ('sub-01') in first-seen
+    order."""
+    if not by_subject:
+        return [(rec.name, [k]) for k, rec in enumerate(recs)]
+    groups: dict[str, list[int]] = {}
+    for k, rec in enumerate(recs):
+        groups.setdefault(f"sub-{rec.subject}", []).append(k)
+    return list(groups.items())
+
+
+SPREAD_COLUMNS = ("hit_rate_fired", "precision_fired", "false_per_min_fired")
+
+
+def spread(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per column of SPREAD_COLUMNS: mean, sd (n-1), min, max over rows (undefined ones left
+    out; n counts the defined)."""
+    out = {}
+    for c in SPREAD_COLUMNS:
+        v = np.array([r[c] for r in rows], dtype=float)
+        v = v[np.isfinite(v)]
+        out[c] = {
+            "n": int(v.size),
+            "mean": float(v.mean()) if v.size else math.nan,
+            "sd": float(v.std(ddof=1)) if v.size > 1 else math.nan,
+            "min": float(v.min()) if v.size else math.nan,
+            "max": float(v.max()) if v.size else math.nan,
+        }
+    return out
+
+
+def per_participant(res: TuneResult) -> list[tuple[str, dict[str, float]]]:
+    """Scores of the recommended setting per participant (their recordings pooled)."""
+    out = []
+    for name, group in _groups(res.recs, True):
+        out.append((name, score_rows(res.grid, res.recs, res.outcomes, group, res.min_epoch_s)))
+    return [(name, rows[res.chosen]) for name, rows in out]
 
 
 def write_tables(out_dir: Path, res: TuneResult) -> None:
@@ -847,7 +914,8 @@ def write_recommended(path: Path, base: SessionConfig, res: TuneResult) -> Sessi
     if res.validation:
         p = res.validation["pooled"]
         head.append(
-            f"# held out (leave one recording out, pooled): hit rate {_fmt(p['hit_rate_fired'])}, "
+            f"# held out (leave one {res.validation.get('unit', 'recording')} out, pooled): "
+            f"hit rate {_fmt(p['hit_rate_fired'])}, "
             f"precision {_fmt(p['precision_fired'])}, false/min {_fmt(p['false_per_min_fired'])}"
         )
     path.write_text("\n".join(head) + "\n" + dump_config(config), encoding="utf-8")
@@ -927,6 +995,9 @@ def write_report(path: Path, res: TuneResult) -> None:
             f"(median of {speeds.size} runs, {speeds.min():.0f}-{speeds.max():.0f}x) with "
             f"{res.jobs} worker process(es); {res.wall_s:.0f} s for the whole tuning"
         )
+    if res.executor:
+        lines.append(f"- executor: {res.executor}")
+    lines += [f"- **re-run**: {n}" for n in res.executor_notes]
     lines += [f"- **warning**: {w}" for w in res.warnings()]
     lines += ["", "## Recommendation", ""]
     setting = _setting_str(res.grid.settings[res.chosen])
@@ -976,6 +1047,8 @@ def write_report(path: Path, res: TuneResult) -> None:
         f"({_fmt(100 * row['time_in_state_frac'])} % of the scored time).",
         "",
     ]
+    if any(r.subject is not None for r in res.recs):
+        lines += _participants_md(res)
     if res.validation:
         lines += _validation_md(res)
     lines += ["## Plots", ""]
@@ -1019,12 +1092,13 @@ def write_report(path: Path, res: TuneResult) -> None:
 def _validation_md(res: TuneResult) -> list[str]:
     v = res.validation
     assert v is not None
+    unit = v.get("unit", "recording")
     lines = [
-        "## Held-out validation (leave one recording out)",
+        f"## Held-out validation (leave one {unit} out)",
         "",
-        "For each recording, the objective picked a setting on the *other* recordings; that "
-        "setting was then scored on the held-out one. Held-out figures are what to expect on "
-        "new data.",
+        f"For each {unit}, the objective picked a setting on the *other* {unit}s' recordings; "
+        "that setting was then scored on the held-out one. Held-out figures are what to expect "
+        "on new data.",
         "",
         "| held out | chosen on the others | tuned hit rate | tuned precision | held-out hit rate "
         "| held-out precision | held-out false/min | meets objective |",
@@ -1048,6 +1122,47 @@ def _validation_md(res: TuneResult) -> list[str]:
         f"recommended setting scores hit rate {_fmt(row['hit_rate_fired'])} and precision "
         f"{_fmt(row['precision_fired'])}; the difference is the optimism of scoring a setting on "
         "the data it was chosen on.",
+        "",
+        f"Spread over the {len(v['folds'])} held-out {unit}s: "
+        + _spread_text(spread([f["test"] for f in v["folds"]])),
+        "",
+    ]
+    return lines
+
+
+def _spread_text(sp: dict[str, dict[str, float]]) -> str:
+    names = {"hit_rate_fired": "hit rate", "precision_fired": "precision"}
+    names["false_per_min_fired"] = "false pulses/min"
+    return "; ".join(
+        f"{names[c]} {_fmt(d['mean'])} ± {_fmt(d['sd']) or 'n/a'} (mean ± SD over {d['n']}, "
+        f"range {_fmt(d['min'])}-{_fmt(d['max'])})"
+        for c, d in sp.items()
+    )
+
+
+def _participants_md(res: TuneResult) -> list[str]:
+    """The recommended setting per participant, the pooled figure and the spread between."""
+    parts = per_participant(res)
+    cols = ["hit_rate_fired", "precision_fired", "false_per_min_fired", "epochs"]
+    lines = [
+        "## Per participant",
+        "",
+        "The recommended setting on each participant's recordings (pooled per participant), "
+        "then on all of them pooled.",
+        "",
+        "| participant | recordings | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    n_recs = {}
+    for rec in res.recs:
+        n_recs[f"sub-{rec.subject}"] = n_recs.get(f"sub-{rec.subject}", 0) + 1
+    for name, row in parts:
+        lines.append(f"| {name} | {n_recs[name]} | {_md_scores(row, cols)} |")
+    lines.append(f"| **pooled** | {len(res.recs)} | {_md_scores(res.row, cols)} |")
+    lines += [
+        "",
+        f"Spread between the {len(parts)} participants: "
+        + _spread_text(spread([r for _, r in parts])),
         "",
     ]
     return lines
@@ -1075,11 +1190,19 @@ def write_summary(path: Path, res: TuneResult) -> None:
                 "meets_objective": res.met,
                 "scores": res.row,
             },
+            "participants": None
+            if all(r.subject is None for r in res.recs)
+            else {
+                "scores": dict(per_participant(res)),
+                "spread": spread([r for _, r in per_participant(res)]),
+            },
             "validation": None
             if v is None
             else {
                 "pooled": v["pooled"],
                 "pooled_meets_objective": v["pooled_meets"],
+                "unit": v["unit"],
+                "spread": spread([f["test"] for f in v["folds"]]),
                 "folds": [
                     {
                         k: f[k]
@@ -1093,6 +1216,8 @@ def write_summary(path: Path, res: TuneResult) -> None:
                 "x_real_time_min": float(speeds.min()) if speeds.size else None,
                 "runs": int(speeds.size),
                 "jobs": res.jobs,
+                "executor": res.executor,
+                "rerun": res.executor_notes,
                 "wall_total_s": round(res.wall_s, 3),
             },
         },
@@ -1107,9 +1232,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "recordings",
         type=Path,
-        nargs="+",
+        nargs="*",
         metavar="RECORDING",
-        help="annotated recordings (any format load_recording reads)",
+        help="annotated recordings (any format load_recording reads); or --bids-root",
     )
     parser.add_argument(
         "--config",
@@ -1184,27 +1309,89 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep every run's session folder under OUT/sessions (large)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    study = parser.add_argument_group("a BIDS study as input (instead of RECORDING files)")
+    study.add_argument(
+        "--bids-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a BIDS dataset: every EEG recording of --task (target epochs from events.tsv, "
+        "--target names the trial_type); --validate then holds out one participant at a time",
+    )
+    study.add_argument("--task", default=None, help="the BIDS task of the recordings to tune on")
+    study.add_argument(
+        "--subjects",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="only these participants (labels with or without 'sub-'; default: all)",
+    )
+    where = parser.add_argument_group("where the runs happen")
+    where.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        default="local",
+        help="local: a process pool on this machine (default); dask: a dask.distributed "
+        "cluster (--scheduler, else a LocalCluster of --workers processes on 127.0.0.1)",
+    )
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="the Dask scheduler to run on, e.g. tcp://host:8786 (its workers need closedloop "
+        "installed); with --executor dask",
+    )
+    where.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes of the LocalCluster when --executor dask has no --scheduler "
+        "(default: --jobs, else all cores)",
+    )
 
 
-def _load_recordings(paths: Sequence[Path], target: str, chunk_size: int) -> list[Recording]:
+def _load_recordings(
+    paths: Sequence[Path], target: str, chunk_size: int, study: Sequence[Any] = ()
+) -> list[Recording]:
+    """Load every recording (plain files, or the StudyRecordings of a BIDS study) once, here.
+
+    Each is kept in this process (in-process runs and trace plots reuse it; the Dask executor
+    ships it to its workers) with its content digest.
+    """
     from acquisition.file_source import FileSource
     from acquisition.readers import RecordingError, load_recording
+    from closedloop.executors import recording_digest
 
+    items = [(str(p), p.name, None, "file") for p in paths] + [
+        (r.path, Path(r.path).name, r.subject, "bids") for r in study
+    ]
     recs = []
-    for p in paths:
+    for path, name, subject, reader in items:
         try:
-            raw = load_recording(p)
+            raw = load_recording(path) if reader == "file" else _read_raw(path, reader)
         except RecordingError as exc:
             raise UserError(str(exc)) from None
-        _RAWS[str(p)] = raw
+        digest = recording_digest(raw)
+        _RAWS[path] = raw
+        _DIGESTS[path] = digest
         src = FileSource(raw, chunk_size=chunk_size)  # its annotations are what the Session sees
-        _SOURCES[(str(p), chunk_size)] = src
+        _SOURCES[(path, digest, chunk_size, None)] = src
         epochs = target_epochs(src.annotations, target)
         if not len(epochs):
             labels = ", ".join(sorted(set(src.annotations.description))) or "none"
-            raise UserError(f"{p}: no '{target}' annotation (labels: {labels}); set --target")
+            raise UserError(f"{path}: no '{target}' annotation (labels: {labels}); set --target")
         recs.append(
-            Recording(str(p), p.name, epochs, src.duration_s, list(src.ch_names), src.sfreq)
+            Recording(
+                path,
+                name,
+                epochs,
+                src.duration_s,
+                list(src.ch_names),
+                src.sfreq,
+                subject,
+                digest,
+                reader,
+            )
         )
     if len({r.name for r in recs}) != len(recs):
         for r in recs:
@@ -1232,13 +1419,40 @@ def run_tune(args: argparse.Namespace) -> int:
     objective = parse_objective(args.maximize, args.minimize, require)
     if not (args.min_epoch_s >= 0 and math.isfinite(args.min_epoch_s)):
         raise UserError(f"--min-epoch-s must be >= 0 (got {args.min_epoch_s})")
-    if args.validate and len(args.recordings) < 2:
+    bids_root = args.bids_root
+    if bids_root is not None and args.recordings:
+        raise UserError("give RECORDING files or --bids-root, not both")
+    if bids_root is None and not args.recordings:
+        raise UserError("no recording: give RECORDING files or --bids-root DIR --task T")
+    if bids_root is None and (args.task or args.subjects):
+        raise UserError("--task and --subjects select recordings of --bids-root")
+    if bids_root is not None and not args.task:
+        raise UserError("--bids-root needs --task (the BIDS task to tune on)")
+    if args.validate and bids_root is None and len(args.recordings) < 2:
         raise UserError("--validate needs at least two recordings (it holds one out at a time)")
     jobs = args.jobs or os.cpu_count() or 1
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {jobs})")
+    executor_kind = args.executor
+    if args.scheduler and executor_kind != "dask":
+        raise UserError("--scheduler needs --executor dask")
+    if args.workers is not None and (executor_kind != "dask" or args.scheduler):
+        raise UserError("--workers sizes the LocalCluster of --executor dask without --scheduler")
+    workers = args.workers if args.workers is not None else args.jobs or os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {workers})")
     _check_keys(base, list(grid_values))  # key typos before reading any recording
-    recs = _load_recordings(args.recordings, args.target, base.source.chunk_size)
+    study = []
+    if bids_root is not None:
+        from closedloop.study import find_recordings
+
+        study = find_recordings(bids_root, args.task, args.subjects)
+        if args.validate and len({r.subject for r in study}) < 2:
+            raise UserError(
+                "--validate needs recordings of at least two participants "
+                "(it holds one out at a time)"
+            )
+    recs = _load_recordings(args.recordings, args.target, base.source.chunk_size, study)
     grid = build_grid(base, grid_values, [(r.name, r.ch_names, r.sfreq) for r in recs])
 
     out_dir = args.out or Path(f"tune-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
@@ -1246,23 +1460,36 @@ def run_tune(args: argparse.Namespace) -> int:
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
     tasks = [
-        Task(s, r, rec.path, cfg, str(keep) if keep else None)
+        Task(s, r, rec.path, cfg, str(keep) if keep else None, rec.digest, rec.reader)
         for s, cfg in enumerate(grid.configs)
         for r, rec in enumerate(recs)
     ]
+    from closedloop.executors import make_executor
+
     jobs = min(jobs, len(tasks))
-    print(
-        f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs "
-        f"on {jobs} worker(s); {len(grid.skipped)} invalid combinations skipped",
-        file=sys.stderr,
+    executor = make_executor(
+        executor_kind,
+        jobs=jobs if executor_kind == "local" else workers,
+        scheduler=args.scheduler,
     )
-    outcomes = run_all(tasks, jobs, progress=not args.no_progress)
+    try:
+        jobs = executor.workers
+        print(
+            f"tune: {len(grid.settings)} settings x {len(recs)} recording(s) = {len(tasks)} runs "
+            f"on {executor.name}; {len(grid.skipped)} invalid combinations skipped",
+            file=sys.stderr,
+        )
+        outcomes = run_all(tasks, jobs, progress=not args.no_progress, executor=executor)
+    finally:
+        executor.close()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = score_rows(grid, recs, outcomes, range(len(recs)), args.min_epoch_s)
     order, feasible = rank(rows, objective)
     validation = (
-        validate_loro(grid, recs, outcomes, objective, args.min_epoch_s) if args.validate else None
+        validate_loro(grid, recs, outcomes, objective, args.min_epoch_s, by_subject=bool(study))
+        if args.validate
+        else None
     )
     res = TuneResult(
         recs,
@@ -1277,6 +1504,8 @@ def run_tune(args: argparse.Namespace) -> int:
         feasible,
         validation,
         jobs,
+        executor=executor.name,
+        executor_notes=list(executor.notes),
     )
     write_tables(out_dir, res)
     write_recommended(out_dir / "recommended.yaml", base, res)
