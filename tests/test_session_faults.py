@@ -455,7 +455,7 @@ def test_kill_9_right_after_the_ttl_leaves_the_pulse_as_intent(recording, unique
     from closedloop.load import OUTCOME_UNKNOWN
 
     master, slave = os.openpty()
-    proc = replayer(recording, unique_name)
+    proc = start_replayer(recording, unique_name, speed=1.0)  # real time: hardware outputs stay
     root = Path(__file__).resolve().parents[1]
     child = subprocess.Popen(
         [sys.executable, "-c", KILL_CHILD, unique_name, os.ttyname(slave), str(out_dir)],
@@ -606,7 +606,7 @@ def test_sigint_disarms_at_once_while_an_output_hangs(recording, unique_name, ou
 
     assert "_install_signal_handlers(session)" in SIGINT_CHILD
     master, slave = os.openpty()
-    proc = replayer(recording, unique_name)
+    proc = start_replayer(recording, unique_name, speed=1.0)  # real time: hardware outputs stay
     root = Path(__file__).resolve().parents[1]
     child = subprocess.Popen(
         [sys.executable, "-c", SIGINT_CHILD, unique_name, os.ttyname(slave), str(out_dir)],
