@@ -3,10 +3,16 @@
 Checks (each per channel and sample, so any chunking flags the same samples):
 - nonfinite: NaN / inf in the raw sample;
 - rail: |raw| >= rail_uv (amplifier saturation; raw, before any filter);
-- amplitude: |preprocessed| > amplitude_uv (blinks, movement);
+- amplitude: |preprocessed, low-passed at amplitude_lowpass_hz| > the channel's limit (blinks,
+  movement; alpha is filtered out first, so eyes-closed alpha is never an artifact);
 - flat: RMS of the filtered, unreferenced channel (exponential, flat_window_s) < flat_uv;
 - muscle: smoothed power in muscle_band_hz / power in broadband_hz > muscle_ratio.
 A sample is "active" while within holdoff_s of the last offending sample of any check.
+
+Limits are per channel: the configured values, or ones learnt from calibration data
+(`set_limits`, with the configured values as outer bounds); nonfinite and rail run on every
+checked channel, amplitude / flat / muscle only on the watched ones, and `exclude` turns every
+check off for a channel found bad.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class ArtifactDetector:
         eeg_names: Sequence[str],
         sfreq: float,
         check_names: Sequence[str] | None = None,
+        watch_names: Sequence[str] | None = None,
     ) -> None:
         self.settings = settings
         self.sfreq = float(sfreq)
@@ -52,14 +59,28 @@ class ArtifactDetector:
         # All checks of a block run in one compiled call (`kernels.artifacts`); a check that is
         # off has a nan threshold there.
         nan = float("nan")
-        self._thr = np.array(
+        watch = set(names if watch_names is None else watch_names)
+        self.watch_names = tuple(c for c in names if c in watch)
+        self._watch = np.array([c in watch for c in names], dtype=bool)
+        self._thr_cfg = np.array(
             [
+                1.0,
                 s.rail_uv * UV if s.rail_uv is not None else nan,
                 s.amplitude_uv * UV if s.amplitude_uv is not None else nan,
                 (s.flat_uv * UV) ** 2 if s.flat_uv is not None else nan,
                 s.muscle_ratio if s.muscle_ratio is not None else nan,
             ]
         )
+        self._thr = np.empty((len(KINDS), n))  # (kind, channel): nan = off
+        self._excluded = np.zeros(n, dtype=bool)
+        self._amp_sos = (
+            np.ascontiguousarray(
+                signal.butter(4, s.amplitude_lowpass_hz, "lowpass", fs=sfreq, output="sos")
+            )
+            if s.amplitude_lowpass_hz is not None
+            else np.zeros((0, 6))
+        )
+        self._amp_zi = np.zeros((self._amp_sos.shape[0], 2, n))
         self._mus_sos = np.ascontiguousarray(
             np.stack(
                 [
@@ -98,6 +119,9 @@ class ArtifactDetector:
         self.reset()
 
     def reset(self) -> None:
+        """Forget filter states and flags; limits back to the configured ones, none excluded."""
+        self.reset_limits()
+        self._amp_zi[...] = 0.0
         self._mus_zi[...] = 0.0
         self._ema_zi[...] = 0.0
         # direct form II transposed: z[0] = (1 - a) * y[-1]
@@ -112,6 +136,49 @@ class ArtifactDetector:
         self._active = np.zeros(0, dtype=bool)
         self._grid_active = None
         self.latest_muscle_ratio[:] = 0.0
+
+    def reset_limits(self) -> None:
+        """The configured limits on every channel (amplitude / flat / muscle on watched ones)."""
+        self._thr[:] = self._thr_cfg[:, None]
+        self._thr[2:, ~self._watch] = np.nan
+        self._excluded[:] = False
+
+    def set_limits(self, amplitude_v: np.ndarray, muscle: np.ndarray) -> None:
+        """Per-channel limits (n_checked,): amplitude in V, muscle ratio; nan keeps the channel's
+        current limit. A check that is off in the settings stays off."""
+        for row, new in ((2, amplitude_v), (4, muscle)):
+            cur = self._thr[row]
+            use = np.isfinite(new) & np.isfinite(cur)
+            cur[use] = new[use]
+
+    def exclude(self, names: Sequence[str]) -> None:
+        """Every check off for these channels (found bad): they flag nothing from now on."""
+        for c in names:
+            j = self.check_names.index(c)
+            self._thr[:, j] = np.nan
+            self._excluded[j] = True
+            self._last_bad[:, j] = _NEVER
+
+    @property
+    def limits(self) -> dict[str, dict[str, float]]:
+        """Channel -> {'amplitude_uv', 'muscle_ratio'} of the watched, not excluded channels."""
+        out = {}
+        for j, c in enumerate(self.check_names):
+            if self._watch[j] and not self._excluded[j]:
+                out[c] = {
+                    "amplitude_uv": float(self._thr[2, j] / UV),
+                    "muscle_ratio": float(self._thr[4, j]),
+                }
+        return out
+
+    def flag_counts(self) -> tuple[np.ndarray, int]:
+        """(n_kinds, n_checked) int: at how many grid samples of the latest block each (kind,
+        channel) was flagged (hold-off included), and the number of grid samples."""
+        if len(self._grid) == 1:  # live: the block's last sample
+            since = self._count - 1 - self._last_bad[None]
+        else:
+            since = (self._block_start + self._grid)[:, None, None] - self._bad_at
+        return np.count_nonzero(since <= self.holdoff_n, axis=0), len(self._grid)
 
     @property
     def reasons(self) -> tuple[str, ...]:
@@ -166,6 +233,8 @@ class ArtifactDetector:
             np.ascontiguousarray(referenced, dtype=np.float64),
             self._no_mask if nonfinite is None else np.ascontiguousarray(nonfinite),
             self._thr,
+            self._amp_sos,
+            self._amp_zi,
             self._mus_sos,
             self._mus_zi,
             self._ema_a,

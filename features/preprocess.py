@@ -212,6 +212,16 @@ class Preprocessor:
         self._zi[...] = 0.0
         self._fresh = True
 
+    def set_bad(self, bad: Sequence[int]) -> None:
+        """Leave these EEG channel indices out of an average reference (found bad); [] puts
+        every channel back. A reference to named channels is kept as configured."""
+        if self.settings.reference != "average":
+            return
+        good = np.setdiff1d(np.arange(len(self.eeg_names)), np.asarray(bad, dtype=int))
+        self._ref_idx = good
+        self._all_ref = len(good) == len(self.eeg_names)
+        self._ref_cols = good.astype(np.int64)
+
     def _start(self, x0: np.ndarray) -> None:
         if self._fresh:
             self._zi[...] = self._zi0[:, :, None] * x0[None, None, :]
