@@ -167,9 +167,9 @@ def check_recording(config: Any, path: str) -> dict[str, Any]:
         config, ch_names=src.ch_names, sfreq=src.sfreq, eeg_mask=mask
     )
     check_length(chain, src.duration_s, f"{path}")
-    chain.exclude_from_calibration(
-        target_intervals(src.annotations, config.state.target_name), config.state.target_name
-    )
+    if config.state.exclude_target_annotations:
+        name = config.state.target_name
+        chain.exclude_from_calibration(target_intervals(src.annotations, name), name)
     src.connect()
     every = src.chunk_size
     per_block = max(1, round(config.source.offline_block_s * src.sfreq / every))

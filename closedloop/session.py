@@ -291,7 +291,7 @@ class Session:
         if not self.live and duration is not None:
             calibration.check_length(p.chain, float(duration), "recording")
         ann = getattr(self.source, "annotations", None)
-        if not self.live and ann is not None:
+        if not self.live and ann is not None and self.config.state.exclude_target_annotations:
             name = self.config.state.target_name
             p.chain.exclude_from_calibration(calibration.target_intervals(ann, name), name)
         self._cal_watch = calibration.CalibrationWatch(self.bus)

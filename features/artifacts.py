@@ -174,6 +174,8 @@ class ArtifactDetector:
     def flag_counts(self) -> tuple[np.ndarray, int]:
         """(n_kinds, n_checked) int: at how many grid samples of the latest block each (kind,
         channel) was flagged (hold-off included), and the number of grid samples."""
+        if not self.settings.enabled:
+            return np.zeros(self._last_bad.shape, dtype=np.int64), len(self._grid)
         if len(self._grid) == 1:  # live: the block's last sample
             since = self._count - 1 - self._last_bad[None]
         else:

@@ -488,6 +488,11 @@ class StateSettings(_Base):
         "finish there if at least half of calibration_s is clean, else fail loudly (event, "
         "status, summary with the reason); never a silent restart.",
     )
+    exclude_target_annotations: bool = Field(
+        True,
+        description="Offline: stretches of the recording annotated with target_name never enter "
+        "the baseline.",
+    )
     auto_calibrate: bool = Field(
         True, description="Start calibrating on the first data (after warmup_s)."
     )
