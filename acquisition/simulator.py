@@ -67,8 +67,23 @@ BLINK_CENTRES = ("Fp1", "Fp2")
 EMG_CENTRES = ("T7", "T8", "TP9", "TP10")
 
 PRESETS: dict[str, dict] = {
-    "sim_32ch_500hz": {"duration_s": 150.0, "sfreq": 500.0, "montage": "standard_32", "seed": 32},
-    "sim_4ch_256hz": {"duration_s": 180.0, "sfreq": 256.0, "montage": "consumer_4", "seed": 4},
+    # baseline_s 65: warm-up 2 + artifact learning 10 + settle 2.25 + calibration 45 s, with
+    # room for blinks, before the first `meditation` block (the baseline never sees the target;
+    # before, the 32-channel file's first block at 26-51 s sat inside a 60 s baseline)
+    "sim_32ch_500hz": {
+        "duration_s": 150.0,
+        "sfreq": 500.0,
+        "montage": "standard_32",
+        "seed": 32,
+        "baseline_s": 65.0,
+    },
+    "sim_4ch_256hz": {
+        "duration_s": 180.0,
+        "sfreq": 256.0,
+        "montage": "consumer_4",
+        "seed": 4,
+        "baseline_s": 65.0,
+    },
 }
 
 _POSITIONS: dict[str, np.ndarray] | None = None

@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recording",
         type=Path,
         default=None,
-        help="also check channels and bands against this recording",
+        help="also check channels and bands against this recording, and run the calibration "
+        "on it (does it complete, when, how much is flagged)",
+    )
+    p.add_argument(
+        "--channels",
+        action="store_true",
+        help="with --recording: list every channel of the recording with its type",
     )
 
     p = sub.add_parser("gui", help="open the operator console")
@@ -241,6 +247,11 @@ def cmd_check_config(args) -> int:
 
         raw = load_recording(args.recording)
         where = f"{args.config} vs {args.recording}"
+        if args.channels:
+            types = raw.get_channel_types()
+            print(f"{args.recording}: {len(raw.ch_names)} channels")
+            for i, (c, t) in enumerate(zip(raw.ch_names, types, strict=True)):
+                print(f"  {i:>3}  {c:<12} {t}")
         validate_for_stream(config, raw.ch_names, raw.info["sfreq"], where)
         # run the calibration itself on the recording: does it complete, when, how much flagged
         r = check_recording(config, str(args.recording))

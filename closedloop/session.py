@@ -295,6 +295,10 @@ class Session:
             name = self.config.state.target_name
             p.chain.exclude_from_calibration(calibration.target_intervals(ann, name), name)
         self._cal_watch = calibration.CalibrationWatch(self.bus)
+        raw = getattr(self.source, "raw", None)
+        note = raw.info.get("description") if raw is not None else None
+        if note and "Latin-1" in note:  # the reader fell back (acquisition.readers.LATIN1_NOTE)
+            self.warnings.append(note)
 
     def _watch_calibration(self, t: float) -> None:
         """Progress / failure events while calibrating; a failure also goes to the warnings."""

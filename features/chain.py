@@ -24,6 +24,7 @@ import numpy as np
 
 from acquisition.chunk import Chunk
 from features import kernels
+from features import names as names_mod
 from features.artifacts import KINDS, ArtifactDetector
 from features.bandpower import (
     IirBandPower,
@@ -115,7 +116,7 @@ class FeatureChain:
         # muscle on the watched ones: the score's channels and the blink channels, or the
         # configured list (checking all 64 channels of a cap flagged 98 % of a real recording)
         if artifacts.channels is not None:
-            watch = list(artifacts.channels)
+            watch = names_mod.resolve_all(artifacts.channels, eeg_names)
         else:
             watch = used + [c for c in blink_channels(artifacts, eeg_names) if c not in used]
         self.watch_names = tuple(c for c in eeg_names if c in watch)

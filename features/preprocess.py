@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import signal
 
-from features import kernels
+from features import kernels, names
 from features.settings import PreprocessSettings
 
 
@@ -196,6 +196,7 @@ class Preprocessor:
         elif ref == "none":
             self._ref_idx = None
         else:
+            ref = [names.resolve(r, self.eeg_names) or r for r in ref]
             missing = [r for r in ref if r not in self.eeg_names]
             if missing:
                 raise ValueError(

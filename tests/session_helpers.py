@@ -32,15 +32,7 @@ def fast_config(**overrides) -> SessionConfig:
     Measured: precision 1.0 and every target epoch after calibration hit, on the bundled file
     and on a 5-minute simulation.
     """
-    # exclude_target_annotations off: the bundled 150 s file has its first `meditation` block at
-    # 26-51 s, inside the baseline; skipping it delays calibration to 113 s and leaves one epoch
-    # (regenerating the files with a clean baseline is issue 20's pending part)
-    base = {
-        "state.enter": 1.5,
-        "state.leave": 0.0,
-        "recording.xdf": False,
-        "state.exclude_target_annotations": False,
-    }
+    base = {"recording.xdf": False}
     base.update(overrides)
     return apply_overrides(SessionConfig(), base)
 

@@ -96,3 +96,71 @@ def test_target_annotations_never_enter_the_baseline():
     _feed(src, chain)
     # warm-up 2 + learning 10 + settle 2.25: collection starts at 14.25 s; 14-30 s excluded
     assert chain.calibrated_at >= 30.0 + 10.0 - 0.01  # 10 s clean after 30 s (39.996 measured)
+
+
+# ---------------------------------------------------------------- names as files write them
+@pytest.mark.parametrize(
+    ("config_name", "stream_name"),
+    [("FCz", "Fcz"), ("FCz", "FCZ"), ("FCz", "Fcz."), ("PO7", "Po7.."), ("Fz", "EEG Fz"),
+     ("Cz", "EEG CZ-REF"), ("O1", "o1")],
+)  # fmt: skip
+def test_config_names_match_as_files_spell_them(config_name, stream_name):
+    from features import names
+
+    stream = ["Fp1", stream_name, "P7", "FC1", "Oz"]
+    assert names.resolve(config_name, stream) == stream_name
+
+
+def test_hints_rank_by_spelling_and_the_full_list_is_offered():
+    from features import names
+
+    stream = [f"X{i}" for i in range(50)] + ["P7", "PO7x", "FCz", "Fz"]
+    msg = names.missing_channel_msg("bandpower.groups.a", "Po7", stream)
+    assert "did you mean 'PO7x'" in msg  # not P7
+    assert "--channels" in msg  # 54 names: the rest on request
+    assert names.suggest("Fcz1", stream)[0] == "FCz"
+
+
+def test_groups_written_in_10_20_spelling_resolve_to_the_stream_names():
+    bp = BandPowerSettings(groups={"post": ["PO7", "Oz"], "fm": ["FCz"]})
+    ch = ["Po7.", "OZ", "Fcz", "Fp1"]
+    assert bp.validate_for(ch, 250.0) == []
+    assert bp.resolved_groups(ch) == {"post": ["Po7.", "OZ"], "fm": ["Fcz"]}
+
+
+def test_latin1_edf_annotations_are_read_and_said(shared_data, tmp_path):
+    """An EDF+ whose annotation channel holds a Latin-1 byte: mne refuses it as UTF-8 and
+    suggests encoding='latin1'; the reader falls back and says so."""
+    from acquisition.readers import LATIN1_NOTE, load_recording
+
+    data = (shared_data / "eegmmidb-S003R03-motor.edf").read_bytes()
+    j = data.find(b"T0\x14")
+    path = tmp_path / "latin1.edf"
+    path.write_bytes(data[:j] + b"\xc90" + data[j + 2 :])  # 'T0' -> 'É0', same length
+    raw = load_recording(path)
+    assert raw.info["description"] == LATIN1_NOTE
+    assert "É0" in list(raw.annotations.description)
+
+
+def test_tuner_writes_no_recommendation_when_nothing_was_scored(shared_data, tmp_path):
+    """calibration_s 100 on the 125 s motor run with every channel checked at 20 µV: no run
+    calibrates, so no recommended.yaml, and the reason is written."""
+    import argparse
+
+    from closedloop import tune
+
+    parser = argparse.ArgumentParser()
+    tune.add_tune_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        [str(shared_data / "eegmmidb-S003R03-motor.edf"), "--target", "T1",
+         "--set", "state.calibration_s=100", "--set", "artifacts.amplitude_uv=20",
+         "--set", "artifacts.amplitude_min_uv=20", "--set", "artifacts.adaptive=false",
+         "--grid=state.enter=2,3", "--require", "none", "--jobs", "1", "--out", str(out),
+         "--no-progress"]
+    )  # fmt: skip
+    assert tune.run_tune(args) == 1
+    assert not (out / "recommended.yaml").exists()
+    why = (out / "NOTHING_SCORED.txt").read_text()
+    assert "no run calibrated" in why
+    assert "amplitude:" in why or "not completed" in why or "calibration" in why
