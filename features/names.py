@@ -60,6 +60,6 @@ def missing_channel_msg(path: str, name: str, ch_names: Sequence[str]) -> str:
     more = len(ch_names) - HAVE_SHOWN
     if more > 0:
         shown += f" ... and {more} more: closedloop check-config CONFIG --recording REC --channels"
-    hints = suggest(name, ch_names)
+    hints = suggest(name, ch_names, n=1)
     hint = f"; did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
     return f"{path}: channel '{name}' not in stream (have: {shown}){hint}"
