@@ -164,3 +164,28 @@ def test_tuner_writes_no_recommendation_when_nothing_was_scored(shared_data, tmp
     why = (out / "NOTHING_SCORED.txt").read_text()
     assert "no run calibrated" in why
     assert "amplitude:" in why or "not completed" in why or "calibration" in why
+
+
+def test_eyes_closed_alpha_config_pulses_only_with_eyes_closed(shared_data, tmp_path):
+    """The shipped eyes_closed_alpha.yaml on the OpenBCI recording, as `closedloop offline`
+    runs it (simulated stimulator): eyes closed 29-75.5 s (alpha at O1/O2 rises from 4-7 to
+    9-17 µV RMS at 29.5 s and falls back at 76 s; the file has no annotations). Measured:
+    calibrated at 28.1 s, pulses at 30.2, 39.6, 61.0, 65.5 s: precision 1.0, first pulse 1.2 s
+    after the eyes closed."""
+    import json
+
+    from closedloop.config import apply_overrides
+    from closedloop.session import Session
+
+    cfg = apply_overrides(load_config("configs/eyes_closed_alpha.yaml"), {"recording.xdf": False})
+    src = FileSource(shared_data / "openbci-cyton-blinks-jaw-alpha.txt", chunk_size=10)
+    session = Session(cfg, src, live=False, out_root=tmp_path, arm_action="offline_run")
+    summary = session.run()
+    assert summary["calibration"]["status"] == "done"
+    assert summary["calibration"]["calibrated_at_s"] < 29.0  # on eyes-open data
+    audit = [json.loads(x) for x in (session.folder / "audit.jsonl").read_text().splitlines()]
+    fired = [a["t_stream"] for a in audit if a.get("event") == "attempt" and a["fired"]]
+    inside = [t for t in fired if 29.0 <= t <= 75.5]
+    assert len(fired) >= 3
+    assert len(inside) / len(fired) >= 0.95
+    assert min(inside) - 29.0 <= 2.0
