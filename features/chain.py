@@ -107,6 +107,13 @@ class FeatureChain:
         self._bp_cols = False
         self._default_bands = {k: tuple(v) for k, v in bandpower.bands.items()}
         self._feature_refs = state.resolved_features(self._groups)
+        # derived rows (ratio, relative, asymmetry) appended to the band axis of the power
+        # array, as power ratios, so log10 gives the feature and everything downstream (the
+        # baseline, z, the label machine) treats them like bands
+        self._derived = list(
+            {f.derived: f for f in self._feature_refs if f.derived is not None}.values()
+        )
+        self._derived_names = tuple(f.derived for f in self._derived)
         self.feature_names = tuple(f.name for f in self._feature_refs)
         self._weights = np.array([f.weight for f in self._feature_refs])
         self._group_list = list(self._groups)
@@ -145,7 +152,7 @@ class FeatureChain:
         # 4 MB). Keeping the features instead of re-running the estimator at the end cut the
         # finishing chunk from 274 ms to ~10 ms (60 s at 1000 Hz, 6 channels, 5 bands).
         cap = self._max_n + self._settle_n
-        n_feat = len(bandpower.bands) * len(self._groups)
+        n_feat = (len(bandpower.bands) + len(self._derived)) * len(self._groups)
         self._cal_f = np.zeros((cap, n_feat), dtype=np.float32)
         self._cal_x = np.zeros(
             (cap if bandpower.individual_alpha else 0, len(used)), dtype=np.float32
@@ -205,12 +212,23 @@ class FeatureChain:
     def _set_bands(self, bands: dict[str, tuple[float, float]]) -> None:
         self.bands = dict(bands)
         self.band_names = tuple(bands)
+        rows = self.band_names + self._derived_names
+        self._row_names = rows
+        self._derived_idx = [
+            (
+                f.kind,
+                self.band_names.index(f.band),
+                [self.band_names.index(b) for b in f.over or []],
+                self._group_list.index(f.versus) if f.versus in self._group_list else -1,
+            )
+            for f in self._derived
+        ]
         self._feat_idx = (
-            np.array([self.band_names.index(f.band) for f in self._feature_refs], dtype=int),
+            np.array([rows.index(f.derived or f.band) for f in self._feature_refs], dtype=int),
             np.array([self._group_list.index(f.group) for f in self._feature_refs], dtype=int),
         )
         self._all_feature_names = tuple(
-            f"{b}@{g}" for b in self.band_names for g in self._group_list
+            f"{b}@{g}" for b in rows for g in self._group_list
         )
 
     # ------------------------------------------------------------------ life cycle
@@ -247,14 +265,14 @@ class FeatureChain:
         m.above_n = m.below_n = 0
         m.before_artifact = Label.NON_TARGET
         m.transitions.clear()
-        self._latest = np.full((len(self.band_names), len(self._groups)), _NAN)
+        self._latest = np.full((len(self._row_names), len(self._groups)), _NAN)
         # kernels.decide's machine state and its outputs (label changes, per-sample values),
         # sized for the largest block so far
         self._mst = np.zeros(7, dtype=np.int64)
         self._mfst = np.zeros(3)
         self._cap = 0
         self._grow(64)
-        self._latest_buf = np.full((len(self.band_names), len(self._groups)), _NAN)
+        self._latest_buf = np.full((len(self._row_names), len(self._groups)), _NAN)
         self._grids: dict[tuple[int, int], np.ndarray] = {}
         self._time_in_label = dict.fromkeys(Label, 0.0)
         self._t_last = _NAN
@@ -378,6 +396,8 @@ class FeatureChain:
             assert x is not None
             est = self._make_estimator(bands)
             power = est.process(x.astype(np.float64), art)
+            if self._derived:
+                power = self._augment(power)
             feats = to_output(power, bp.output).reshape(len(x), -1)
             if bands != self.bands:
                 self._set_bands(bands)
@@ -493,6 +513,8 @@ class FeatureChain:
         else:
             x = ref[:, self._used_idx]
             power = self._bp.process(x, art)
+        if self._derived:
+            power = self._augment(power)
         if self._calibrating:
             if x is None and self._cal_x.shape[0]:
                 x = ref[:, self._used_idx]
@@ -504,7 +526,8 @@ class FeatureChain:
                 live = self._bp
                 self._finish_collected()
                 if self._bp is not live and k < n:  # new bands: the new estimator takes over
-                    power[k:] = self._bp.process(ref[k:, self._used_idx], art[k:])
+                    new = self._bp.process(ref[k:, self._used_idx], art[k:])
+                    power[k:] = self._augment(new) if self._derived else new
                 m.set(Label.NON_TARGET, float(t[k - 1]))
                 self.calibrated_at = float(t[k - 1])
             else:
@@ -738,6 +761,24 @@ class FeatureChain:
                     self.calibration_failure = self._failure_text()
                 return i
         return n
+
+    def _augment(self, power: np.ndarray) -> np.ndarray:
+        """power (n, n_bands, n_groups) V² -> (n, n_bands + n_derived, n_groups): the derived
+        rows as power ratios (ratio: band / sum of `over`; relative: band / sum of all bands;
+        asymmetry: band in each group / in `versus`)."""
+        n, nb, ng = power.shape
+        out = np.empty((n, nb + len(self._derived_idx), ng))
+        out[:, :nb] = power
+        floor = 1e-30
+        for r, (kind, b, over, versus) in enumerate(self._derived_idx, start=nb):
+            if kind == "ratio":
+                den = power[:, over].sum(axis=1)
+                out[:, r] = power[:, b] / np.maximum(den, floor)
+            elif kind == "relative":
+                out[:, r] = power[:, b] / np.maximum(power.sum(axis=1), floor)
+            else:  # asymmetry
+                out[:, r] = power[:, b] / np.maximum(power[:, b, versus], floor)[:, None]
+        return out
 
     # ------------------------------------------------------------------ calibration helpers
     def exclude_from_calibration(

@@ -449,15 +449,48 @@ def blink_channels(artifacts: ArtifactSettings, ch_names: Sequence[str]) -> list
 
 
 class FeatureRef(_Base):
-    """One term of the state score: weight * robust_z(band power of band in group)."""
+    """One term of the state score: weight * robust_z(feature), the feature one of
+
+    - band: log band power of `band` in `group`;
+    - ratio: log(power of `band` / summed power of the `over` bands) in `group` (theta/beta:
+      band theta, over [beta]; engagement beta/(alpha+theta): band beta, over [alpha, theta]);
+    - relative: log(power of `band` / summed power of all configured bands) in `group`;
+    - asymmetry: log(power of `band` in `group` / in `versus`) (frontal alpha asymmetry:
+      band alpha, group right frontal, versus left frontal: log R - log L).
+    Each is z-scored against the baseline like a band power (output 'log' only).
+    """
 
     group: str = Field(..., description="Channel group name (bandpower.groups).")
-    band: str = Field(..., description="Band name (bandpower.bands).")
-    weight: float = Field(1.0, description="Weight in the score; negative to reward low power.")
+    band: str = Field(..., description="Band name (bandpower.bands); the numerator of a ratio.")
+    weight: float = Field(1.0, description="Weight in the score; negative to reward low values.")
+    kind: Literal["band", "ratio", "relative", "asymmetry"] = Field(
+        "band", description="'band', 'ratio' (band / sum of over), 'relative', 'asymmetry'."
+    )
+    over: list[str] | None = Field(None, description="ratio: the denominator bands (summed).")
+    versus: str | None = Field(None, description="asymmetry: the other group.")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> FeatureRef:
+        if self.kind == "ratio" and not self.over:
+            raise ValueError("kind 'ratio' needs `over` (the denominator bands)")
+        if self.kind == "asymmetry" and not self.versus:
+            raise ValueError("kind 'asymmetry' needs `versus` (the other group)")
+        return self
+
+    @property
+    def derived(self) -> str | None:
+        """The derived row's name ('theta/beta', 'rel_alpha', 'asym_alpha-left'); None: band."""
+        if self.kind == "ratio":
+            return f"{self.band}/{'+'.join(self.over or [])}"
+        if self.kind == "relative":
+            return f"rel_{self.band}"
+        if self.kind == "asymmetry":
+            return f"asym_{self.band}-{self.versus}"
+        return None
 
     @property
     def name(self) -> str:
-        return f"{self.band}@{self.group}"
+        return f"{self.derived or self.band}@{self.group}"
 
 
 DEFAULT_STATE_FEATURES: tuple[FeatureRef, ...] = (
@@ -580,6 +613,20 @@ class StateSettings(_Base):
                     errors.append(
                         f"state.features[{i}].band: '{f.band}' is not a band "
                         f"(have: {', '.join(bp.bands)})"
+                    )
+                errors.extend(
+                    f"state.features[{i}].over: '{b}' is not a band (have: {', '.join(bp.bands)})"
+                    for b in f.over or []
+                    if b not in bp.bands
+                )
+                if f.versus is not None and f.versus not in groups:
+                    errors.append(
+                        f"state.features[{i}].versus: '{f.versus}' is not a group "
+                        f"(have: {', '.join(groups)})"
+                    )
+                if f.kind != "band" and bp.output != "log":
+                    errors.append(
+                        f"state.features[{i}].kind: '{f.kind}' needs bandpower.output 'log'"
                     )
         if all(f.weight == 0 for f in feats) and feats:
             errors.append("state.features: all weights are zero")
