@@ -227,9 +227,7 @@ class FeatureChain:
             np.array([rows.index(f.derived or f.band) for f in self._feature_refs], dtype=int),
             np.array([self._group_list.index(f.group) for f in self._feature_refs], dtype=int),
         )
-        self._all_feature_names = tuple(
-            f"{b}@{g}" for b in rows for g in self._group_list
-        )
+        self._all_feature_names = tuple(f"{b}@{g}" for b in rows for g in self._group_list)
 
     # ------------------------------------------------------------------ life cycle
     def reset(self) -> None:
