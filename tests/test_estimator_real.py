@@ -308,3 +308,20 @@ def test_eyes_closed_alpha_config_on_a_simulated_64_channel_recording(tmp_path):
     inside = [t for t in fired if t >= 60.0]
     assert len(inside) / len(fired) >= 0.85
     assert min(inside) - 60.0 <= 2.0
+
+
+def test_check_config_runs_the_calibration_on_the_recording(shared_data, tmp_path, capsys):
+    from closedloop.cli import main
+
+    edf = shared_data / "eegmmidb-S003R03-motor.edf"
+    assert main(["check-config", "configs/default.yaml", "--recording", str(edf)]) == 0
+    out = capsys.readouterr().out
+    assert "calibration done at 104.0 s of 125.0 s" in out
+    assert "flagged during calibration" in out
+    # a baseline longer than the recording allows: exit 2 with the reason, before running
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("state: {calibration_s: 120.0, calibration_max_s: 180.0}\n", encoding="utf-8")
+    assert main(["check-config", str(cfg), "--recording", str(edf)]) == 2
+    err = capsys.readouterr().err
+    assert "under the" in err
+    assert "lower state.calibration_s" in err
