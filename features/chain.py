@@ -330,7 +330,7 @@ class FeatureChain:
         individual_alpha the band estimator restarts with the new bands. Returns the baseline."""
         pre = Preprocessor(self.preprocess_settings, self.eeg_names, self.sfreq)
         art = ArtifactDetector(
-            self.artifact_settings, self.eeg_names, self.sfreq, self.artifact_settings.channels
+            self.artifact_settings, self.eeg_names, self.sfreq, None, self.watch_names
         )
         if hasattr(data, "get_data"):
             arr = data.get_data(picks=list(self.ch_names)).T
