@@ -325,3 +325,35 @@ def test_check_config_runs_the_calibration_on_the_recording(shared_data, tmp_pat
     err = capsys.readouterr().err
     assert "under the" in err
     assert "lower state.calibration_s" in err
+
+
+def test_offline_session_reports_a_failed_calibration_everywhere(tmp_path):
+    """A calibration that cannot complete: the session's events hold progress (with what is
+    flagged) and one 'failed' event with the reason; the summary says failed, why and what to
+    change, and the warnings carry it; no restart happens."""
+    import json
+
+    from closedloop.config import apply_overrides
+    from closedloop.session import Session, SessionConfig
+
+    raw = simulate(60.0, 250.0, "standard_32", 6, bad_channel=False)
+    t = np.arange(raw.n_times) / 250.0
+    raw._data[raw.ch_names.index("O1")] += 300e-6 * np.sin(2 * np.pi * 2.0 * t) * (t > 14.0)
+    cfg = apply_overrides(
+        SessionConfig(),
+        {"recording.xdf": False, "state.calibration_s": 10.0, "state.calibration_max_s": 20.0},
+    )
+    session = Session(cfg, FileSource(raw, chunk_size=10), live=False, out_root=tmp_path)
+    summary = session.run()
+    events = [json.loads(x) for x in (session.folder / "events.jsonl").read_text().splitlines()]
+    cal = [e for e in events if e["kind"] == "calibration"]
+    assert [e["phase"] for e in cal if e["phase"] != "progress"] == ["started", "failed"]
+    progress = [e for e in cal if e["phase"] == "progress"]
+    assert any(r == "amplitude:O1" for e in progress for r, _ in e["top"])
+    failed = next(e for e in cal if e["phase"] == "failed")
+    assert "amplitude:O1" in failed["reason"]
+    assert "Change:" in failed["reason"]
+    assert summary["calibration"]["status"] == "failed"
+    assert "calibration_max_s" in summary["calibration"]["reason"]
+    assert any("calibration failed" in w for w in summary["warnings"])
+    assert summary["pulses"] == 0
