@@ -357,3 +357,34 @@ def test_offline_session_reports_a_failed_calibration_everywhere(tmp_path):
     assert "calibration_max_s" in summary["calibration"]["reason"]
     assert any("calibration failed" in w for w in summary["warnings"])
     assert summary["pulses"] == 0
+
+
+@pytest.mark.lsl
+@pytest.mark.timeout(90)
+def test_live_stream_channel_types_keep_ecg_out(tmp_path, unique_name):
+    """A real LSL stream (the replayer in its own process) whose description types one channel
+    ECG: the session's EEG mask leaves it out of the chain."""
+    from acquisition.lsl_source import LslSource
+    from tests.session_helpers import end_process, start_replayer
+
+    names = ["Fp1", "Fp2", "Fz", "C3", "C4", "Pz", "O1", "O2"]
+    raw = simulate(20.0, 250.0, names, 3, ecg=True, bad_channel=False)
+    path = tmp_path / "ecg_raw.fif"
+    raw.save(path, verbose="error")
+    proc = start_replayer(path, unique_name, speed=1.0)
+    try:
+        src = LslSource(name=unique_name, source_id=unique_name, stype=None, resolve_timeout_s=30.0)
+        src.resolve()
+        types = calibration.source_ch_types(src)
+        assert types is not None
+        assert types[list(src.ch_names).index("ECG")].lower() == "ecg"
+        mask = calibration.eeg_mask(src.ch_names, types, PreprocessSettings().exclude)
+        chain = FeatureChain(
+            PreprocessSettings(), BandPowerSettings(), ArtifactSettings(), StateSettings(),
+            src.ch_names, src.sfreq, mask,
+        )  # fmt: skip
+        assert "ECG" not in chain.eeg_names
+        assert "counter" not in chain.eeg_names
+        assert set(chain.eeg_names) == set(names)
+    finally:
+        end_process(proc)
