@@ -63,6 +63,7 @@ class FileSource:
             np.zeros((len(raw.ch_names), 1)), raw.info.copy(), verbose="error"
         ).pick(picks if picks is not None else "all", verbose="error")
         self._ch_names = tuple(probe.ch_names)
+        self._ch_types = tuple(probe.get_channel_types())
         if not self._ch_names:
             raise ValueError(f"picks={picks!r} selects no channel of {self._name}")
         idx = [raw.ch_names.index(name) for name in self._ch_names]
@@ -234,6 +235,11 @@ class FileSource:
     @property
     def sfreq(self) -> float:
         return self._sfreq
+
+    @property
+    def ch_types(self) -> tuple[str, ...]:
+        """mne channel type of each served channel ('eeg', 'ecg', 'eog', 'misc', 'stim', ...)."""
+        return self._ch_types
 
     @property
     def n_channels(self) -> int:

@@ -188,9 +188,23 @@ def _check_edf_size(path: Path, bytes_per_sample: int) -> None:
         )
 
 
+# Said when an EDF+ annotation channel had to be read as Latin-1 (raw.info["description"]).
+LATIN1_NOTE = "EDF+ annotations are not UTF-8; read as Latin-1 (encoding='latin1')"
+
+
 def _read_edf(path: Path, strict: bool = True) -> mne.io.BaseRaw:
     _check_edf_size(path, 2)
-    return mne.io.read_raw_edf(path, preload=True, verbose="error")
+    try:
+        return mne.io.read_raw_edf(path, preload=True, verbose="error")
+    except Exception as exc:
+        # mne: "Encountered invalid byte in at least one annotations channel. You might want to
+        # try setting encoding='latin1'" (older EDF+ writers, PhysioNet files from Europe)
+        if "encoding" not in str(exc):
+            raise
+    raw = mne.io.read_raw_edf(path, preload=True, verbose="error", encoding="latin1")
+    logging.getLogger(__name__).warning("%s: %s", path, LATIN1_NOTE)
+    raw.info["description"] = LATIN1_NOTE
+    return raw
 
 
 def _read_bdf(path: Path, strict: bool = True) -> mne.io.BaseRaw:

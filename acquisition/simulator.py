@@ -67,8 +67,23 @@ BLINK_CENTRES = ("Fp1", "Fp2")
 EMG_CENTRES = ("T7", "T8", "TP9", "TP10")
 
 PRESETS: dict[str, dict] = {
-    "sim_32ch_500hz": {"duration_s": 150.0, "sfreq": 500.0, "montage": "standard_32", "seed": 32},
-    "sim_4ch_256hz": {"duration_s": 180.0, "sfreq": 256.0, "montage": "consumer_4", "seed": 4},
+    # baseline_s 65: warm-up 2 + artifact learning 10 + settle 2.25 + calibration 45 s, with
+    # room for blinks, before the first `meditation` block (the baseline never sees the target;
+    # before, the 32-channel file's first block at 26-51 s sat inside a 60 s baseline)
+    "sim_32ch_500hz": {
+        "duration_s": 150.0,
+        "sfreq": 500.0,
+        "montage": "standard_32",
+        "seed": 32,
+        "baseline_s": 65.0,
+    },
+    "sim_4ch_256hz": {
+        "duration_s": 180.0,
+        "sfreq": 256.0,
+        "montage": "consumer_4",
+        "seed": 4,
+        "baseline_s": 65.0,
+    },
 }
 
 _POSITIONS: dict[str, np.ndarray] | None = None
@@ -131,14 +146,21 @@ def _spectral_noise(rng: np.random.Generator, n: int, n_ch: int, gain: np.ndarra
 
 
 def _state_schedule(
-    rng: np.random.Generator, duration_s: float, block_s: tuple[float, float], first: str
+    rng: np.random.Generator,
+    duration_s: float,
+    block_s: tuple[float, float],
+    first: str,
+    baseline_s: float = 0.0,
 ) -> list[tuple[float, float, str]]:
-    """Alternating (onset_s, duration_s, label) blocks covering [0, duration_s)."""
+    """Alternating (onset_s, duration_s, label) blocks covering [0, duration_s); the first block
+    lasts at least baseline_s."""
     blocks = []
     t = 0.0
     label = first
     while t < duration_s - 1e-9:
         d = float(rng.uniform(*block_s))
+        if not blocks:
+            d = max(d, baseline_s)
         d = min(d, duration_s - t)
         blocks.append((t, d, label))
         t += d
@@ -181,6 +203,10 @@ def simulate(
     line_uv: tuple[float, float] = (1.0, 4.0),
     bad_channel: bool = True,
     counter: bool = True,
+    baseline_s: float = 0.0,
+    ecg: bool = False,
+    dead_channels: Sequence[str] = (),
+    noisy_channels: Sequence[str] = (),
 ) -> mne.io.RawArray:
     """Simulate EEG with labelled states and artifacts; see the module docstring.
 
@@ -188,6 +214,11 @@ def simulate(
     with a colin27_1005 (standard 10-05) montage, meas_date fixed to MEAS_DATE and annotations
     ``meditation``, ``mind_wandering``, ``blink``, ``emg``, ``bad_channel``.
     alpha_hz=None draws an individual alpha frequency in 9.5-10.5 Hz from the seed.
+    baseline_s: the first (mind-wandering) block lasts at least this long, so a baseline taken
+    at the start never contains the target state. ecg: add an 'ECG' channel (type ecg, ~1 mV
+    QRS at 60-75 bpm) and its ~5-10 µV far field on the EEG. dead_channels: EEG channels that
+    hold a constant for the whole recording (a disconnected electrode); noisy_channels: ones
+    carrying 80 µV RMS of uncorrelated broadband noise all along (a bad contact).
     """
     names = montage_channels(montage)
     if duration_s < 1.0 or sfreq < 20.0:
@@ -220,7 +251,7 @@ def simulate(
     # Block edges on the sample grid so annotation onsets are exact sample times.
     blocks = [
         (round(o * sfreq) / sfreq, round((o + d) * sfreq) / sfreq - round(o * sfreq) / sfreq, lab)
-        for o, d, lab in _state_schedule(rng, duration_s, block_s, first_state)
+        for o, d, lab in _state_schedule(rng, duration_s, block_s, first_state, baseline_s)
     ]
     target = np.ones(n)
     for onset, dur, label in blocks:
@@ -297,6 +328,28 @@ def simulate(
 
     ch_names = list(names)
     ch_types = ["eeg"] * n_ch
+    extra_rng = np.random.default_rng([seed, 20])  # own stream: the defaults stay unchanged
+    for name in noisy_channels:
+        j = ch_names.index(montage_channels([name])[0])
+        data[:, j] += extra_rng.standard_normal(n) * 80.0 * uv
+    for name in dead_channels:
+        data[:, ch_names.index(montage_channels([name])[0])] = 1e-3  # a DC offset, no signal
+    if ecg:
+        bpm = float(extra_rng.uniform(60.0, 75.0))
+        beats = np.arange(0.3, duration_s, 60.0 / bpm)
+        beats = beats + extra_rng.normal(0, 0.02, beats.size)
+        qrs = np.zeros(n)
+        tq = np.arange(round(0.12 * sfreq)) / sfreq - 0.06
+        wave = np.exp(-0.5 * (tq / 0.012) ** 2) - 0.25 * np.exp(-0.5 * ((tq - 0.03) / 0.015) ** 2)
+        for b in beats:
+            i0 = round(b * sfreq)
+            seg = wave[: max(0, min(wave.size, n - i0))]
+            qrs[i0 : i0 + seg.size] += seg
+        far = extra_rng.uniform(5.0, 10.0, size=n_ch) * uv * extra_rng.choice([-1, 1], n_ch)
+        data += qrs[:, None] * far[None, :]
+        data = np.concatenate([data, (1e-3 * qrs)[:, None]], axis=1)
+        ch_names.append("ECG")
+        ch_types.append("ecg")
     if counter:
         data = np.concatenate([data, np.arange(n, dtype=np.float64)[:, None]], axis=1)
         ch_names.append(COUNTER_CHANNEL)

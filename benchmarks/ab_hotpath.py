@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         chains[tag] = cls(cfg.preprocess, cfg.bandpower, cfg.artifacts, cfg.state, names, sfreq)
     i = 0
     while not all(c.calibrated for c in chains.values()):
+        if i >= data.shape[0]:
+            raise RuntimeError("a chain did not calibrate on the benchmark data")
         chunk = Chunk(data[i : i + cs], ts[i : i + cs], names, sfreq)
         for c in chains.values():
             c.step(chunk)

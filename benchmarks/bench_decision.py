@@ -39,7 +39,7 @@ from triggers.outputs import LslMarkerOutput
 CHANNELS = (8, 32, 64, 128)
 RATES_HZ = (500.0, 1000.0, 5000.0)
 EXTRA_CHANNELS = (256,)  # throughput: tried beyond the grid when 128 x 5000 still passes
-CALIBRATION_DATA_S = 13.0  # warm-up 1 s + settle 0.6 s + 10 s clean baseline, with margin
+CALIBRATION_DATA_S = 15.0  # warm-up 1 s + learning 2 s + settle 0.6 s + 10 s clean, with margin
 REP_ON_S, REP_OFF_S = 1.0, 1.5
 P99_GOAL_MS = 1.0
 BUS_DRAIN_EVERY = 50  # chunks between drains of the bus subscriber (the event-log thread's job)

@@ -137,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recording",
         type=Path,
         default=None,
-        help="also check channels and bands against this recording",
+        help="also check channels and bands against this recording, and run the calibration "
+        "on it (does it complete, when, how much is flagged)",
+    )
+    p.add_argument(
+        "--channels",
+        action="store_true",
+        help="with --recording: list every channel of the recording with its type",
     )
 
     p = sub.add_parser("gui", help="open the operator console")
@@ -256,6 +262,19 @@ def _print_summary(summary: dict) -> None:
     ):
         if key in summary and (key != "simulated_outputs" or summary[key]):
             print(f"  {key:<17} {fmt(summary[key])}")
+    cal = summary.get("calibration")
+    if cal:
+        line = f"{cal['status']}"
+        if cal.get("calibrated_at_s") is not None:
+            line += f" at {cal['calibrated_at_s']:.1f} s"
+        if cal.get("reason"):
+            line += f": {cal['reason']}"
+        print(f"  {'calibration':<17} {line}")
+        bad = cal.get("bad_channels") or {}
+        print(
+            f"  {'eeg channels':<17} {len(cal.get('eeg_channels') or [])} used as EEG"
+            f"{'; bad: ' + ', '.join(f'{c} ({r})' for c, r in bad.items()) if bad else ''}"
+        )
 
 
 def cmd_check_config(args) -> int:
@@ -268,11 +287,40 @@ def cmd_check_config(args) -> int:
     config = load_config(args.config)
     if args.recording:
         from acquisition.readers import load_recording
+        from closedloop.calibration import check_recording
 
         raw = load_recording(args.recording)
-        validate_for_stream(
-            config, raw.ch_names, raw.info["sfreq"], f"{args.config} vs {args.recording}"
+        where = f"{args.config} vs {args.recording}"
+        if args.channels:
+            types = raw.get_channel_types()
+            print(f"{args.recording}: {len(raw.ch_names)} channels")
+            for i, (c, t) in enumerate(zip(raw.ch_names, types, strict=True)):
+                print(f"  {i:>3}  {c:<12} {t}")
+        validate_for_stream(config, raw.ch_names, raw.info["sfreq"], where)
+        # run the calibration itself on the recording: does it complete, when, how much flagged
+        r = check_recording(config, str(args.recording))
+        print(f"{where}: calibration {r['status']}", end="")
+        if r["status"] == "done":
+            print(f" at {r['calibrated_at_s']:.1f} s of {r['duration_s']:.1f} s")
+        else:
+            print()
+        share = r["flagged_share"]
+        print(
+            f"  flagged during calibration: {share:.1%} of decisions" if share is not None else ""
         )
+        if r["top"]:
+            print("  most flagged: " + ", ".join(f"{k} {v:.0%} (last {10} s)" for k, v in r["top"]))
+        print(
+            f"  EEG channels: {len(r['eeg_channels'])}; watched: {', '.join(r['watched_channels'])}"
+        )
+        if r["bad_channels"]:
+            print(
+                "  bad channels: "
+                + "; ".join(f"{c}: {why}" for c, why in r["bad_channels"].items())
+            )
+        if r["status"] != "done":
+            raise UserError(f"{where}: calibration {r['status']}: {r['reason']}. {r['advice']}")
+        return 0
     print(f"{args.config}: ok")
     return 0
 

@@ -164,7 +164,13 @@ def _annotate_pulses(rec: SessionRecord) -> None:
     onsets = np.clip(onsets[inside], 0.0, raw.times[-1])  # within half a sample: on the data
     if onsets.size:
         ann.append(onsets, np.zeros_like(onsets), [PULSE] * onsets.size)
-    raw.set_annotations(ann)
+    # a marker stamped after the last EEG sample (the replayer's next loop, a pulse in the last
+    # chunk) cannot be placed: say so in the notes instead of mne's warning
+    end = raw.times[-1] + (raw.first_time if ann.orig_time is not None else 0.0)
+    outside = int(np.count_nonzero(np.asarray(ann.onset) > end + 1.0 / raw.info["sfreq"]))
+    if outside:
+        rec.notes.append(f"{outside} annotation(s) after the last EEG sample left out")
+    raw.set_annotations(ann, emit_warning=False)
 
 
 def _float(value: Any) -> float:

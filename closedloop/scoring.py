@@ -179,6 +179,7 @@ class Outcome:
     wall_s: float
     duration_s: float
     vetoes_by_reason: dict[str, int] = field(default_factory=dict)
+    calibration: str = ""  # why the run never calibrated (the session summary's reason)
 
     @property
     def window(self) -> tuple[float, float]:
@@ -276,4 +277,13 @@ def read_outcome(folder: str | Path) -> Outcome:
         wall_s=float(summary.get("wall_time_s") or math.nan),
         duration_s=duration_s,
         vetoes_by_reason=dict(summary.get("vetoes_by_reason") or {}),
+        calibration=_calibration_reason(summary),
     )
+
+
+def _calibration_reason(summary: dict) -> str:
+    """'' when the run calibrated, else the summary's reason (or its status)."""
+    cal = summary.get("calibration") or {}
+    if cal.get("status") == "done":
+        return ""
+    return str(cal.get("reason") or f"calibration {cal.get('status', 'did not finish')}")

@@ -21,6 +21,7 @@ from typing import Any
 
 from pylsl import local_clock
 
+from closedloop import calibration
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig, dump_config, validate_for_stream
 from closedloop.control import ControlError
@@ -53,6 +54,8 @@ class SessionStatus:
 
     def line(self) -> str:
         cal = f" cal {self.calibration_progress:4.0%}" if self.phase == "calibrating" else ""
+        if self.phase in ("calibrating", "calibration failed"):
+            cal += self.extra.get("calibration", "")
         return (
             f"[{self.phase:<11}] state={self.label:<12} score={self.score:+6.2f} "
             f"interlock={self.interlock:<10} pulses={self.pulses:<4} vetoes={self.vetoes:<4} "
@@ -127,6 +130,7 @@ class Session:
         self._health_mark = (float("nan"), 0)  # (clock, samples) at the last health event
         self.watchdog = None  # triggers.watchdog.Watchdog in live sessions
         self.disk: dict[str, Any] = {}
+        self._cal_watch: calibration.CalibrationWatch | None = None
 
     # ---- SessionControl -------------------------------------------------------------------
     def arm(self, action: str, operator: str = "") -> None:
@@ -285,6 +289,10 @@ class Session:
             self.source.connect()
         ch_names, sfreq = list(self.source.ch_names), float(self.source.sfreq)
         validate_for_stream(self.config, ch_names, sfreq)
+        # only EEG is EEG: channels typed ecg / eog / emg / misc / stim stay out (issue 20)
+        mask = calibration.eeg_mask(
+            ch_names, calibration.source_ch_types(self.source), self.config.preprocess.exclude
+        )
 
         self.folder = self._make_folder()
         (self.folder / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
@@ -300,7 +308,9 @@ class Session:
                 live=self.live,
                 extra_outputs=self._live_marker_outputs(),
                 replay_speed=float(getattr(self.source, "replay_speed", 1.0)),
+                eeg_mask=mask,
             )
+            self._prepare_calibration()
             self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
             self._add_live_outlets()
             self._add_feedback()
@@ -366,6 +376,8 @@ class Session:
                 break
             with self._lock:
                 result = p.step(chunk, every if blocks else None)
+            if self._cal_watch is not None and chunk.n_samples:
+                self._watch_calibration(chunk.t_last)
             if chunk.n_samples:
                 if t0_stream is None:
                     t0_stream = float(chunk.timestamps[0])
@@ -384,6 +396,36 @@ class Session:
             if now >= next_status:
                 next_status = now + self.status_period_s
                 self._update_status(result.state)
+
+    def _prepare_calibration(self) -> None:
+        """Offline: refuse a recording too short to calibrate, keep its target-annotated
+        stretches out of the baseline; live and offline: watch the calibration."""
+        p = self.pipeline
+        assert p is not None
+        duration = getattr(self.source, "duration_s", None)
+        if not self.live and duration is not None:
+            calibration.check_length(p.chain, float(duration), "recording")
+        ann = getattr(self.source, "annotations", None)
+        if not self.live and ann is not None and self.config.state.exclude_target_annotations:
+            name = self.config.state.target_name
+            p.chain.exclude_from_calibration(calibration.target_intervals(ann, name), name)
+        self._cal_watch = calibration.CalibrationWatch(self.bus)
+        raw = getattr(self.source, "raw", None)
+        note = raw.info.get("description") if raw is not None else None
+        if note and "Latin-1" in note:  # the reader fell back (acquisition.readers.LATIN1_NOTE)
+            self.warnings.append(note)
+
+    def _watch_calibration(self, t: float) -> None:
+        """Progress / failure events while calibrating; a failure also goes to the warnings."""
+        p = self.pipeline
+        assert p is not None
+        assert self._cal_watch is not None
+        chain = p.chain
+        if chain.calibrating or (chain.calibration_failure and not self._cal_watch.failed_reported):
+            self._cal_watch.after_step(chain, t)
+            if self._cal_watch.failed_reported:
+                self.warnings.append(chain.calibration_failure)
+                self._set_phase("calibration failed")
 
     def _on_calibrated(self) -> None:
         """The first calibrated decision went out: publish the baseline, arm when asked to."""
@@ -605,7 +647,19 @@ class Session:
         baseline = {
             k: {"median": m, "mad": d} for k, (m, d) in self.pipeline.chain.baseline.items()
         }
-        self.bus.emit("calibration", self._t_now(), phase="done", source=source, baseline=baseline)
+        r = calibration.summary(self.pipeline.chain)
+        self.bus.emit(
+            "calibration",
+            self._t_now(),
+            phase="done",
+            source=source,
+            baseline=baseline,
+            baseline_score=r["baseline_score"],
+            bad_channels=r["bad_channels"],
+            limits=r["limits"],
+            eeg_channels=r["eeg_channels"],
+            note=r["note"],
+        )
 
     def _publish_health(self, chunk) -> None:
         p = self.pipeline
@@ -643,6 +697,8 @@ class Session:
             s.pulses, s.vetoes = p.trigger.counts
             s.interlock = p.trigger.interlock.state.value
             s.calibration_progress = p.chain.calibration_progress
+            if s.phase in ("calibrating", "calibration failed"):
+                s.extra["calibration"] = calibration.status_note(p.chain.calibration_report())
             s.latency_p50_ms, s.latency_p99_ms, _ = p.latency_percentiles()
         if state is not None:
             s.label, s.score, s.t_stream = state.label.value, state.score, state.t_stream
@@ -680,6 +736,7 @@ class Session:
                 simulated_outputs=p.simulated_outputs,
                 events_dropped=events.dropped,
                 audit_failed=p.trigger.audit.failed or None,
+                calibration=calibration.summary(p.chain),
             )
         out["disk"] = self.disk
         if self.watchdog is not None:

@@ -716,6 +716,21 @@ class TuneResult:
     def met(self) -> bool:
         return self.feasible[self.chosen]
 
+    @property
+    def nothing_scored(self) -> str:
+        """Why no setting can be recommended ('' when something was scored): no run calibrated,
+        or no setting scored a single target epoch."""
+        if not any(math.isfinite(o.scored_from) for o in self.outcomes.values()):
+            reasons = sorted({o.calibration for o in self.outcomes.values() if o.calibration})
+            why = "; ".join(reasons[:3]) or "calibration never finished"
+            return f"no run calibrated, so nothing was scored ({why})"
+        if not any(r["epochs"] for r in self.rows):
+            return (
+                f"no setting scored a '{self.target}' epoch (none after calibration, or all "
+                "shorter than --min-epoch-s in the scored window)"
+            )
+        return ""
+
     def warnings(self) -> list[str]:
         """What makes the scores weak or undefined, in words."""
         out = []
@@ -1508,6 +1523,14 @@ def run_tune(args: argparse.Namespace) -> int:
         executor_notes=list(executor.notes),
     )
     write_tables(out_dir, res)
+    why = res.nothing_scored
+    if why:  # no recommended.yaml: a config chosen from nothing would look like a result
+        (out_dir / "recommended.yaml").unlink(missing_ok=True)
+        (out_dir / "NOTHING_SCORED.txt").write_text(why + "\n", encoding="utf-8")
+        write_summary(out_dir / "summary.json", res)
+        print(f"tune: no recommended.yaml: {why}", file=sys.stderr)
+        print(f"  wrote {out_dir}/ (scores.csv, NOTHING_SCORED.txt)", file=sys.stderr)
+        return 1
     write_recommended(out_dir / "recommended.yaml", base, res)
     make_plots(out_dir, res)
     res.wall_s = time.perf_counter() - wall0

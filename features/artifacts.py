@@ -3,13 +3,18 @@
 Checks (each per channel and sample, so any chunking flags the same samples):
 - nonfinite: NaN / inf in the raw sample;
 - rail: |raw| >= rail_uv (amplifier saturation; raw, before any filter);
-- amplitude: |preprocessed| > amplitude_uv (blinks, movement);
+- amplitude: |preprocessed, low-passed at amplitude_lowpass_hz| > the channel's limit (blinks,
+  movement; alpha is filtered out first, so eyes-closed alpha is never an artifact);
 - flat: RMS of the filtered, unreferenced channel (exponential, flat_window_s) < flat_uv;
 - muscle: smoothed power in muscle_band_hz / power in broadband_hz > muscle_ratio.
 A sample is "active" while within holdoff_s of the last offending sample of any check.
-`enabled: false` turns off amplitude, flat and muscle only: non-finite and railing input are
-input faults (the pipeline disarms on them), not artifact settings, and are always checked, on
-every EEG channel (also those outside a `channels` subset).
+
+Limits are per channel: the configured values, or ones learnt from calibration data
+(`set_limits`, with the configured values as outer bounds); nonfinite and rail run on every
+checked channel (every EEG channel in a session), amplitude / flat / muscle only on the watched
+ones, and `exclude` turns every check off for a channel found bad (it is out of the reference
+and the score too). `enabled: false` turns off amplitude, flat and muscle only: non-finite and
+railing input are input faults (the pipeline disarms on them), not artifact settings.
 """
 
 from __future__ import annotations
@@ -37,11 +42,8 @@ class ArtifactDetector:
         eeg_names: Sequence[str],
         sfreq: float,
         check_names: Sequence[str] | None = None,
-        *,
-        input_faults_everywhere: bool = True,
+        watch_names: Sequence[str] | None = None,
     ) -> None:
-        """input_faults_everywhere: also check the EEG channels outside `check_names` for rail
-        and non-finite input (False only for that inner check itself)."""
         self.settings = settings
         self.sfreq = float(sfreq)
         eeg_names = tuple(eeg_names)
@@ -51,20 +53,6 @@ class ArtifactDetector:
         self._all = len(names) == len(eeg_names) and bool(
             np.array_equal(self._idx, np.arange(len(eeg_names)))
         )
-        # Input faults (rail, non-finite) hold on every EEG channel, not only on the checked
-        # subset: a railing channel outside it still corrupts a common reference.
-        rest = [c for c in eeg_names if c not in names]
-        self._inputs = (
-            ArtifactDetector(
-                settings.model_copy(update={"enabled": False}),
-                eeg_names,
-                sfreq,
-                rest,
-                input_faults_everywhere=False,
-            )
-            if rest and input_faults_everywhere
-            else None
-        )
         n = len(names)
         self.holdoff_n = round(settings.holdoff_s * sfreq)
         s = settings
@@ -73,15 +61,29 @@ class ArtifactDetector:
         # All checks of a block run in one compiled call (`kernels.artifacts`); a check that is
         # off has a nan threshold there.
         nan = float("nan")
+        watch = set(names if watch_names is None else watch_names)
+        self.watch_names = tuple(c for c in names if c in watch)
+        self._watch = np.array([c in watch for c in names], dtype=bool)
         on = s.enabled  # off: only the input faults (non-finite, rail) are checked
-        self._thr = np.array(
+        self._thr_cfg = np.array(
             [
+                1.0,
                 s.rail_uv * UV if s.rail_uv is not None else nan,
                 s.amplitude_uv * UV if on and s.amplitude_uv is not None else nan,
                 (s.flat_uv * UV) ** 2 if on and s.flat_uv is not None else nan,
                 s.muscle_ratio if on and s.muscle_ratio is not None else nan,
             ]
         )
+        self._thr = np.empty((len(KINDS), n))  # (kind, channel): nan = off
+        self._excluded = np.zeros(n, dtype=bool)
+        self._amp_sos = (
+            np.ascontiguousarray(
+                signal.butter(4, s.amplitude_lowpass_hz, "lowpass", fs=sfreq, output="sos")
+            )
+            if s.amplitude_lowpass_hz is not None
+            else np.zeros((0, 6))
+        )
+        self._amp_zi = np.zeros((self._amp_sos.shape[0], 2, n))
         self._mus_sos = np.ascontiguousarray(
             np.stack(
                 [
@@ -110,7 +112,6 @@ class ArtifactDetector:
         self._mask_reasons: tuple[str, ...] = ()
         self._reasons: tuple[str, ...] = ()
         self._last_rows: dict[int, np.ndarray] = {}
-        self._inputs_ran = False  # the input-fault check of the other channels ran this block
         self._no_grid = np.zeros(0, dtype=np.int64)
         self._bad_at = np.empty((0, len(KINDS), n), dtype=np.int64)  # last_bad at grid samples
         self._grid = np.zeros(0, dtype=np.int64)
@@ -121,9 +122,9 @@ class ArtifactDetector:
         self.reset()
 
     def reset(self) -> None:
-        self._inputs_ran = False
-        if self._inputs is not None:
-            self._inputs.reset()
+        """Forget filter states and flags; limits back to the configured ones, none excluded."""
+        self.reset_limits()
+        self._amp_zi[...] = 0.0
         self._mus_zi[...] = 0.0
         self._ema_zi[...] = 0.0
         # direct form II transposed: z[0] = (1 - a) * y[-1]
@@ -138,6 +139,49 @@ class ArtifactDetector:
         self._active = np.zeros(0, dtype=bool)
         self._grid_active = None
         self.latest_muscle_ratio[:] = 0.0
+
+    def reset_limits(self) -> None:
+        """The configured limits on every channel (amplitude / flat / muscle on watched ones)."""
+        self._thr[:] = self._thr_cfg[:, None]
+        self._thr[2:, ~self._watch] = np.nan
+        self._excluded[:] = False
+
+    def set_limits(self, amplitude_v: np.ndarray, muscle: np.ndarray) -> None:
+        """Per-channel limits (n_checked,): amplitude in V, muscle ratio; nan keeps the channel's
+        current limit. A check that is off in the settings stays off."""
+        for row, new in ((2, amplitude_v), (4, muscle)):
+            cur = self._thr[row]
+            use = np.isfinite(new) & np.isfinite(cur)
+            cur[use] = new[use]
+
+    def exclude(self, names: Sequence[str]) -> None:
+        """Every check off for these channels (found bad): they flag nothing from now on."""
+        for c in names:
+            j = self.check_names.index(c)
+            self._thr[:, j] = np.nan
+            self._excluded[j] = True
+            self._last_bad[:, j] = _NEVER
+
+    @property
+    def limits(self) -> dict[str, dict[str, float]]:
+        """Channel -> {'amplitude_uv', 'muscle_ratio'} of the watched, not excluded channels."""
+        out = {}
+        for j, c in enumerate(self.check_names):
+            if self._watch[j] and not self._excluded[j]:
+                out[c] = {
+                    "amplitude_uv": float(self._thr[2, j] / UV),
+                    "muscle_ratio": float(self._thr[4, j]),
+                }
+        return out
+
+    def flag_counts(self) -> tuple[np.ndarray, int]:
+        """(n_kinds, n_checked) int: at how many grid samples of the latest block each (kind,
+        channel) was flagged (hold-off included), and the number of grid samples."""
+        if len(self._grid) == 1:  # live: the block's last sample
+            since = self._count - 1 - self._last_bad[None]
+        else:
+            since = (self._block_start + self._grid)[:, None, None] - self._bad_at
+        return np.count_nonzero(since <= self.holdoff_n, axis=0), len(self._grid)
 
     @property
     def reasons(self) -> tuple[str, ...]:
@@ -164,21 +208,19 @@ class ArtifactDetector:
         flags `reasons_at` can report afterwards, as a chunk ending there would have.
         """
         n = raw.shape[0]
+        s = self.settings
         if grid is None:
             grid = self._last_row(n)
         self._grid = grid
         self._block_start = self._count
-        extra = None
-        if self._inputs is not None:  # the other channels' input faults
-            extra = self._input_faults(raw, nonfinite, grid)
         if not self._all:
             raw = raw[:, self._idx]
-            if self.settings.enabled:
+            if s.enabled:
                 filtered = filtered[:, self._idx]
                 referenced = referenced[:, self._idx]
             if nonfinite is not None:
                 nonfinite = nonfinite[:, self._idx]
-        if not self.settings.enabled:  # rail and non-finite only: they read raw alone
+        if not s.enabled:  # rail and non-finite only (input faults): they read raw alone
             filtered = referenced = raw
         active = np.empty(n, dtype=bool)
         # flags after each grid sample; a grid of the last sample alone is `reasons` (live:
@@ -192,6 +234,8 @@ class ArtifactDetector:
             np.ascontiguousarray(referenced, dtype=np.float64),
             self._no_mask if nonfinite is None else np.ascontiguousarray(nonfinite),
             self._thr,
+            self._amp_sos,
+            self._amp_zi,
             self._mus_sos,
             self._mus_zi,
             self._ema_a,
@@ -210,10 +254,6 @@ class ArtifactDetector:
         self._count += n
         if any_now or self._reasons:  # flags can only appear or expire in these cases
             self._reasons = self._reasons_for(self._count - 1 - self._last_bad)
-        if extra is not None:
-            np.logical_or(active, extra, out=active)
-            if self._inputs._reasons:
-                self._reasons = self._reasons + self._inputs._reasons
         return active
 
     @property
@@ -229,30 +269,7 @@ class ArtifactDetector:
             return ()
         if len(self._grid) == 1:  # the block's last sample
             return self._reasons
-        own = self._reasons_for(self._block_start + self._grid[g] - self._bad_at[g])
-        return own + self._inputs.reasons_at(g) if self._inputs_ran else own
-
-    def _input_faults(
-        self, raw: np.ndarray, nonfinite: np.ndarray | None, grid: np.ndarray
-    ) -> np.ndarray | None:
-        """Rail / non-finite flags (n,) of the channels outside the checked subset, or None
-        when there are none. The full check (a second kernel call, 13 µs for 32 channels here)
-        runs only on a block with a railing or non-finite sample or a flag still held; otherwise
-        one numpy look at the block and the hold-off clock advances."""
-        sub = self._inputs
-        assert sub is not None
-        # whole block, all channels (3.8 µs; a slice of the others first made it 7.6 µs):
-        # a rail anywhere, or any non-finite sample, runs the full check (rare)
-        calm = (
-            not sub._reasons
-            and nonfinite is None
-            and not np.abs(raw).max() >= sub._thr[0]  # nan threshold (rail_uv null): calm
-        )
-        self._inputs_ran = not calm
-        if calm:
-            sub._count += raw.shape[0]
-            return None
-        return sub.process(raw, raw, raw, nonfinite, grid)
+        return self._reasons_for(self._block_start + self._grid[g] - self._bad_at[g])
 
     def _reasons_for(self, since_bad: np.ndarray) -> tuple[str, ...]:
         """Reasons from the samples since each check's last offence (n_kinds, n_channels)."""

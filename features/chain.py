@@ -16,6 +16,7 @@ chunk, ~150 ms for 60 s at 1000 Hz x 6 channels). A separate calibration recordi
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,8 +24,16 @@ import numpy as np
 
 from acquisition.chunk import Chunk
 from features import kernels
-from features.artifacts import ArtifactDetector
-from features.bandpower import IirBandPower, individual_alpha_peak, make_estimator, to_output
+from features import names as names_mod
+from features.artifacts import KINDS, ArtifactDetector
+from features.bandpower import (
+    IirBandPower,
+    group_matrix,
+    individual_alpha_peak,
+    make_estimator,
+    to_output,
+)
+from features.learn import find_bad_channels, learn_limits
 from features.preprocess import Preprocessor, fill_nonfinite
 from features.settings import (
     MIN_BASELINE_S,
@@ -33,6 +42,7 @@ from features.settings import (
     FeatureConfigError,
     PreprocessSettings,
     StateSettings,
+    blink_channels,
     validate_feature_settings,
 )
 from features.state import MAD_TO_SD, LabelMachine, robust_stats
@@ -43,6 +53,8 @@ BASELINE_RATE_HZ = 100.0
 _NAN = float("nan")
 _LABELS = tuple(Label)  # label codes of kernels.decide
 _CODE = {lab: i for i, lab in enumerate(_LABELS)}
+# Calibration progress looks at this many recent seconds to say what holds it back.
+RECENT_S = 10
 
 
 class FeatureChain:
@@ -95,12 +107,33 @@ class FeatureChain:
         self._bp_cols = False
         self._default_bands = {k: tuple(v) for k, v in bandpower.bands.items()}
         self._feature_refs = state.resolved_features(self._groups)
+        # derived rows (ratio, relative, asymmetry) appended to the band axis of the power
+        # array, as power ratios, so log10 gives the feature and everything downstream (the
+        # baseline, z, the label machine) treats them like bands
+        self._derived = list(
+            {f.derived: f for f in self._feature_refs if f.derived is not None}.values()
+        )
+        self._derived_names = tuple(f.derived for f in self._derived)
         self.feature_names = tuple(f.name for f in self._feature_refs)
         self._weights = np.array([f.weight for f in self._feature_refs])
         self._group_list = list(self._groups)
 
         self._pre = Preprocessor(preprocess, eeg_names, sfreq)
-        self._art = ArtifactDetector(artifacts, eeg_names, sfreq, artifacts.channels)
+        # rail / non-finite on every EEG channel (each feeds the reference); amplitude, flat and
+        # muscle on the watched ones: the score's channels and the blink channels, or the
+        # configured list (checking all 64 channels of a cap flagged 98 % of a real recording)
+        if artifacts.channels is not None:
+            watch = names_mod.resolve_all(artifacts.channels, eeg_names)
+        else:
+            watch = used + [c for c in blink_channels(artifacts, eeg_names) if c not in used]
+        self.watch_names = tuple(c for c in eeg_names if c in watch)
+        self._art = ArtifactDetector(artifacts, eeg_names, sfreq, None, self.watch_names)
+        self._learn_n = (
+            round(artifacts.learn_s * sfreq) if artifacts.adaptive and artifacts.enabled else 0
+        )
+        self._learn_x = np.zeros((self._learn_n, len(eeg_names)), dtype=np.float32)
+        self._exclude_t = np.zeros((0, 2))
+        self._exclude_label = ""
 
         self._warmup_n = round(state.warmup_s * sfreq)
         self._target_n = max(1, round(state.calibration_s * sfreq))
@@ -119,7 +152,7 @@ class FeatureChain:
         # 4 MB). Keeping the features instead of re-running the estimator at the end cut the
         # finishing chunk from 274 ms to ~10 ms (60 s at 1000 Hz, 6 channels, 5 bands).
         cap = self._max_n + self._settle_n
-        n_feat = len(bandpower.bands) * len(self._groups)
+        n_feat = (len(bandpower.bands) + len(self._derived)) * len(self._groups)
         self._cal_f = np.zeros((cap, n_feat), dtype=np.float32)
         self._cal_x = np.zeros(
             (cap if bandpower.individual_alpha else 0, len(used)), dtype=np.float32
@@ -179,13 +212,22 @@ class FeatureChain:
     def _set_bands(self, bands: dict[str, tuple[float, float]]) -> None:
         self.bands = dict(bands)
         self.band_names = tuple(bands)
+        rows = self.band_names + self._derived_names
+        self._row_names = rows
+        self._derived_idx = [
+            (
+                f.kind,
+                self.band_names.index(f.band),
+                [self.band_names.index(b) for b in f.over or []],
+                self._group_list.index(f.versus) if f.versus in self._group_list else -1,
+            )
+            for f in self._derived
+        ]
         self._feat_idx = (
-            np.array([self.band_names.index(f.band) for f in self._feature_refs], dtype=int),
+            np.array([rows.index(f.derived or f.band) for f in self._feature_refs], dtype=int),
             np.array([self._group_list.index(f.group) for f in self._feature_refs], dtype=int),
         )
-        self._all_feature_names = tuple(
-            f"{b}@{g}" for b in self.band_names for g in self._group_list
-        )
+        self._all_feature_names = tuple(f"{b}@{g}" for b in rows for g in self._group_list)
 
     # ------------------------------------------------------------------ life cycle
     def reset(self) -> None:
@@ -203,20 +245,32 @@ class FeatureChain:
         self._calibrating = False
         self._cal_len = 0
         self._cal_clean = 0
+        self._pre.set_bad([])
+        self.bad_channels: dict[str, str] = {}
+        self.calibration_failure: str | None = None
+        self.calibration_note = ""
+        self.calibrated_at = _NAN  # stream time of the sample that completed the baseline
+        self.baseline_score: dict[str, float] = {}
+        self._learn_from = self._collect_from = self._warmup_n
+        self._learn_len = 0
+        self._learn_due = False
+        self._t_first = _NAN
+        self._mon: deque[list] = deque(maxlen=RECENT_S)
+        self._mon_sec = -1
         m = self._machine
         m.label = Label.UNCALIBRATED
         m.t_changed = _NAN
         m.above_n = m.below_n = 0
         m.before_artifact = Label.NON_TARGET
         m.transitions.clear()
-        self._latest = np.full((len(self.band_names), len(self._groups)), _NAN)
+        self._latest = np.full((len(self._row_names), len(self._groups)), _NAN)
         # kernels.decide's machine state and its outputs (label changes, per-sample values),
         # sized for the largest block so far
         self._mst = np.zeros(7, dtype=np.int64)
         self._mfst = np.zeros(3)
         self._cap = 0
         self._grow(64)
-        self._latest_buf = np.full((len(self.band_names), len(self._groups)), _NAN)
+        self._latest_buf = np.full((len(self._row_names), len(self._groups)), _NAN)
         self._grids: dict[tuple[int, int], np.ndarray] = {}
         self._time_in_label = dict.fromkeys(Label, 0.0)
         self._t_last = _NAN
@@ -232,6 +286,18 @@ class FeatureChain:
         self._calibrating = True
         self._cal_len = 0
         self._cal_clean = 0
+        # learning (bad channels, limits) starts at the next sample after the warm-up, the
+        # baseline collection after it
+        self._learn_from = max(self._seen, self._warmup_n)
+        self._collect_from = self._learn_from + self._learn_n
+        self._learn_len = 0
+        self._learn_due = False
+        self.calibration_failure = None
+        self.calibration_note = ""
+        self.calibrated_at = _NAN
+        self.baseline_score = {}
+        self._mon.clear()
+        self._mon_sec = -1
         self._median[:] = _NAN
         self._scale[:] = _NAN
         self._baseline = {}
@@ -247,6 +313,8 @@ class FeatureChain:
                 f"too little clean calibration data: {clean_s:.1f} s (need {MIN_BASELINE_S:g} s)"
             )
         self._finish_collected()
+        self.calibrated_at = self._state.t_stream
+        self.calibration_note = f"finished by request with {self._cal_clean / self.sfreq:.1f} s"
         self._pending_label = Label.NON_TARGET
 
     def _finish_collected(self) -> None:
@@ -262,7 +330,7 @@ class FeatureChain:
         individual_alpha the band estimator restarts with the new bands. Returns the baseline."""
         pre = Preprocessor(self.preprocess_settings, self.eeg_names, self.sfreq)
         art = ArtifactDetector(
-            self.artifact_settings, self.eeg_names, self.sfreq, self.artifact_settings.channels
+            self.artifact_settings, self.eeg_names, self.sfreq, None, self.watch_names
         )
         if hasattr(data, "get_data"):
             arr = data.get_data(picks=list(self.ch_names)).T
@@ -326,6 +394,8 @@ class FeatureChain:
             assert x is not None
             est = self._make_estimator(bands)
             power = est.process(x.astype(np.float64), art)
+            if self._derived:
+                power = self._augment(power)
             feats = to_output(power, bp.output).reshape(len(x), -1)
             if bands != self.bands:
                 self._set_bands(bands)
@@ -341,6 +411,14 @@ class FeatureChain:
         self._median = med[flat].copy()
         self._scale = np.maximum(mad[flat] * MAD_TO_SD, self.state_settings.mad_floor)
         self._calibrating = False
+        # the baseline's own score distribution: a baseline taken in the target state shows
+        # as a wide or high spread here (the operator sees it with the calibration event)
+        z = (np.asarray(feats[keep], dtype=np.float64)[:, flat] - self._median) / self._scale
+        score = z @ self._weights
+        if score.size:
+            p10, p50, p90 = np.percentile(score, [10, 50, 90]).tolist()
+            above = float(np.mean(score > self._machine.enter))
+            self.baseline_score = {"p10": p10, "p50": p50, "p90": p90, "above_enter": above}
 
     # ------------------------------------------------------------------ the hot path
     def step(self, chunk: Chunk) -> State:
@@ -348,6 +426,8 @@ class FeatureChain:
         n = chunk.n_samples
         if n == 0:
             return self._state
+        if self._learn_len < self._learn_n and self._calibrating:
+            return self._run_split(chunk, self._grid(n, n))[-1]
         return self._run(chunk, self._grid(n, n))[-1]
 
     def step_every(self, chunk: Chunk, every: int) -> list[State]:
@@ -360,7 +440,28 @@ class FeatureChain:
         n = chunk.n_samples
         if n == 0:
             return []
+        if self._learn_len < self._learn_n and self._calibrating:
+            return self._run_split(chunk, self._grid(n, every))
         return self._run(chunk, self._grid(n, every))
+
+    def _run_split(self, chunk: Chunk, grid: np.ndarray) -> list[State]:
+        """`_run`, cut at the sample where learning ends when it falls inside the block, so the
+        learnt limits, bad channels and reference apply from the same sample whatever the
+        chunking (a State made only at the cut is not returned)."""
+        n = chunk.n_samples
+        e = self._learn_from + self._learn_n - self._seen
+        if not 0 < e < n:
+            return self._run(chunk, grid)
+        g1 = grid[grid < e]
+        extra = len(g1) == 0 or g1[-1] != e - 1
+        if extra:
+            g1 = np.append(g1, np.int64(e - 1))
+        d, t = chunk.data, chunk.timestamps
+        first = self._run(Chunk(d[:e], t[:e], chunk.ch_names, chunk.sfreq), g1)
+        if extra:
+            first = first[:-1]
+        rest = Chunk(d[e:], t[e:], chunk.ch_names, chunk.sfreq)
+        return first + self._run(rest, grid[grid >= e] - e)
 
     def _grid(self, n: int, every: int) -> np.ndarray:
         """Sample indices every-1, 2 every-1, ... and n-1 of an n-sample block (int64, cached)."""
@@ -388,6 +489,14 @@ class FeatureChain:
         filt, ref = res
         art = self._art.process(raw, filt, ref, nonfinite, grid)
         t = chunk.timestamps
+        calibrating = self._calibrating
+        if calibrating:
+            if math.isnan(self._t_first):
+                self._t_first = float(t[0])
+            if self._learn_len < self._learn_n:
+                self._store_learning(filt)
+            excl = self._excluded_at(t)
+            self._monitor(art, excl, n)
         m = self._machine
         m.transitions.clear()
         if self._pending_label is not None:
@@ -402,16 +511,23 @@ class FeatureChain:
         else:
             x = ref[:, self._used_idx]
             power = self._bp.process(x, art)
+        if self._derived:
+            power = self._augment(power)
         if self._calibrating:
             if x is None and self._cal_x.shape[0]:
                 x = ref[:, self._used_idx]
-            k = self._collect(x, art, power)
-            if not self._calibrating:  # finished at sample k - 1: samples k.. are labelled
+            k = self._collect(x, art, power, excl)
+            if not self._calibrating and self.calibration_failure is not None:
+                m.set(Label.UNCALIBRATED, float(t[k - 1]))  # failed at its hard end
+                k = n
+            elif not self._calibrating:  # finished at sample k - 1: samples k.. are labelled
                 live = self._bp
                 self._finish_collected()
                 if self._bp is not live and k < n:  # new bands: the new estimator takes over
-                    power[k:] = self._bp.process(ref[k:, self._used_idx], art[k:])
+                    new = self._bp.process(ref[k:, self._used_idx], art[k:])
+                    power[k:] = self._augment(new) if self._derived else new
                 m.set(Label.NON_TARGET, float(t[k - 1]))
+                self.calibrated_at = float(t[k - 1])
             else:
                 k = n
 
@@ -463,6 +579,9 @@ class FeatureChain:
         else:
             self._latest = to_output(power[-1], self.bandpower_settings.output)
         self._seen += n
+        if self._learn_due:  # the block ended where learning ends (see _run_split)
+            self._learn_due = False
+            self._learn()
         if len(grid) == 1:  # live: one State, read without a numpy call per field
             return [self._state_after(t, power, start, pre_label, pre_changed)]
         return self._states(t, power, grid, start, pre_label, pre_changed)
@@ -582,19 +701,23 @@ class FeatureChain:
         self._z_rows = list(self._z)
         self._score_last = _NAN
 
-    def _collect(self, x: np.ndarray | None, art: np.ndarray, power: np.ndarray) -> int:
+    def _collect(
+        self, x: np.ndarray | None, art: np.ndarray, power: np.ndarray, excl: np.ndarray | None
+    ) -> int:
         """Store calibration samples (features of `power` (n, n_bands, n_groups), flags, and
         the signal x when needed); returns how many of this block's samples it consumed (n, or
-        the index just after the sample that completed the calibration); x may be None when
-        the signal is not kept."""
+        the index just after the sample that completed or failed the calibration); x may be
+        None when the signal is not kept; excl (n,) bool: samples annotated as the target."""
         n = power.shape[0]
-        i = max(0, min(n, self._warmup_n - self._seen))  # skip the warm-up
+        i = max(0, min(n, self._collect_from - self._seen))  # skip the warm-up and learning
         if i >= n:
             return n
         feats = to_output(power, self.bandpower_settings.output).reshape(n, -1)
         # a sample without an estimate yet (welch: nan until a window free of held samples is
         # full) is no baseline data, like an artifact (it made the whole baseline nan)
         unusable = art if np.isfinite(feats).all() else art | ~np.isfinite(feats).all(axis=1)
+        if excl is not None:
+            unusable = unusable | excl
         keep_x = self._cal_x.shape[0] > 0
         cap = self._cal_f.shape[0]
         need = self._target_n
@@ -625,13 +748,220 @@ class FeatureChain:
             if hit:
                 self._calibrating = False
                 return i
-            if self._cal_len >= cap:  # buffer full: finish with half, else start over
-                if self._cal_clean >= need // 2:
-                    self._calibrating = False
-                    return i
-                self._cal_len = 0
-                self._cal_clean = 0
+            if self._cal_len >= cap:  # calibration_max_s: a hard end, never a restart
+                self._calibrating = False
+                if self._cal_clean >= max(need // 2, MIN_BASELINE_S * self.sfreq):
+                    self.calibration_note = (
+                        f"finished short at calibration_max_s: {self._cal_clean / self.sfreq:.1f}"
+                        f" of {need / self.sfreq:g} s clean"
+                    )
+                else:
+                    self.calibration_failure = self._failure_text()
+                return i
         return n
+
+    def _augment(self, power: np.ndarray) -> np.ndarray:
+        """power (n, n_bands, n_groups) V² -> (n, n_bands + n_derived, n_groups): the derived
+        rows as power ratios (ratio: band / sum of `over`; relative: band / sum of all bands;
+        asymmetry: band in each group / in `versus`)."""
+        n, nb, ng = power.shape
+        out = np.empty((n, nb + len(self._derived_idx), ng))
+        out[:, :nb] = power
+        floor = 1e-30
+        for r, (kind, b, over, versus) in enumerate(self._derived_idx, start=nb):
+            if kind == "ratio":
+                den = power[:, over].sum(axis=1)
+                out[:, r] = power[:, b] / np.maximum(den, floor)
+            elif kind == "relative":
+                out[:, r] = power[:, b] / np.maximum(power.sum(axis=1), floor)
+            else:  # asymmetry
+                out[:, r] = power[:, b] / np.maximum(power[:, b, versus], floor)[:, None]
+        return out
+
+    # ------------------------------------------------------------------ calibration helpers
+    def exclude_from_calibration(
+        self, intervals: Sequence[tuple[float, float]], label: str
+    ) -> None:
+        """Stream-time intervals (start, end) s never used as baseline (offline: the stretches
+        annotated as the target state, `label`)."""
+        iv = sorted((float(a), float(b)) for a, b in intervals if b > a)
+        merged: list[list[float]] = []
+        for a, b in iv:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self._exclude_t = np.array(merged, dtype=np.float64).reshape(-1, 2)
+        self._exclude_label = label
+
+    def _excluded_at(self, t: np.ndarray) -> np.ndarray | None:
+        """(n,) bool: samples inside an excluded interval (None when there are none)."""
+        ex = self._exclude_t
+        if not ex.shape[0] or t[-1] < ex[0, 0] or t[0] >= ex[-1, 1]:
+            return None
+        j = np.searchsorted(ex[:, 0], t, side="right") - 1
+        return (j >= 0) & (t < ex[np.maximum(j, 0), 1])
+
+    def _store_learning(self, filt: np.ndarray) -> None:
+        """Keep the filtered signal of the learning samples of this block."""
+        a = max(0, self._learn_from - self._seen)
+        b = min(filt.shape[0], self._learn_from + self._learn_n - self._seen)
+        if a < b:
+            j = self._learn_len
+            self._learn_x[j : j + b - a] = filt[a:b]
+            self._learn_len += b - a
+            self._learn_due = self._learn_len == self._learn_n
+
+    def _learn(self) -> None:
+        """Bad channels and per-channel limits from the learning samples; applied from the
+        next sample on (reference, groups, checks)."""
+        x = self._learn_x.astype(np.float64)
+        names = self.eeg_names
+        s = self.artifact_settings
+        bad = find_bad_channels(x, names, self.sfreq, s) if s.bad_channels else {}
+        self.bad_channels = bad
+        bad_idx = [names.index(c) for c in bad]
+        self._pre.set_bad(bad_idx)
+        self._art.reset_limits()
+        self._art.exclude(list(bad))
+        groups = {g: [c for c in chans if c not in bad] for g, chans in self._groups.items()}
+        empty = [g for g, chans in groups.items() if not chans]
+        if empty:
+            self._calibrating = False
+            self._pending_label = Label.UNCALIBRATED
+            self.calibration_failure = (
+                f"calibration failed: every channel of group(s) {', '.join(empty)} is bad ("
+                + "; ".join(f"{c}: {r}" for c, r in bad.items())
+                + "). Fix those electrodes, or set bandpower.groups to good channels."
+            )
+            return
+        gm = group_matrix(groups, self.used_names)
+        self._bp._gm[...] = gm
+        self._active_groups = groups
+        ref = self._pre.reference(x)
+        amp, mus = learn_limits(ref, self.sfreq, s)
+        self._art.set_limits(amp, mus)
+
+    def _monitor(self, art: np.ndarray, excl: np.ndarray | None, n: int) -> None:
+        """Per-second tallies of the flags while calibrating (what holds the baseline back)."""
+        sec = (self._seen + n - 1) // max(1, round(self.sfreq))
+        if sec != self._mon_sec:
+            self._mon_sec = sec
+            self._mon.append([0, 0, 0, np.zeros((len(KINDS), len(self.eeg_names)), np.int64), 0])
+        b = self._mon[-1]
+        counts, n_grid = self._art.flag_counts()
+        b[0] += n
+        b[1] += int(np.count_nonzero(art))
+        b[2] += n_grid
+        b[3] += counts
+        if excl is not None:
+            b[4] += int(np.count_nonzero(excl & ~art))
+
+    def _recent(self) -> tuple[float, float, list[tuple[str, float]]]:
+        """Over the last RECENT_S seconds: share flagged, share annotated as the target, and
+        the (kind:channel, share of decisions) flagged most, largest first (>= 5 %)."""
+        mon = list(self._mon)
+        n = sum(b[0] for b in mon)
+        if not n:
+            return 0.0, 0.0, []
+        flagged = sum(b[1] for b in mon) / n
+        target = sum(b[4] for b in mon) / n
+        n_grid = max(1, sum(b[2] for b in mon))
+        counts = sum(b[3] for b in mon) / n_grid
+        order = np.argsort(counts, axis=None)[::-1][:6]
+        top = []
+        for flat in order.tolist():
+            k, j = divmod(flat, counts.shape[1])
+            if counts[k, j] >= 0.05:
+                top.append((f"{KINDS[k]}:{self.eeg_names[j]}", float(counts[k, j])))
+        return flagged, target, top
+
+    def _advice(self, top: list[tuple[str, float]], target: float) -> str:
+        """What to change, from what is flagged most."""
+        tips = []
+        kinds: dict[str, list[str]] = {}
+        for reason, _ in top:
+            kind, ch = reason.split(":", 1)
+            kinds.setdefault(kind, []).append(ch)
+        if "amplitude" in kinds:
+            tips.append(
+                f"check electrode(s) {', '.join(kinds['amplitude'])} (blinks, movement, a loose "
+                "contact), or raise artifacts.amplitude_uv, or list artifacts.channels without them"
+            )
+        if "muscle" in kinds:
+            tips.append(
+                f"muscle on {', '.join(kinds['muscle'])}: ask the participant to relax jaw and "
+                "face, or raise artifacts.muscle_ratio"
+            )
+        if "flat" in kinds or "rail" in kinds or "nonfinite" in kinds:
+            chans = kinds.get("flat", []) + kinds.get("rail", []) + kinds.get("nonfinite", [])
+            tips.append(f"electrode(s) {', '.join(chans)} flat or saturated: reconnect them")
+        if target > 0.2:
+            tips.append(
+                f"the recording is annotated '{self._exclude_label}' there (never baseline)"
+            )
+        tips.append("or lower state.calibration_s / raise state.calibration_max_s")
+        return "; ".join(tips)
+
+    def _failure_text(self) -> str:
+        flagged, target, top = self._recent()
+        need_s = self._target_n / self.sfreq
+        worst = ", ".join(f"{r} {v:.0%}" for r, v in top[:4]) or "no single channel"
+        return (
+            f"calibration failed at calibration_max_s "
+            f"({self.state_settings.calibration_max_s:g} s of collection): "
+            f"{self._cal_clean / self.sfreq:.1f} of {need_s:g} s clean; "
+            f"{flagged:.0%} of the last {RECENT_S} s flagged ({worst}). "
+            f"Change: {self._advice(top, target)}"
+        )
+
+    def calibration_report(self) -> dict[str, Any]:
+        """Where the calibration stands and what holds it back (not for the per-chunk path).
+
+        phase: idle, warmup, learning, collecting, done, failed; clean_s / target_s; elapsed_s
+        (collection so far) / max_s; recent_flagged (share of the last RECENT_S s flagged),
+        recent_target (share annotated as the target), top (kind:channel, share) flagged most,
+        advice, bad_channels, limits (learnt, per watched channel), failure, note."""
+        flagged, target, top = self._recent()
+        if self.calibration_failure is not None:
+            phase = "failed"
+        elif self.calibrated:
+            phase = "done"
+        elif not self._calibrating:
+            phase = "idle"
+        elif self._seen < self._learn_from:
+            phase = "warmup"
+        elif self._seen < self._collect_from:
+            phase = "learning"
+        else:
+            phase = "collecting"
+        return {
+            "phase": phase,
+            "progress": self.calibration_progress,
+            "clean_s": round(self._cal_clean / self.sfreq, 3),
+            "target_s": self.state_settings.calibration_s,
+            "elapsed_s": round(max(0, self._cal_len - self._settle_n) / self.sfreq, 3),
+            "max_s": self.state_settings.calibration_max_s,
+            "calibrated_at": self.calibrated_at,
+            "t_first": self._t_first,
+            "recent_s": RECENT_S,
+            "recent_flagged": round(flagged, 4),
+            "recent_target": round(target, 4),
+            "top": [[r, round(v, 4)] for r, v in top],
+            "advice": self._advice(top, target) if top or target > 0.2 else "",
+            "bad_channels": dict(self.bad_channels),
+            "watched": list(self.watch_names),
+            "eeg": list(self.eeg_names),
+            "limits": self._art.limits,
+            "failure": self.calibration_failure,
+            "note": self.calibration_note,
+            "baseline_score": dict(self.baseline_score),
+        }
+
+    @property
+    def min_duration_s(self) -> float:
+        """Shortest recording that can calibrate: warm-up + learning + settle + calibration_s."""
+        return (self._warmup_n + self._learn_n + self._settle_n + self._target_n) / self.sfreq
 
     # ------------------------------------------------------------------ read-only views
     @property

@@ -81,6 +81,8 @@ def artifacts(  # pragma: no cover - compiled
     ref,
     nonfinite,
     thr,
+    amp_sos,
+    amp_zi,
     mus_sos,
     mus_zi,
     ema_a,
@@ -96,9 +98,11 @@ def artifacts(  # pragma: no cover - compiled
 ):
     """All artifact checks of one block, per sample and channel, in one pass.
 
-    raw, filt, ref (n, c); nonfinite (n, c) bool or (0, 0) when all finite. thr: rail (>=),
-    amplitude (>), flat mean square (<), muscle ratio (>); nan turns a check off (flat and muscle
-    then also skip their smoothing). mus_sos (2, n_sections, 6) muscle band and broadband;
+    raw, filt, ref (n, c); nonfinite (n, c) bool or (0, 0) when all finite. thr (5, c) per
+    channel: nonfinite (any number: on), rail (>=), amplitude (>), flat mean square (<), muscle
+    ratio (>); nan turns that check off for that channel (flat and muscle then also skip their
+    smoothing). amp_sos (m, 6), amp_zi (m, 2, c): the low-pass the amplitude check looks
+    through (m = 0: none). mus_sos (2, n_sections, 6) muscle band and broadband;
     mus_zi (2, n_sections, 2, c); ema_a (3,) smoothing constants (muscle band, broadband, flat);
     ema_zi (3, 2, c). last_bad (5, c) running index of the last offending sample per (kind,
     channel), updated. active (n,) gets the hold-off flag per sample; ratio_out (c,) the latest
@@ -107,29 +111,37 @@ def artifacts(  # pragma: no cover - compiled
     offended, new last_bad_any).
     """
     n, c = raw.shape
-    rail, amp, flat, mus = thr[0], thr[1], thr[2], thr[3]
-    rail_on, amp_on = not np.isnan(rail), not np.isnan(amp)
-    flat_on, mus_on = not np.isnan(flat), not np.isnan(mus)
     has_nf = nonfinite.shape[0] > 0
     any_now = False
     ns = mus_sos.shape[1]
+    na = amp_sos.shape[0]
     g = 0
     for t in range(n):
         idx = count + t
         bad_t = False
         for j in range(c):
-            nf = has_nf and nonfinite[t, j]
+            rail, amp, flat, mus = thr[1, j], thr[2, j], thr[3, j], thr[4, j]
+            nf = has_nf and nonfinite[t, j] and not np.isnan(thr[0, j])
             if nf:
                 last_bad[0, j] = idx
                 bad_t = True
-            if rail_on and not nf and abs(raw[t, j]) >= rail:
+            if not np.isnan(rail) and not nf and abs(raw[t, j]) >= rail:
                 last_bad[1, j] = idx
                 bad_t = True
             r = ref[t, j]
-            if amp_on and abs(r) > amp:
-                last_bad[2, j] = idx
-                bad_t = True
-            if flat_on:
+            if not np.isnan(amp):
+                xi = r
+                for s in range(na):
+                    b0, b1, b2 = amp_sos[s, 0], amp_sos[s, 1], amp_sos[s, 2]
+                    a1, a2 = amp_sos[s, 4], amp_sos[s, 5]
+                    y = b0 * xi + amp_zi[s, 0, j]
+                    amp_zi[s, 0, j] = b1 * xi - a1 * y + amp_zi[s, 1, j]
+                    amp_zi[s, 1, j] = b2 * xi - a2 * y
+                    xi = y
+                if abs(xi) > amp:
+                    last_bad[2, j] = idx
+                    bad_t = True
+            if not np.isnan(flat):
                 a = ema_a[2]
                 xi = filt[t, j] * filt[t, j]
                 y = a * xi + ema_zi[2, 0, j]
@@ -138,7 +150,7 @@ def artifacts(  # pragma: no cover - compiled
                 if y < flat:
                     last_bad[3, j] = idx
                     bad_t = True
-            if mus_on:
+            if not np.isnan(mus):
                 p0 = 0.0
                 p1 = 0.0
                 for f in range(2):
@@ -374,7 +386,9 @@ def warm_up() -> None:
                 f64,
                 f64,
                 mask,
-                np.full(4, np.nan),
+                np.full((5, c), np.nan),
+                sos,
+                np.zeros((1, 2, c)),
                 np.stack([sos, sos]),
                 np.zeros((2, 1, 2, c)),
                 np.full(3, 0.5),

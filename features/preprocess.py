@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import signal
 
-from features import kernels
+from features import kernels, names
 from features.settings import PreprocessSettings
 
 
@@ -196,6 +196,7 @@ class Preprocessor:
         elif ref == "none":
             self._ref_idx = None
         else:
+            ref = [names.resolve(r, self.eeg_names) or r for r in ref]
             missing = [r for r in ref if r not in self.eeg_names]
             if missing:
                 raise ValueError(
@@ -211,6 +212,16 @@ class Preprocessor:
     def reset(self) -> None:
         self._zi[...] = 0.0
         self._fresh = True
+
+    def set_bad(self, bad: Sequence[int]) -> None:
+        """Leave these EEG channel indices out of an average reference (found bad); [] puts
+        every channel back. A reference to named channels is kept as configured."""
+        if self.settings.reference != "average":
+            return
+        good = np.setdiff1d(np.arange(len(self.eeg_names)), np.asarray(bad, dtype=int))
+        self._ref_idx = good
+        self._all_ref = len(good) == len(self.eeg_names)
+        self._ref_cols = good.astype(np.int64)
 
     def _start(self, x0: np.ndarray) -> None:
         if self._fresh:

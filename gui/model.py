@@ -99,7 +99,12 @@ class ConsoleModel:
     estopped: bool = False
     banner: Banner | None = None
     baseline: dict[str, tuple[float, float]] = field(default_factory=dict)
-    calibration_phase: str = "idle"  # idle, started, done
+    calibration_phase: str = "idle"  # idle, started, done, failed
+    # what holds the baseline back (progress events), its failure, the channels found bad and
+    # the baseline's own score spread (a baseline taken in the target state shows there)
+    calibration_note: str = ""
+    bad_channels: dict[str, str] = field(default_factory=dict)
+    baseline_score: dict[str, float] = field(default_factory=dict)
     thresholds: tuple[float, float] | None = None
     thresholds_source: str = ""
     health: dict[str, Any] = field(default_factory=dict)
@@ -191,9 +196,33 @@ class ConsoleModel:
         if phase == "started":
             self.calibration_phase = "started"
             self.baseline = {}
+            self.calibration_note = ""
             self.changed_baseline = True
+        elif phase == "progress":
+            top = ", ".join(f"{r} {v:.0%}" for r, v in p.get("top") or [])
+            flagged = float(p.get("recent_flagged") or 0.0)
+            self.calibration_note = (
+                f"clean {float(p.get('clean_s') or 0):.0f}/{float(p.get('target_s') or 0):g} s; "
+                f"{flagged:.0%} of the last {p.get('recent_s', 10)} s flagged"
+                + (f": {top}" if top else "")
+            )
+            self.bad_channels = dict(p.get("bad_channels") or {})
+        elif phase == "failed":
+            self.calibration_phase = "failed"
+            self.calibration_note = str(p.get("reason", "calibration failed"))
+            self.raise_banner(f"CALIBRATION FAILED: {self.calibration_note}", ev.t_local)
         elif phase == "done":
             self.calibration_phase = "done"
+            self.bad_channels = dict(p.get("bad_channels") or {})
+            self.baseline_score = dict(p.get("baseline_score") or {})
+            bs = self.baseline_score
+            self.calibration_note = (
+                f"baseline score p10/p50/p90 {bs['p10']:+.1f}/{bs['p50']:+.1f}/{bs['p90']:+.1f}"
+                if {"p10", "p50", "p90"} <= set(bs)
+                else ""
+            )
+            if self.bad_channels:
+                self.calibration_note += "; bad: " + ", ".join(self.bad_channels)
             base = p.get("baseline") or {}
             self.baseline = {
                 k: (float(v["median"]), float(v["mad"]))

@@ -710,6 +710,10 @@ class CalibrationPanel:
         self.calibration_bar.setRange(0, 100)
         self.calibration_bar.setFormat("baseline %p%")
         lay.addWidget(self.calibration_bar)
+        # what holds the baseline back / why it failed / bad channels and the baseline's spread
+        self.calibration_note = QtWidgets.QLabel("")
+        self.calibration_note.setWordWrap(True)
+        lay.addWidget(self.calibration_note)
         buttons = QtWidgets.QHBoxLayout()
         self.recalibrate_button = QtWidgets.QPushButton("Restart")
         self.recalibrate_button.clicked.connect(self.on_restart)
@@ -735,6 +739,8 @@ class CalibrationPanel:
         if not tick.slow:
             return
         self.calibration_bar.setValue(round(100 * snap.calibration_progress))
+        if self.calibration_note.text() != m.calibration_note:
+            self.calibration_note.setText(m.calibration_note)
         if m.changed_baseline:
             m.changed_baseline = False
             self.baseline_table.setRowCount(len(m.baseline))

@@ -211,6 +211,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
     enter_line = property(lambda self: self.state.enter_line)
     leave_line = property(lambda self: self.state.leave_line)
     calibration_bar = property(lambda self: self.calibration.calibration_bar)
+    calibration_note = property(lambda self: self.calibration.calibration_note)
     baseline_table = property(lambda self: self.calibration.baseline_table)
     raster = property(lambda self: self.raster_panel.raster)
     counts_label = property(lambda self: self.raster_panel.counts_label)

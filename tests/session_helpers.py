@@ -32,7 +32,7 @@ def fast_config(**overrides) -> SessionConfig:
     Measured: precision 1.0 and every target epoch after calibration hit, on the bundled file
     and on a 5-minute simulation.
     """
-    base = {"state.enter": 1.5, "state.leave": 0.0, "recording.xdf": False}
+    base = {"recording.xdf": False}
     base.update(overrides)
     return apply_overrides(SessionConfig(), base)
 

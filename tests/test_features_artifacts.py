@@ -57,12 +57,59 @@ def test_blink_flags_amplitude_with_holdoff():
     x[:, 1] += blink
     active, reasons, _ = _run(x, ArtifactSettings(amplitude_uv=100.0, holdoff_s=1.0))
     on = np.flatnonzero(active)
-    assert 7.8 < t[on[0]] < 8.0
+    # the amplitude check looks through a 5 Hz low-pass (amplitude_lowpass_hz): ~40-60 ms later
+    # than on the raw signal (7.94 s), still before the blink has passed
+    assert 7.8 < t[on[0]] < 8.1
     last_bad = t[on[-1]] - 1.0  # active ends one hold-off after the last offending sample
     assert 8.0 < last_bad < 8.2
     assert any("amplitude:Fp1" in r and "amplitude:Fp2" in r for r in reasons)
     assert not any("amplitude:O1" in r for r in reasons)
     assert reasons[-1] == ()  # cleared after the hold-off
+
+
+def test_strong_alpha_is_not_an_amplitude_artifact():
+    """Eyes-closed alpha of 150 µV peak at O1/O2 (real recordings exceed 100 µV) passes the
+    amplitude check, which looks through the 5 Hz low-pass; without it the alpha is flagged."""
+    x = _eeg()
+    t = np.arange(len(x)) / FS
+    alpha = 150e-6 * np.sin(2 * np.pi * 9.0 * t) * (t > 5.0)
+    x[:, 4] += alpha
+    x[:, 5] += alpha
+    active, reasons, _ = _run(x, ArtifactSettings(amplitude_uv=100.0, muscle_ratio=None))
+    assert not active.any(), [r for r in reasons if r][:3]
+    active, reasons, _ = _run(
+        x, ArtifactSettings(amplitude_uv=100.0, muscle_ratio=None, amplitude_lowpass_hz=None)
+    )
+    assert any("amplitude:O1" in r for r in reasons)
+
+
+def test_learnt_limits_and_excluded_channels():
+    """set_limits lowers a channel's amplitude limit; exclude silences a channel entirely;
+    reset_limits restores the configured ones."""
+    x = _eeg()
+    t = np.arange(len(x)) / FS
+    bump = 60e-6 * np.exp(-0.5 * ((t - 8.0) / 0.15) ** 2)
+    x[:, 2] += bump  # C3: 60 µV, under the configured 100 µV
+    s = ArtifactSettings(amplitude_uv=100.0, muscle_ratio=None)
+    active, _, _ = _run(x, s)
+    assert not active.any()
+    pre = Preprocessor(PreprocessSettings(notch_hz=None), NAMES, FS)
+    det = ArtifactDetector(s, NAMES, FS)
+    lim = np.full(len(NAMES), np.nan)
+    lim[2] = 25e-6
+    det.set_limits(lim, np.full(len(NAMES), np.nan))
+    assert det.limits["C3"]["amplitude_uv"] == pytest.approx(25.0)
+    assert det.limits["O1"]["amplitude_uv"] == pytest.approx(100.0)
+    flagged = []
+    for i in range(0, len(x), 10):
+        filt = pre.filter(x[i : i + 10])
+        det.process(x[i : i + 10], filt, pre.reference(filt))
+        flagged.extend(det.reasons)
+    assert "amplitude:C3" in flagged
+    det.exclude(["C3"])
+    assert "C3" not in det.limits
+    det.reset_limits()
+    assert det.limits["C3"]["amplitude_uv"] == pytest.approx(100.0)
 
 
 def test_flat_channel():

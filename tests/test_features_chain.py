@@ -105,11 +105,12 @@ def sim4():
 
 # ---------------------------------------------------------------- accuracy on generated data
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "min_ba"), [("iir", 0.9), ("welch", 0.85)])
+@pytest.mark.parametrize(("method", "min_ba"), [("iir", 0.88), ("welch", 0.85)])
 def test_meditation_labels_on_sim32(sim32, method, min_ba):
-    """Calibrate on the first minute, label the rest (default settings). Measured: iir balanced
-    accuracy 0.918, median onset delay 2.95 s (onsets 3.87 s, 2.03 s); welch (2 s window, the
-    reference, slower) 0.893, 3.19 s."""
+    """Calibrate on the first minute, label the rest (default settings). Measured since the
+    file's first minute is free of the target (issue 20; enter 2.5 / leave 1.0): iir balanced
+    accuracy 0.898, onsets 1.73 s and 1.06 s (before, with ~40 % of the target inside the
+    baseline and enter 1.0: 0.918, 2.95 s)."""
     chain = _chain(sim32, bandpower=BandPowerSettings(method=method))
     chain.calibrate_on(sim32.copy().crop(0, 60))
     assert chain.calibrated
@@ -122,8 +123,8 @@ def test_meditation_labels_on_sim32(sim32, method, min_ba):
 
 @pytest.mark.slow
 def test_meditation_labels_on_sim4_consumer_montage(sim4):
-    """The Muse-like montage with its own groups. Measured: balanced accuracy 0.904, median
-    onset delay 1.44 s (onsets 1.99 s, 0.90 s)."""
+    """The Muse-like montage with its own groups. Measured with the clean baseline (issue 20):
+    balanced accuracy 0.886, onsets 1.24 s and 0.82 s (before: 0.904, 1.44 s)."""
     chain = _chain(
         sim4,
         bandpower=BandPowerSettings(groups=CONSUMER_GROUPS),
@@ -132,22 +133,24 @@ def test_meditation_labels_on_sim4_consumer_montage(sim4):
     chain.calibrate_on(sim4.copy().crop(0, 60))
     _, changes = _run(chain, sim4, 8)
     ba, delay, delays = _score_meditation(sim4, changes, 60.0)
-    assert ba >= 0.9, (ba, delays)
+    assert ba >= 0.87, (ba, delays)
     assert delay < 4.0, delays
 
 
 @pytest.mark.slow
 def test_meditation_labels_longer_simulations():
     """Three fresh 8-minute simulations (seeds 1-3), default settings, calibration on the
-    first minute. Measured: balanced accuracy 0.916 / 0.935 / 0.920, median onset delay 2.20 /
-    2.14 / 2.04 s."""
+    first minute, which is free of the target since issue 20. Measured: seed 2 balanced
+    accuracy 0.877 (seeds 1 and 3 above 0.9); before, with the target in the baseline and enter
+    1.0: 0.916 / 0.935 / 0.920."""
     for seed in (1, 2, 3):
-        raw = simulate(480.0, 500.0, "standard_32", seed)
+        # the first 65 s are mind wandering: a baseline free of the target (issue 20)
+        raw = simulate(480.0, 500.0, "standard_32", seed, baseline_s=65.0)
         chain = _chain(raw)  # calibrate_on the first minute (auto-calibration is tested below)
         chain.calibrate_on(raw.copy().crop(0, 60))
         _, changes = _run(chain, raw, 25)
         ba, _, delays = _score_meditation(raw, changes, 60.0)
-        assert ba >= 0.9, (seed, ba, delays)
+        assert ba >= 0.86, (seed, ba, delays)
 
 
 # ---------------------------------------------------------------- determinism
@@ -266,7 +269,9 @@ def _alpha_chain(names, **state_kw):
     return FeatureChain(
         PreprocessSettings(),
         BandPowerSettings(),
-        ArtifactSettings(),
+        # fixed limits: these tests time the calibration; learning is tested in
+        # tests/test_features_learn.py
+        ArtifactSettings(adaptive=False),
         StateSettings(**kw),
         names,
         250.0,
@@ -320,7 +325,8 @@ def test_blink_vetoes_target_entry():
     x, t, names = _synthetic(50, alpha_from=25.0, blink_at=30.0)
     chain = _alpha_chain(names)
     states = _feed(chain, x, t, names)
-    around = [s for s in states if 30.0 <= s.t_stream <= 31.0]
+    # the blink's flag: its supra-threshold part plus the 0.25 s hold-off (holdoff_s default)
+    around = [s for s in states if 30.1 <= s.t_stream <= 30.4]
     assert around
     assert all(s.label is Label.ARTIFACT for s in around)
     assert any("amplitude:Fz" in s.artifacts for s in around)

@@ -61,7 +61,10 @@ def test_eyes_closed_alpha_with_auto_calibration(raw):
     entries = [tc for tc, lab in changes if lab is Label.TARGET]
     assert 29.0 <= entries[0] <= 32.0, entries
     eyes_closed = (t > 31) & (t < 74) & (labels != Label.ARTIFACT.value)
-    assert np.mean(labels[eyes_closed] == Label.TARGET.value) > 0.85
+    # 0.74 with enter 2.5, dwell_s 0.5 and no resume after an artifact (0.85 with enter 1.5,
+    # dwell 0.25 and resume, which let an eyes-open alpha burst in at 6.5 s, resumed the target
+    # as the eyes opened, and fired on eyes-open swings of a simulated 64-ch recording)
+    assert np.mean(labels[eyes_closed] == Label.TARGET.value) > 0.7
     assert not np.any(labels[t < 29.0] == Label.TARGET.value)
     assert not np.any(labels[t > 80.0] == Label.TARGET.value)
     # blinks (first seconds) and jaw clenches (~8-17 s, and again from ~80 s) are flagged
@@ -89,10 +92,12 @@ def test_blinks_and_jaw_raise_flags_not_the_state(raw):
     labels = _labels(changes, t, fs, Label.NON_TARGET)
     early = t < 17.0
     assert not np.any(labels[early] == Label.TARGET.value)
-    assert np.mean(labels[early] == Label.ARTIFACT.value) > 0.85
+    # 72 % since the amplitude check looks below 5 Hz: the gaps between blinks are no longer
+    # flagged for their alpha (95 % before, part of it alpha called 'amplitude')
+    assert np.mean(labels[early] == Label.ARTIFACT.value) > 0.65
     flagged = [s for s in states if s.t_stream < 17.0 and s.label is Label.ARTIFACT]
     assert all(s.artifacts for s in flagged)
     assert any(r.startswith("amplitude:Fp") for s in flagged for r in s.artifacts)
     assert any(r.startswith("muscle:") for s in flagged for r in s.artifacts)
     eyes_closed = (t > 31) & (t < 74) & (labels != Label.ARTIFACT.value)
-    assert np.mean(labels[eyes_closed] == Label.TARGET.value) > 0.85
+    assert np.mean(labels[eyes_closed] == Label.TARGET.value) > 0.7  # 0.74 with enter 2.5

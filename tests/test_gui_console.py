@@ -43,6 +43,7 @@ def _config(name: str, **extra) -> SessionConfig:
         "source.stype": None,
         "source.resolve_timeout_s": 40.0,
         "state.calibration_s": CALIBRATION_S,
+        "artifacts.learn_s": 2.0,  # issue 20's artifact learning (10 s by default), kept short
         # the Muse-like file has no 10-20 midline channels
         "bandpower.groups": {"frontal_midline": ["AF7", "AF8"], "posterior": ["TP9", "TP10"]},
         # thresholds far below the baseline: the target state holds almost all the time, so a

@@ -164,3 +164,44 @@ def test_model_and_health_line_follow_the_participant_audio_device():
     assert ">reopened<" in line
     assert "lost 1x, reopened 1x" in line
     assert "no audio callback" not in line
+
+
+def test_model_calibration_progress_failure_and_bad_channels():
+    """Issue 20: the console shows what holds the baseline back, a failure as a red banner, and
+    the bad channels with the baseline's own score spread."""
+    m = ConsoleModel()
+    m.apply([_ev("calibration", phase="started", source="auto")])
+    m.apply(
+        [
+            _ev(
+                "calibration",
+                phase="progress",
+                clean_s=12.0,
+                target_s=45.0,
+                recent_flagged=0.6,
+                recent_s=10,
+                top=[["amplitude:Fp1", 0.5], ["muscle:T8", 0.2]],
+                bad_channels={"CP6": "flat"},
+            )
+        ]
+    )
+    assert "60% of the last 10 s flagged: amplitude:Fp1 50%" in m.calibration_note
+    assert m.bad_channels == {"CP6": "flat"}
+    m.apply([_ev("calibration", phase="failed", reason="calibration failed at calibration_max_s")])
+    assert m.calibration_phase == "failed"
+    assert m.banner is not None
+    assert "CALIBRATION FAILED" in m.banner.text
+    m.apply([_ev("calibration", phase="started", source="console")])
+    m.apply(
+        [
+            _ev(
+                "calibration",
+                phase="done",
+                baseline={},
+                baseline_score={"p10": -1.2, "p50": 0.0, "p90": 1.3, "above_enter": 0.01},
+                bad_channels={"C4": "deviation"},
+            )
+        ]
+    )
+    assert "p10/p50/p90 -1.2/+0.0/+1.3" in m.calibration_note
+    assert "bad: C4" in m.calibration_note

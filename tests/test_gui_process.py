@@ -153,6 +153,7 @@ def test_sigkill_of_the_console_leaves_the_child_disarmed_with_a_complete_folder
         "source.stype": None,
         "source.resolve_timeout_s": 40.0,
         "state.calibration_s": CALIBRATION_S,
+        "artifacts.learn_s": 2.0,  # issue 20's artifact learning (10 s by default), kept short
         "bandpower.groups": {"frontal_midline": ["AF7", "AF8"], "posterior": ["TP9", "TP10"]},
         "recording.xdf": False,
         "session.publish_lsl": False,

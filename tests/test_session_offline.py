@@ -47,7 +47,9 @@ def test_offline_session_fires_inside_target_epochs_and_writes_a_complete_folder
     }
     audit = read_jsonl(folder / "audit.jsonl")
     fired = [a for a in audit if a.get("event") == "attempt" and a["fired"]]
-    assert summary["pulses"] == len(fired) >= 3
+    # 2 since issue 20 (4 before): the calibration learns artifact limits for 10 s first and
+    # the blink checks look through a 5 Hz low-pass, so the first epoch after it is shorter
+    assert summary["pulses"] == len(fired) >= 2
     assert fraction_inside([a["t_stream"] for a in fired], target_epochs(recording)) >= 0.9
     assert json.loads((folder / "summary.json").read_text())["pulses"] == len(fired)
     assert summary["final_interlock"] == "disarmed"  # shutdown disarms first
@@ -115,7 +117,7 @@ def test_offline_blocks_give_the_pulses_of_single_chunks(recording, tmp_path, bl
     ref_summary = ref.run()
     got, summary = run_offline(raw, tmp_path / "got", config=config)
     expected = _decisions(ref.folder)
-    assert sum(1 for r in expected if r.get("fired")) >= 3
+    assert sum(1 for r in expected if r.get("fired")) >= 2  # 2 since issue 20's learning
     reasons = [r.get("reason", "") for r in expected if r.get("event") == "interlock"]
     assert any("non-finite" in r for r in reasons)
     assert _decisions(got.folder) == expected

@@ -20,14 +20,14 @@ from closedloop.scoring import read_outcome, score_outcome, score_table, target_
 # Small and fast: 8 channels at 128 Hz, 100 s, short state blocks so each file has several
 # target epochs after a 20 s calibration.
 MONTAGE = ["Fp1", "Fz", "FCz", "Cz", "Pz", "O1", "Oz", "O2"]
-DURATION_S = 100.0
+DURATION_S = 130.0  # 100 before issue 20: 30 s more for the clean baseline
 SFREQ = 128.0
 CONFIG_YAML = """\
 source: {chunk_size: 16}
 state: {calibration_s: 20.0, calibration_max_s: 60.0}
 safety: {min_interval_s: 2.0}
 """
-GRID = ["state.enter=0.5,1.5,3", "trigger.dwell_s=0.5,2"]
+GRID = ["state.enter=1.5,2.5,3.5", "trigger.dwell_s=0.5,2"]  # above leave 1.0 (default)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,8 @@ def data(tmp_path_factory) -> dict:
             block_s=(10.0, 20.0),
             emg_per_min=0.0,
             bad_channel=False,
+            # no target in the baseline: warm-up 2 + learning 10 + settle 2.25 + 20 s + blinks
+            baseline_s=36.0,
         )
         path = root / f"sim_seed{seed}_raw.fif"
         raw.save(path, verbose="error")
@@ -119,8 +121,8 @@ def test_recommendation_meets_objective_held_out(tuned):
         assert getattr(getattr(config, section), name) == value
     assert config.state.calibration_s == 20.0
     assert config.source.chunk_size == 16
-    # the setting 'enter 3' should be too strict to hit 80 % of epochs, so it cannot be chosen
-    assert rec["overrides"]["state.enter"] != 3
+    # the setting 'enter 3.5' should be too strict to hit 80 % of epochs, so it cannot be chosen
+    assert rec["overrides"]["state.enter"] != 3.5
     assert s["speed"]["x_real_time_median"] > 0  # a figure is reported (no timing assertion)
 
 
@@ -324,7 +326,7 @@ def test_real_edf_recording(shared_data, tmp_path):
         "state.calibration_s=20",
         "--set",
         "artifacts.enabled=false",
-        "--grid=state.enter=0.5,2",
+        "--grid=state.enter=1.5,3",
         "--require",
         "none",
         "--jobs",
@@ -341,5 +343,5 @@ def test_real_edf_recording(shared_data, tmp_path):
     assert len(rows) == 2
     # a higher enter threshold never asks for more pulses on the same data
     n = {float(r["state.enter"]): int(r["n_pulses_requested"]) for r in rows}
-    assert n[2.0] <= n[0.5]
+    assert n[3.0] <= n[1.5]
     assert _png_size(out / "trace_0.png")[0] > 0
