@@ -98,6 +98,7 @@ class Replayer:
         progress: bool = True,
         wait_for_consumers_s: float = 0.0,
         drop: tuple[int, int] | None = None,
+        start_s: float = 0.0,
     ) -> None:
         """Prepare the data (in stream units) and the stream descriptions.
 
@@ -108,6 +109,7 @@ class Replayer:
             (inf: until one connects), so that a consumer gets the stream from sample 0.
         drop: (first, count) global sample indices never pushed (fault injection for tests:
             the timestamps and the counter then show the gap).
+        start_s: skip this much of the recording (s); annotations keep their place.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -120,6 +122,12 @@ class Replayer:
         if drop is not None and (drop[0] < 0 or drop[1] < 1):
             raise ValueError(f"drop must be (first >= 0, count >= 1), got {drop}")
         raw = _load(raw_or_path)
+        if start_s:
+            if not 0.0 <= start_s < raw.times[-1]:
+                raise ValueError(
+                    f"start_s must be in [0, {raw.times[-1]:g}) s of the recording, got {start_s}"
+                )
+            raw.crop(tmin=start_s)
         self._source = (
             str(raw_or_path)
             if isinstance(raw_or_path, str | Path)
@@ -465,6 +473,13 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         metavar="SECONDS",
         help="wait up to SECONDS (inf: forever) for a consumer before streaming",
     )
+    parser.add_argument(
+        "--start",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="skip this much of the recording (annotations keep their place)",
+    )
     # Fault injection for tests: never push samples [FIRST, FIRST + COUNT).
     parser.add_argument(
         "--drop",
@@ -493,6 +508,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         wait_for_consumers_s=args.wait_consumers,
         drop=tuple(args.drop) if args.drop else None,
+        start_s=args.start,
     )
 
     def on_signal(signum: int, frame: object) -> None:

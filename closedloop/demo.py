@@ -16,10 +16,12 @@ from closedloop.config import SessionConfig
 from closedloop.errors import UserError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "replay_data" / "sim_32ch_500hz.fif"
-# The bundled recording opens with 26 s of mind wandering before its first meditation block:
-# a 20 s baseline fits inside it (warm-up 2 s + settle 1.5 s + 20 s = 23.5 s), so the first pulse
-# comes at about 29 s instead of after a 60 s baseline that would also swallow a target block.
-DEMO_CALIBRATION_S = 20.0
+# The bundled recording opens with 65 s of mind wandering (a clean baseline for the tuner's 45 s
+# calibration) before its first meditation block. The demo replays it from DEMO_START_S with a
+# DEMO_CALIBRATION_S baseline: warm-up 2 s + artifact learning 10 s + settle 1.5 s + 15 s = 28.5 s
+# of the 31 s left before the block, so a newcomer sees the first pulse about 33 s in, not 67 s.
+DEMO_CALIBRATION_S = 15.0
+DEMO_START_S = 34.0
 
 
 def has_display() -> bool:
@@ -52,6 +54,7 @@ def start_replayer(
     speed: float = 1.0,
     loop: str = "1",
     wait_consumers_s: float = 60.0,
+    start_s: float = 0.0,
 ) -> subprocess.Popen:
     """Run `python -m acquisition.replayer` in its own process (as a lab's amplifier would be).
 
@@ -73,6 +76,8 @@ def start_replayer(
         "--no-progress",
         "--wait-consumers",
         str(wait_consumers_s),
+        "--start",
+        str(start_s),
     ]
     # its own process group, as an amplifier app would be: Ctrl-C in the terminal stops the
     # session (which prints its summary), not the stream under it
@@ -123,7 +128,9 @@ def run_demo(
     config = demo_config(config, name, source_id, bundled=bundled)
     if duration_s is not None:
         config.session.duration_s = duration_s
-    replayer = start_replayer(recording, name, source_id, speed)
+    replayer = start_replayer(
+        recording, name, source_id, speed, start_s=DEMO_START_S if bundled else 0.0
+    )
     try:
         gui_ok, why = (False, "") if headless or not has_display() else qt_window_works()
         if why:
@@ -141,7 +148,11 @@ def run_demo(
             f"closedloop demo: headless: replaying {recording.name} as LSL stream "
             f"'{name}', simulated stimulator, auto-armed after a "
             f"{config.state.calibration_s:g} s baseline"
-            + (" (shortened for the bundled simulation)" if bundled else "")
+            + (
+                f" (shortened for the bundled simulation, replayed from {DEMO_START_S:g} s)"
+                if bundled
+                else ""
+            )
             + ". Ctrl-C stops.",
             file=sys.stderr,
         )

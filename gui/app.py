@@ -13,14 +13,14 @@ from pathlib import Path
 from PySide6 import QtWidgets
 
 from closedloop.config import SessionConfig, apply_overrides
-from closedloop.demo import BUNDLED, demo_config, has_display, start_replayer
+from closedloop.demo import BUNDLED, DEMO_START_S, demo_config, has_display, start_replayer
 from closedloop.errors import UserError
 from gui.procrunner import yield_cpu_to_sessions
 from gui.window import ConsoleWindow
 
-SCREENSHOT_CALIBRATION_S = 10.0  # short baseline; the first pulse comes ~73 s into the replay
-# (the bundled file is target-free for its first 65 s, issue 20)
-SCREENSHOT_TIMEOUT_S = 150.0  # give up waiting for a pulse after this long (wall clock)
+SCREENSHOT_CALIBRATION_S = 10.0  # short baseline; replayed from DEMO_START_S (the bundled file
+# is target-free for its first 65 s, issue 20), the first pulse comes ~33 s into the replay
+SCREENSHOT_TIMEOUT_S = 120.0  # give up waiting for a pulse after this long (wall clock)
 SCREENSHOT_AFTER_PULSE_S = 4.0  # let the raster and traces move on a little after the pulse
 SCREENSHOT_SIZE = (1600, 1000)
 # GIL switch interval while the console runs (Python's default is 5 ms). Matters only when the
@@ -107,7 +107,7 @@ def take_screenshot(
     if out_root is None:
         tmp = tempfile.TemporaryDirectory(prefix="closedloop-screenshot-")
         out_root = Path(tmp.name)
-    replayer = start_replayer(BUNDLED, name, source_id, speed=1.0)
+    replayer = start_replayer(BUNDLED, name, source_id, speed=1.0, start_s=DEMO_START_S)
     app = _app()
     sys.setswitchinterval(GUI_SWITCH_INTERVAL_S)
     win = ConsoleWindow(cfg, out_root=out_root, arm_action="screenshot_auto_arm")

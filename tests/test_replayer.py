@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pylsl
@@ -309,3 +310,28 @@ def test_main_reports_a_missing_file_without_a_traceback(tmp_path, capsys):
         main([str(tmp_path / "missing_raw.fif")])
     assert exc.value.code == 2
     assert "missing_raw.fif" in capsys.readouterr().err
+
+
+def test_start_skips_the_beginning_and_keeps_the_annotations_in_place():
+    """`--start` (the demo replays the bundled file from 34 s): the data and the markers are the
+    recording's from that second on."""
+    from acquisition.readers import load_recording
+
+    path = Path(__file__).resolve().parents[1] / "replay_data" / "sim_4ch_256hz.fif"
+    raw = load_recording(path)
+    full = Replayer(path, progress=False)
+    late = Replayer(path, progress=False, start_s=34.0)
+    skip = round(34.0 * raw.info["sfreq"])
+    assert late.n_times == full.n_times - skip
+    after = full._marker_idx > skip
+    moved = late._marker_idx > 0
+    assert late._marker_idx[moved].tolist() == (full._marker_idx[after] - skip).tolist()
+    assert [d for d, m in zip(late._marker_desc, moved, strict=True) if m] == [
+        d for d, a in zip(full._marker_desc, after, strict=True) if a
+    ]
+    # an annotation running across the start (the first mind-wandering block) starts at 0
+    assert [d for d, m in zip(late._marker_desc, moved, strict=True) if not m] == [
+        "mind_wandering"
+    ]
+    with pytest.raises(ValueError, match="start_s"):
+        Replayer(path, progress=False, start_s=1e6)
