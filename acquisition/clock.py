@@ -66,7 +66,9 @@ class ClockModel:
     is suspect (seconds). max_chunk: largest chunk `update` is given (buffers are sized to it).
     report_early: False for the arrival check (see `update_backdated`): early is never a fault.
     After `update` returns GAP / RESET / RATE, `missing` (samples), `excess_s` (seconds from
-    the line) and `t_event` (dejittered time of the first sample after the hole / jump) tell
+    the line) and `t_event` (the dejittered time, as emitted, of the first sample after the
+    hole / jump; the suspect chunk's stamps still continue the line: the jump shows from the
+    confirming chunk on) tell
     what happened.
     """
 
@@ -151,7 +153,7 @@ class ClockModel:
         x = self._x[:n]
         np.subtract(ts, self._ramp[:n], out=x)
         x -= self._anchor + self._k * self.period
-        return self._judge(float(x[0]), float(x[-1]), float(x.min()), n, out, float(ts[0]))
+        return self._judge(float(x[0]), float(x[-1]), float(x.min()), n, out, float(ts[0]), x)
 
     def update_backdated(self, t_last: float, n: int) -> int:
         """Judge n samples of which the last one exists at t_last (the others back-dated by
@@ -160,7 +162,7 @@ class ClockModel:
         if math.isnan(self._anchor):
             self._anchor = t_first
         x = t_first - self._anchor - self._k * self.period
-        return self._judge(x, x, x, n, None, t_first)
+        return self._judge(x, x, x, n, None, t_first, None)
 
     def skip(self, n: int) -> None:
         """Count n samples (received, or missing as another check found) without judging."""
@@ -175,8 +177,10 @@ class ClockModel:
         n: int,
         out: np.ndarray | None,
         t_first: float,
+        x: np.ndarray | None,
     ) -> int:
-        """The chunk's offsets (first, last, smallest; seconds) against the line."""
+        """The chunk's offsets (first, last, smallest; seconds; all of them in x if known)
+        against the line."""
         period = self.period
         if math.isinf(self._run_min):
             self._run_min = x_min
@@ -192,7 +196,7 @@ class ClockModel:
                 excess = min(self._pending_excess, late)
                 self.missing = max(1, round(excess / period))
                 self.excess_s = excess
-                self.t_event = self._pending_t + self.missing * period
+                self.t_event = self._pending_t  # as emitted: the chunks' timeline
                 self.n_gaps += 1
                 verdict = GAP
                 jump = True
@@ -218,6 +222,8 @@ class ClockModel:
             # after it then only lower the running minimum, with no reset reported.
             self.reset(keep_slope=True)
             self._anchor = t_first
+            if x is not None:
+                x -= x_first
             x_min -= x_first
             x_last -= x_first
             x_first = 0.0
@@ -228,7 +234,10 @@ class ClockModel:
             # Late: keep it out of the fit until the next chunk says why.
             self._pending = 1
             self._pending_excess = dev
-            self._pending_t = self._emit(pred, n, out, jump)
+            first = self._emit(pred, n, out, jump)
+            # the first late sample: the first one after the hole (rare path, one numpy call)
+            i = 0 if x is None or x_first - pred > tol else int(np.argmax(x > pred + tol))
+            self._pending_t = first + i * (self.period + self._b)
         elif -dev > tol and self._fitted and not self.report_early:
             # Arrival check: samples coming faster than the line (a replay at speed, a burst
             # after a stall) are no fault; start the line again from here.

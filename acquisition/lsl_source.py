@@ -25,6 +25,15 @@ Choices, with the numbers measured on this machine (pylsl 1.18.6 / liblsl 1.18, 
   the stream, so it survives an outlet restart). No `proc_dejitter` (tens of seconds to
   settle) and no `proc_monotonize` (it would hide the backward steps we want to report):
   timestamps are the raw sender timestamps plus the offset.
+- Loss, not jitter: amplifier apps stamp chunks when they push them, so raw timestamp steps
+  range from below zero to several periods with nothing missing. A clock model of the stream
+  (acquisition/clock.py: lower envelope of timestamp against sample count, robust, following
+  drift) says where each chunk should lie; GAP only when a chunk and the next both lie more than
+  the jitter tolerance later (samples are missing), CLOCK_RESET when both lie that far earlier.
+  A second model of the same kind on the arrival times (local clock) catches loss in a stream
+  whose sender stamps by sample count (its timestamps never jump). `Chunk.timestamps` are the
+  model's (dejittered: an exact grid at the fitted rate); `Chunk.raw_timestamps` the sender's
+  plus the offset (the XDF recording holds the sender's).
 - Units: values are converted to volts with each channel's `unit` from the stream description
   (`microvolts`, `millivolts`, `volts`, ..., or mne-lsl's power-of-ten codes such as `-6`).
 """
@@ -42,7 +51,9 @@ import pylsl
 from pylsl.util import LostError
 from pylsl.util import TimeoutError as LslTimeoutError
 
+from acquisition import clock as clock_mod
 from acquisition.chunk import Chunk, HealthEvent, HealthKind
+from acquisition.clock import ClockModel
 
 # liblsl keeps this many seconds of samples for a slow reader; a real-time loop that is this far
 # behind has other problems, and a smaller buffer bounds memory for wide/fast streams.
@@ -66,8 +77,12 @@ RESTORE_INFO_TIMEOUT_S = 0.05
 # After the first sample of a chunk wakes a blocking pull, wait at most this long for the rest
 # (see _wait_for_samples).
 CHUNK_SETTLE_S = 3e-4
-# A timestamp step above this many sample periods is a GAP (DESIGN: 1.5 / fs).
-GAP_TOLERANCE_PERIODS = 1.5
+# How far a chunk may lie from the stream's clock model before it is suspect (see
+# acquisition/clock.py). Measured here (benchmarks/bench_clock.py): push-time stamps with USB
+# jitter and 16 ms FTDI bursts stay within ~17 ms of the model; a lost 10-sample chunk at
+# 250 Hz is 40 ms, 30 samples at 1 kHz 30 ms. Never below MIN_TOLERANCE_PERIODS periods.
+DEFAULT_JITTER_TOLERANCE_S = 0.020
+MIN_TOLERANCE_PERIODS = 2.0
 
 _FORMAT_NAMES = {
     pylsl.cf_float32: "float32",
@@ -227,6 +242,7 @@ class LslSource:
         expected_sfreq: float | None = None,
         expected_n_channels: int | None = None,
         missing_unit: str = "microvolts",
+        jitter_tolerance_s: float = DEFAULT_JITTER_TOLERANCE_S,
     ) -> None:
         """Select a stream by any of name / stype / source_id (None: any).
 
@@ -236,6 +252,8 @@ class LslSource:
         missing_unit: unit assumed for EEG-like channels (by channel type, else stream type)
             whose description gives none (the LSL / XDF convention for EEG is microvolts);
             other unit-less channels and the counter channel are passed through unscaled.
+        jitter_tolerance_s: how far (seconds) a chunk may lie from the clock model before it
+            counts as loss (late) or a clock reset (early); raised to 2 sample periods.
         """
         if resolve_timeout_s <= 0 or not math.isfinite(resolve_timeout_s):
             raise ValueError(f"resolve_timeout_s must be > 0 and finite, got {resolve_timeout_s}")
@@ -247,6 +265,8 @@ class LslSource:
             raise ValueError(f"expected_sfreq must be >= 0, got {expected_sfreq}")
         if expected_n_channels is not None and expected_n_channels < 1:
             raise ValueError(f"expected_n_channels must be >= 1, got {expected_n_channels}")
+        if not 0 < jitter_tolerance_s <= 10 or not math.isfinite(jitter_tolerance_s):
+            raise ValueError(f"jitter_tolerance_s must be in (0, 10], got {jitter_tolerance_s}")
         if unit_scale(missing_unit) is None:
             raise ValueError(f"missing_unit {missing_unit!r} is not a voltage unit")
         self._pred = build_predicate(name, stype, source_id)
@@ -260,6 +280,7 @@ class LslSource:
         self._expected_sfreq = expected_sfreq
         self._expected_n_channels = expected_n_channels
         self._missing_unit = missing_unit
+        self._jitter_tolerance_s = float(jitter_tolerance_s)
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -275,7 +296,8 @@ class LslSource:
         self._scales: np.ndarray | None = None
         self._scaled = False
         self._counter_idx: int | None = None
-        self._gap_s = math.inf
+        self._clock: ClockModel | None = None  # timestamps against sample count
+        self._arrival: ClockModel | None = None  # arrival (local clock) against sample count
         self._empty_data = np.zeros((0, 0))
         self._empty_ts = np.zeros(0)
         self._time_correction = 0.0
@@ -421,6 +443,16 @@ class LslSource:
         return self._time_correction
 
     @property
+    def jitter_tolerance_s(self) -> float:
+        """The tolerance in use: the one asked for, at least 2 sample periods (nan if unknown)."""
+        return self._clock.tolerance_s if self._clock is not None else math.nan
+
+    @property
+    def clock(self) -> ClockModel | None:
+        """The stream's clock model (None before connect or for an irregular stream)."""
+        return self._clock
+
+    @property
     def n_received(self) -> int:
         """Samples received since connect()."""
         return self._n_received
@@ -479,7 +511,8 @@ class LslSource:
 
         if now >= self._next_tc_refresh:
             self._refresh_time_correction(inlet, now)
-        timestamps = ts + self._time_correction  # new array: the chunk owns its timestamps
+        np.add(ts, self._time_correction, out=ts)  # raw stamps (ts is pylsl's new array)
+        timestamps = ts if self._clock is None else np.empty(n)  # the chunk owns both arrays
         if self._scaled:
             data = np.multiply(buffer[:n], self._scales, dtype=np.float64)
         else:
@@ -488,6 +521,8 @@ class LslSource:
         if self._stale:
             self._stale = False
             self._liveness = None
+            if self._arrival is not None:  # a pause is no loss if the timestamps say so
+                self._arrival.reset(keep_slope=True)
             events.append(
                 HealthEvent(
                     HealthKind.FLOWING,
@@ -496,7 +531,9 @@ class LslSource:
                     f"samples again after {now - self._last_sample_local:.3f} s",
                 )
             )
-        self._check_timestamps(timestamps, now, events)
+        if self._clock is not None:
+            self._check_clock(ts, timestamps, now, events)
+        self._last_ts = float(timestamps[-1])
         if self._counter_idx is not None:
             self._check_counter(data[:, self._counter_idx], timestamps, now, events)
         if not np.isfinite(data).all():
@@ -515,7 +552,7 @@ class LslSource:
         self._n_received += n
         self._recent_sizes.append(n)
         desc = self._require_desc()
-        return Chunk(data, timestamps, desc.ch_names, desc.sfreq, tuple(events), now)
+        return Chunk(data, timestamps, desc.ch_names, desc.sfreq, tuple(events), now, ts)
 
     def _wait_for_samples(self, inlet: pylsl.StreamInlet, timeout_s: float) -> np.ndarray:
         """Block (in liblsl) until one sample arrives, then take the rest of its chunk.
@@ -551,28 +588,76 @@ class LslSource:
         return np.concatenate(parts) if len(parts) > 1 else first
 
     # ------------------------------------------------------------ health checks
-    def _check_timestamps(self, ts: np.ndarray, now: float, events: list[HealthEvent]) -> None:
-        if math.isnan(self._last_ts):
-            steps = np.diff(ts)
-            offset = 1
-        else:
-            steps = np.diff(ts, prepend=self._last_ts)
-            offset = 0
-        self._last_ts = float(ts[-1])
-        bad = (steps > self._gap_s) | (steps <= 0.0)
-        if not bad.any():
-            return
-        idx = np.flatnonzero(bad)
-        worst = float(steps[idx[np.argmax(np.abs(steps[idx]))]])
-        events.append(
-            HealthEvent(
-                HealthKind.GAP,
-                float(ts[idx[0] + offset]),
-                now,
-                f"{idx.size} timestamp step(s) outside (0, {self._gap_s * 1e3:.2f} ms]; "
-                f"largest {worst * 1e3:.2f} ms",
+    def _check_clock(
+        self, raw: np.ndarray, out: np.ndarray, now: float, events: list[HealthEvent]
+    ) -> None:
+        """Judge the chunk against the clock models; `out` gets the dejittered stamps."""
+        clock, arrival = self._clock, self._arrival
+        assert clock is not None
+        assert arrival is not None
+        verdict = clock.update(raw, out)
+        n = raw.shape[0]
+        tol_ms = clock.tolerance_s * 1e3
+        if verdict == clock_mod.GAP:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    clock.t_event,
+                    now,
+                    f"~{clock.missing} sample(s) missing: timestamps "
+                    f"{clock.excess_s * 1e3:.1f} ms later than the stream clock expects, two "
+                    f"chunks running (jitter tolerance {tol_ms:g} ms)",
+                )
             )
-        )
+        elif verdict == clock_mod.RESET:
+            events.append(
+                HealthEvent(
+                    HealthKind.CLOCK_RESET,
+                    clock.t_event,
+                    now,
+                    f"timestamps jumped back {-clock.excess_s * 1e3:.1f} ms against the stream "
+                    f"clock, two chunks running (jitter tolerance {tol_ms:g} ms)",
+                )
+            )
+        elif verdict == clock_mod.RATE:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    clock.t_event,
+                    now,
+                    f"effective rate {clock.rate_hz:.2f} Hz is more than "
+                    f"{clock_mod.MAX_RATE_SHORTFALL:.0%} below the nominal {clock.sfreq:g} Hz "
+                    "(samples lost a few at a time)",
+                )
+            )
+        if verdict != clock_mod.OK:
+            arrival.reset(keep_slope=True)  # one event per loss: the arrival line restarts
+        if n >= self._max_chunk:
+            arrival.skip(n)  # a backlog: its last sample did not just arrive
+            return
+        verdict = arrival.update_backdated(now, n)
+        if verdict == clock_mod.GAP:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    float(out[0]),
+                    now,
+                    f"~{arrival.missing} sample(s) missing: samples arrive "
+                    f"{arrival.excess_s * 1e3:.1f} ms later than their count says, two chunks "
+                    f"running, while their timestamps are continuous (jitter tolerance "
+                    f"{tol_ms:g} ms)",
+                )
+            )
+        elif verdict == clock_mod.RATE:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    float(out[0]),
+                    now,
+                    f"samples arrive at {arrival.rate_hz:.2f} Hz, more than "
+                    f"{clock_mod.MAX_RATE_SHORTFALL:.0%} below the nominal {arrival.sfreq:g} Hz",
+                )
+            )
 
     def _check_counter(
         self, counter: np.ndarray, ts: np.ndarray, now: float, events: list[HealthEvent]
@@ -717,7 +802,8 @@ class LslSource:
         self._resolver = None
         self._lost = False
         self._setup_layout(new)
-        # A restarted stream starts a new timeline and counter: continuity checks restart.
+        # A restarted stream starts a new timeline and counter: continuity checks restart
+        # (_setup_layout made new clock models).
         self._last_ts = math.nan
         self._last_counter = math.nan
         self._last_sample_local = now
@@ -791,7 +877,12 @@ class LslSource:
                 scales[k] = 1.0 if scale is None else scale  # not a voltage: keep as is
         self._scales = scales
         self._scaled = bool(np.any(scales != 1.0))
-        self._gap_s = GAP_TOLERANCE_PERIODS / desc.sfreq if desc.sfreq > 0 else math.inf
+        if desc.sfreq > 0:
+            tol = max(self._jitter_tolerance_s, MIN_TOLERANCE_PERIODS / desc.sfreq)
+            self._clock = ClockModel(desc.sfreq, tol, self._max_chunk)
+            self._arrival = ClockModel(desc.sfreq, tol, self._max_chunk, report_early=False)
+        else:  # irregular rate: no clock to hold samples against
+            self._clock = self._arrival = None
 
     def _empty_chunk(self, events: list[HealthEvent], now: float) -> Chunk:
         desc = self._require_desc()
