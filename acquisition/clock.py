@@ -12,12 +12,14 @@ envelope* of `offset(k) = t(k) - k / sfreq` (k: index of the sample since the an
   29% outlying blocks) is fitted through them, so the line follows slow drift (a crystal that is
   100 ppm off moves the offset by 6 ms a minute) and ignores late chunks. Before the first fit
   (`MIN_FIT_BLOCKS` blocks) the running minimum is the model.
-- A chunk whose last sample lies more than `tolerance_s` above the line is a *suspect*; the next
-  chunk confirms it (also late: samples are missing, report a gap and count them into the
-  index so that the model continues) or clears it (on time again: the suspect was only stamped
-  late, e.g. a sender descheduled for 25 ms). Symmetrically, a chunk more than `tolerance_s`
-  below the line, confirmed by the next, is a clock reset (the sender's clock jumped back; the
-  model starts again). Within the tolerance, every step is jitter.
+- A chunk whose last sample lies more than `tolerance_s` above the line is a *suspect*; the
+  next chunk confirms it (late by as much: samples are missing, a gap is reported and the line
+  starts again from there) or clears it (on time again: the suspect was only stamped late; or
+  less late by a sample or more: a sender that stalled, e.g. descheduled for 50 ms, pushing its
+  backlog, all stamped at once; then that chunk is the suspect and the next one judges).
+  Symmetrically, a chunk more than `tolerance_s` below the line, confirmed by the next, is a
+  clock reset (the sender's clock jumped back; the model starts again). Within the tolerance,
+  every step is jitter.
 - An effective rate more than `MAX_RATE_SHORTFALL` below nominal over the window (the fitted
   line rising faster than any crystal drifts) is reported once too: samples lost a few at a
   time, each loss below the tolerance.
@@ -192,7 +194,11 @@ class ClockModel:
         jump = False
         if self._pending > 0:
             late = x_first - pred
-            if late > tol:  # still late: samples are missing
+            # Still late, and not less so: samples are missing. A sender that stalled and then
+            # pushes its backlog stamps it all at about the same time, so the lateness drops by
+            # the length of a push, at least one sample; a loss keeps it. If it dropped, this
+            # chunk becomes the suspect (below) and the next one judges again.
+            if late > tol and self._pending_excess - late < 0.5 * period:
                 excess = min(self._pending_excess, late)
                 self.missing = max(1, round(excess / period))
                 self.excess_s = excess

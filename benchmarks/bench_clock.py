@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
 import subprocess
 import sys
@@ -50,9 +51,10 @@ class Watched:
     done: bool = False
     unit: Any = None  # an armed TriggerUnit fed this stream's health events (arm_dir given)
     t_disarmed: float = float("nan")  # local clock of the first disarm
+    disarm_reason: str = ""
+    armed: bool = False  # still armed at the end (before the unit was closed)
 
-    @property
-    def armed(self) -> bool:
+    def _armed_now(self) -> bool:
         return self.unit is not None and self.unit.interlock.state.value != "disarmed"
 
     @property
@@ -123,28 +125,37 @@ def watch(
         text=True,
     )
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     out = {
         s["name"]: Watched(s["name"], s["pattern"], s["sfreq"], s.get("lose_n", 0)) for s in specs
     }
     sources = {}
     try:
+        pending = [""]
 
-        def read_lines(wait_s: float) -> None:
+        def read_lines(wait_s: float) -> list[str]:
+            """Complete lines the pushers printed (os.read: no buffering hides lines from
+            select)."""
+            lines: list[str] = []
             while sel.select(timeout=wait_s):
-                line = proc.stdout.readline()
-                if not line:
-                    return
-                parts = line.split()
-                if parts[0] == "LOSS":
-                    out[parts[1]].t_loss_push = float(parts[2])
-                elif parts[0] == "DONE":
-                    out[parts[1]].done = True
+                data = os.read(fd, 65536).decode()
+                if not data:
+                    break
+                pending[0] += data
                 wait_s = 0.0
+            *lines, pending[0] = pending[0].split("\n")
+            for line in lines:
+                parts = line.split()
+                if parts and parts[0] == "LOSS":
+                    out[parts[1]].t_loss_push = float(parts[2])
+                elif parts and parts[0] == "DONE":
+                    out[parts[1]].done = True
+            return lines
 
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while proc.stdout.readline().strip() != "READY":
+        while "READY" not in read_lines(0.1):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("pushers did not start")
         for s in specs:
@@ -174,8 +185,9 @@ def watch(
                 if w.unit is not None and w.n_samples:
                     for e in chunk.events:
                         w.unit.on_health(e)
-                    if not w.armed and w.t_disarmed != w.t_disarmed:
+                    if not w._armed_now() and w.t_disarmed != w.t_disarmed:
                         w.t_disarmed = local_clock()
+                        w.disarm_reason = w.unit.interlock.last_reason
                 if chunk.n_samples:
                     got += 1
                     w.n_samples += chunk.n_samples
@@ -193,6 +205,7 @@ def watch(
             src.disconnect()
         for w in out.values():
             if w.unit is not None:
+                w.armed = w._armed_now()
                 w.unit.close()
         proc.terminate()
         try:
@@ -201,6 +214,8 @@ def watch(
             proc.kill()
             proc.wait(10)
         proc.stdout.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
         sel.close()
     return list(out.values())
 

@@ -120,6 +120,9 @@ def push_stream(
             loss_reported = True
             if on_loss is not None:
                 on_loss(pylsl.local_clock())
+    if held:  # usb: the last chunk was held back; it goes out alone
+        outlet.push_chunk(data[np.asarray(held) % 1024], pylsl.local_clock())
+        pushed += len(held)
     return pushed
 
 
