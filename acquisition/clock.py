@@ -67,6 +67,9 @@ class ClockModel:
     sfreq: nominal rate (Hz, > 0). tolerance_s: how far a chunk may lie from the line before it
     is suspect (seconds). max_chunk: largest chunk `update` is given (buffers are sized to it).
     report_early: False for the arrival check (see `update_backdated`): early is never a fault.
+    confirm_s: 0 (timestamps): the next chunk confirms a late suspect. > 0 (arrival check): a
+    loss only once every chunk for confirm_s of samples was late (the arrival of samples whose
+    sender stamps them by count carries its scheduling stalls, which a window rides out).
     After `update` returns GAP / RESET / RATE, `missing` (samples), `excess_s` (seconds from
     the line) and `t_event` (the dejittered time, as emitted, of the first sample after the
     hole / jump; the suspect chunk's stamps still continue the line: the jump shows from the
@@ -75,7 +78,13 @@ class ClockModel:
     """
 
     def __init__(
-        self, sfreq: float, tolerance_s: float, max_chunk: int, *, report_early: bool = True
+        self,
+        sfreq: float,
+        tolerance_s: float,
+        max_chunk: int,
+        *,
+        report_early: bool = True,
+        confirm_s: float = 0.0,
     ) -> None:
         if not sfreq > 0 or not math.isfinite(sfreq):
             raise ValueError(f"sfreq must be > 0 and finite, got {sfreq}")
@@ -85,6 +94,7 @@ class ClockModel:
         self.period = 1.0 / self.sfreq
         self.tolerance_s = float(tolerance_s)
         self.report_early = report_early
+        self._confirm_n = round(confirm_s * self.sfreq)
         self._block_n = max(1, round(BLOCK_S * self.sfreq))
         self._ramp = np.arange(max_chunk, dtype=np.float64) * self.period  # i / sfreq
         self._x = np.empty(max_chunk)  # offsets of the current chunk (scratch)
@@ -117,6 +127,7 @@ class ClockModel:
         self._block_left = self._block_n
         self._pending = 0  # +1 late suspect, -1 early suspect
         self._pending_excess = 0.0
+        self._pending_seen = 0
         self._pending_t = math.nan
         self._last_out = math.nan
         self._rate_short = False
@@ -194,11 +205,23 @@ class ClockModel:
         jump = False
         if self._pending > 0:
             late = x_first - pred
-            # Still late, and not less so: samples are missing. A sender that stalled and then
-            # pushes its backlog stamps it all at about the same time, so the lateness drops by
-            # the length of a push, at least one sample; a loss keeps it. If it dropped, this
-            # chunk becomes the suspect (below) and the next one judges again.
-            if late > tol and self._pending_excess - late < 0.5 * period:
+            if self._confirm_n:
+                # Window mode: late all along for confirm_s of samples.
+                confirmed = late > tol and x_last - pred > tol
+                if confirmed:
+                    self._pending_excess = late = min(self._pending_excess, late, x_last - pred)
+                    self._pending_seen += n
+                    if self._pending_seen < self._confirm_n:  # not yet: stays suspect
+                        self._emit(pred, n, out, False)
+                        self._k += n
+                        return OK
+            else:
+                # Still late, and not less so: samples are missing. A sender that stalled and
+                # then pushes its backlog stamps it all at about the same time, so the lateness
+                # drops by the length of a push, at least one sample; a loss keeps it. If it
+                # dropped, this chunk becomes the suspect (below) and the next one judges.
+                confirmed = late > tol and self._pending_excess - late < 0.5 * period
+            if confirmed:
                 excess = min(self._pending_excess, late)
                 self.missing = max(1, round(excess / period))
                 self.excess_s = excess
@@ -240,6 +263,7 @@ class ClockModel:
             # Late: keep it out of the fit until the next chunk says why.
             self._pending = 1
             self._pending_excess = dev
+            self._pending_seen = n
             first = self._emit(pred, n, out, jump)
             # the first late sample: the first one after the hole (rare path, one numpy call)
             i = 0 if x is None or x_first - pred > tol else int(np.argmax(x > pred + tol))

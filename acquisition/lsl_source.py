@@ -83,6 +83,10 @@ CHUNK_SETTLE_S = 3e-4
 # 250 Hz is 40 ms, 30 samples at 1 kHz 30 ms. Never below MIN_TOLERANCE_PERIODS periods.
 DEFAULT_JITTER_TOLERANCE_S = 0.020
 MIN_TOLERANCE_PERIODS = 2.0
+# The arrival check calls samples missing only when they arrived late for this long: a sender
+# stamping by count shows loss only there, and so do its stalls (under load here, several
+# 20-30 ms stalls in a row: a next-chunk confirmation gave false gaps). Its detection delay.
+ARRIVAL_CONFIRM_S = 0.3
 
 _FORMAT_NAMES = {
     pylsl.cf_float32: "float32",
@@ -148,6 +152,7 @@ class StreamDescription:
     ch_names: tuple[str, ...] = ()
     ch_units: tuple[str, ...] = ()
     ch_types: tuple[str, ...] = ()
+    labelled: bool | None = None  # the description names the channels (None: not read)
 
     @classmethod
     def from_info(cls, info: pylsl.StreamInfo, with_channels: bool = False) -> StreamDescription:
@@ -162,6 +167,7 @@ class StreamDescription:
                 types.append(ch.child_value("type"))
                 ch = ch.next_sibling("channel")
         n = info.channel_count()
+        labelled = any(names) if with_channels else None
         if with_channels:
             # Missing or empty labels fall back to ch0, ch1, ...; missing units stay empty.
             names += [""] * (n - len(names))
@@ -181,6 +187,7 @@ class StreamDescription:
             ch_names=tuple(names),
             ch_units=tuple(units),
             ch_types=tuple(types),
+            labelled=labelled,
         )
 
     def __str__(self) -> str:
@@ -199,6 +206,23 @@ def list_streams(timeout_s: float = 1.0) -> list[StreamDescription]:
         for info in pylsl.resolve_streams(wait_time=timeout_s)
     }
     return sorted(found.values(), key=lambda d: (d.name, d.source_id, d.hostname))
+
+
+def describe_streams(
+    timeout_s: float = 1.0, info_timeout_s: float = 1.0
+) -> list[StreamDescription]:
+    """Like list_streams, with each stream's channel description (labels, units, types), read
+    through a short-lived inlet (no data is subscribed). A stream that does not answer within
+    info_timeout_s is listed without it (labelled None)."""
+    found = {info.uid(): info for info in pylsl.resolve_streams(wait_time=timeout_s)}
+    out = []
+    for info in found.values():
+        try:
+            full = pylsl.StreamInlet(info, recover=False).info(timeout=info_timeout_s)
+            out.append(StreamDescription.from_info(full, with_channels=True))
+        except (LslTimeoutError, LostError):
+            out.append(StreamDescription.from_info(info))
+    return sorted(out, key=lambda d: (d.name, d.source_id, d.hostname))
 
 
 def _xpath_literal(value: str, what: str) -> str:
@@ -643,9 +667,9 @@ class LslSource:
                     float(out[0]),
                     now,
                     f"~{arrival.missing} sample(s) missing: samples arrive "
-                    f"{arrival.excess_s * 1e3:.1f} ms later than their count says, two chunks "
-                    f"running, while their timestamps are continuous (jitter tolerance "
-                    f"{tol_ms:g} ms)",
+                    f"{arrival.excess_s * 1e3:.1f} ms later than their count says, for "
+                    f"{ARRIVAL_CONFIRM_S:g} s, while their timestamps are continuous (jitter "
+                    f"tolerance {tol_ms:g} ms)",
                 )
             )
         elif verdict == clock_mod.RATE:
@@ -880,7 +904,9 @@ class LslSource:
         if desc.sfreq > 0:
             tol = max(self._jitter_tolerance_s, MIN_TOLERANCE_PERIODS / desc.sfreq)
             self._clock = ClockModel(desc.sfreq, tol, self._max_chunk)
-            self._arrival = ClockModel(desc.sfreq, tol, self._max_chunk, report_early=False)
+            self._arrival = ClockModel(
+                desc.sfreq, tol, self._max_chunk, report_early=False, confirm_s=ARRIVAL_CONFIRM_S
+            )
         else:  # irregular rate: no clock to hold samples against
             self._clock = self._arrival = None
 

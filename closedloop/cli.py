@@ -1,4 +1,5 @@
-"""`closedloop` command line: demo, run, offline, replay, simulate, check-config, gui, tune.
+"""`closedloop` command line: demo, run, offline, replay, simulate, check-config, gui, tune,
+streams.
 
 Errors are one clear line and exit status 2 (config, files, streams); `--debug` shows tracebacks.
 """
@@ -17,6 +18,7 @@ from closedloop.errors import UserError
 EPILOG = """examples:
   closedloop demo                                   replay a bundled recording, run the loop on it
   closedloop check-config configs/default.yaml      validate a session config, nothing else
+  closedloop streams --watch                        the LSL streams on the network, refreshed
   closedloop run --config configs/default.yaml      live session on an LSL stream
   closedloop offline replay_data/sim_32ch_500hz.fif --config configs/default.yaml
   closedloop replay replay_data/sim_32ch_500hz.fif --loop forever
@@ -146,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="run the demo offscreen, save a PNG of the window, and exit",
+    )
+
+    p = sub.add_parser("streams", help="list the LSL streams on the network (like `lsl list`)")
+    p.add_argument(
+        "--timeout", type=float, default=1.0, help="seconds to listen for streams (default 1)"
+    )
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="S",
+        help="refresh every S seconds (default 2) until Ctrl-C",
     )
 
     p = sub.add_parser(
@@ -347,6 +363,49 @@ def cmd_gui(args) -> int:
     return run_gui(_config(args), screenshot=args.screenshot)
 
 
+def format_streams(streams) -> str:
+    """A table of StreamDescriptions (name, type, channels, rate, format, source_id, host,
+    channel labels present or not)."""
+    if not streams:
+        return "no LSL streams visible on this network"
+    rows = [("NAME", "TYPE", "CH", "RATE", "FORMAT", "SOURCE_ID", "HOST", "LABELS")]
+    for d in streams:
+        labels = {True: "yes", False: "no (by index)", None: "?"}[d.labelled]
+        rate = f"{d.sfreq:g} Hz" if d.sfreq > 0 else "irregular"
+        rows.append(
+            (d.name, d.stype, str(d.n_channels), rate, d.channel_format, d.source_id,
+             d.hostname, labels)
+        )  # fmt: skip
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_streams(args) -> int:
+    import time
+
+    from acquisition.lsl_source import describe_streams
+
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0, got {args.timeout}")
+    if args.watch is None:
+        print(format_streams(describe_streams(args.timeout)))
+        return 0
+    if args.watch <= 0:
+        raise UserError(f"--watch must be > 0, got {args.watch}")
+    try:
+        while True:
+            table = format_streams(describe_streams(args.timeout))
+            if sys.stdout.isatty():
+                print("\033[2J\033[H", end="")  # clear the terminal, cursor home
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{stamp}  LSL streams (every {args.watch:g} s, Ctrl-C stops)\n{table}\n")
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_tune(args) -> int:
     from closedloop.tune import run_tune
 
@@ -362,6 +421,7 @@ COMMANDS = {
     "check-config": cmd_check_config,
     "gui": cmd_gui,
     "tune": cmd_tune,
+    "streams": cmd_streams,
 }
 
 

@@ -53,6 +53,15 @@ class SourceSettings(_Strict):
         "chunk_size grid: the same pulses as single chunks, about 2x faster)",
     )
     counter_channel: str | None = Field("counter", description="sample-counter channel, if any")
+    jitter_tolerance_ms: float = Field(
+        20.0,
+        gt=0,
+        le=1000,
+        description="how far a chunk's timestamps may lie from the stream's clock model before "
+        "it counts as samples lost (late, two chunks running) or a clock reset (early); at "
+        "least 2 sample periods. Push-time stamps, USB jitter and 16 ms FTDI bursts stay "
+        "within it (measured); a lost 10-sample chunk at 250 Hz is 40 ms",
+    )
     expected_sfreq: float | None = Field(None, gt=0, description="refuse a stream at another rate")
     expected_n_channels: int | None = Field(
         None, gt=0, description="refuse a stream with another channel count"
