@@ -289,23 +289,14 @@ def cmd_offline(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from acquisition.lsl_source import LslSource
+    from acquisition.sources import source_from_settings
     from closedloop.session import Session
 
     config = _config(args)
     if args.duration:
         config.session.duration_s = args.duration
-    src = config.source
-    source = LslSource(
-        name=src.name,
-        stype=src.stype,
-        source_id=src.source_id,
-        resolve_timeout_s=src.resolve_timeout_s,
-        stale_after_s=src.stale_after_s,
-        counter_channel=src.counter_channel,
-        expected_sfreq=src.expected_sfreq,
-        expected_n_channels=src.expected_n_channels,
-    )
+    # kind: lsl -> the stream; kind: file -> the recording played in real time over LSL
+    source = source_from_settings(config.source)
     session = Session(
         config,
         source,

@@ -33,7 +33,12 @@ class _Strict(BaseModel):
 class SourceSettings(_Strict):
     """Where EEG comes from during `closedloop run`."""
 
-    kind: Literal["lsl", "file"] = Field("lsl", description="live LSL stream or a recording")
+    kind: Literal["lsl", "file"] = Field(
+        "lsl",
+        description="'lsl': a live stream; 'file': the recording at `path`, played in real time "
+        "over LSL and read through the live path by `closedloop run` (health checks, clock "
+        "model, XDF) as if it were an amplifier",
+    )
     name: str | None = Field(None, description="LSL stream name to resolve")
     stype: str | None = Field("EEG", description="LSL stream type to resolve")
     source_id: str | None = Field(None, description="LSL source_id to resolve")
