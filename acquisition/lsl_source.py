@@ -44,6 +44,7 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ INLET_MAX_BUFLEN_S = 30
 # After the first match, how long to look for a second stream with the same name/type/source_id.
 # On loopback the second answer comes within 1-3 ms of the first (measured), so 0.2 s is ample.
 DUPLICATE_CHECK_S = 0.2
+# While waiting for a stream that is not there: look this often, report this often.
+WAIT_POLL_S = 0.02
+WAIT_REPORT_S = 1.0
 # How long to listen for streams when listing them in an error message.
 LIST_FOR_ERROR_S = 0.5
 # Refresh the clock offset this often (liblsl itself re-estimates it every few seconds).
@@ -267,6 +271,7 @@ class LslSource:
         expected_n_channels: int | None = None,
         missing_unit: str = "microvolts",
         jitter_tolerance_s: float = DEFAULT_JITTER_TOLERANCE_S,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         """Select a stream by any of name / stype / source_id (None: any).
 
@@ -278,6 +283,8 @@ class LslSource:
             other unit-less channels and the counter channel are passed through unscaled.
         jitter_tolerance_s: how far (seconds) a chunk may lie from the clock model before it
             counts as loss (late) or a clock reset (early); raised to 2 sample periods.
+        on_wait: called with 'waiting for stream ..., 12 s' every second while resolve() waits
+            for a stream that is not there (yet): start order does not matter.
         """
         if resolve_timeout_s <= 0 or not math.isfinite(resolve_timeout_s):
             raise ValueError(f"resolve_timeout_s must be > 0 and finite, got {resolve_timeout_s}")
@@ -305,6 +312,7 @@ class LslSource:
         self._expected_n_channels = expected_n_channels
         self._missing_unit = missing_unit
         self._jitter_tolerance_s = float(jitter_tolerance_s)
+        self.on_wait = on_wait
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -335,6 +343,7 @@ class LslSource:
         self._lost = False
         self._lost_at = math.nan
         self._lost_uid = ""
+        self._refused: set[str] = set()  # uids of restored streams with another layout
         self._resolver: pylsl.ContinuousResolver | None = None
         self._next_restore_poll = 0.0
         self._liveness: pylsl.ContinuousResolver | None = None
@@ -353,7 +362,7 @@ class LslSource:
         """
         if self._resolved_inlet is not None or self._connected:
             return self
-        found = pylsl.resolve_bypred(self._pred, 1, self._resolve_timeout_s)
+        found = self._wait_for_stream()
         if not found:
             raise StreamNotFoundError(self._not_found_message("No LSL stream matches"))
         # resolve_bypred returns once `minimum` streams answered, so ask again for two.
@@ -378,6 +387,30 @@ class LslSource:
         self._resolved_found = found[0]
         self._setup_layout(StreamDescription.from_info(full, with_channels=True))
         return self
+
+    def _wait_for_stream(self) -> list[pylsl.StreamInfo]:
+        """Poll a background resolver until a stream matches or resolve_timeout_s passes,
+        telling on_wait every WAIT_REPORT_S: a session may start before the amplifier.
+
+        (A ContinuousResolver finds a stream that is there in 6-17 ms and one that appears
+        within its next query wave, <= ~1.8 s; a blocking resolve_bypred(wait_time=0.5) took
+        5.5 s in 3 calls of 6 here when nothing matched.)"""
+        t0 = time.monotonic()
+        deadline = t0 + self._resolve_timeout_s
+        next_report = t0 + WAIT_REPORT_S  # a stream that is there is found at once: no noise
+        resolver = pylsl.ContinuousResolver(pred=self._pred, forget_after=RESOLVER_FORGET_S)
+        while True:
+            found = resolver.results()
+            now = time.monotonic()
+            if found or now >= deadline:
+                return list(found)
+            if self.on_wait is not None and now >= next_report:
+                next_report += WAIT_REPORT_S
+                self.on_wait(
+                    f"waiting for stream {self._wanted()}, {now - t0:.0f} s "
+                    f"(gives up after {self._resolve_timeout_s:g} s)"
+                )
+            time.sleep(min(WAIT_POLL_S, max(0.0, deadline - now)))
 
     def connect(self) -> LslSource:
         """Resolve (if not done yet), then subscribe (blocks up to about 2 x resolve_timeout_s).
@@ -807,7 +840,7 @@ class LslSource:
     def _try_restore(self, now: float, events: list[HealthEvent]) -> bool:
         self._next_restore_poll = now + RESTORE_POLL_S
         assert self._resolver is not None
-        candidates = self._resolver.results()
+        candidates = [i for i in self._resolver.results() if i.uid() not in self._refused]
         fresh = [info for info in candidates if info.uid() != self._lost_uid]
         if not fresh and now - self._lost_at > RESOLVER_FORGET_S + RESTORE_POLL_S:
             fresh = candidates  # still listed after the forget time: the old stream is alive
@@ -822,6 +855,28 @@ class LslSource:
         old = self._require_desc()
         new = StreamDescription.from_info(full, with_channels=True)
         now = pylsl.local_clock()
+        if (new.n_channels, new.sfreq, new.ch_names, new.channel_format) != (
+            old.n_channels,
+            old.sfreq,
+            old.ch_names,
+            old.channel_format,
+        ):
+            # Another rate or channel set: the pipeline was built for the old one. Refuse it
+            # (once per uid), stay lost, keep looking for the stream we had.
+            self._refused.add(new.uid)
+            events.append(
+                HealthEvent(
+                    HealthKind.MISMATCH,
+                    math.nan,
+                    now,
+                    f"stream {new.name!r} is back with another layout, refused: "
+                    f"{old.n_channels} ch @ {old.sfreq:g} Hz {old.channel_format} "
+                    f"{list(old.ch_names)} -> {new.n_channels} ch @ {new.sfreq:g} Hz "
+                    f"{new.channel_format} {list(new.ch_names)}; still waiting for the original "
+                    "(restart the session to use the new one)",
+                )
+            )
+            return False
         self._inlet = inlet
         self._resolver = None
         self._lost = False
@@ -842,21 +897,6 @@ class LslSource:
                 f"{len(fresh)} candidate(s)",
             )
         )
-        layout_changed = (new.n_channels, new.sfreq, new.ch_names) != (
-            old.n_channels,
-            old.sfreq,
-            old.ch_names,
-        )
-        if layout_changed:
-            events.append(
-                HealthEvent(
-                    HealthKind.MISMATCH,
-                    math.nan,
-                    now,
-                    f"restored stream differs: {old.n_channels} ch @ {old.sfreq:g} Hz "
-                    f"{old.ch_names} -> {new.n_channels} ch @ {new.sfreq:g} Hz {new.ch_names}",
-                )
-            )
         self._check_expected(now, events)
         return True
 
@@ -916,8 +956,8 @@ class LslSource:
             self._empty_data, self._empty_ts, desc.ch_names, desc.sfreq, tuple(events), now
         )
 
-    def _not_found_message(self, head: str) -> str:
-        wanted = (
+    def _wanted(self) -> str:
+        return (
             ", ".join(
                 f"{k}={v!r}"
                 for k, v in (
@@ -929,8 +969,10 @@ class LslSource:
             )
             or "any numeric stream"
         )
+
+    def _not_found_message(self, head: str) -> str:
         visible = list_streams(LIST_FOR_ERROR_S)
-        lines = [f"{head} ({wanted}) within {self._resolve_timeout_s:g} s."]
+        lines = [f"{head} ({self._wanted()}) within {self._resolve_timeout_s:g} s."]
         if visible:
             lines.append("Visible streams:")
             lines += [f"  {d}" for d in visible]

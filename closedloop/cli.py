@@ -297,6 +297,8 @@ def cmd_run(args) -> int:
         config.session.duration_s = args.duration
     # kind: lsl -> the stream; kind: file -> the recording played in real time over LSL
     source = source_from_settings(config.source)
+    # started before the amplifier: say so every second until it appears or the timeout
+    source.on_wait = lambda msg: print(f"closedloop run: {msg}", file=sys.stderr, flush=True)
     session = Session(
         config,
         source,

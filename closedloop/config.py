@@ -44,7 +44,11 @@ class SourceSettings(_Strict):
     source_id: str | None = Field(None, description="LSL source_id to resolve")
     path: Path | None = Field(None, description="recording path when kind=file")
     resolve_timeout_s: float = Field(
-        5.0, gt=0, le=120, description="seconds to wait for the stream"
+        5.0,
+        gt=0,
+        le=3600,
+        description="seconds to wait for the stream (a session may start before the "
+        "amplifier: `run` says 'waiting for stream ...' every second meanwhile)",
     )
     stale_after_s: float = Field(0.5, gt=0, le=10, description="no sample this long = stale fault")
     chunk_size: int = Field(
