@@ -118,6 +118,15 @@ _VOLT_SCALES = {
 }  # fmt: skip
 # Channel / stream types whose unit-less values get `missing_unit` (electrophysiology).
 _EXG_TYPES = frozenset({"eeg", "eog", "emg", "ecg", "exg", "seeg", "ecog", "dbs"})
+# Channel types that are never EEG: a trigger / marker / counter / sensor channel that an
+# amplifier app puts inside its EEG stream (XDF / mne-lsl / BrainVision type names).
+NON_EEG_TYPES = frozenset(
+    {
+        "stim", "trigger", "trig", "marker", "markers", "event", "events", "status",
+        "misc", "aux", "accel", "acc", "gyro", "counter", "timestamp", "resp", "bio",
+        "eog", "emg", "ecg", "temp", "temperature", "battery", "validity",
+    }
+)  # fmt: skip
 
 
 class StreamNotFoundError(RuntimeError):
@@ -350,6 +359,8 @@ class LslSource:
         self._liveness_since = math.nan
         self._next_liveness_poll = 0.0
         self._n_received = 0
+        self._warnings: list[str] = []
+        self._eeg_mask: tuple[bool, ...] = ()
 
     # -------------------------------------------------------------- life cycle
     def resolve(self) -> LslSource:
@@ -498,6 +509,19 @@ class LslSource:
     def time_correction(self) -> float:
         """Seconds added to sender timestamps to map them to this machine's LSL clock."""
         return self._time_correction
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the stream's description lacks (labels, units), as sentences."""
+        self._require_desc()
+        return list(self._warnings)
+
+    @property
+    def eeg_mask(self) -> tuple[bool, ...]:
+        """Per channel: not a trigger / marker / counter / other non-EEG channel by its type
+        (NON_EEG_TYPES) or the counter channel. Names are left to preprocess.exclude."""
+        self._require_desc()
+        return self._eeg_mask
 
     @property
     def jitter_tolerance_s(self) -> float:
@@ -930,17 +954,36 @@ class LslSource:
         )
         default_scale = unit_scale(self._missing_unit)
         scales = np.ones(n_ch)
+        assumed = []
         for k, (unit, ch_type) in enumerate(zip(desc.ch_units, desc.ch_types, strict=True)):
             if k == self._counter_idx:
                 continue
             if unit.strip() == "":
                 kind = (ch_type or desc.stype).strip().lower()
                 scales[k] = default_scale if kind in _EXG_TYPES else 1.0
+                if kind in _EXG_TYPES:
+                    assumed.append(desc.ch_names[k])
             else:
                 scale = unit_scale(unit)
                 scales[k] = 1.0 if scale is None else scale  # not a voltage: keep as is
         self._scales = scales
         self._scaled = bool(np.any(scales != 1.0))
+        # What a real app's stream lacks, said once (the session puts it in its summary).
+        self._warnings = []
+        if desc.labelled is False:
+            self._warnings.append(
+                f"stream {desc.name!r} has no channel labels: channels named by index "
+                f"(ch0 .. ch{n_ch - 1}); channel-specific settings cannot match them"
+            )
+        if assumed:
+            self._warnings.append(
+                f"stream {desc.name!r} gives no unit for {len(assumed)} EEG channel(s): assumed "
+                f"{self._missing_unit} (source.missing_unit)"
+            )
+        self._eeg_mask = tuple(
+            (t or "").strip().lower() not in NON_EEG_TYPES and k != self._counter_idx
+            for k, t in enumerate(desc.ch_types)
+        )
         if desc.sfreq > 0:
             tol = max(self._jitter_tolerance_s, MIN_TOLERANCE_PERIODS / desc.sfreq)
             self._clock = ClockModel(desc.sfreq, tol, self._max_chunk)

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from closedloop.errors import ConfigError
 from closedloop.feedback import FeedbackSettings
@@ -71,10 +78,24 @@ class SourceSettings(_Strict):
         "least 2 sample periods. Push-time stamps, USB jitter and 16 ms FTDI bursts stay "
         "within it (measured); a lost 10-sample chunk at 250 Hz is 40 ms",
     )
+    missing_unit: str = Field(
+        "microvolts",
+        description="unit assumed for EEG channels whose stream gives none (the LSL / XDF "
+        "convention); the session summary says when it was assumed",
+    )
     expected_sfreq: float | None = Field(None, gt=0, description="refuse a stream at another rate")
     expected_n_channels: int | None = Field(
         None, gt=0, description="refuse a stream with another channel count"
     )
+
+    @field_validator("missing_unit")
+    @classmethod
+    def _a_voltage(cls, value: str) -> str:
+        from acquisition.lsl_source import unit_scale
+
+        if unit_scale(value) is None:
+            raise ValueError(f"{value!r} is not a voltage unit (e.g. microvolts, uV, mV, volts)")
+        return value
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> SourceSettings:

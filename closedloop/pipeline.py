@@ -76,10 +76,12 @@ class Pipeline:
         live: bool = True,
         clock=local_clock,
         extra_outputs: list | None = None,
+        eeg_mask: list[bool] | tuple[bool, ...] | None = None,
     ) -> Pipeline:
         """Wire the stages from a validated config (call `validate_for_stream` first).
 
         extra_outputs: outputs added to the configured ones (the session's LSL pulse markers).
+        eeg_mask: which channels are EEG (default: by name, preprocess.exclude).
         """
         chain = FeatureChain.from_settings(
             config.preprocess,
@@ -88,6 +90,7 @@ class Pipeline:
             config.state,
             list(ch_names),
             sfreq,
+            eeg_mask,
         )
         interlock = SafetyInterlock(config.safety, clock=clock, live=live)
         outputs = build_outputs(config.outputs, bus=bus) + list(extra_outputs or [])

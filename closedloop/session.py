@@ -180,6 +180,15 @@ class Session:
             self.source.connect()
         ch_names, sfreq = list(self.source.ch_names), float(self.source.sfreq)
         validate_for_stream(self.config, ch_names, sfreq)
+        # A live stream's own description: what it lacks (labels, units) goes to the summary;
+        # channels typed as trigger / marker / counter are never EEG, whatever their names.
+        self.warnings += list(getattr(self.source, "warnings", ()))
+        eeg_mask = getattr(self.source, "eeg_mask", None)
+        if eeg_mask is not None:
+            excl = {e.lower() for e in self.config.preprocess.exclude}
+            eeg_mask = [
+                m and c.lower() not in excl for m, c in zip(eeg_mask, ch_names, strict=True)
+            ]
 
         self.folder = self._make_folder()
         (self.folder / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
@@ -193,6 +202,7 @@ class Session:
                 bus=self.bus,
                 live=self.live,
                 extra_outputs=self._live_marker_outputs(),
+                eeg_mask=eeg_mask,
             )
             self.pipeline.trigger.interlock.add_observer(self._on_interlock_change)
             self._add_live_outlets()
