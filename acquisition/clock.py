@@ -13,10 +13,11 @@ envelope* of `offset(k) = t(k) - k / sfreq` (k: index of the sample since the an
   100 ppm off moves the offset by 6 ms a minute) and ignores late chunks. Before the first fit
   (`MIN_FIT_BLOCKS` blocks) the running minimum is the model.
 - A chunk whose last sample lies more than `tolerance_s` above the line is a *suspect*; the
-  next chunk confirms it (late by as much: samples are missing, a gap is reported and the line
-  starts again from there) or clears it (on time again: the suspect was only stamped late; or
-  less late by a sample or more: a sender that stalled, e.g. descheduled for 50 ms, pushing its
-  backlog, all stamped at once; then that chunk is the suspect and the next one judges).
+  next chunks confirm it (late by as much for `confirm_s` of samples: samples are missing, a
+  gap is reported and the line starts again from there) or clear it (on time again: the
+  suspect was only stamped late; or less late by a sample or more: a sender that stalled, e.g.
+  descheduled for 50 ms, pushing its backlog, all stamped at once; then that chunk is the
+  suspect and the next ones judge).
   Symmetrically, a chunk more than `tolerance_s` below the line, confirmed by the next, is a
   clock reset (the sender's clock jumped back; the model starts again). Within the tolerance,
   every step is jitter.
@@ -67,9 +68,10 @@ class ClockModel:
     sfreq: nominal rate (Hz, > 0). tolerance_s: how far a chunk may lie from the line before it
     is suspect (seconds). max_chunk: largest chunk `update` is given (buffers are sized to it).
     report_early: False for the arrival check (see `update_backdated`): early is never a fault.
-    confirm_s: 0 (timestamps): the next chunk confirms a late suspect. > 0 (arrival check): a
-    loss only once every chunk for confirm_s of samples was late (the arrival of samples whose
-    sender stamps them by count carries its scheduling stalls, which a window rides out).
+    confirm_s: a late suspect is a loss once the chunks spanning this much stream time (from
+    the suspect's first sample; at least the next chunk) were all late, never less so: 40 ms
+    for timestamps (LslSource.TIMESTAMP_CONFIRM_S), 0.3 s for the arrival check (the arrival of
+    samples whose sender stamps them by count carries its scheduling stalls).
     After `update` returns GAP / RESET / RATE, `missing` (samples), `excess_s` (seconds from
     the line) and `t_event` (the dejittered time, as emitted, of the first sample after the
     hole / jump; the suspect chunk's stamps still continue the line: the jump shows from the
@@ -128,6 +130,7 @@ class ClockModel:
         self._pending = 0  # +1 late suspect, -1 early suspect
         self._pending_excess = 0.0
         self._pending_seen = 0
+        self._pending_prev = 0.0
         self._pending_t = math.nan
         self._last_out = math.nan
         self._rate_short = False
@@ -205,24 +208,28 @@ class ClockModel:
         jump = False
         if self._pending > 0:
             late = x_first - pred
-            if self._confirm_n:
-                # Window mode: late all along for confirm_s of samples.
-                confirmed = late > tol and x_last - pred > tol
-                if confirmed:
-                    self._pending_excess = late = min(self._pending_excess, late, x_last - pred)
-                    self._pending_seen += n
-                    if self._pending_seen < self._confirm_n:  # not yet: stays suspect
-                        self._emit(pred, n, out, False)
-                        self._k += n
-                        return OK
-            else:
-                # Still late, and not less so: samples are missing. A sender that stalled and
-                # then pushes its backlog stamps it all at about the same time, so the lateness
-                # drops by the length of a push, at least one sample; a loss keeps it. If it
-                # dropped, this chunk becomes the suspect (below) and the next one judges.
-                confirmed = late > tol and self._pending_excess - late < 0.5 * period
+            late_last = x_last - pred
+            # Still late: samples are missing, once late for confirm_s of samples. Where the
+            # suspect alone spans confirm_s, the next chunk must also not be less late: a
+            # sender that stalled and then pushes its backlog stamps it all at about the same
+            # time, so the lateness drops by the length of a push, at least one sample (a loss
+            # keeps it); then this chunk becomes the suspect (below) and the next one judges.
+            # Over a longer window the lateness itself falls below the tolerance after a stall.
+            single = self._pending_seen >= self._confirm_n
+            confirmed = (
+                late > tol
+                and late_last > tol
+                and (not single or self._pending_prev - late < 0.5 * period)
+            )
             if confirmed:
-                excess = min(self._pending_excess, late)
+                self._pending_excess = min(self._pending_excess, late, late_last)
+                self._pending_prev = late_last
+                self._pending_seen += n
+                if self._pending_seen < self._confirm_n:  # late, not yet for long enough
+                    self._emit(pred, n, out, False)
+                    self._k += n
+                    return OK
+                excess = self._pending_excess
                 self.missing = max(1, round(excess / period))
                 self.excess_s = excess
                 self.t_event = self._pending_t  # as emitted: the chunks' timeline
@@ -263,6 +270,7 @@ class ClockModel:
             # Late: keep it out of the fit until the next chunk says why.
             self._pending = 1
             self._pending_excess = dev
+            self._pending_prev = dev
             self._pending_seen = n
             first = self._emit(pred, n, out, jump)
             # the first late sample: the first one after the hole (rare path, one numpy call)

@@ -87,6 +87,11 @@ CHUNK_SETTLE_S = 3e-4
 # 250 Hz is 40 ms, 30 samples at 1 kHz 30 ms. Never below MIN_TOLERANCE_PERIODS periods.
 DEFAULT_JITTER_TOLERANCE_S = 0.020
 MIN_TOLERANCE_PERIODS = 2.0
+# A late chunk is a loss once the stamps stayed late (never less so) for this long of samples
+# (at least the next chunk): bench_clock under load 6-10 gave 4 false gaps in 180 s x 12
+# streams when the next chunk alone confirmed (senders late 21-35 ms for two 10-ms pushes),
+# with detection 12 ms after the hole at 1 kHz; 40 ms keeps detection well within 100 ms.
+TIMESTAMP_CONFIRM_S = 0.04
 # The arrival check calls samples missing only when they arrived late for this long: a sender
 # stamping by count shows loss only there, and so do its stalls (under load here, several
 # 20-30 ms stalls in a row: a next-chunk confirmation gave false gaps). Its detection delay.
@@ -686,8 +691,8 @@ class LslSource:
                     clock.t_event,
                     now,
                     f"~{clock.missing} sample(s) missing: timestamps "
-                    f"{clock.excess_s * 1e3:.1f} ms later than the stream clock expects, two "
-                    f"chunks running (jitter tolerance {tol_ms:g} ms)",
+                    f"{clock.excess_s * 1e3:.1f} ms later than the stream clock expects, for "
+                    f"{TIMESTAMP_CONFIRM_S * 1e3:g} ms of samples (jitter tolerance {tol_ms:g} ms)",
                 )
             )
         elif verdict == clock_mod.RESET:
@@ -986,7 +991,9 @@ class LslSource:
         )
         if desc.sfreq > 0:
             tol = max(self._jitter_tolerance_s, MIN_TOLERANCE_PERIODS / desc.sfreq)
-            self._clock = ClockModel(desc.sfreq, tol, self._max_chunk)
+            self._clock = ClockModel(
+                desc.sfreq, tol, self._max_chunk, confirm_s=TIMESTAMP_CONFIRM_S
+            )
             self._arrival = ClockModel(
                 desc.sfreq, tol, self._max_chunk, report_early=False, confirm_s=ARRIVAL_CONFIRM_S
             )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from acquisition.clock import GAP, OK, RATE, RESET, ClockModel
-from acquisition.lsl_source import ARRIVAL_CONFIRM_S
+from acquisition.lsl_source import ARRIVAL_CONFIRM_S, TIMESTAMP_CONFIRM_S
 from benchmarks.bench_clock import PATTERNS, spec, watch
 
 
@@ -48,7 +48,7 @@ def stamps(
 
 
 def run_model(chunks, sfreq: float, tol: float = 0.02):
-    model = ClockModel(sfreq, tol, 64)
+    model = ClockModel(sfreq, tol, 64, confirm_s=TIMESTAMP_CONFIRM_S)
     verdicts, outs = [], []
     for ts in chunks:
         out = np.empty(ts.shape[0])
