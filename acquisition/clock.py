@@ -9,9 +9,10 @@ envelope* of `offset(k) = t(k) - k / sfreq` (k: index of the sample since the an
 
 - The minimum offset of each `BLOCK_S` block of samples is kept in a ring of `WINDOW_BLOCKS`
   blocks (20 s); at each closed block a robust line (median of the slopes between blocks half
-  the window apart, median intercept: robust to a quarter of outlying blocks) is fitted, so the line follows slow drift (a crystal that is
-  100 ppm off moves the offset by 6 ms a minute) and ignores late chunks. Before the first fit
-  (`MIN_FIT_BLOCKS` blocks) the running minimum is the model.
+  the window apart, median intercept: robust to a quarter of outlying blocks) is fitted, so
+  the line follows slow drift (a crystal that is 100 ppm off moves the offset by 6 ms a
+  minute) and ignores late chunks. Before the first fit (`MIN_FIT_BLOCKS` blocks) the running
+  minimum is the model.
 - A chunk whose last sample lies more than `tolerance_s` above the line is a *suspect*; the
   next chunks confirm it (late by as much for `confirm_s` of samples: samples are missing, a
   gap is reported and the line starts again from there) or clear it (on time again: the
@@ -31,7 +32,7 @@ Prior art: LSL's `proc_dejitter` (recursive least squares with a 90 s half-life:
 to settle, mean not envelope), pyxdf's `_jitter_removal` (offline least squares per segment,
 new segment after a 1 s / 500-sample break), mne-lsl (uses LSL's flags). This one has to judge
 each chunk as it arrives, in O(1): per chunk a few numpy calls on preallocated arrays
-(~5 µs, benchmarks/bench_clock.py), plus a ~40 µs refit every `BLOCK_S`.
+(~6-10 µs, benchmarks/bench_clock.py), plus a ~30 µs refit every `BLOCK_S`.
 """
 
 from __future__ import annotations
