@@ -4,7 +4,7 @@
 import closedloop/): `kind: lsl` gives an `LslSource`; `kind: file` gives, live, a
 `FilePlaybackSource` (the recording played in real time through the live path: a replayer
 thread, an LSL outlet, an `LslSource` with its health checks and clock model) and, offline, a
-`FileSource`.
+`FileSource`; `kind: brainflow` a `BrainFlowSource` (the board republished over LSL).
 """
 
 from __future__ import annotations
@@ -113,6 +113,10 @@ def source_from_settings(
         kwargs["missing_unit"] = missing_unit
     if kind == "file" and not picked:
         return FilePlaybackSource(settings.path, **kwargs)
+    if kind == "brainflow" and not picked:
+        from acquisition.brainflow_source import BrainFlowSource
+
+        return BrainFlowSource(settings.board, dict(settings.board_params), **kwargs)
     return LslSource(
         name=name if picked else settings.name,
         stype=stype if picked else settings.stype,

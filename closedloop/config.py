@@ -40,11 +40,22 @@ class _Strict(BaseModel):
 class SourceSettings(_Strict):
     """Where EEG comes from during `closedloop run`."""
 
-    kind: Literal["lsl", "file"] = Field(
+    kind: Literal["lsl", "file", "brainflow"] = Field(
         "lsl",
         description="'lsl': a live stream; 'file': the recording at `path`, played in real time "
         "over LSL and read through the live path by `closedloop run` (health checks, clock "
-        "model, XDF) as if it were an amplifier",
+        "model, XDF) as if it were an amplifier; 'brainflow': the BrainFlow `board`, "
+        "republished over LSL and read the same way",
+    )
+    board: str | None = Field(
+        None,
+        description="kind=brainflow: the board, by BrainFlow name (CYTON_BOARD, GANGLION_BOARD, "
+        "MUSE_2_BOARD, UNICORN_BOARD, SYNTHETIC_BOARD; 'cyton' works too) or numeric id",
+    )
+    board_params: dict[str, str | int | float] = Field(
+        default_factory=dict,
+        description="kind=brainflow: BrainFlowInputParams as BrainFlow takes them, e.g. "
+        "{serial_port: /dev/ttyUSB0} or {mac_address: ..., ip_address: ..., ip_port: ...}",
     )
     name: str | None = Field(None, description="LSL stream name to resolve")
     stype: str | None = Field("EEG", description="LSL stream type to resolve")
@@ -101,6 +112,8 @@ class SourceSettings(_Strict):
     def _file_needs_path(self) -> SourceSettings:
         if self.kind == "file" and self.path is None:
             raise ValueError("source.path is required when source.kind is 'file'")
+        if self.kind == "brainflow" and not self.board:
+            raise ValueError("source.board is required when source.kind is 'brainflow'")
         return self
 
 
