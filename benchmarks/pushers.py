@@ -12,11 +12,12 @@ Patterns (sample k is due at t0 + k / sfreq; the pusher sleeps until then, drift
 - ideal: 10-sample chunks with explicit timestamps on the exact grid.
 - push: 10-sample chunks stamped with local_clock() at push (LSL back-dates the rest by
   1/sfreq): what many amplifier apps do.
-- usb: as push, plus a uniform 0-4 ms delay before each push, and 1 chunk in 20 held back and
-  pushed with the next one (one 20-sample push, one stamp): USB transfers.
+- usb: as push, the stamp plus a uniform 0-4 ms transfer delay, and 1 chunk in 20 held back
+  and pushed with the next one (one 20-sample push, one stamp): USB transfers.
 - burst16: every 16 ms (FTDI latency timer: an OpenBCI Cyton at 250 Hz) whatever is due goes
   out in one push stamped at push time.
 - irregular: chunks of 1-32 samples, stamped at push time plus 0-2 ms.
+The pusher's own wake-up delays (load) come on top of every pattern.
 - count: 10-sample chunks stamped t0 + count / sfreq, count = samples pushed so far: an app that
   stamps by its own sample count (a loss never shows in its timestamps, only in the arrival).
 """
@@ -100,21 +101,25 @@ def push_stream(
             if not idx:
                 continue
         chunk_no += 1
+        # The transfer delay is added to the stamp rather than slept: a second sleep per push
+        # overshoots by 10-30 ms on a loaded 2-core machine, push after push, which is this
+        # process being starved, not a USB delay (a real driver's delay does not accumulate).
+        delay = 0.0
         if pattern == "usb":
             if chunk_no % 20 == 0:
                 held = idx
                 continue
-            time.sleep(rng.uniform(0.0, 0.004))
+            delay = rng.uniform(0.0, 0.004)
             idx, held = held + idx, []
         elif pattern == "irregular":
-            time.sleep(rng.uniform(0.0, 0.002))
+            delay = rng.uniform(0.0, 0.002)
         x = data[np.asarray(idx) % 1024]
         if pattern == "ideal":
             outlet.push_chunk(x, [t0 + i * period for i in idx])
         elif pattern == "count":
             outlet.push_chunk(x, [t0 + (pushed + j) * period for j in range(len(idx))])
         else:
-            outlet.push_chunk(x, pylsl.local_clock())
+            outlet.push_chunk(x, pylsl.local_clock() + delay)
         pushed += len(idx)
         if not loss_reported and idx[-1] >= lose_at + lose_n:
             loss_reported = True
