@@ -79,7 +79,7 @@ class ClockModel:
     report_early: False for the arrival check (see `update_backdated`): early is never a fault.
     confirm_s: a late suspect is a loss once the chunks spanning this much stream time (from
     the suspect's first sample; at least the next chunk) were all late, never less so: 40 ms
-    for timestamps (LslSource.TIMESTAMP_CONFIRM_S), 0.3 s for the arrival check (the arrival of
+    for timestamps (LslSource.TIMESTAMP_CONFIRM_S), 1 s for the arrival check (the arrival of
     samples whose sender stamps them by count carries its scheduling stalls).
     After `update` returns GAP / RESET / RATE, `missing` (samples), `excess_s` (seconds from
     the line) and `t_event` (the dejittered time, as emitted, of the first sample after the

@@ -138,6 +138,7 @@ def test_arrival_check_finds_loss_behind_continuous_timestamps():
         stall = 0.06 if c == 100 else 0.03 if c == 101 else 0.0
         verdicts.append(model.update_backdated(t + stall + 0.002 * (c % 3), 10))
     # suspect at 150, late for 0.3 s of samples (8 chunks of 40 ms): confirmed at 157
+    # (LslSource uses a 1 s window: ARRIVAL_CONFIRM_S)
     assert [(i, v) for i, v in enumerate(verdicts) if v != OK] == [(157, GAP)]
     assert model.missing == 10
     # samples arriving faster than real time (a replay at speed) are never a fault
@@ -176,7 +177,7 @@ def test_a_real_loss_is_a_gap_within_100_ms_and_disarms(tmp_path):
         assert [e.kind.value for e in w.faults] == ["gap"], what
         counted = int(re.search(r"~(\d+) sample", w.gaps[0].detail).group(1))
         assert abs(counted - w.lose_n) <= max(3, 0.02 * w.sfreq), what  # +- the jitter
-        # a sender stamping by count shows loss only in the arrival, judged over 0.3 s; with
+        # a sender stamping by count shows loss only in the arrival, judged over 1 s; with
         # irregular chunks (up to 32 samples) the confirming chunk may come 128 ms later
         limit_ms = 100.0 + (ARRIVAL_CONFIRM_S * 1e3 if w.pattern == "count" else 0.0)
         limit_ms += 32e3 / w.sfreq if w.pattern == "irregular" else 0.0
