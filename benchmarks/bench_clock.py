@@ -5,7 +5,7 @@ cost per chunk.
     python -m benchmarks.bench_clock [--seconds S]
 
 1. Every pattern of benchmarks/pushers.py (ideal, push, usb, burst16, irregular, count) at
-   250 Hz and 1 kHz, pushed by a separate process for S seconds (all streams at once: a loaded
+   250 Hz and 1 kHz, each pushed by its own process for S seconds (all streams at once: a loaded
    machine) and read by `LslSource` (no counter channel: the clock model alone): faults seen
    (should be 0) and how often a chunk was suspect and then cleared by the next one.
 2. Real losses (30 samples at 1 kHz, one 10-sample chunk at 250 Hz, in each pattern): the
@@ -117,35 +117,42 @@ def watch(
 
     from acquisition.lsl_source import LslSource
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.pushers", json.dumps(specs)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
+    # one process per stream, as one app per amplifier (one process with a thread per stream
+    # made the pushers wait for each other's GIL: 20-35 ms late under load)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.pushers", json.dumps([s])],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for s in specs
+    ]
     sel = selectors.DefaultSelector()
-    sel.register(fd, selectors.EVENT_READ)
+    for proc in procs:
+        assert proc.stdout is not None
+        sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
+    pending = {proc.stdout.fileno(): "" for proc in procs}
     out = {
         s["name"]: Watched(s["name"], s["pattern"], s["sfreq"], s.get("lose_n", 0)) for s in specs
     }
     sources = {}
     try:
-        pending = [""]
 
         def read_lines(wait_s: float) -> list[str]:
             """Complete lines the pushers printed (os.read: no buffering hides lines from
             select)."""
             lines: list[str] = []
-            while sel.select(timeout=wait_s):
+            for key, _ in sel.select(timeout=wait_s):
+                fd = key.fd
                 data = os.read(fd, 65536).decode()
                 if not data:
-                    break
-                pending[0] += data
-                wait_s = 0.0
-            *lines, pending[0] = pending[0].split("\n")
+                    sel.unregister(fd)
+                    continue
+                pending[fd] += data
+                *done, pending[fd] = pending[fd].split("\n")
+                lines += done
             for line in lines:
                 parts = line.split()
                 if parts and parts[0] == "LOSS":
@@ -155,8 +162,10 @@ def watch(
             return lines
 
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while "READY" not in read_lines(0.1):
-            if time.monotonic() > deadline or proc.poll() is not None:
+        ready = 0
+        while ready < len(procs):
+            ready += read_lines(0.1).count("READY")
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("pushers did not start")
         for s in specs:
             src = LslSource(
@@ -170,9 +179,10 @@ def watch(
             sources[s["name"]] = src.connect()
             if arm_dir is not None:
                 out[s["name"]].unit = _armed_unit(arm_dir, s["name"])
-        assert proc.stdin is not None
-        proc.stdin.write("GO\n")
-        proc.stdin.flush()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("GO\n")
+            proc.stdin.flush()
         deadline = time.monotonic() + timeout_s
         drain_until = float("inf")
         while time.monotonic() < min(deadline, drain_until):
@@ -207,15 +217,17 @@ def watch(
             if w.unit is not None:
                 w.armed = w._armed_now()
                 w.unit.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()
-        if proc.stdin is not None:
-            proc.stdin.close()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if proc.stdin is not None:
+                proc.stdin.close()
         sel.close()
     return list(out.values())
 

@@ -100,6 +100,17 @@ def test_a_single_late_chunk_is_cleared_by_the_next():
     assert model.n_suspects == 1
 
 
+def test_a_stalled_sender_catching_up_is_not_a_loss():
+    """Descheduled for 60 ms at 1 kHz, the sender pushes its backlog at once, each chunk
+    stamped at push time: 60, 50, 40, 30, 20 ms late over 50 ms of samples. Not a loss."""
+    chunks = list(stamps("push", 1000.0, 10.0))
+    for j, extra in enumerate((0.060, 0.050, 0.040, 0.030, 0.020)):
+        chunks[500 + j] = chunks[500 + j] + extra
+    model, verdicts, _ = run_model(chunks, 1000.0)
+    assert verdicts == []
+    assert model.n_suspects >= 1
+
+
 def test_a_clock_reset_backwards_is_reported_and_the_model_restarts():
     chunks = list(stamps("usb", 500.0, 20.0))
     chunks[600:] = [c - 3.0 for c in chunks[600:]]  # the sender's clock went back 3 s
@@ -144,6 +155,13 @@ def test_arrival_check_finds_loss_behind_continuous_timestamps():
     # samples arriving faster than real time (a replay at speed) are never a fault
     fast = ClockModel(250.0, 0.02, 64, report_early=False, confirm_s=0.3)
     assert {fast.update_backdated(1.0 + c * 0.01, 10) for c in range(500)} == {OK}
+    # nor is a replay at speed 8 that falls 50 ms behind and stays so (the demo at --speed 8)
+    fast = ClockModel(250.0, 0.02, 64, report_early=False, confirm_s=1.0)
+    t, verdicts = 1.0, []
+    for c in range(2000):
+        t += 0.005 + (0.05 if c == 1000 else 0.0)
+        verdicts.append(fast.update_backdated(t, 10))
+    assert set(verdicts) == {OK}
 
 
 # ------------------------------------------------------------------- real LSL streams
