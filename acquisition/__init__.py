@@ -23,16 +23,22 @@ from acquisition.lsl_source import (  # noqa: E402
     LslSource,
     StreamDescription,
     StreamNotFoundError,
+    describe_streams,
     list_streams,
 )
+from acquisition.sources import FilePlaybackSource, source_from_settings  # noqa: E402
 
 __all__ += [
+    "BrainFlowSource",
+    "FilePlaybackSource",
     "LslSource",
     "ReplayStats",
     "Replayer",
     "StreamDescription",
     "StreamNotFoundError",
+    "describe_streams",
     "list_streams",
+    "source_from_settings",
 ]
 
 
@@ -43,4 +49,8 @@ def __getattr__(name: str) -> object:
         from acquisition import replayer
 
         return getattr(replayer, name)
+    if name == "BrainFlowSource":  # brainflow loads its native library: only when used
+        from acquisition.brainflow_source import BrainFlowSource
+
+        return BrainFlowSource
     raise AttributeError(f"module 'acquisition' has no attribute {name!r}")

@@ -14,11 +14,12 @@ class HealthKind(str, Enum):
     CONNECTED = "connected"  # stream opened (info)
     STALE = "stale"  # no sample for longer than the staleness time (fault)
     FLOWING = "flowing"  # samples arrive again after STALE (info; never re-arms)
-    GAP = "gap"  # timestamp step above 1.5 / fs (fault)
+    GAP = "gap"  # samples missing: late against the stream's clock model (fault)
     COUNTER_GAP = "counter_gap"  # sample-counter channel skipped values (fault)
     LOST = "lost"  # stream gone from the network (fault)
     RESTORED = "restored"  # a lost stream is back, possibly restarted (info; never re-arms)
     NONFINITE = "nonfinite"  # NaN or inf samples in the chunk (fault)
+    CLOCK_RESET = "clock_reset"  # timestamps jumped back beyond the jitter tolerance (fault)
     MISMATCH = "mismatch"  # channel count / rate differ from what was expected (fault)
     END = "end"  # a finite source has no more data (info)
 
@@ -28,6 +29,7 @@ FAULT_KINDS = frozenset(
         HealthKind.STALE,
         HealthKind.GAP,
         HealthKind.COUNTER_GAP,
+        HealthKind.CLOCK_RESET,
         HealthKind.LOST,
         HealthKind.NONFINITE,
         HealthKind.MISMATCH,
@@ -59,6 +61,8 @@ class Chunk:
     sfreq: nominal sampling rate in Hz.
     events: health observations made while pulling this chunk (may come with zero samples).
     t_arrival: local_clock() when the pull returned (for decision latency), nan offline.
+    raw_timestamps: the sender's timestamps (n_samples,) when `timestamps` were dejittered
+        (LslSource), else None (they are the same).
     """
 
     data: np.ndarray
@@ -67,6 +71,7 @@ class Chunk:
     sfreq: float
     events: tuple[HealthEvent, ...] = field(default=())
     t_arrival: float = float("nan")
+    raw_timestamps: np.ndarray | None = None
 
     @property
     def n_samples(self) -> int:

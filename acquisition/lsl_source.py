@@ -25,6 +25,15 @@ Choices, with the numbers measured on this machine (pylsl 1.18.6 / liblsl 1.18, 
   the stream, so it survives an outlet restart). No `proc_dejitter` (tens of seconds to
   settle) and no `proc_monotonize` (it would hide the backward steps we want to report):
   timestamps are the raw sender timestamps plus the offset.
+- Loss, not jitter: amplifier apps stamp chunks when they push them, so raw timestamp steps
+  range from below zero to several periods with nothing missing. A clock model of the stream
+  (acquisition/clock.py: lower envelope of timestamp against sample count, robust, following
+  drift) says where each chunk should lie; GAP only when a chunk and the next both lie more than
+  the jitter tolerance later (samples are missing), CLOCK_RESET when both lie that far earlier.
+  A second model of the same kind on the arrival times (local clock) catches loss in a stream
+  whose sender stamps by sample count (its timestamps never jump). `Chunk.timestamps` are the
+  model's (dejittered: an exact grid at the fitted rate); `Chunk.raw_timestamps` the sender's
+  plus the offset (the XDF recording holds the sender's).
 - Units: values are converted to volts with each channel's `unit` from the stream description
   (`microvolts`, `millivolts`, `volts`, ..., or mne-lsl's power-of-ten codes such as `-6`).
 """
@@ -35,6 +44,7 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +52,9 @@ import pylsl
 from pylsl.util import LostError
 from pylsl.util import TimeoutError as LslTimeoutError
 
+from acquisition import clock as clock_mod
 from acquisition.chunk import Chunk, HealthEvent, HealthKind
+from acquisition.clock import ClockModel
 
 # liblsl keeps this many seconds of samples for a slow reader; a real-time loop that is this far
 # behind has other problems, and a smaller buffer bounds memory for wide/fast streams.
@@ -50,6 +62,9 @@ INLET_MAX_BUFLEN_S = 30
 # After the first match, how long to look for a second stream with the same name/type/source_id.
 # On loopback the second answer comes within 1-3 ms of the first (measured), so 0.2 s is ample.
 DUPLICATE_CHECK_S = 0.2
+# While waiting for a stream that is not there: look this often, report this often.
+WAIT_POLL_S = 0.02
+WAIT_REPORT_S = 1.0
 # How long to listen for streams when listing them in an error message.
 LIST_FOR_ERROR_S = 0.5
 # Refresh the clock offset this often (liblsl itself re-estimates it every few seconds).
@@ -66,8 +81,23 @@ RESTORE_INFO_TIMEOUT_S = 0.05
 # After the first sample of a chunk wakes a blocking pull, wait at most this long for the rest
 # (see _wait_for_samples).
 CHUNK_SETTLE_S = 3e-4
-# A timestamp step above this many sample periods is a GAP (DESIGN: 1.5 / fs).
-GAP_TOLERANCE_PERIODS = 1.5
+# How far a chunk may lie from the stream's clock model before it is suspect (see
+# acquisition/clock.py). Measured here (benchmarks/bench_clock.py): push-time stamps with USB
+# jitter and 16 ms FTDI bursts stay within ~17 ms of the model; a lost 10-sample chunk at
+# 250 Hz is 40 ms, 30 samples at 1 kHz 30 ms. Never below MIN_TOLERANCE_PERIODS periods.
+DEFAULT_JITTER_TOLERANCE_S = 0.020
+MIN_TOLERANCE_PERIODS = 2.0
+# A late chunk is a loss once the stamps stayed late (never less so) for this long of samples
+# (at least the next chunk): bench_clock under load 6-10 gave 4 false gaps in 180 s x 12
+# streams when the next chunk alone confirmed (senders late 21-35 ms for two 10-ms pushes),
+# with detection 12 ms after the hole at 1 kHz; 40 ms keeps detection well within 100 ms.
+TIMESTAMP_CONFIRM_S = 0.04
+# The arrival check calls samples missing only when they arrived late for this long: a sender
+# stamping by count shows loss only there, and so does a sender that lags (a loss stays, a lag
+# is caught up). 0.3 s gave 3 false gaps in 36 stream-minutes with the test suite running
+# beside bench_clock (senders 27-44 ms behind for 0.3 s); next-chunk confirmation many more.
+# Its detection delay, for such senders only (a counter channel is exact and immediate).
+ARRIVAL_CONFIRM_S = 1.0
 
 _FORMAT_NAMES = {
     pylsl.cf_float32: "float32",
@@ -95,6 +125,15 @@ _VOLT_SCALES = {
 }  # fmt: skip
 # Channel / stream types whose unit-less values get `missing_unit` (electrophysiology).
 _EXG_TYPES = frozenset({"eeg", "eog", "emg", "ecg", "exg", "seeg", "ecog", "dbs"})
+# Channel types that are never EEG: a trigger / marker / counter / sensor channel that an
+# amplifier app puts inside its EEG stream (XDF / mne-lsl / BrainVision type names).
+NON_EEG_TYPES = frozenset(
+    {
+        "stim", "trigger", "trig", "marker", "markers", "event", "events", "status",
+        "misc", "aux", "accel", "acc", "gyro", "counter", "timestamp", "resp", "bio",
+        "eog", "emg", "ecg", "temp", "temperature", "battery", "validity",
+    }
+)  # fmt: skip
 
 
 class StreamNotFoundError(RuntimeError):
@@ -136,6 +175,7 @@ class StreamDescription:
     # closedloop's own Replayer declares its speed (desc/acquisition/speed); 1.0 otherwise.
     # Faster than 1, its timestamps (recording time) run ahead of the local clock by design.
     replay_speed: float = 1.0
+    labelled: bool | None = None  # the description names the channels (None: not read)
 
     @classmethod
     def from_info(cls, info: pylsl.StreamInfo, with_channels: bool = False) -> StreamDescription:
@@ -160,6 +200,7 @@ class StreamDescription:
                     speed = float(acq.child_value("speed"))
                 except ValueError:
                     speed = 1.0
+        labelled = any(names) if with_channels else None
         if with_channels:
             # Missing or empty labels fall back to ch0, ch1, ...; missing units stay empty.
             names += [""] * (n - len(names))
@@ -180,6 +221,7 @@ class StreamDescription:
             ch_units=tuple(units),
             ch_types=tuple(types),
             replay_speed=speed if speed > 0 else 1.0,
+            labelled=labelled,
         )
 
     def __str__(self) -> str:
@@ -198,6 +240,23 @@ def list_streams(timeout_s: float = 1.0) -> list[StreamDescription]:
         for info in pylsl.resolve_streams(wait_time=timeout_s)
     }
     return sorted(found.values(), key=lambda d: (d.name, d.source_id, d.hostname))
+
+
+def describe_streams(
+    timeout_s: float = 1.0, info_timeout_s: float = 1.0
+) -> list[StreamDescription]:
+    """Like list_streams, with each stream's channel description (labels, units, types), read
+    through a short-lived inlet (no data is subscribed). A stream that does not answer within
+    info_timeout_s is listed without it (labelled None)."""
+    found = {info.uid(): info for info in pylsl.resolve_streams(wait_time=timeout_s)}
+    out = []
+    for info in found.values():
+        try:
+            full = pylsl.StreamInlet(info, recover=False).info(timeout=info_timeout_s)
+            out.append(StreamDescription.from_info(full, with_channels=True))
+        except (LslTimeoutError, LostError):
+            out.append(StreamDescription.from_info(info))
+    return sorted(out, key=lambda d: (d.name, d.source_id, d.hostname))
 
 
 def _xpath_literal(value: str, what: str) -> str:
@@ -241,6 +300,8 @@ class LslSource:
         expected_sfreq: float | None = None,
         expected_n_channels: int | None = None,
         missing_unit: str = "microvolts",
+        jitter_tolerance_s: float = DEFAULT_JITTER_TOLERANCE_S,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         """Select a stream by any of name / stype / source_id (None: any).
 
@@ -250,6 +311,10 @@ class LslSource:
         missing_unit: unit assumed for EEG-like channels (by channel type, else stream type)
             whose description gives none (the LSL / XDF convention for EEG is microvolts);
             other unit-less channels and the counter channel are passed through unscaled.
+        jitter_tolerance_s: how far (seconds) a chunk may lie from the clock model before it
+            counts as loss (late) or a clock reset (early); raised to 2 sample periods.
+        on_wait: called with 'waiting for stream ..., 12 s' every second while resolve() waits
+            for a stream that is not there (yet): start order does not matter.
         """
         if resolve_timeout_s <= 0 or not math.isfinite(resolve_timeout_s):
             raise ValueError(f"resolve_timeout_s must be > 0 and finite, got {resolve_timeout_s}")
@@ -261,6 +326,8 @@ class LslSource:
             raise ValueError(f"expected_sfreq must be >= 0, got {expected_sfreq}")
         if expected_n_channels is not None and expected_n_channels < 1:
             raise ValueError(f"expected_n_channels must be >= 1, got {expected_n_channels}")
+        if not 0 < jitter_tolerance_s <= 10 or not math.isfinite(jitter_tolerance_s):
+            raise ValueError(f"jitter_tolerance_s must be in (0, 10], got {jitter_tolerance_s}")
         if unit_scale(missing_unit) is None:
             raise ValueError(f"missing_unit {missing_unit!r} is not a voltage unit")
         self._pred = build_predicate(name, stype, source_id)
@@ -274,6 +341,8 @@ class LslSource:
         self._expected_sfreq = expected_sfreq
         self._expected_n_channels = expected_n_channels
         self._missing_unit = missing_unit
+        self._jitter_tolerance_s = float(jitter_tolerance_s)
+        self.on_wait = on_wait
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -289,7 +358,8 @@ class LslSource:
         self._scales: np.ndarray | None = None
         self._scaled = False
         self._counter_idx: int | None = None
-        self._gap_s = math.inf
+        self._clock: ClockModel | None = None  # timestamps against sample count
+        self._arrival: ClockModel | None = None  # arrival (local clock) against sample count
         self._empty_data = np.zeros((0, 0))
         self._empty_ts = np.zeros(0)
         self._time_correction = 0.0
@@ -303,12 +373,15 @@ class LslSource:
         self._lost = False
         self._lost_at = math.nan
         self._lost_uid = ""
+        self._refused: set[str] = set()  # uids of restored streams with another layout
         self._resolver: pylsl.ContinuousResolver | None = None
         self._next_restore_poll = 0.0
         self._liveness: pylsl.ContinuousResolver | None = None
         self._liveness_since = math.nan
         self._next_liveness_poll = 0.0
         self._n_received = 0
+        self._warnings: list[str] = []
+        self._eeg_mask: tuple[bool, ...] = ()
 
     # -------------------------------------------------------------- life cycle
     def resolve(self) -> LslSource:
@@ -321,7 +394,7 @@ class LslSource:
         """
         if self._resolved_inlet is not None or self._connected:
             return self
-        found = pylsl.resolve_bypred(self._pred, 1, self._resolve_timeout_s)
+        found = self._wait_for_stream()
         if not found:
             raise StreamNotFoundError(self._not_found_message("No LSL stream matches"))
         # resolve_bypred returns once `minimum` streams answered, so ask again for two.
@@ -346,6 +419,30 @@ class LslSource:
         self._resolved_found = found[0]
         self._setup_layout(StreamDescription.from_info(full, with_channels=True))
         return self
+
+    def _wait_for_stream(self) -> list[pylsl.StreamInfo]:
+        """Poll a background resolver until a stream matches or resolve_timeout_s passes,
+        telling on_wait every WAIT_REPORT_S: a session may start before the amplifier.
+
+        (A ContinuousResolver finds a stream that is there in 6-17 ms and one that appears
+        within its next query wave, <= ~1.8 s; a blocking resolve_bypred(wait_time=0.5) took
+        5.5 s in 3 calls of 6 here when nothing matched.)"""
+        t0 = time.monotonic()
+        deadline = t0 + self._resolve_timeout_s
+        next_report = t0 + WAIT_REPORT_S  # a stream that is there is found at once: no noise
+        resolver = pylsl.ContinuousResolver(pred=self._pred, forget_after=RESOLVER_FORGET_S)
+        while True:
+            found = resolver.results()
+            now = time.monotonic()
+            if found or now >= deadline:
+                return list(found)
+            if self.on_wait is not None and now >= next_report:
+                next_report += WAIT_REPORT_S
+                self.on_wait(
+                    f"waiting for stream {self._wanted()}, {now - t0:.0f} s "
+                    f"(gives up after {self._resolve_timeout_s:g} s)"
+                )
+            time.sleep(min(WAIT_POLL_S, max(0.0, deadline - now)))
 
     def connect(self) -> LslSource:
         """Resolve (if not done yet), then subscribe (blocks up to about 2 x resolve_timeout_s).
@@ -440,6 +537,29 @@ class LslSource:
         return self._time_correction
 
     @property
+    def warnings(self) -> list[str]:
+        """What the stream's description lacks (labels, units), as sentences."""
+        self._require_desc()
+        return list(self._warnings)
+
+    @property
+    def eeg_mask(self) -> tuple[bool, ...]:
+        """Per channel: not a trigger / marker / counter / other non-EEG channel by its type
+        (NON_EEG_TYPES) or the counter channel. Names are left to preprocess.exclude."""
+        self._require_desc()
+        return self._eeg_mask
+
+    @property
+    def jitter_tolerance_s(self) -> float:
+        """The tolerance in use: the one asked for, at least 2 sample periods (nan if unknown)."""
+        return self._clock.tolerance_s if self._clock is not None else math.nan
+
+    @property
+    def clock(self) -> ClockModel | None:
+        """The stream's clock model (None before connect or for an irregular stream)."""
+        return self._clock
+
+    @property
     def n_received(self) -> int:
         """Samples received since connect()."""
         return self._n_received
@@ -498,7 +618,8 @@ class LslSource:
 
         if now >= self._next_tc_refresh:
             self._refresh_time_correction(inlet, now)
-        timestamps = ts + self._time_correction  # new array: the chunk owns its timestamps
+        np.add(ts, self._time_correction, out=ts)  # raw stamps (ts is pylsl's new array)
+        timestamps = ts if self._clock is None else np.empty(n)  # the chunk owns both arrays
         if self._scaled:
             data = np.multiply(buffer[:n], self._scales, dtype=np.float64)
         else:
@@ -507,6 +628,8 @@ class LslSource:
         if self._stale:
             self._stale = False
             self._liveness = None
+            if self._arrival is not None:  # a pause is no loss if the timestamps say so
+                self._arrival.reset(keep_slope=True)
             events.append(
                 HealthEvent(
                     HealthKind.FLOWING,
@@ -515,7 +638,9 @@ class LslSource:
                     f"samples again after {now - self._last_sample_local:.3f} s",
                 )
             )
-        self._check_timestamps(timestamps, now, events)
+        if self._clock is not None:
+            self._check_clock(ts, timestamps, now, events)
+        self._last_ts = float(timestamps[-1])
         if self._counter_idx is not None:
             self._check_counter(data[:, self._counter_idx], timestamps, now, events)
         if not np.isfinite(data).all():
@@ -534,7 +659,7 @@ class LslSource:
         self._n_received += n
         self._recent_sizes.append(n)
         desc = self._require_desc()
-        return Chunk(data, timestamps, desc.ch_names, desc.sfreq, tuple(events), now)
+        return Chunk(data, timestamps, desc.ch_names, desc.sfreq, tuple(events), now, ts)
 
     def _wait_for_samples(self, inlet: pylsl.StreamInlet, timeout_s: float) -> np.ndarray:
         """Block (in liblsl) until one sample arrives, then take the rest of its chunk.
@@ -570,28 +695,76 @@ class LslSource:
         return np.concatenate(parts) if len(parts) > 1 else first
 
     # ------------------------------------------------------------ health checks
-    def _check_timestamps(self, ts: np.ndarray, now: float, events: list[HealthEvent]) -> None:
-        if math.isnan(self._last_ts):
-            steps = np.diff(ts)
-            offset = 1
-        else:
-            steps = np.diff(ts, prepend=self._last_ts)
-            offset = 0
-        self._last_ts = float(ts[-1])
-        bad = (steps > self._gap_s) | (steps <= 0.0)
-        if not bad.any():
-            return
-        idx = np.flatnonzero(bad)
-        worst = float(steps[idx[np.argmax(np.abs(steps[idx]))]])
-        events.append(
-            HealthEvent(
-                HealthKind.GAP,
-                float(ts[idx[0] + offset]),
-                now,
-                f"{idx.size} timestamp step(s) outside (0, {self._gap_s * 1e3:.2f} ms]; "
-                f"largest {worst * 1e3:.2f} ms",
+    def _check_clock(
+        self, raw: np.ndarray, out: np.ndarray, now: float, events: list[HealthEvent]
+    ) -> None:
+        """Judge the chunk against the clock models; `out` gets the dejittered stamps."""
+        clock, arrival = self._clock, self._arrival
+        assert clock is not None
+        assert arrival is not None
+        verdict = clock.update(raw, out)
+        n = raw.shape[0]
+        tol_ms = clock.tolerance_s * 1e3
+        if verdict == clock_mod.GAP:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    clock.t_event,
+                    now,
+                    f"~{clock.missing} sample(s) missing: timestamps "
+                    f"{clock.excess_s * 1e3:.1f} ms later than the stream clock expects, for "
+                    f"{TIMESTAMP_CONFIRM_S * 1e3:g} ms of samples (jitter tolerance {tol_ms:g} ms)",
+                )
             )
-        )
+        elif verdict == clock_mod.RESET:
+            events.append(
+                HealthEvent(
+                    HealthKind.CLOCK_RESET,
+                    clock.t_event,
+                    now,
+                    f"timestamps jumped back {-clock.excess_s * 1e3:.1f} ms against the stream "
+                    f"clock, two chunks running (jitter tolerance {tol_ms:g} ms)",
+                )
+            )
+        elif verdict == clock_mod.RATE:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    clock.t_event,
+                    now,
+                    f"effective rate {clock.rate_hz:.2f} Hz is more than "
+                    f"{clock_mod.MAX_RATE_SHORTFALL:.0%} below the nominal {clock.sfreq:g} Hz "
+                    "(samples lost a few at a time)",
+                )
+            )
+        if verdict != clock_mod.OK:
+            arrival.reset(keep_slope=True)  # one event per loss: the arrival line restarts
+        if n >= self._max_chunk:
+            arrival.skip(n)  # a backlog: its last sample did not just arrive
+            return
+        verdict = arrival.update_backdated(now, n)
+        if verdict == clock_mod.GAP:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    float(out[0]),
+                    now,
+                    f"~{arrival.missing} sample(s) missing: samples arrive "
+                    f"{arrival.excess_s * 1e3:.1f} ms later than their count says, for "
+                    f"{ARRIVAL_CONFIRM_S:g} s, while their timestamps are continuous (jitter "
+                    f"tolerance {tol_ms:g} ms)",
+                )
+            )
+        elif verdict == clock_mod.RATE:
+            events.append(
+                HealthEvent(
+                    HealthKind.GAP,
+                    float(out[0]),
+                    now,
+                    f"samples arrive at {arrival.rate_hz:.2f} Hz, more than "
+                    f"{clock_mod.MAX_RATE_SHORTFALL:.0%} below the nominal {arrival.sfreq:g} Hz",
+                )
+            )
 
     def _check_counter(
         self, counter: np.ndarray, ts: np.ndarray, now: float, events: list[HealthEvent]
@@ -717,7 +890,7 @@ class LslSource:
     def _try_restore(self, now: float, events: list[HealthEvent]) -> bool:
         self._next_restore_poll = now + RESTORE_POLL_S
         assert self._resolver is not None
-        candidates = self._resolver.results()
+        candidates = [i for i in self._resolver.results() if i.uid() not in self._refused]
         fresh = [info for info in candidates if info.uid() != self._lost_uid]
         if not fresh and now - self._lost_at > RESOLVER_FORGET_S + RESTORE_POLL_S:
             fresh = candidates  # still listed after the forget time: the old stream is alive
@@ -732,11 +905,34 @@ class LslSource:
         old = self._require_desc()
         new = StreamDescription.from_info(full, with_channels=True)
         now = pylsl.local_clock()
+        if (new.n_channels, new.sfreq, new.ch_names, new.channel_format) != (
+            old.n_channels,
+            old.sfreq,
+            old.ch_names,
+            old.channel_format,
+        ):
+            # Another rate or channel set: the pipeline was built for the old one. Refuse it
+            # (once per uid), stay lost, keep looking for the stream we had.
+            self._refused.add(new.uid)
+            events.append(
+                HealthEvent(
+                    HealthKind.MISMATCH,
+                    math.nan,
+                    now,
+                    f"stream {new.name!r} is back with another layout, refused: "
+                    f"{old.n_channels} ch @ {old.sfreq:g} Hz {old.channel_format} "
+                    f"{list(old.ch_names)} -> {new.n_channels} ch @ {new.sfreq:g} Hz "
+                    f"{new.channel_format} {list(new.ch_names)}; still waiting for the original "
+                    "(restart the session to use the new one)",
+                )
+            )
+            return False
         self._inlet = inlet
         self._resolver = None
         self._lost = False
         self._setup_layout(new)
-        # A restarted stream starts a new timeline and counter: continuity checks restart.
+        # A restarted stream starts a new timeline and counter: continuity checks restart
+        # (_setup_layout made new clock models).
         self._last_ts = math.nan
         self._last_counter = math.nan
         self._last_sample_local = now
@@ -751,21 +947,6 @@ class LslSource:
                 f"{len(fresh)} candidate(s)",
             )
         )
-        layout_changed = (new.n_channels, new.sfreq, new.ch_names) != (
-            old.n_channels,
-            old.sfreq,
-            old.ch_names,
-        )
-        if layout_changed:
-            events.append(
-                HealthEvent(
-                    HealthKind.MISMATCH,
-                    math.nan,
-                    now,
-                    f"restored stream differs: {old.n_channels} ch @ {old.sfreq:g} Hz "
-                    f"{old.ch_names} -> {new.n_channels} ch @ {new.sfreq:g} Hz {new.ch_names}",
-                )
-            )
         self._check_expected(now, events)
         return True
 
@@ -799,18 +980,46 @@ class LslSource:
         )
         default_scale = unit_scale(self._missing_unit)
         scales = np.ones(n_ch)
+        assumed = []
         for k, (unit, ch_type) in enumerate(zip(desc.ch_units, desc.ch_types, strict=True)):
             if k == self._counter_idx:
                 continue
             if unit.strip() == "":
                 kind = (ch_type or desc.stype).strip().lower()
                 scales[k] = default_scale if kind in _EXG_TYPES else 1.0
+                if kind in _EXG_TYPES:
+                    assumed.append(desc.ch_names[k])
             else:
                 scale = unit_scale(unit)
                 scales[k] = 1.0 if scale is None else scale  # not a voltage: keep as is
         self._scales = scales
         self._scaled = bool(np.any(scales != 1.0))
-        self._gap_s = GAP_TOLERANCE_PERIODS / desc.sfreq if desc.sfreq > 0 else math.inf
+        # What a real app's stream lacks, said once (the session puts it in its summary).
+        self._warnings = []
+        if desc.labelled is False:
+            self._warnings.append(
+                f"stream {desc.name!r} has no channel labels: channels named by index "
+                f"(ch0 .. ch{n_ch - 1}); channel-specific settings cannot match them"
+            )
+        if assumed:
+            self._warnings.append(
+                f"stream {desc.name!r} gives no unit for {len(assumed)} EEG channel(s): assumed "
+                f"{self._missing_unit} (source.missing_unit)"
+            )
+        self._eeg_mask = tuple(
+            (t or "").strip().lower() not in NON_EEG_TYPES and k != self._counter_idx
+            for k, t in enumerate(desc.ch_types)
+        )
+        if desc.sfreq > 0:
+            tol = max(self._jitter_tolerance_s, MIN_TOLERANCE_PERIODS / desc.sfreq)
+            self._clock = ClockModel(
+                desc.sfreq, tol, self._max_chunk, confirm_s=TIMESTAMP_CONFIRM_S
+            )
+            self._arrival = ClockModel(
+                desc.sfreq, tol, self._max_chunk, report_early=False, confirm_s=ARRIVAL_CONFIRM_S
+            )
+        else:  # irregular rate: no clock to hold samples against
+            self._clock = self._arrival = None
 
     def _empty_chunk(self, events: list[HealthEvent], now: float) -> Chunk:
         desc = self._require_desc()
@@ -818,8 +1027,8 @@ class LslSource:
             self._empty_data, self._empty_ts, desc.ch_names, desc.sfreq, tuple(events), now
         )
 
-    def _not_found_message(self, head: str) -> str:
-        wanted = (
+    def _wanted(self) -> str:
+        return (
             ", ".join(
                 f"{k}={v!r}"
                 for k, v in (
@@ -831,8 +1040,10 @@ class LslSource:
             )
             or "any numeric stream"
         )
+
+    def _not_found_message(self, head: str) -> str:
         visible = list_streams(LIST_FOR_ERROR_S)
-        lines = [f"{head} ({wanted}) within {self._resolve_timeout_s:g} s."]
+        lines = [f"{head} ({self._wanted()}) within {self._resolve_timeout_s:g} s."]
         if visible:
             lines.append("Visible streams:")
             lines += [f"  {d}" for d in visible]

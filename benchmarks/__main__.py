@@ -2,8 +2,8 @@
 
     python -m benchmarks [NAME ...] [--quick] [--out DIR]      (./dev bench does this)
 
-Names: decision, throughput, e2e, offline, memory, feedback, tune_speed, tune_cluster (default:
-all).
+Names: decision, throughput, e2e, offline, memory, feedback, tune_speed, tune_cluster, clock
+(default: all).
 --quick: short runs (about 5 minutes in all) to check that everything works, written to quick.json
 and quick.md beside latest.*, so the committed results stay; those come from a full run (about 20
 minutes on a 2-core machine). A run of some names only goes to partial.json / partial.md. Not part
@@ -36,6 +36,7 @@ NAMES = (
     "feedback",
     "tune_speed",
     "tune_cluster",
+    "clock",
 )
 GOALS = {
     "decision_p99_ms_64x1000": 1.0,
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             out = bench_offline.offline(args.quick, log=log)
         elif name == "memory":
             out = bench_offline.memory(args.quick, log=log)
+        elif name == "clock":
+            from benchmarks import bench_clock
+
+            out = bench_clock.run(args.quick, log=log)
         elif name == "feedback":
             secs = "3" if args.quick else "10"
             out = run_script("bench_feedback_latency.py", ["--seconds", secs])
@@ -291,6 +296,47 @@ def _f(x: Any, nd: int = 2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def clock_markdown(x: dict[str, Any]) -> list[str]:
+    """The bench_clock section: false gaps per stamping pattern, detection delay, model cost."""
+    c = x["model_cost"]
+    lines = [
+        "## Loss, not jitter (bench_clock.py)",
+        "",
+        f"Amplifier-like stamping (benchmarks/pushers.py), every pattern at 250 Hz and 1 kHz "
+        f"at once from another process, {x['seconds_per_stream']:g} s each, read by LslSource "
+        "(jitter tolerance 20 ms, no counter channel):",
+        "",
+        "| pattern | rate | samples | faults | suspects cleared |",
+        "|---|---|---|---|---|",
+    ]
+    for row in x["false_gaps"]:
+        lines.append(
+            f"| {row['pattern']} | {row['sfreq']:g} Hz | {row['samples']} | **{row['faults']}** "
+            f"| {row['suspects_cleared']} |"
+        )
+    lines += [
+        "",
+        "Real losses (30 samples at 1 kHz, one 10-sample chunk at 250 Hz): GAP events and the "
+        "delay from the push of the first sample after the hole to the event:",
+        "",
+        "| pattern | rate | lost | GAP | other faults | delay ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in x["detection"]:
+        lines.append(
+            f"| {row['pattern']} | {row['sfreq']:g} Hz | {row['lost']} | {row['gaps']} | "
+            f"{row['other_faults']} | {row['delay_ms']} |"
+        )
+    lines += [
+        "",
+        f"Clock model cost per 10-sample chunk (timestamps + arrival check, {c['chunks']} "
+        f"chunks): median {c['median_us']:.1f} µs, p99 {c['p99_us']:.1f} µs, max "
+        f"{c['max_us']:.0f} µs (the max is a refit every 0.5 s of samples, or the machine).",
+        "",
+    ]
+    return lines
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -434,6 +480,8 @@ def markdown(res: dict[str, Any]) -> str:
         from benchmarks import bench_tune_cluster
 
         lines += bench_tune_cluster.markdown(r["tune_cluster"])
+    if "clock" in r:
+        lines += clock_markdown(r["clock"])
     for key, title in (
         ("feedback", "Feedback (bench_feedback_latency.py)"),
         ("tune_speed", "Tuner speed (bench_tune_speed.py)"),

@@ -1,4 +1,5 @@
-"""`closedloop` command line: demo, run, offline, replay, simulate, check-config, gui, tune.
+"""`closedloop` command line: demo, run, offline, replay, simulate, check-config, gui, tune,
+streams.
 
 Errors are one clear line and exit status 2 (config, files, streams); `--debug` shows tracebacks.
 """
@@ -18,6 +19,7 @@ from closedloop.errors import UserError
 EPILOG = """examples:
   closedloop demo                                   replay a bundled recording, run the loop on it
   closedloop check-config configs/default.yaml      validate a session config, nothing else
+  closedloop streams --watch                        the LSL streams on the network, refreshed
   closedloop run --config configs/default.yaml      live session on an LSL stream
   closedloop offline replay_data/sim_32ch_500hz.fif --config configs/default.yaml
   closedloop replay replay_data/sim_32ch_500hz.fif --loop forever
@@ -153,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="run the demo offscreen, save a PNG of the window, and exit",
+    )
+
+    p = sub.add_parser("streams", help="list the LSL streams on the network (like `lsl list`)")
+    p.add_argument(
+        "--timeout", type=float, default=1.0, help="seconds to listen for streams (default 1)"
+    )
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="S",
+        help="refresh every S seconds (default 2) until Ctrl-C",
     )
 
     p = sub.add_parser(
@@ -365,23 +381,16 @@ def cmd_offline(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from acquisition.lsl_source import LslSource
+    from acquisition.sources import source_from_settings
     from closedloop.session import Session
 
     config = _config(args)
     if args.duration:
         config.session.duration_s = args.duration
-    src = config.source
-    source = LslSource(
-        name=src.name,
-        stype=src.stype,
-        source_id=src.source_id,
-        resolve_timeout_s=src.resolve_timeout_s,
-        stale_after_s=src.stale_after_s,
-        counter_channel=src.counter_channel,
-        expected_sfreq=src.expected_sfreq,
-        expected_n_channels=src.expected_n_channels,
-    )
+    # kind: lsl -> the stream; kind: file -> the recording played in real time over LSL
+    source = source_from_settings(config.source)
+    # started before the amplifier: say so every second until it appears or the timeout
+    source.on_wait = lambda msg: print(f"closedloop run: {msg}", file=sys.stderr, flush=True)
     session = Session(
         config,
         source,
@@ -437,6 +446,49 @@ def cmd_gui(args) -> int:
     from gui.app import run_gui
 
     return run_gui(_config(args), screenshot=args.screenshot)
+
+
+def format_streams(streams) -> str:
+    """A table of StreamDescriptions (name, type, channels, rate, format, source_id, host,
+    channel labels present or not)."""
+    if not streams:
+        return "no LSL streams visible on this network"
+    rows = [("NAME", "TYPE", "CH", "RATE", "FORMAT", "SOURCE_ID", "HOST", "LABELS")]
+    for d in streams:
+        labels = {True: "yes", False: "no (by index)", None: "?"}[d.labelled]
+        rate = f"{d.sfreq:g} Hz" if d.sfreq > 0 else "irregular"
+        rows.append(
+            (d.name, d.stype, str(d.n_channels), rate, d.channel_format, d.source_id,
+             d.hostname, labels)
+        )  # fmt: skip
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_streams(args) -> int:
+    import time
+
+    from acquisition.lsl_source import describe_streams
+
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0, got {args.timeout}")
+    if args.watch is None:
+        print(format_streams(describe_streams(args.timeout)))
+        return 0
+    if args.watch <= 0:
+        raise UserError(f"--watch must be > 0, got {args.watch}")
+    try:
+        while True:
+            table = format_streams(describe_streams(args.timeout))
+            if sys.stdout.isatty():
+                print("\033[2J\033[H", end="")  # clear the terminal, cursor home
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{stamp}  LSL streams (every {args.watch:g} s, Ctrl-C stops)\n{table}\n")
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_tune(args) -> int:
@@ -504,6 +556,7 @@ COMMANDS = {
     "report": cmd_report,
     "export-bids": cmd_export_bids,
     "latency-check": cmd_latency_check,
+    "streams": cmd_streams,
 }
 
 

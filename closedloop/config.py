@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from closedloop.errors import ConfigError
 from closedloop.feedback import FeedbackSettings
@@ -36,13 +43,33 @@ class _Strict(StrictNumbersModel):
 class SourceSettings(_Strict):
     """Where EEG comes from during `closedloop run`."""
 
-    kind: Literal["lsl", "file"] = Field("lsl", description="live LSL stream or a recording")
+    kind: Literal["lsl", "file", "brainflow"] = Field(
+        "lsl",
+        description="'lsl': a live stream; 'file': the recording at `path`, played in real time "
+        "over LSL and read through the live path by `closedloop run` (health checks, clock "
+        "model, XDF) as if it were an amplifier; 'brainflow': the BrainFlow `board`, "
+        "republished over LSL and read the same way",
+    )
+    board: str | None = Field(
+        None,
+        description="kind=brainflow: the board, by BrainFlow name (CYTON_BOARD, GANGLION_BOARD, "
+        "MUSE_2_BOARD, UNICORN_BOARD, SYNTHETIC_BOARD; 'cyton' works too) or numeric id",
+    )
+    board_params: dict[str, str | int | float] = Field(
+        default_factory=dict,
+        description="kind=brainflow: BrainFlowInputParams as BrainFlow takes them, e.g. "
+        "{serial_port: /dev/ttyUSB0} or {mac_address: ..., ip_address: ..., ip_port: ...}",
+    )
     name: str | None = Field(None, description="LSL stream name to resolve")
     stype: str | None = Field("EEG", description="LSL stream type to resolve")
     source_id: str | None = Field(None, description="LSL source_id to resolve")
     path: Path | None = Field(None, description="recording path when kind=file")
     resolve_timeout_s: float = Field(
-        5.0, gt=0, le=120, description="seconds to wait for the stream"
+        5.0,
+        gt=0,
+        le=3600,
+        description="seconds to wait for the stream (a session may start before the "
+        "amplifier: `run` says 'waiting for stream ...' every second meanwhile)",
     )
     stale_after_s: float = Field(0.5, gt=0, le=10, description="no sample this long = stale fault")
     chunk_size: int = Field(
@@ -56,15 +83,40 @@ class SourceSettings(_Strict):
         "chunk_size grid: the same pulses as single chunks, about 2x faster)",
     )
     counter_channel: str | None = Field("counter", description="sample-counter channel, if any")
+    jitter_tolerance_ms: float = Field(
+        20.0,
+        gt=0,
+        le=1000,
+        description="how far a chunk's timestamps may lie from the stream's clock model before "
+        "it counts as samples lost (late, two chunks running) or a clock reset (early); at "
+        "least 2 sample periods. Push-time stamps, USB jitter and 16 ms FTDI bursts stay "
+        "within it (measured); a lost 10-sample chunk at 250 Hz is 40 ms",
+    )
+    missing_unit: str = Field(
+        "microvolts",
+        description="unit assumed for EEG channels whose stream gives none (the LSL / XDF "
+        "convention); the session summary says when it was assumed",
+    )
     expected_sfreq: float | None = Field(None, gt=0, description="refuse a stream at another rate")
     expected_n_channels: int | None = Field(
         None, gt=0, description="refuse a stream with another channel count"
     )
 
+    @field_validator("missing_unit")
+    @classmethod
+    def _a_voltage(cls, value: str) -> str:
+        from acquisition.lsl_source import unit_scale
+
+        if unit_scale(value) is None:
+            raise ValueError(f"{value!r} is not a voltage unit (e.g. microvolts, uV, mV, volts)")
+        return value
+
     @model_validator(mode="after")
     def _file_needs_path(self) -> SourceSettings:
         if self.kind == "file" and self.path is None:
             raise ValueError("source.path is required when source.kind is 'file'")
+        if self.kind == "brainflow" and not self.board:
+            raise ValueError("source.board is required when source.kind is 'brainflow'")
         return self
 
 

@@ -107,7 +107,7 @@ def run_demo(
     headless: bool = False,
     out_root: Path | None = None,
 ) -> int:
-    from acquisition.lsl_source import LslSource
+    from acquisition.sources import source_from_settings
     from closedloop.cli import (
         _install_signal_handlers,
         _print_status,
@@ -156,12 +156,12 @@ def run_demo(
             + ". Ctrl-C stops.",
             file=sys.stderr,
         )
-        source = LslSource(
+        source = source_from_settings(
+            config.source,
             name=name,
             source_id=source_id,
             stype=None,
             resolve_timeout_s=max(30.0, config.source.resolve_timeout_s),  # replayer start-up
-            stale_after_s=config.source.stale_after_s,
         )
         session = Session(
             config,

@@ -82,7 +82,7 @@ class Pipeline:
         clock=local_clock,
         extra_outputs: list | None = None,
         replay_speed: float = 1.0,
-        eeg_mask: list[bool] | None = None,
+        eeg_mask: list[bool] | tuple[bool, ...] | None = None,
     ) -> Pipeline:
         """Wire the stages from a validated config (call `validate_for_stream` first).
 
@@ -93,7 +93,8 @@ class Pipeline:
         declared replay faster than real time (replay_speed > 1, `LslSource.replay_speed`):
         its stamps run ahead of the clock, so the sample-age check falls back to the pull age,
         and such a simulation must not reach a stimulator either.
-        eeg_mask: which channels are EEG (from the channel types; default: by name).
+        eeg_mask: which channels are EEG (from the channel types; default: by name,
+        preprocess.exclude).
         """
         chain = FeatureChain.from_settings(
             config.preprocess,

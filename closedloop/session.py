@@ -293,6 +293,12 @@ class Session:
         mask = calibration.eeg_mask(
             ch_names, calibration.source_ch_types(self.source), self.config.preprocess.exclude
         )
+        # A live stream's own description: what it lacks (labels, units) goes to the summary;
+        # channels typed as trigger / marker / counter there are never EEG, whatever their names.
+        self.warnings += list(getattr(self.source, "warnings", ()))
+        source_mask = getattr(self.source, "eeg_mask", None)
+        if source_mask:
+            mask = [m and s for m, s in zip(mask, source_mask, strict=True)]
 
         self.folder = self._make_folder()
         (self.folder / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from acquisition.lsl_source import LslSource
+from acquisition.sources import source_from_settings
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig
 from closedloop.scope import Scope
@@ -118,19 +118,9 @@ def make_lsl_source(
     source_id: str | None = None,
     stype: str | None = None,
 ):
-    """An LslSource from the config's source section, optionally pointed at a picked stream."""
-    src = config.source
-    picked = name is not None or source_id is not None
-    return LslSource(
-        name=name if picked else src.name,
-        stype=stype if picked else src.stype,
-        source_id=source_id if picked else src.source_id,
-        resolve_timeout_s=src.resolve_timeout_s,
-        stale_after_s=src.stale_after_s,
-        counter_channel=src.counter_channel,
-        expected_sfreq=src.expected_sfreq,
-        expected_n_channels=src.expected_n_channels,
-    )
+    """The config's source (acquisition.sources.source_from_settings), optionally pointed at
+    a picked stream (then always LSL)."""
+    return source_from_settings(config.source, name=name, source_id=source_id, stype=stype)
 
 
 class SessionRunner:

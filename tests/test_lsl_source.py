@@ -173,10 +173,14 @@ def test_mismatch_is_an_event_not_an_exception():
 
 @pytest.mark.lsl
 def test_gap_within_and_across_chunks_and_counter_gap():
+    """Loss is a chunk lying beyond the jitter tolerance (20 ms) from the clock model and the
+    next one too; a step of 3 periods (12 ms) is jitter. GAP points at the first sample after
+    the hole, in the dejittered timeline."""
     name = new_stream_name()
     outlet = make_outlet(name)
     with LslSource(name=name) as src:
         src.pull()
+        assert src.jitter_tolerance_s == pytest.approx(0.020)
         t0 = pylsl.local_clock()
 
         def push_and_pull(x: np.ndarray, stamps: list[float]):
@@ -185,20 +189,31 @@ def test_gap_within_and_across_chunks_and_counter_gap():
 
         clean = push_and_pull(block(0, 20), grid(0, 20, t0))
         assert not clean.events
-        # timestamps jump by 3 periods between chunks; the counter is continuous
-        across = push_and_pull(block(20, 20), grid(23, 20, t0))
+        # one chunk stamped 3 periods late, the next on time: jitter, no event
+        jitter = push_and_pull(block(20, 10), grid(23, 10, t0))
+        jitter.events += push_and_pull(block(30, 10), grid(30, 10, t0)).events
+        assert not jitter.events
+        # timestamps jump by 30 periods (120 ms) between chunks, and stay there: loss
+        late = push_and_pull(block(40, 10), grid(70, 10, t0))  # suspect until the next chunk
+        across = push_and_pull(block(50, 10), grid(80, 10, t0))
+        across.events = late.events + across.events
         assert across.kinds() == [HealthKind.GAP]
-        assert across.of(HealthKind.GAP)[0].t_stream == pytest.approx(
-            t0 + 23 / SFREQ + src.time_correction, abs=1e-9
+        assert "~30 sample(s) missing" in across.events[0].detail
+        # the event is at the first sample after the hole (dejittered: the model's grid)
+        assert across.events[0].t_stream == pytest.approx(late.chunks[0].timestamps[0])
+        # the dejittered timeline jumps with the loss; raw stamps are kept on the chunk
+        np.testing.assert_allclose(
+            across.chunks[0].raw_timestamps, np.array(grid(80, 10, t0)) + src.time_correction
         )
-        # a jump inside one chunk
-        stamps = grid(43, 10, t0) + grid(60, 10, t0)
-        within = push_and_pull(block(40, 20), stamps)
-        assert within.kinds() == [HealthKind.GAP]
-        assert "largest" in within.events[0].detail
+        # a jump of 10 periods (40 ms) inside one chunk, confirmed by the next
+        stamps = grid(90, 5, t0) + grid(105, 5, t0)
+        within = push_and_pull(block(60, 10), stamps)
+        within.events += push_and_pull(block(70, 10), grid(110, 10, t0)).events
+        assert [e.kind for e in within.events] == [HealthKind.GAP]
+        assert "~10 sample(s) missing" in within.events[0].detail
         # the counter skips 5 values while time stays on the grid
-        x = np.vstack([block(60, 10), block(75, 10)])
-        skipped = push_and_pull(x, grid(70, 20, t0))
+        x = np.vstack([block(80, 10), block(95, 10)])
+        skipped = push_and_pull(x, grid(120, 20, t0))
         assert skipped.kinds() == [HealthKind.COUNTER_GAP]
         assert "5 samples missing" in skipped.events[0].detail
 
@@ -238,8 +253,9 @@ def test_dropped_samples_in_the_replayer_give_gap_and_counter_gap():
     )
     with replayer, LslSource(name=name) as src:
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
-    faults = [e for e in got.events if e.is_fault]
-    assert [e.kind for e in faults] == [HealthKind.GAP, HealthKind.COUNTER_GAP, HealthKind.LOST]
+    faults = sorted((e for e in got.events if e.is_fault), key=lambda e: e.kind.value)
+    # the counter tells at once; the clock model when the next chunk confirms the hole
+    assert [e.kind for e in faults] == [HealthKind.COUNTER_GAP, HealthKind.GAP, HealthKind.LOST]
     counter = got.data[:, -1]
     assert counter[0] == 0
     assert counter[-1] == 499
@@ -248,7 +264,8 @@ def test_dropped_samples_in_the_replayer_give_gap_and_counter_gap():
     t_after = got.timestamps[100]
     assert faults[0].t_stream == pytest.approx(t_after)
     assert faults[1].t_stream == pytest.approx(t_after)
-    assert "25 samples missing" in faults[1].detail
+    assert "25 samples missing" in faults[0].detail
+    assert "~25 sample(s) missing" in faults[1].detail
 
 
 @pytest.mark.lsl

@@ -330,8 +330,6 @@ def test_start_skips_the_beginning_and_keeps_the_annotations_in_place():
         d for d, a in zip(full._marker_desc, after, strict=True) if a
     ]
     # an annotation running across the start (the first mind-wandering block) starts at 0
-    assert [d for d, m in zip(late._marker_desc, moved, strict=True) if not m] == [
-        "mind_wandering"
-    ]
+    assert [d for d, m in zip(late._marker_desc, moved, strict=True) if not m] == ["mind_wandering"]
     with pytest.raises(ValueError, match="start_s"):
         Replayer(path, progress=False, start_s=1e6)
