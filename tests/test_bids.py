@@ -22,7 +22,9 @@ from tests.session_helpers import REPLAY_DATA, bundled_recording, fast_config
 def offline_session(tmp_path_factory):
     out = tmp_path_factory.mktemp("sessions")
     session = Session(
-        fast_config(),
+        # a request every second while the state holds, the default 3 s interval: refractory
+        # vetoes for --include-vetoed to export
+        fast_config(**{"trigger.mode": "repeat", "trigger.repeat_interval_s": 1.0}),
         FileSource(REPLAY_DATA / "sim_32ch_500hz.fif"),
         live=False,
         out_root=out,
@@ -42,7 +44,7 @@ def test_export_reads_back_with_pulses_on_their_samples(offline_session, tmp_pat
     fired = [a for a in attempts if a["fired"]]
     vetoed = [a for a in attempts if not a["fired"]]
     assert fired
-    assert vetoed  # the fast config's session has a refractory veto: the flag has work to do
+    assert vetoed  # refractory vetoes: the flag has work to do
 
     path = mne_bids.BIDSPath(
         subject="01", session="a", task="neurofeedback", run=2, datatype="eeg", root=root

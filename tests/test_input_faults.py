@@ -43,9 +43,10 @@ def test_rail_and_nonfinite_are_flagged_with_the_artifact_checks_off(kind):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_rail_outside_the_checked_channels_is_still_flagged(enabled):
-    """artifacts.channels narrows the artifact checks, not the input faults: a railing channel
-    outside the subset (which still feeds a common reference) is flagged, with its hold-off,
-    also at the grid samples of an offline block."""
+    """artifacts.channels narrows the artifact checks (the watched channels), not the input
+    faults: a railing channel outside the subset (which still feeds a common reference) is
+    flagged, with its hold-off, also at the grid samples of an offline block. The chain checks
+    every EEG channel and watches the subset, as here."""
     rng = np.random.default_rng(1)
     raw = 10e-6 * rng.standard_normal((400, 3))
     raw[100:105, 2] = -0.2  # channel c rails; only a and b are checked for artifacts
@@ -55,7 +56,7 @@ def test_rail_outside_the_checked_channels_is_still_flagged(enabled):
         holdoff_s=0.1,
         muscle_ratio=None,  # white noise
     )
-    det = ArtifactDetector(settings, ["a", "b", "c"], SFREQ, ["a", "b"])
+    det = ArtifactDetector(settings, ["a", "b", "c"], SFREQ, None, watch_names=["a", "b"])
     grid = np.arange(9, 400, 10, dtype=np.int64)  # decisions every 10 samples, one block
     active = det.process(raw, raw, raw, None, grid)
     flagged = [g for g in range(len(grid)) if det.reasons_at(g)]
@@ -66,7 +67,7 @@ def test_rail_outside_the_checked_channels_is_still_flagged(enabled):
     assert on[-1] == 104 + round(0.1 * SFREQ)
     assert det.reasons == ()  # over by the block's end
     # chunk by chunk (most chunks skip the full check of the other channels): the same flags
-    det2 = ArtifactDetector(settings, ["a", "b", "c"], SFREQ, ["a", "b"])
+    det2 = ArtifactDetector(settings, ["a", "b", "c"], SFREQ, None, watch_names=["a", "b"])
     chunked, reasons = [], []
     for i in range(0, 400, 10):
         chunked.append(det2.process(raw[i : i + 10], raw[i : i + 10], raw[i : i + 10]))

@@ -13,7 +13,7 @@ import pytest
 from acquisition.file_source import FileSource
 from acquisition.lsl_source import LslSource
 from closedloop.cli import main
-from closedloop.config import apply_overrides, load_config
+from closedloop.config import SessionConfig, apply_overrides, load_config
 from closedloop.load import read_jsonl
 from closedloop.report import DISCLAIMER, collect, read_report_data, write_report
 from closedloop.session import Session
@@ -79,9 +79,10 @@ def test_offline_report_matches_audit_and_recomputes_the_sessions_scores(tmp_pat
         assert (tmp_path / "page" / f"r_{k}.png").stat().st_size > 10_000
     assert not data["live"]
     assert "sample_age_ms" not in data["timing"]  # no local clock offline
-    assert ["state.enter", 1.0, 1.2] in data["config_diff"]
+    assert ["state.enter", SessionConfig().state.enter, 1.2] in data["config_diff"]
     assert ["recording.xdf", True, False] in data["config_diff"]
-    assert data["calibration"]["duration_s"] > 60.0  # 60 s clean baseline + settling + artifacts
+    # the clean baseline + limit learning + settling + artifacts
+    assert data["calibration"]["duration_s"] > SessionConfig().state.calibration_s
     assert len(data["calibration"]["baseline"]) == 10  # 5 bands x 2 groups
     assert 0.0 <= data["calibration"]["flagged_share"] < 0.5
     assert data["hashes"]["eeg_raw.fif"]
@@ -139,6 +140,7 @@ def test_live_report_from_a_real_replay(looping_replayer, unique_name, tmp_path)
             "session.duration_s": 22.0,
             "recording.xdf": True,
             "state.calibration_s": 6.0,
+            "artifacts.learn_s": 2.0,  # the default 10 s of limit learning would fill the 22 s
             "state.enter": -50.0,
             "state.leave": -100.0,
             "trigger.mode": "repeat",

@@ -72,6 +72,7 @@ def run_session(name: str, delay_s: float, tmp_path) -> list[dict]:
             "recording.xdf": False,
             "state.warmup_s": 1.0,
             "state.calibration_s": 5.0,
+            "artifacts.learn_s": 2.0,  # limit learning: 10 s by default, most of the session
             "state.enter": -20.0,  # always the target state: a request every second
             "state.leave": -30.0,
             "trigger.mode": "repeat",

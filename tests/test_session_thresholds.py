@@ -18,7 +18,7 @@ from tests.session_helpers import bundled_recording, fast_config
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(120)]
 
-PAUSE_AT_S = 30.0  # stream seconds: calibrated (20 s baseline) and armed by then
+PAUSE_AT_S = 45.0  # stream seconds: calibrated (warm-up, 10 s limit learning, 20 s baseline)
 
 
 class PausingSource:
@@ -57,6 +57,8 @@ def test_threshold_changes_are_audited_bounded_and_refused_remotely_while_armed(
                 "mqtt.session_id": "thr1",
                 "mqtt.max_remote_threshold": 3.0,
                 "state.calibration_s": 20.0,
+                "state.enter": 1.5,
+                "state.leave": 0.0,
             },
         )
         source = PausingSource(bundled_recording())

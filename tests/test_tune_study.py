@@ -80,7 +80,7 @@ def test_study_errors(study, tmp_path):
     with pytest.raises(UserError, match="not a BIDS dataset"):
         find_recordings(tmp_path, TASK)
     never = tmp_path / "never"
-    base = ["--grid=state.enter=1,2", "--out", never, "--no-progress"]
+    base = ["--grid=state.enter=1.5,2", "--out", never, "--no-progress"]
     cases = [
         (["--bids-root", study["root"]], "needs --task"),
         ([], "no recording"),
@@ -108,7 +108,7 @@ def test_tune_study_leave_one_participant_out(study, tmp_path):
         TASK,
         "--config",
         study["config"],
-        "--grid=state.enter=0.5,1.5,3",
+        "--grid=state.enter=1.5,2.5,3.5",  # above the default leave (1.0)
         "--grid=trigger.dwell_s=0.5,2",
         "--require",
         "hit_rate>=0.8",
