@@ -140,10 +140,7 @@ class StreamPanel:
         row.addWidget(QtWidgets.QLabel("Stream:"))
         self.stream_combo = QtWidgets.QComboBox()
         self.stream_combo.setMinimumWidth(420)
-        src = self.config.source
-        self.stream_combo.addItem(
-            f"from config: name={src.name!r} type={src.stype!r} source_id={src.source_id!r}", None
-        )
+        self.stream_combo.addItem(config_source_label(self.config.source), None)
         row.addWidget(self.stream_combo)
         self.refresh_button = QtWidgets.QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
@@ -248,6 +245,18 @@ class StreamPanel:
         if not tick.running and tick.now >= self._next_refresh:
             self._next_refresh = tick.now + STREAM_REFRESH_S
             self.refresh()
+
+
+def config_source_label(src) -> str:
+    """The stream picker's first entry: the source the config names (an LSL stream, a board
+    read through BrainFlow, or a recording played in real time)."""
+    kind = getattr(src, "kind", "lsl")
+    if kind == "brainflow":
+        params = ", ".join(f"{k}={v}" for k, v in dict(src.board_params).items())
+        return f"from config: BrainFlow board {src.board}" + (f" ({params})" if params else "")
+    if kind == "file":
+        return f"from config: recording {src.path} played in real time"
+    return f"from config: name={src.name!r} type={src.stype!r} source_id={src.source_id!r}"
 
 
 # ============================================================================ arming, e-stop

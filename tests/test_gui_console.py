@@ -325,3 +325,21 @@ def test_health_panel_shows_the_participant_audio_device(qtbot, unique_name):
     assert "participant audio" in win.health_label.text()
     assert "LOST" in win.health_label.text()
     win.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"source.kind": "brainflow", "source.board": "SYNTHETIC_BOARD"}, "BrainFlow board"),
+        ({"source.kind": "file", "source.path": "replay_data/sim_4ch_256hz.fif"}, "real time"),
+        ({"source.name": "amp-1"}, "name='amp-1'"),
+    ],
+)
+def test_stream_picker_names_the_configured_source(qtbot, overrides, expected):
+    """The first entry of the picker is the config's own source: an LSL stream, a BrainFlow
+    board (issue 15: boards beside the LSL streams) or a recording played in real time."""
+    win = ConsoleWindow(apply_overrides(SessionConfig(), overrides), list_streams=lambda t: [])
+    qtbot.addWidget(win)
+    assert expected in win.stream_combo.itemText(0)
+    assert win.stream_combo.itemData(0) is None  # "from config": source_from_settings builds it
+    win.close()
