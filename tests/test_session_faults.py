@@ -42,6 +42,7 @@ def recording(tmp_path_factory) -> Path:
 def config(name: str, **overrides) -> SessionConfig:
     base = {
         "state.calibration_s": 8.0,
+        "artifacts.learn_s": 2.0,  # the default 10 s of limit learning: armed before T_FAULT
         "state.enter": 1.0,
         "state.leave": 0.0,
         "trigger.dwell_s": 0.5,
