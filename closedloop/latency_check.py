@@ -115,7 +115,7 @@ def run_latency_check(
     """Fire `n` test pulses and measure each one's delay into the EEG; returns the report's
     folder and the pulses. threshold: trigger-channel value (stream units) above which it is
     high."""
-    from acquisition.lsl_source import LslSource
+    from acquisition.sources import source_from_settings
     from closedloop.config import load_config
     from features.types import Label, State
     from triggers.audit import AuditLog
@@ -133,17 +133,7 @@ def run_latency_check(
             f"{config_path}: no serial output in outputs.outputs: nothing would reach the "
             "amplifier's trigger input"
         )
-    src = config.source
-    source = LslSource(
-        name=src.name,
-        stype=src.stype,
-        source_id=src.source_id,
-        resolve_timeout_s=src.resolve_timeout_s,
-        stale_after_s=src.stale_after_s,
-        counter_channel=src.counter_channel,
-        expected_sfreq=src.expected_sfreq,
-        expected_n_channels=src.expected_n_channels,
-    )
+    source = source_from_settings(config.source, live=True)  # as `run` builds it
     source.connect()
     try:
         ch_names = list(source.ch_names)
