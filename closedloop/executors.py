@@ -277,6 +277,7 @@ class DaskExecutor:
             )
             futures[fut] = t
             ours[key] = t
+        completed = False
         try:
             # with_results: results are gathered in the background as tasks finish, rather
             # than one fut.result() round trip per task
@@ -297,6 +298,7 @@ class DaskExecutor:
             for addr in sorted(self._watched):
                 events = self.client.get_events(addr)
                 self._lost_workers([(addr, m) for _, m in events], ours, seen)
+            completed = True
         finally:
             for addr in self._watched:
                 self.client.unsubscribe_topic(addr)
@@ -304,6 +306,22 @@ class DaskExecutor:
             self.client.cancel(list(futures), force=True)
             for d in data.values():
                 d.release()
+            if not completed:
+                self._reconnect()
+
+    def _reconnect(self) -> None:
+        """A fresh client after a sweep that stopped early (a failed run, Ctrl-C).
+
+        The next sweep on the old client broke in about 1 of 15 tries (2 cores, under load):
+        its first request to the scheduler died inside tornado's write buffer (`AssertionError`
+        in `_StreamBuffer.advance`, distributed 2026.x), after the aborted sweep's cancelled
+        tasks; a new connection does not carry whatever the abort left behind.
+        """
+        from distributed import Client
+
+        old = self.client
+        self.client = Client(self._cluster or self.scheduler_address, timeout="30s")
+        old.close()
 
     def close(self) -> None:
         self.client.close()
