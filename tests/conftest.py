@@ -48,3 +48,4 @@ def looping_replayer(unique_name):
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=5)  # reaped, or Popen.__del__ warns (an error under -W error)

@@ -638,9 +638,14 @@ def test_sham_feedback_is_what_the_device_plays(pulse, tmp_path):
         # amplitude per 50 ms window, median over the block: a dropped block on a loaded
         # machine (seen: the whole-block RMS 0.272) does not decide it
         amp = [rec.amp(w, w + 0.05) for w in a + np.arange(11) * 0.05]
-        expected = 0.3 if block % 2 == 1 else 0.0  # earlier score 2 -> value 1, -2 -> 0
         level = float(np.nanmedian(amp))
-        assert level == pytest.approx(expected, abs=0.02), f"block {block}: {level:.3f}"
+        # earlier score 2 -> value 1 (0.3), -2 -> value 0 (silence); the live score would be
+        # 0.3 throughout. Silence is exact; the loud level is a floor, because on a loaded
+        # machine the device sink drops frames (seen: median 0.255 with 8 tests running).
+        if block % 2 == 1:
+            assert 0.2 <= level <= 0.32, f"block {block}: {level:.3f}"
+        else:
+            assert level <= 0.02, f"block {block}: {level:.3f}"
 
 
 @pytest.mark.lsl
