@@ -114,7 +114,9 @@ def test_serial_port_that_disappears_disarms(recording, unique_name, out_dir):
     # real time: a replay faster than real time is a simulation and never reaches the serial
     # port (its outputs are replaced by the simulated stimulator, issue 14)
     proc = start_replayer(recording, unique_name, speed=1.0)
-    # a pulse request every second whatever the state, so one comes right after the unplug
+    # a pulse request every 1.5 s whatever the state, so one comes right after the unplug; not
+    # at the 1.0 s hard floor, where the serial output's own guard (its clock a few µs off the
+    # interlock's) may refuse a fire and disarm before the unplug (seen in a clean-clone run)
     session = live_session(
         unique_name,
         **{
@@ -122,7 +124,8 @@ def test_serial_port_that_disappears_disarms(recording, unique_name, out_dir):
             "state.enter": -20.0,
             "state.leave": -30.0,
             "trigger.mode": "repeat",
-            "trigger.repeat_interval_s": 1.0,
+            "trigger.repeat_interval_s": 1.5,
+            "safety.min_interval_s": 1.5,
         },
     )
 
