@@ -276,18 +276,6 @@ class Pipeline:
             (_sorted_percentile(lat, 0.5), _sorted_percentile(lat, 0.99), float(lat[-1])),
         )
         return self._pct[1]
-        n = min(self._n_latency, LATENCY_RING)
-        if n == 0:
-            return (float("nan"),) * 3
-        lat = self._latency_ms[:n]
-        lat = lat[np.isfinite(lat)]  # a chunk without t_arrival gives nan
-        if lat.size == 0:  # e.g. only chunks without an arrival time
-            return (float("nan"),) * 3
-        # np.percentile of the finite values = np.nanpercentile, at 60 µs instead of 400 µs for
-        # the full ring (offline sessions ask twice per stream second)
-        p50, p99 = np.percentile(lat, [50, 99])
-        self._pct = (self._n_latency, (float(p50), float(p99), float(lat.max())))
-        return self._pct[1]
 
     def close(self, reason: str = "session ended") -> None:
         """Disarm first (with the reason), then close outputs, then flush the audit log."""
