@@ -11,6 +11,7 @@ Live, a watchdog thread disarms when the loop completes no step within `safety.w
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -94,8 +95,8 @@ class SessionSnapshot:
     # phase mode ('' estimator: off): target (deg), the rhythm's SNR (dB) now, and each fired
     # pulse's phase error against the acausal reference (deg, oldest first; closedloop.phase_monitor)
     phase_estimator: str = ""
-    phase_target_deg: float = float("nan")
-    phase_snr_db: float = float("nan")
+    phase_target_deg: float | None = None  # None: off (not nan: the snapshot is compared)
+    phase_snr_db: float | None = None  # None: off or not measured yet
     phase_errors_deg: tuple[float, ...] = ()
 
 
@@ -781,7 +782,7 @@ def _phase_snapshot(p: Pipeline) -> dict[str, Any]:
     return {
         "phase_estimator": gate.settings.estimator,
         "phase_target_deg": float(gate.settings.target_deg),
-        "phase_snr_db": float(mon.snr_db),
+        "phase_snr_db": float(mon.snr_db) if math.isfinite(mon.snr_db) else None,
         "phase_errors_deg": mon.errors_deg(),
     }
 
