@@ -25,7 +25,7 @@ from features.phase import narrowband_snr_db, phase_error_stats, reference_phase
 BEFORE_S = 1.5  # data before the pulse in the reference window
 AFTER_S = 1.0  # data after the pulse needed before its reference phase is computed
 KEEP_S = 4.0  # ring length (s): the window plus a chunk backlog
-SNR_PERIOD_S = 0.25  # stream seconds between two SNR updates (0.1 ms each at 500 samples)
+SNR_PERIOD_S = 1.0  # stream s between SNR updates (0.1-0.2 ms each at 1 kHz: a tap, after the decision)
 ERRORS_KEPT = 2000  # per-pulse results kept for the console and the summary
 
 
