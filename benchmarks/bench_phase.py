@@ -12,7 +12,8 @@ Reported per estimator and per SNR bin (narrow-band SNR of the 1 s before each p
 1/f fit): bias, circular SD, PLV, shares within +-30 / +-45 deg, and the cost of one estimate.
 Scheduled pulses end to end (`scheduled`): the phase gate as the trigger runs it (fitted on the
 first third, the amplitude gate at the calibration median, `plan_live` with the deciding sample
-3 ms old), the pulse placed at the planned instant plus the measured scheduling error of the
+3 ms old, a request held and planned again every 10 ms until the target is within max_lead_ms
+(25 ms) or the look-ahead ends), the pulse placed at the planned instant plus the measured scheduling error of the
 trigger unit's own sleep-then-spin wait (`TriggerUnit._wait_until`, timed here on this
 machine), scored against the truth or the reference at the instant the pulse leaves.
 Writes phase.json and phase.md; prints the table.
@@ -95,6 +96,7 @@ def evaluate(
 
 
 AGE_S = 0.003  # the deciding sample's age at planning (pull + features, measured 1-3 ms live)
+CHUNK_S = 0.01  # the decision grid while a request is held (10-sample chunks at 1 kHz)
 
 
 def scheduling_error_ms(n: int = 200, seed: int = 0) -> np.ndarray:
@@ -145,9 +147,17 @@ def evaluate_scheduled(
         gate.fit(x[:n_fit])
         step = round(step_s * sfreq)
         errs, snrs, timing = [], [], []
-        for e in range(n_fit + snr_n, x.size - round(0.2 * sfreq), step):
-            gate.tracker._push_signal(x[e - gate.tracker.n : e])
+        chunk = max(1, round(CHUNK_S * sfreq))
+        for e0 in range(n_fit + snr_n, x.size - round(0.8 * sfreq), step):
+            # a request at e0, planned again on each chunk while held (as the trigger does)
+            e = e0
+            gate.push(x[e - gate.tracker.n : e, None])
+            gate._chunk_s = CHUNK_S
             plan = gate.plan_live(AGE_S)
+            while plan.veto == "phase_hold":
+                gate.push(x[e : e + chunk, None])
+                e += chunk
+                plan = gate.plan_live(AGE_S, (e - e0) / sfreq)
             if plan.veto is not None:
                 continue
             late_s = float(rng.choice(sched_ms)) / 1000.0

@@ -84,6 +84,15 @@ class PhaseSettings(BaseModel):
         description="Give up ('phase_timeout') when the target phase is further away than this "
         f"many cycles (and never wait longer than {MAX_WAIT_S} s).",
     )
+    max_lead_ms: float = Field(
+        25.0,
+        ge=0.0,
+        le=1000.0 * MAX_WAIT_S,
+        description="Schedule the pulse only when the target phase is at most this far ahead "
+        "(or would pass before the next chunk); further away, hold the request and plan again "
+        "on the next chunks, within the look-ahead: a shorter forecast is a more accurate one "
+        f"(benchmarks/results/phase.md). {1000.0 * MAX_WAIT_S:g}: schedule at once.",
+    )
     output_latency_ms: float = Field(
         0.0,
         ge=0.0,
@@ -203,6 +212,8 @@ class PhaseGate:
         # the newest CALIBRATION_KEEP_S of the filtered signal (a ring), for `fit_history`
         self._hist = np.zeros(max(1, round(CALIBRATION_KEEP_S * sfreq)))
         self._n_hist = 0
+        self._lead_s = settings.max_lead_ms / 1000.0
+        self._chunk_s = 0.0  # duration of the newest chunk pushed (the decision grid)
 
     @property
     def output_latency_s(self) -> float:
@@ -213,6 +224,7 @@ class PhaseGate:
         beyond the spatial filter's product (about 3 µs for 10 x 64 here)."""
         x = data @ self.tracker.weights
         self.tracker._push_signal(x)
+        self._chunk_s = x.size / self.tracker.sfreq
         if self.fitted is None:  # keep the calibration stretch until the fit
             h, m = self._hist, x.size
             if m >= h.size:
@@ -270,11 +282,14 @@ class PhaseGate:
             return "phase_not_ready", est.phase, est.freq_hz, snr, est.amplitude
         return None, est.phase, est.freq_hz, snr, est.amplitude
 
-    def plan_live(self, age_s: float) -> PhasePlan:
-        """Live: when to fire, counted from now, with the newest sample `age_s` old.
+    def plan_live(self, age_s: float, waited_s: float = 0.0) -> PhasePlan:
+        """Live: when to fire, counted from now, with the newest sample `age_s` old, the request
+        having waited `waited_s` already (held on earlier chunks).
 
         The rhythm is extrapolated at its frequency: the pulse must leave at the next instant
-        the phase equals the target, so the outputs are told `output_latency_ms` earlier."""
+        the phase equals the target, so the outputs are told `output_latency_ms` earlier.
+        'phase_hold': the target is further than max_lead_ms and the next chunk comes before
+        it: ask again then (offline too: the same chunk grid)."""
         veto, phi, f, snr, amp = self._quality()
         if veto is not None:
             return PhasePlan(veto, math.nan, phi, math.nan, f, snr, amp)
@@ -283,10 +298,13 @@ class PhaseGate:
         ahead = (self.target - phi - omega * lead_s) % (2 * math.pi)
         # just past the target (within the tolerance): fire at once rather than a cycle later
         to_target = 0.0 if ahead >= 2 * math.pi - self._tol else ahead / omega
-        limit = min(self.settings.max_wait_cycles / f, MAX_WAIT_S)
+        limit = min(self.settings.max_wait_cycles / f, MAX_WAIT_S) - waited_s
         if not age_s >= 0.0 or to_target > limit:
             return PhasePlan("phase_timeout", math.nan, phi, math.nan, f, snr, amp)
         predicted = wrap(phi + omega * (lead_s + to_target))
+        # 1.5 chunks: the next chunk's plan must still come before the target
+        if to_target > max(self._lead_s, 1.5 * self._chunk_s):
+            return PhasePlan("phase_hold", to_target, phi, predicted, f, snr, amp)
         return PhasePlan(None, to_target, phi, predicted, f, snr, amp)
 
     def plan_offline(self) -> PhasePlan:

@@ -177,6 +177,8 @@ class TriggerUnit:
         # fired phase pulses (t_pulse stream s, target rad, attempt) for closedloop.phase_monitor
         self.phase_pulses: deque[tuple[float, float, int]] = deque(maxlen=SCHED_HISTORY)
         self.last_phase: dict[str, Any] | None = None  # the newest phase plan's record
+        # a request held for its phase (re-planned on each chunk): (request, t_stream first plan)
+        self._held: tuple[PulseRequest, float] | None = None
 
     # ---- per chunk (acquisition thread) ----------------------------------------------------
     def on_state(self, state: State, t_arrival: float = math.nan) -> Attempt | None:
@@ -198,7 +200,7 @@ class TriggerUnit:
         self._t_stream_last = state.t_stream
         self.interlock.tick(state.t_stream)
         request = self.policy.update(state)
-        if request is not None and self.phase is not None:
+        if self.phase is not None and (request is not None or self._held is not None):
             return self._on_request_phase(state, request, t_arrival)
         if request is None:
             if self._pending:  # e.g. end of refractory, arm expiry: durable with the next fsync
@@ -231,12 +233,20 @@ class TriggerUnit:
         return attempt
 
     def _on_request_phase(
-        self, state: State, request: PulseRequest, t_arrival: float
-    ) -> Attempt:
+        self, state: State, request: PulseRequest | None, t_arrival: float
+    ) -> Attempt | None:
         """Phase mode: the interlock would allow a pulse -> plan the target phase's instant ->
-        grant it scheduled that far ahead -> intent -> wait -> re-check -> fire. A plan that
-        fails (quality, no target phase within the look-ahead) is an audited veto."""
+        grant it scheduled that far ahead -> intent -> wait -> re-check -> fire. A target
+        further than max_lead_ms is held and planned again on the next chunk (None returned,
+        no audit line yet); a plan that fails (quality, no target phase within the look-ahead,
+        the state ended while held) is an audited veto."""
         gate = self.phase
+        t_first = state.t_stream
+        if request is None:  # a held request: plan again on this chunk
+            request, t_first = self._held
+            self._held = None
+            if not state.is_target:
+                return self._phase_veto(state, request, t_arrival, "phase_state_left", None)
         t_start = t_arrival if math.isfinite(t_arrival) else self._clock()
         calibrated = state.label not in UNCALIBRATED_LABELS and math.isfinite(state.score)
         artifact = bool(state.artifacts) or state.label is Label.ARTIFACT
@@ -247,7 +257,12 @@ class TriggerUnit:
             # live: from the deciding (newest) sample's age on the clock; offline the plan
             # starts at the sample itself and the pulse is placed at the predicted sample
             age_s = self._clock() - state.t_stream if self._live else 0.0
-            plan = gate.plan_live(age_s)
+            plan = gate.plan_live(age_s, state.t_stream - t_first)
+            if plan.veto == "phase_hold":
+                self._held = (request, t_first)
+                if self._pending:
+                    self._flush_pending(sync=False)
+                return None
             if plan.veto is None:
                 veto = il.request(
                     state.t_stream,
@@ -276,6 +291,25 @@ class TriggerUnit:
             attempt = self._fire(
                 state, request, t_decided, t_start, t_arrival, plan=plan, phase=record
             )
+        self._write(attempt, state)
+        return attempt
+
+    def _phase_veto(
+        self, state: State, request: PulseRequest, t_arrival: float, reason: str, plan
+    ) -> Attempt:
+        t_start = t_arrival if math.isfinite(t_arrival) else self._clock()
+        attempt = self._attempt(
+            state,
+            request,
+            fired=False,
+            reason=reason,
+            detail="",
+            pulse_number=None,
+            t_local=self._clock(),
+            t_start=t_start,
+            output_ms={},
+        )
+        attempt = replace(attempt, phase=self._phase_record(plan))
         self._write(attempt, state)
         return attempt
 
