@@ -37,6 +37,7 @@ NAMES = (
     "tune_speed",
     "tune_cluster",
     "clock",
+    "phase",
 )
 GOALS = {
     "decision_p99_ms_64x1000": 1.0,
@@ -189,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             out = run_script("bench_feedback_latency.py", ["--seconds", secs])
             for ln in out["lines"]:
                 log(f"  {ln}")
+        elif name == "phase":
+            from benchmarks import bench_phase
+
+            out = bench_phase.run(args.quick, log=log)
         elif name == "tune_cluster":
             from benchmarks import bench_tune_cluster
 
@@ -482,6 +487,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines += bench_tune_cluster.markdown(r["tune_cluster"])
     if "clock" in r:
         lines += clock_markdown(r["clock"])
+    if "phase" in r:
+        from benchmarks import bench_phase
+
+        lines += ["## Phase-locked pulses (bench_phase.py)", "", bench_phase.to_markdown(r["phase"])]
     for key, title in (
         ("feedback", "Feedback (bench_feedback_latency.py)"),
         ("tune_speed", "Tuner speed (bench_tune_speed.py)"),

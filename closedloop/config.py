@@ -33,6 +33,7 @@ from features.settings import (
     StateSettings,
 )
 from features.strict import StrictNumbersModel
+from triggers.phase_gate import PhaseSettings
 from triggers.settings import OutputSettings, PolicySettings, SafetySettings
 
 
@@ -153,6 +154,7 @@ class SessionConfig(_Strict):
     recording: RecordingSettings = RecordingSettings()
     mqtt: MqttSettings = MqttSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    phase: PhaseSettings = PhaseSettings()
 
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
@@ -304,8 +306,29 @@ def validate_for_stream(
             f"source.expected_n_channels: stream has {len(ch_names)} channels, "
             f"config expects {src.expected_n_channels}"
         )
+    errors += _phase_errors(config, ch_names, sfreq)
     if errors:
         raise ConfigError(where, errors)
+
+
+def _phase_errors(config: SessionConfig, ch_names: list[str], sfreq: float) -> list[str]:
+    """phase.* against the stream: its channels, and its band below Nyquist."""
+    ph = config.phase
+    if not ph.enabled:
+        return []
+    from features.phase import spatial_weights
+
+    errors = []
+    try:
+        spatial_weights(
+            ch_names, ph.channels[0] if ph.spatial != "mean" else ph.channels, ph.spatial,
+            ph.neighbours,
+        )  # fmt: skip
+    except ValueError as exc:
+        errors.append(f"phase.channels: {exc}")
+    if not ph.band[1] < sfreq / 2.0:
+        errors.append(f"phase.band: {list(ph.band)} must lie below Nyquist ({sfreq / 2:g} Hz)")
+    return errors
 
 
 def dump_config(config: SessionConfig) -> str:

@@ -48,6 +48,13 @@ class SessionRecord:
         fired = [a for a in self.audit if a.get("event") == "attempt" and a.get("fired")]
         return sorted([*fired, *self.unresolved_intents], key=lambda a: a.get("attempt") or 0)
 
+    def pulse_phases(self) -> dict[str, Any]:
+        """Phase mode: each fired pulse's phase against the acausal reference of the whole
+        recording, and their stats (closedloop.phase_report)."""
+        from closedloop.phase_report import pulse_phases
+
+        return pulse_phases(self)
+
     @property
     def unresolved_intents(self) -> list[dict[str, Any]]:
         """Intent lines without an outcome, as attempt-like records (fired, outcome unknown)."""

@@ -69,6 +69,9 @@ class Pipeline:
         self._latency_ms = np.full(LATENCY_RING, np.nan)
         self._n_latency = 0
         self._pct: tuple[int, tuple[float, float, float]] = (-1, (float("nan"),) * 3)
+        # phase mode (triggers/phase_gate.py): fed every chunk, fitted when the chain calibrates
+        self.phase = None
+        self.phase_monitor = None  # closedloop.phase_monitor.PhaseMonitor (a tap) with it
 
     @classmethod
     def build(
@@ -123,6 +126,14 @@ class Pipeline:
             audit.write({"event": "outputs_simulated", "reason": note})
         trigger = TriggerUnit(TriggerPolicy(config.trigger), interlock, outputs, audit, clock=clock)
         pipeline = cls(chain, trigger, bus, live)
+        if config.phase.enabled:
+            from triggers.phase_gate import PhaseGate
+
+            from closedloop.phase_monitor import PhaseMonitor
+
+            pipeline.phase = trigger.phase = PhaseGate(config.phase, list(ch_names), sfreq)
+            pipeline.phase_monitor = PhaseMonitor(pipeline.phase, trigger.phase_pulses)
+            pipeline.taps.append(pipeline.phase_monitor)
         pipeline.simulated_outputs = notes
         return pipeline
 
@@ -162,7 +173,9 @@ class Pipeline:
         last_attempt = None
         last = len(states) - 1
         a = 0  # first sample of the current state's part of the chunk
-        bus, taps = self.bus, self.taps
+        bus, taps, phase = self.bus, self.taps, self.phase
+        if phase is not None and every is None:
+            phase.push(chunk.data)
         publish_states = bus is not None and bus.wants("state")
         for i, state in enumerate(states):
             if events:  # faults before the state they precede (nan times: at once)
@@ -170,6 +183,10 @@ class Pipeline:
                 if due:
                     self._on_health(due)
                     events = [e for e in events if e.t_stream > state.t_stream]
+            if phase is not None:
+                if every is not None:  # the phase sees the samples up to this decision
+                    phase.push(chunk.data[i * every : min((i + 1) * every, chunk.n_samples)])
+                self._phase_calibration(phase, state)
             attempt = self._decide(state, chunk.t_arrival)
             if i == last:
                 self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
@@ -221,6 +238,24 @@ class Pipeline:
             attempt = None
         self.state = state
         return attempt
+
+    def _phase_calibration(self, phase, state: State) -> None:
+        """Fit the phase gate on the end of the state's calibration when it completes (about
+        0.2 s once, at 1 kHz); forget the fit when the calibration restarts."""
+        calibrated = state.label not in UNCALIBRATED
+        if calibrated and phase.fitted is None and not phase.fit_error:
+            learnt = phase.fit_history()
+            if self.bus is not None:
+                self.bus.emit(
+                    "phase_calibration",
+                    state.t_stream,
+                    fitted=learnt is not None,
+                    error=phase.fit_error,
+                    **({k: v for k, v in learnt.items()} if learnt else {}),
+                )
+        elif not calibrated and (phase.fitted is not None or phase.fit_error):
+            phase.unfit()
+            phase.fit_error = ""
 
     def _run_taps(self, chunk: Chunk, state: State) -> None:
         for tap in self.taps:

@@ -11,6 +11,7 @@ Live, a watchdog thread disarms when the loop completes no step within `safety.w
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -91,6 +92,12 @@ class SessionSnapshot:
     latency_p50_ms: float = float("nan")  # decision latency, as of the last status update
     latency_p99_ms: float = float("nan")
     audio_device: str = ""  # participant audio: '' none, wav, open, lost, reopened, closed
+    # phase mode ('' estimator: off): target (deg), the rhythm's SNR (dB) now, and each fired
+    # pulse's phase error against the acausal reference (deg, oldest first; closedloop.phase_monitor)
+    phase_estimator: str = ""
+    phase_target_deg: float | None = None  # None: off (not nan: the snapshot is compared)
+    phase_snr_db: float | None = None  # None: off or not measured yet
+    phase_errors_deg: tuple[float, ...] = ()
 
 
 class Session:
@@ -257,6 +264,7 @@ class Session:
             latency_p50_ms=st.latency_p50_ms,
             latency_p99_ms=st.latency_p99_ms,
             audio_device=audio,
+            **_phase_snapshot(p),
         )
 
     def stop(self, reason: str = "stop requested") -> None:
@@ -329,6 +337,12 @@ class Session:
 
             timeout_s = self.config.safety.watchdog_ms / 1000.0
             self.watchdog = Watchdog(self.pipeline.trigger, timeout_s).start()
+            wd = self.watchdog
+
+            def keepalive() -> None:  # a scheduled phase pulse waits in the loop's thread
+                wd.t_progress = local_clock()
+
+            self.pipeline.trigger.keepalive = keepalive
         try:
             if not getattr(self.source, "connected", False):
                 self.source.connect()
@@ -753,10 +767,41 @@ class Session:
             }
         if self.feedback is not None:
             out["feedback"] = {k: v for k, v in self.feedback.summary().items() if k != "settings"}
+        if p is not None and p.phase is not None:
+            out["phase"] = _phase_summary(p)
         from closedloop.timing import session_timing
 
         out.update(session_timing(self.folder, self.live))  # timing table, code version
         return out
+
+
+def _phase_snapshot(p: Pipeline) -> dict[str, Any]:
+    gate, mon = p.phase, p.phase_monitor
+    if gate is None or mon is None:
+        return {}
+    return {
+        "phase_estimator": gate.settings.estimator,
+        "phase_target_deg": float(gate.settings.target_deg),
+        "phase_snr_db": float(mon.snr_db) if math.isfinite(mon.snr_db) else None,
+        "phase_errors_deg": mon.errors_deg(),
+    }
+
+
+def _phase_summary(p: Pipeline) -> dict[str, Any]:
+    """Phase mode in the summary: what was fitted, and the fired pulses' phase against the
+    acausal reference around each (bias, circular SD, PLV, within +-30 / +-45 deg)."""
+    gate, mon = p.phase, p.phase_monitor
+    mon.flush()
+    fitted = gate.fitted or {}
+    return {
+        "estimator": gate.settings.estimator,
+        "target_deg": gate.settings.target_deg,
+        "fitted": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fitted.items()},
+        "fit_error": gate.fit_error or None,
+        "pulses": list(mon.results),
+        "stats": mon.stats(),
+        "sched_error_ms": p.trigger.stats.get("phase_sched_error_ms"),
+    }
 
 
 def label_is_target(label: str) -> bool:

@@ -127,6 +127,11 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         )
         self.raster_panel = RasterPanel(config)
         self.health = HealthPanel(config)
+        self.phase_panel = None
+        if config.phase.enabled:  # phase-locked pulses: target, SNR, rose of fired phases
+            from gui.phase_panel import PhasePanel
+
+            self.phase_panel = PhasePanel(config)
         self.panels = (
             self.stream_panel,
             self.arming,
@@ -136,6 +141,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
             self.calibration,
             self.raster_panel,
             self.health,
+            *([self.phase_panel] if self.phase_panel is not None else []),
         )
         self._build()
         self._install_shortcuts()
@@ -182,6 +188,8 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         lay.addWidget(raster_plot, 1)
         lay.addWidget(self.raster_panel.counts_label)
         lay.addWidget(self.health.build())
+        if self.phase_panel is not None:
+            lay.addWidget(self.phase_panel.build())
         return box
 
     def _install_shortcuts(self) -> None:

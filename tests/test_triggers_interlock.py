@@ -334,6 +334,30 @@ def test_non_finite_time_never_fires(t):
     assert il.request(t) is not None
 
 
+def test_a_scheduled_pulse_counts_from_when_it_leaves():
+    """Phase mode: a pulse granted at 0 s to leave at 0.4 s blocks the next until 1.4 s (one
+    pulse in flight; the interval counts from the scheduled instant, not from the grant)."""
+    il = SafetyInterlock(SafetySettings(min_interval_s=1.0, max_per_minute=60), live=False)
+    il.arm("test", 0.0)
+    assert il.request(0.0, delay_s=0.4) is None
+    assert il.request(0.1).reason is VetoReason.IN_FLIGHT  # still one pulse in flight
+    il.pulse_done()
+    il.tick(1.2)
+    assert il.request(1.2).reason is VetoReason.REFRACTORY  # 0.8 s after it left
+    il.tick(1.41)
+    assert il.request(1.41) is None
+    il.pulse_done()
+
+
+@pytest.mark.parametrize("delay", [-0.01, math.nan, math.inf, 0.51])
+def test_a_schedule_outside_the_look_ahead_is_a_bug_not_a_pulse(delay):
+    il = SafetyInterlock(SafetySettings(), live=False)
+    il.arm("test", 0.0)
+    with pytest.raises(ValueError, match="delay"):
+        il.request(0.0, delay_s=delay)
+    assert il.pulse_count == 0 and not il.in_flight
+
+
 def test_artifact_and_uncalibrated_vetoes():
     il, _ = make(min_interval_s=1.0)
     il.arm("gui_button", 0.0)
@@ -372,6 +396,8 @@ op_strategy = st.tuples(
     st.booleans(),  # a pulse request on this chunk
     st.sampled_from([True, True, True, False]),  # pulse_done afterwards (False: stays in flight)
     st.sampled_from([0.0, 0.001, 0.049, 0.2]),  # arrival age (s) at decision time
+    # phase mode: the pulse is scheduled this far ahead (0: at once), up to MAX_SCHEDULE_S
+    st.one_of(st.just(0.0), st.sampled_from([0.001, 0.1, 0.25, 0.5]), st.floats(0.0, 0.5)),
 )
 
 
@@ -400,7 +426,7 @@ def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, o
     t_stream = 0.0
     fired: list[tuple[float, float]] = []
     armed_since_fault = in_flight = False
-    for control, dts, dtl, want, done, age in ops:
+    for control, dts, dtl, want, done, age, delay in ops:
         if control[0] == "arm":
             try:
                 il.arm(control[1], t_stream)
@@ -426,7 +452,7 @@ def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, o
             # live, the deciding sample is stamped on the local clock, `age` old; offline the
             # stream has its own clock and no age
             t_req = clock.t - age if live else t_stream
-            veto = il.request(t_req, t_arrival=clock.t - age / 2)
+            veto = il.request(t_req, t_arrival=clock.t - age / 2, delay_s=delay)
             if veto is None:
                 assert before is not InterlockState.DISARMED  # nothing fires while disarmed
                 assert armed_since_fault
@@ -435,7 +461,9 @@ def test_interlock_invariants(live, min_interval, max_per_minute, cap, expiry, o
                 assert il.state is not InterlockState.ARMED  # refractory (or capped)
                 if live:
                     assert age * 1000.0 <= 50.0
-                fired.append((t_req, clock.t))
+                # a scheduled pulse leaves `delay` later (stream and clock): the limits hold
+                # between the instants the pulses leave
+                fired.append((t_req + delay, clock.t + delay))
             if done:
                 il.pulse_done()
                 in_flight = False

@@ -33,7 +33,9 @@ def alpha():
 def test_live_plans_land_on_the_target_phase(alpha, target_deg):
     """The planned instant (newest sample + age + delay + output latency) falls on the target
     phase of the true rhythm: the pulse leaves there."""
-    gate, data = _gate(alpha, target_deg=target_deg, output_latency_ms=4.0, min_snr_db=-20.0)
+    gate, data = _gate(
+        alpha, target_deg=target_deg, output_latency_ms=4.0, min_snr_db=-20.0, max_lead_ms=500.0
+    )
     errors, age_s = [], 0.003
     for i in range(round(20 * FS), data.shape[0] - 200, 10):
         gate.push(data[i : i + 10])
@@ -78,7 +80,7 @@ def test_quality_vetoes_on_noise_and_before_calibration():
     for i in range(0, noise.size - 10, 250):
         gate.push(noise[i : i + 10, None])
         vetoes.add(gate.plan_live(0.0).veto)
-    assert vetoes <= {"phase_snr", "phase_amplitude", None}
+    assert vetoes <= {"phase_snr", "phase_amplitude", "phase_hold", None}
     assert "phase_snr" in vetoes
 
 

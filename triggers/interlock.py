@@ -31,6 +31,10 @@ from triggers.settings import (
     SafetySettings,
 )
 
+# The longest a granted pulse may be scheduled ahead (phase mode waits at most one cycle of the
+# slowest rhythm it serves, theta at 4 Hz: 250 ms; `triggers.phase_gate.MAX_WAIT_S`)
+MAX_SCHEDULE_S = 0.5
+
 
 class InterlockState(str, Enum):
     DISARMED = "disarmed"
@@ -254,17 +258,24 @@ class SafetyInterlock:
         *,
         calibrated: bool = True,
         artifact: bool = False,
+        delay_s: float = 0.0,
     ) -> Veto | None:
         """`check` and, when allowed, record the pulse atomically (it is then in flight).
 
         The caller fires its outputs and must then call `pulse_done()`; before each stimulating
         output it checks `halted()` (a disarm since the grant).
+        delay_s: a pulse scheduled this far ahead (phase mode, at most a cycle): it is checked
+        now (the interval from the previous pulse's recorded time to now, the rate over the
+        minute before now: both only shorter than at the pulse) and recorded at now + delay_s,
+        when it leaves, so the next pulse's interval counts from there.
         """
+        if not 0.0 <= delay_s <= MAX_SCHEDULE_S:  # nan too: a bug in the caller, never a pulse
+            raise ValueError(f"pulse delay {delay_s!r} s outside 0..{MAX_SCHEDULE_S:g} s")
         changes: list = []
         with self._lock:
             veto = self._check(t_sample, t_arrival, calibrated, artifact, changes)
             if veto is None:
-                self._record(t_sample, changes)
+                self._record(t_sample, changes, delay_s)
                 # after _record: the pulse that reaches the session cap disarms, yet may fire
                 self.granted_epoch = self.disarm_epoch
         self._notify(changes)
@@ -369,10 +380,11 @@ class SafetyInterlock:
             return Veto(VetoReason.LATE, f"sample {1000 * age_s:.1f} ms old")
         return None
 
-    def _record(self, t_sample: float, changes: list) -> None:
+    def _record(self, t_sample: float, changes: list, delay_s: float = 0.0) -> None:
         self.pulse_count += 1
         self.in_flight = True
-        self._recent.append((t_sample, self._clock() if self._live else math.nan))
+        t_local = self._clock() + delay_s if self._live else math.nan
+        self._recent.append((t_sample + delay_s, t_local))
         if self.pulse_count >= self._cap:
             self._disarm_code = VetoReason.SESSION_CAP
             self._set(

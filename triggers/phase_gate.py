@@ -21,15 +21,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.phase import PhaseTracker, narrowband_snr_db, spatial_weights
+from triggers.interlock import MAX_SCHEDULE_S
 
 # How long the trigger may hold a pulse back waiting for the phase: longer than one cycle of the
 # slowest band it makes sense for (theta at 4 Hz: 250 ms), and short enough that the state the
 # decision was taken on still holds. The acquisition thread waits that long at most.
-MAX_WAIT_S = 0.5
+MAX_WAIT_S = MAX_SCHEDULE_S
+# The spatially filtered signal kept for the fit at the end of calibration (the newest this many
+# seconds; the state's calibration is 45 s by default): 60 s at 1 kHz is 480 kB.
+CALIBRATION_KEEP_S = 60.0
 
 
 class PhaseSettings(BaseModel):
-    """`phase:` in a session config. Off by default."""
+    """Phase-locked pulses: wait for a phase of a rhythm before each pulse. Off by default."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -68,7 +72,9 @@ class PhaseSettings(BaseModel):
         20.0,
         gt=0.0,
         le=90.0,
-        description="Offline (decisions on the chunk grid): fire when the phase is within this.",
+        description="Degrees of slack around the target: a phase just past it by up to this "
+        "fires at once (not a cycle later); a pulse that would leave later than this after the "
+        "planned instant (a slow disk write) is not fired ('phase_late').",
     )
     window_s: float = Field(0.5, ge=0.2, le=2.0, description="Estimator window (s).")
     max_wait_cycles: float = Field(
@@ -77,6 +83,15 @@ class PhaseSettings(BaseModel):
         le=2.0,
         description="Give up ('phase_timeout') when the target phase is further away than this "
         f"many cycles (and never wait longer than {MAX_WAIT_S} s).",
+    )
+    max_lead_ms: float = Field(
+        25.0,
+        ge=0.0,
+        le=1000.0 * MAX_WAIT_S,
+        description="Schedule the pulse only when the target phase is at most this far ahead "
+        "(or would pass before the next chunk); further away, hold the request and plan again "
+        "on the next chunks, within the look-ahead: a shorter forecast is a more accurate one "
+        f"(benchmarks/results/phase.md). {1000.0 * MAX_WAIT_S:g}: schedule at once.",
     )
     output_latency_ms: float = Field(
         0.0,
@@ -142,7 +157,7 @@ class PhasePlan:
             "phase_now_deg": _deg(self.phase_now),
             "phase_freq_hz": _round(self.freq_hz, 3),
             "phase_snr_db": _round(self.snr_db, 2),
-            "phase_amplitude": _round(self.amplitude, 4),
+            "phase_amplitude": _sig(self.amplitude),
             "phase_delay_ms": _round(1000.0 * self.delay_s, 3),
             "phase_veto": self.veto,
         }
@@ -150,6 +165,11 @@ class PhasePlan:
 
 def _round(x: float, nd: int) -> float | None:
     return round(x, nd) if math.isfinite(x) else None
+
+
+def _sig(x: float, digits: int = 4) -> float | None:
+    """x to `digits` significant digits (amplitudes are in volts: 7e-06)."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else None
 
 
 def _deg(rad: float) -> float | None:
@@ -188,15 +208,62 @@ class PhaseGate:
         self._tol = math.radians(settings.tolerance_deg)
         self._latency_s = settings.output_latency_ms / 1000.0
         self.fitted: dict | None = None
+        self.fit_error = ""
+        # the newest CALIBRATION_KEEP_S of the filtered signal (a ring), for `fit_history`
+        self._hist = np.zeros(max(1, round(CALIBRATION_KEEP_S * sfreq)))
+        self._n_hist = 0
+        self._lead_s = settings.max_lead_ms / 1000.0
+        self._chunk_s = 0.0  # duration of the newest chunk pushed (the decision grid)
+
+    @property
+    def output_latency_s(self) -> float:
+        return self._latency_s
 
     def push(self, data: np.ndarray) -> None:
-        """Every chunk (n_samples, n_channels) of preprocessed EEG."""
-        self.tracker.push(data)
+        """Every chunk (n_samples, n_channels) of EEG, in order: O(chunk), no allocation
+        beyond the spatial filter's product (about 3 µs for 10 x 64 here)."""
+        x = data @ self.tracker.weights
+        self.tracker._push_signal(x)
+        self._chunk_s = x.size / self.tracker.sfreq
+        if self.fitted is None:  # keep the calibration stretch until the fit
+            h, m = self._hist, x.size
+            if m >= h.size:
+                h[:] = x[-h.size :]
+            else:
+                i = self._n_hist % h.size
+                first = min(m, h.size - i)
+                h[i : i + first] = x[:first]
+                h[: m - first] = x[first:]
+            self._n_hist += m
+
+    def history(self) -> np.ndarray:
+        """The kept filtered signal (n,), oldest first (a copy)."""
+        h = self._hist
+        if self._n_hist < h.size:
+            return h[: self._n_hist].copy()
+        i = self._n_hist % h.size
+        return np.concatenate((h[i:], h[:i]))
 
     def fit(self, calibration: np.ndarray) -> dict:
-        """Learn from calibration data (n_samples, n_channels); returns what was learnt."""
+        """Learn from calibration data (n_samples, n_channels), or (n_samples,) already
+        spatially filtered; returns what was learnt."""
         self.fitted = self.tracker.fit(calibration)
+        self.fit_error = ""
         return self.fitted
+
+    def fit_history(self) -> dict | None:
+        """Fit on what `push` kept (the end of the state's calibration); None and `fit_error`
+        set when it is too short (the gate then vetoes 'phase_not_ready')."""
+        try:
+            return self.fit(self.history())
+        except ValueError as exc:
+            self.fit_error = str(exc)
+            return None
+
+    def unfit(self) -> None:
+        """Calibration restarted: forget the fit and collect again."""
+        self.fitted = None
+        self._n_hist = 0
 
     def _quality(self) -> tuple[str | None, float, float, float, float]:
         """(veto, phase_now, freq, snr_db, amplitude)."""
@@ -215,21 +282,29 @@ class PhaseGate:
             return "phase_not_ready", est.phase, est.freq_hz, snr, est.amplitude
         return None, est.phase, est.freq_hz, snr, est.amplitude
 
-    def plan_live(self, age_s: float) -> PhasePlan:
-        """Live: when to fire, counted from now, with the newest sample `age_s` old.
+    def plan_live(self, age_s: float, waited_s: float = 0.0) -> PhasePlan:
+        """Live: when to fire, counted from now, with the newest sample `age_s` old, the request
+        having waited `waited_s` already (held on earlier chunks).
 
         The rhythm is extrapolated at its frequency: the pulse must leave at the next instant
-        the phase equals the target, so the outputs are told `output_latency_ms` earlier."""
+        the phase equals the target, so the outputs are told `output_latency_ms` earlier.
+        'phase_hold': the target is further than max_lead_ms and the next chunk comes before
+        it: ask again then (offline too: the same chunk grid)."""
         veto, phi, f, snr, amp = self._quality()
         if veto is not None:
             return PhasePlan(veto, math.nan, phi, math.nan, f, snr, amp)
         omega = 2 * math.pi * f
         lead_s = age_s + self._latency_s  # from the newest sample to the pulse, at the earliest
-        to_target = ((self.target - phi - omega * lead_s) % (2 * math.pi)) / omega
-        limit = min(self.settings.max_wait_cycles / f, MAX_WAIT_S)
+        ahead = (self.target - phi - omega * lead_s) % (2 * math.pi)
+        # just past the target (within the tolerance): fire at once rather than a cycle later
+        to_target = 0.0 if ahead >= 2 * math.pi - self._tol else ahead / omega
+        limit = min(self.settings.max_wait_cycles / f, MAX_WAIT_S) - waited_s
         if not age_s >= 0.0 or to_target > limit:
             return PhasePlan("phase_timeout", math.nan, phi, math.nan, f, snr, amp)
         predicted = wrap(phi + omega * (lead_s + to_target))
+        # 1.5 chunks: the next chunk's plan must still come before the target
+        if to_target > max(self._lead_s, 1.5 * self._chunk_s):
+            return PhasePlan("phase_hold", to_target, phi, predicted, f, snr, amp)
         return PhasePlan(None, to_target, phi, predicted, f, snr, amp)
 
     def plan_offline(self) -> PhasePlan:

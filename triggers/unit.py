@@ -59,6 +59,13 @@ LATENCY_HISTORY = 10_000  # fired-pulse latencies kept for stats (about 5 h at t
 # (the close goes on in its thread): closing a pty or USB serial port takes 20-60 µs here
 HALT_JOIN_S = 0.02
 HALTED = "halted"  # outcome reason: disarmed between the grant and a stimulating output
+# Phase mode (triggers/phase_gate.py). The scheduled wait sleeps in slices of at most
+# WAIT_SLICE_S (the watchdog is fed and a disarm seen between slices) and spins the last SPIN_S:
+# time.sleep overshoots by 50-100 µs here, a spin on local_clock by under 5 µs.
+WAIT_SLICE_S = 0.005
+SPIN_S = 0.0015
+PHASE_LATE = "phase_late"  # outcome: the scheduled instant had passed by more than the tolerance
+SCHED_HISTORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +104,16 @@ class Attempt:
     interlock: str
     output_ms: dict[str, float] = field(default_factory=dict)
     stimulated: tuple[str, ...] = ()
+    phase: dict[str, Any] | None = None  # phase mode: target, predicted, estimator, SNR, ...
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict (the core of the audit line; also the bus 'attempt' payload)."""
+        rec = self._core()
+        if self.phase is not None:
+            rec["phase"] = self.phase
+        return rec
+
+    def _core(self) -> dict[str, Any]:
         return {
             "event": "attempt",
             "fired": self.fired,
@@ -155,6 +169,16 @@ class TriggerUnit:
         # (the intent, the outcome, or an operator action): one fsync for all of them
         self._pending: deque[dict[str, Any]] = deque()
         interlock.add_observer(self._on_interlock_change)
+        # phase mode (set by Pipeline.build when config.phase.enabled): a PhaseGate
+        self.phase = None
+        # live: called while a scheduled pulse waits (the session feeds its watchdog with it)
+        self.keepalive: Callable[[], None] | None = None
+        self._sched_err_ms: deque[float] = deque(maxlen=SCHED_HISTORY)
+        # fired phase pulses (t_pulse stream s, target rad, attempt) for closedloop.phase_monitor
+        self.phase_pulses: deque[tuple[float, float, int]] = deque(maxlen=SCHED_HISTORY)
+        self.last_phase: dict[str, Any] | None = None  # the newest phase plan's record
+        # a request held for its phase (re-planned on each chunk): (request, t_stream first plan)
+        self._held: tuple[PulseRequest, float] | None = None
 
     # ---- per chunk (acquisition thread) ----------------------------------------------------
     def on_state(self, state: State, t_arrival: float = math.nan) -> Attempt | None:
@@ -176,6 +200,8 @@ class TriggerUnit:
         self._t_stream_last = state.t_stream
         self.interlock.tick(state.t_stream)
         request = self.policy.update(state)
+        if self.phase is not None and (request is not None or self._held is not None):
+            return self._on_request_phase(state, request, t_arrival)
         if request is None:
             if self._pending:  # e.g. end of refractory, arm expiry: durable with the next fsync
                 self._flush_pending(sync=False)
@@ -206,6 +232,111 @@ class TriggerUnit:
         self._write(attempt, state)
         return attempt
 
+    def _on_request_phase(
+        self, state: State, request: PulseRequest | None, t_arrival: float
+    ) -> Attempt | None:
+        """Phase mode: the interlock would allow a pulse -> plan the target phase's instant ->
+        grant it scheduled that far ahead -> intent -> wait -> re-check -> fire. A target
+        further than max_lead_ms is held and planned again on the next chunk (None returned,
+        no audit line yet); a plan that fails (quality, no target phase within the look-ahead,
+        the state ended while held) is an audited veto."""
+        gate = self.phase
+        t_first = state.t_stream
+        if request is None:  # a held request: plan again on this chunk
+            request, t_first = self._held
+            self._held = None
+            if not state.is_target:
+                return self._phase_veto(state, request, t_arrival, "phase_state_left", None)
+        t_start = t_arrival if math.isfinite(t_arrival) else self._clock()
+        calibrated = state.label not in UNCALIBRATED_LABELS and math.isfinite(state.score)
+        artifact = bool(state.artifacts) or state.label is Label.ARTIFACT
+        il = self.interlock
+        veto = il.check(state.t_stream, t_arrival, calibrated=calibrated, artifact=artifact)
+        plan = None
+        if veto is None:
+            # live: from the deciding (newest) sample's age on the clock; offline the plan
+            # starts at the sample itself and the pulse is placed at the predicted sample
+            age_s = self._clock() - state.t_stream if self._live else 0.0
+            plan = gate.plan_live(age_s, state.t_stream - t_first)
+            if plan.veto == "phase_hold":
+                self._held = (request, t_first)
+                if self._pending:
+                    self._flush_pending(sync=False)
+                return None
+            if plan.veto is None:
+                veto = il.request(
+                    state.t_stream,
+                    t_arrival,
+                    calibrated=calibrated,
+                    artifact=artifact,
+                    delay_s=plan.delay_s,
+                )
+        t_decided = self._clock()
+        record = self.last_phase = self._phase_record(plan)
+        if veto is not None or (plan is not None and plan.veto is not None):
+            reason = veto.reason.value if veto is not None else plan.veto
+            attempt = self._attempt(
+                state,
+                request,
+                fired=False,
+                reason=reason,
+                detail=veto.detail if veto is not None else "",
+                pulse_number=None,
+                t_local=t_decided,
+                t_start=t_start,
+                output_ms={},
+            )
+            attempt = replace(attempt, phase=record)
+        else:
+            attempt = self._fire(
+                state, request, t_decided, t_start, t_arrival, plan=plan, phase=record
+            )
+        self._write(attempt, state)
+        return attempt
+
+    def _phase_veto(
+        self, state: State, request: PulseRequest, t_arrival: float, reason: str, plan
+    ) -> Attempt:
+        t_start = t_arrival if math.isfinite(t_arrival) else self._clock()
+        attempt = self._attempt(
+            state,
+            request,
+            fired=False,
+            reason=reason,
+            detail="",
+            pulse_number=None,
+            t_local=self._clock(),
+            t_start=t_start,
+            output_ms={},
+        )
+        attempt = replace(attempt, phase=self._phase_record(plan))
+        self._write(attempt, state)
+        return attempt
+
+    def _phase_record(self, plan) -> dict[str, Any]:
+        gate = self.phase
+        rec: dict[str, Any] = {
+            "target_deg": round(gate.settings.target_deg, 2),
+            "estimator": gate.settings.estimator,
+        }
+        if plan is not None:
+            rec.update(plan.record(gate.target))
+            rec.pop("phase_target_deg", None)
+        return rec
+
+    def _wait_until(self, t_target: float) -> None:
+        """Sleep, then spin, until the clock reaches t_target; feed the watchdog; return early
+        on a disarm (the caller's halted() check then stops the stimulating outputs)."""
+        il, clock, keep = self.interlock, self._clock, self.keepalive
+        while True:
+            rem = t_target - clock()
+            if rem <= 0.0 or il.halted():
+                return
+            if keep is not None:
+                keep()
+            if rem > SPIN_S:
+                time.sleep(min(rem - SPIN_S, WAIT_SLICE_S))
+
     def _fire(
         self,
         state: State,
@@ -213,6 +344,8 @@ class TriggerUnit:
         t_decided: float,
         t_start: float,
         t_arrival: float,
+        plan=None,
+        phase: dict[str, Any] | None = None,
     ) -> Attempt:
         il = self.interlock
         n = il.pulse_count
@@ -227,6 +360,8 @@ class TriggerUnit:
             "t_wall": time.time(),
             "outputs": self._output_names,
         }
+        if plan is not None:  # a scheduled pulse: when it is meant to leave
+            intent["scheduled_in_ms"] = round(1000.0 * plan.delay_s, 3)
         try:
             self.audit.write_many([*self._drain_pending(), intent])
         except Exception as exc:
@@ -243,13 +378,41 @@ class TriggerUnit:
                 t_start=t_start,
                 output_ms={},
             )
+        delay_s = 0.0 if plan is None else plan.delay_s
+        t_planned = math.nan
+        if plan is not None and self._live:
+            # scheduled: the outputs go at the planned instant (the intent's fsync counts in)
+            t_planned = t_decided + delay_s
+            self._wait_until(t_planned)
         t_fire = self._clock()
-        late = il.sample_age_veto(state.t_stream, t_arrival)
+        # the sample's age beyond the planned wait (the wait is by design, not staleness); a
+        # wait cut short by a disarm goes on to the outputs' halted() check ('halted')
+        cut_short = plan is not None and self._live and il.halted()
+        late = None if cut_short else il.sample_age_veto(state.t_stream + delay_s, t_arrival + delay_s)
+        if late is None and plan is not None and self._live and not cut_short:
+            # past the planned instant by more than the tolerance: not at the target phase
+            # (e.g. a 70 ms intent fsync on a busy disk); a pulse in flight, not fired
+            overdue_s = t_fire - t_planned
+            tol_s = math.radians(self.phase.settings.tolerance_deg) / (2 * math.pi * plan.freq_hz)
+            if overdue_s > tol_s:
+                il.pulse_done()
+                attempt = self._attempt(
+                    state,
+                    request,
+                    fired=False,
+                    reason=PHASE_LATE,
+                    detail=f"{1000 * overdue_s:.1f} ms after the planned instant",
+                    pulse_number=n,
+                    t_local=t_fire,
+                    t_start=t_start,
+                    output_ms={},
+                )
+                return replace(attempt, phase=phase)
         if late is not None:
             # the intent's fsync (4-5 ms median, 70 ms max on a busy disk here) pushed the
             # deciding sample past the latency budget: the brain state has moved on
             il.pulse_done()
-            return self._attempt(
+            attempt = self._attempt(
                 state,
                 request,
                 fired=False,
@@ -260,11 +423,13 @@ class TriggerUnit:
                 t_start=t_start,
                 output_ms={},
             )
+            return replace(attempt, phase=phase) if phase is not None else attempt
         info = PulseInfo(
             pulse_number=n,
             t_stream=state.t_stream,
             t_fire=t_fire,
-            t_marker=t_fire if self._live else state.t_stream,
+            # offline, a scheduled pulse is placed at its planned stream time
+            t_marker=t_fire if self._live else state.t_stream + delay_s,
             t_start=t_start,
             score=state.score,
             label=state.label.value,
@@ -319,7 +484,7 @@ class TriggerUnit:
             reason, detail = HALTED, f"disarmed before the output fired: {il.last_reason}"
         else:
             reason, detail = "fired", ""
-        return self._attempt(
+        attempt = self._attempt(
             state,
             request,
             fired=not (stim_error or halted),
@@ -331,6 +496,22 @@ class TriggerUnit:
             output_ms=output_ms,
             stimulated=tuple(stimulated),
         )
+        if phase is None:
+            return attempt
+        phase = dict(phase)
+        if self._live:
+            err_ms = 1000.0 * (t_fire - t_planned)
+            phase["sched_error_ms"] = round(err_ms, 4)
+            # the pulse's stream time: live stamps are on the local clock (LslSource corrects)
+            phase["t_pulse"] = t_fire + self.phase.output_latency_s
+            if attempt.fired:
+                self._sched_err_ms.append(err_ms)
+        else:
+            phase["sched_error_ms"] = 0.0  # placed at the planned sample by construction
+            phase["t_pulse"] = state.t_stream + delay_s + self.phase.output_latency_s
+        if attempt.fired:
+            self.phase_pulses.append((phase["t_pulse"], self.phase.target, attempt.attempt_number))
+        return replace(attempt, phase=phase)
 
     def _attempt(
         self,
@@ -636,7 +817,7 @@ class TriggerUnit:
             if lat.size
             else {"median": math.nan, "p99": math.nan, "max": math.nan, "n": 0}
         )
-        return {
+        out = {
             "attempts": self._n_attempts,
             "fired": self._n_fired,
             "output_errors": self._n_output_errors,
@@ -647,3 +828,16 @@ class TriggerUnit:
             "pulse_count": self.interlock.pulse_count,
             "state": self.interlock.state.value,
         }
+        if self.phase is not None:
+            sched = np.asarray(self._sched_err_ms, dtype=float)
+            out["phase_sched_error_ms"] = (
+                {
+                    "median": float(np.median(sched)),
+                    "p99": float(np.percentile(np.abs(sched), 99)),
+                    "max": float(np.abs(sched).max()),
+                    "n": int(sched.size),
+                }
+                if sched.size
+                else {"n": 0}
+            )
+        return out
