@@ -19,6 +19,11 @@ Definitions (all times in stream seconds):
 
 Each metric comes twice: `*_fired` counts what the interlock let through (audit `fired` true),
 `*_requested` counts every request of the policy (fired or vetoed).
+
+Phase mode adds, over the fired pulses in the window, their phase error against the acausal
+reference around each (the session's PhaseMonitor: zero-phase band-pass + Hilbert, five filters
+averaged): `phase_bias_deg` (circular mean), `phase_abs_bias_deg`, `phase_sd_deg` (circular SD),
+`phase_plv`, `phase_within_45` (share within +-45 deg) and `phase_n`; nan without phase mode.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +47,19 @@ METRICS: dict[str, str] = {
     "pulses_per_min": "pulses per minute of scored time",
     "n_pulses": "pulses in the scored window",
 }
+# Phase accuracy of the fired pulses (phase mode), pooled over recordings.
+PHASE_METRICS: dict[str, str] = {
+    "phase_sd_deg": "circular SD of the fired pulses' phase error against the reference (deg)",
+    "phase_abs_bias_deg": "|circular mean| of that error (deg)",
+    "phase_bias_deg": "circular mean of that error (deg)",
+    "phase_plv": "phase-locking value of the fired phases (0-1)",
+    "phase_within_45": "share of fired pulses within +-45 deg of the target phase",
+    "phase_n": "fired pulses with a reference phase",
+}
 # Metrics where lower is better (used by the objective's tie-breaks and by the report).
-LOWER_IS_BETTER = frozenset({"false_per_min", "delay_median_s", "delay_p90_s"})
+LOWER_IS_BETTER = frozenset(
+    {"false_per_min", "delay_median_s", "delay_p90_s", "phase_sd_deg", "phase_abs_bias_deg"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +73,7 @@ class Counts:
     window_s: float = 0.0
     outside_s: float = 0.0
     delays_s: tuple[float, ...] = ()
+    phase_errors_deg: tuple[float, ...] = ()  # phase mode: fired pulses' error vs the reference
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(
@@ -67,6 +84,7 @@ class Counts:
             self.window_s + other.window_s,
             self.outside_s + other.outside_s,
             self.delays_s + other.delays_s,
+            self.phase_errors_deg + other.phase_errors_deg,
         )
 
 
@@ -161,6 +179,21 @@ def metrics(c: Counts) -> dict[str, float]:
     }
 
 
+def phase_metrics(c: Counts) -> dict[str, float]:
+    """The PHASE_METRICS of (pooled) counts: nan without phase errors."""
+    from features.phase import phase_error_stats
+
+    st = phase_error_stats(np.radians(np.asarray(c.phase_errors_deg, dtype=float)))
+    return {
+        "phase_sd_deg": st["circ_sd_deg"],
+        "phase_abs_bias_deg": abs(st["bias_deg"]),
+        "phase_bias_deg": st["bias_deg"],
+        "phase_plv": st["plv"],
+        "phase_within_45": st["within_45"],
+        "phase_n": float(st["n"]),
+    }
+
+
 @dataclass(slots=True)
 class Outcome:
     """What one pipeline run on one recording produced, as needed for scoring and plots.
@@ -180,6 +213,8 @@ class Outcome:
     duration_s: float
     vetoes_by_reason: dict[str, int] = field(default_factory=dict)
     calibration: str = ""  # why the run never calibrated (the session summary's reason)
+    # phase mode: (n, 2) fired pulses' (time s, phase error deg vs the reference); (0, 2) if off
+    phase_errors: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))
 
     @property
     def window(self) -> tuple[float, float]:
@@ -197,8 +232,11 @@ def score_outcome(
     """Counts per pulse set ('fired', 'requested') of one run."""
     if not math.isfinite(outcome.scored_from):  # never calibrated: nothing could fire
         return {k: Counts() for k in PULSE_SETS}
+    fired = count(outcome.fired, epochs, outcome.window, min_epoch_s)
+    t, err = outcome.phase_errors.reshape(-1, 2).T
+    in_window = (t >= outcome.scored_from) & (t <= outcome.t_end) & np.isfinite(err)
     return {
-        "fired": count(outcome.fired, epochs, outcome.window, min_epoch_s),
+        "fired": replace(fired, phase_errors_deg=tuple(float(e) for e in err[in_window])),
         "requested": count(outcome.requested, epochs, outcome.window, min_epoch_s),
     }
 
@@ -213,6 +251,7 @@ def score_table(
         pooled = sum((c[name] for c in counts), Counts())
         out.update({f"{k}_{name}": v for k, v in metrics(pooled).items()})
     fired = sum((c["fired"] for c in counts), Counts())
+    out.update(phase_metrics(fired))
     out["epochs"] = float(fired.n_epochs)
     out["time_in_state_s"] = float(target_s)
     out["time_in_state_frac"] = target_s / window_s if window_s > 0 else math.nan
@@ -268,6 +307,11 @@ def read_outcome(folder: str | Path) -> Outcome:
         (float(a["t_stream"]), bool(a["fired"])) for a in audit if a.get("t_stream") is not None
     ]
     time_in = summary.get("time_in_state_s") or {}
+    phase = [
+        (float(p["t_pulse"]), float(p["error_deg"]) if p.get("error_deg") is not None else math.nan)
+        for p in (summary.get("phase") or {}).get("pulses") or []
+        if p.get("t_pulse") is not None
+    ]
     return Outcome(
         fired=np.array([t for t, f in times if f], dtype=float),
         requested=np.array([t for t, _ in times], dtype=float),
@@ -278,6 +322,7 @@ def read_outcome(folder: str | Path) -> Outcome:
         duration_s=duration_s,
         vetoes_by_reason=dict(summary.get("vetoes_by_reason") or {}),
         calibration=_calibration_reason(summary),
+        phase_errors=np.array(phase, dtype=float).reshape(-1, 2),
     )
 
 

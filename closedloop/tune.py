@@ -39,6 +39,7 @@ from closedloop.config import SessionConfig, apply_overrides, dump_config, valid
 from closedloop.errors import ConfigError, UserError
 from closedloop.scoring import (
     METRICS,
+    PHASE_METRICS,
     PULSE_SETS,
     Counts,
     Outcome,
@@ -247,7 +248,7 @@ _OPS = {
     ">": lambda a, b: a > b,
     "<": lambda a, b: a < b,
 }
-_EXTRA_COLUMNS = ("time_in_state_s", "time_in_state_frac", "epochs")
+_EXTRA_COLUMNS = ("time_in_state_s", "time_in_state_frac", "epochs", *PHASE_METRICS)
 
 
 def metric_column(name: str) -> str:
@@ -1062,6 +1063,14 @@ def write_report(path: Path, res: TuneResult) -> None:
         f"({_fmt(100 * row['time_in_state_frac'])} % of the scored time).",
         "",
     ]
+    if _phase_mode(res):
+        lines += [
+            "Phase of the fired pulses against the acausal reference around each (phase mode): "
+            f"bias {_fmt(row['phase_bias_deg'])} deg, circular SD {_fmt(row['phase_sd_deg'])} "
+            f"deg, PLV {_fmt(row['phase_plv'])}, within +-45 deg {_fmt(row['phase_within_45'])} "
+            f"({int(row['phase_n'])} pulses).",
+            "",
+        ]
     if any(r.subject is not None for r in res.recs):
         lines += _participants_md(res)
     if res.validation:
@@ -1078,6 +1087,8 @@ def write_report(path: Path, res: TuneResult) -> None:
         "precision_requested",
         "pulses_per_min_fired",
     ]
+    if _phase_mode(res):
+        top_cols += ["phase_sd_deg", "phase_abs_bias_deg", "phase_plv"]
     lines += [
         "## Top settings",
         "",
@@ -1096,12 +1107,19 @@ def write_report(path: Path, res: TuneResult) -> None:
             lines.append(f"- ... and {len(res.grid.skipped) - 20} more")
     lines += ["", "## Definitions", ""]
     lines += [f"- `{k}`: {v}" for k, v in METRICS.items()]
+    if _phase_mode(res):
+        lines += [f"- `{k}`: {v}" for k, v in PHASE_METRICS.items()]
     lines += [
         "- `_fired`: pulses the interlock let through (what would really have fired); "
         "`_requested`: every pulse request of the policy, fired or vetoed.",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _phase_mode(res: TuneResult) -> bool:
+    """Whether any run of the sweep fired phase-mode pulses (the phase columns mean something)."""
+    return any(o.phase_errors.size for o in res.outcomes.values())
 
 
 def _validation_md(res: TuneResult) -> list[str]:
@@ -1290,7 +1308,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         "--minimize",
         default=None,
         metavar="METRIC",
-        help="metric to minimise instead, e.g. false_per_min",
+        help="metric to minimise instead, e.g. false_per_min, or phase_sd_deg to tune phase "
+        "mode (phase.tolerance_deg, phase.estimator, phase.window_s, ...) for phase accuracy",
     )
     parser.add_argument(
         "--require",
