@@ -490,7 +490,8 @@ def markdown(res: dict[str, Any]) -> str:
     if "phase" in r:
         from benchmarks import bench_phase
 
-        lines += ["## Phase-locked pulses (bench_phase.py)", "", bench_phase.to_markdown(r["phase"])]
+        md = bench_phase.to_markdown(r["phase"])
+        lines += ["## Phase-locked pulses (bench_phase.py)", "", md]
     for key, title in (
         ("feedback", "Feedback (bench_feedback_latency.py)"),
         ("tune_speed", "Tuner speed (bench_tune_speed.py)"),

@@ -54,14 +54,21 @@ def pin_one_core() -> set[int] | None:
     return before
 
 
-def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> dict[str, Any]:
-    """Latency figures (ms) of one (channels, rate) configuration over run_s seconds of data."""
+def measure(
+    n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0, **extra: object
+) -> dict[str, Any]:
+    """Latency figures (ms) of one (channels, rate) configuration over run_s seconds of data.
+
+    extra: dotted config keys on top of the benchmark config (e.g. phase mode). A pulse's own
+    chunk is left out of the percentiles in phase mode: its decision waits for the phase on
+    purpose (up to a cycle); `pulse_chunk_step_max_ms` reports it."""
     n_reps = max(1, int((run_s - 0.5) // (REP_ON_S + REP_OFF_S)))
     t0 = CALIBRATION_DATA_S
     blocks = alternating_blocks(t0 + 0.5, n_reps, REP_ON_S, REP_OFF_S)
     names, data = synth(n_ch, sfreq, t0 + run_s, blocks, seed)
     ts = np.arange(data.shape[0]) / sfreq + 1000.0
-    config = bench_config()
+    config = bench_config(**extra)
+    phase_mode = bool(config.phase.enabled)
     bus = EventBus()
     sub = bus.subscribe("bench", maxlen=100_000)
     tag = f"bench-decision-{os.getpid()}-{n_ch}-{int(sfreq)}"
@@ -97,6 +104,7 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
     cpu0 = time.process_time()
     wall0 = local_clock()
     i_armed = 0
+    shift = 0.0
     for i in range(n_chunks):
         a = i * CHUNK_SAMPLES
         if armed:  # real time: each chunk at its due time, as an amplifier delivers them
@@ -109,7 +117,7 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
         c0 = time.thread_time()
         t_arr = local_clock()
         chunk = Chunk(
-            data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES], names, sfreq, (), t_arr
+            data[a : a + CHUNK_SAMPLES], ts[a : a + CHUNK_SAMPLES] + shift, names, sfreq, (), t_arr
         )
         res = p.step(chunk)
         t_end = local_clock()
@@ -122,6 +130,13 @@ def measure(n_ch: int, sfreq: float, run_s: float, tmp: Path, seed: int = 0) -> 
                 i_armed = i + 1
                 cpu0 = time.process_time()
                 wall0 = local_clock() + period_s
+                # from here each chunk's newest sample is stamped with its due time, as an
+                # amplifier's would be: the interlock refuses data older than its limit
+                # ('stale_data': every pulse was vetoed while the stamps stayed at 1000 s)
+                shift = wall0 - ts[i_armed * CHUNK_SAMPLES + CHUNK_SAMPLES - 1]
+            continue
+        if res.attempt is not None and phase_mode:
+            pulse_step_ms.append((t_end - t_arr) * 1e3)
             continue
         if res.attempt is not None:
             # a pulse: the decision ends when the last output returned (Attempt.latency_ms); the

@@ -13,9 +13,13 @@ Reported per estimator and per SNR bin (narrow-band SNR of the 1 s before each p
 Scheduled pulses end to end (`scheduled`): the phase gate as the trigger runs it (fitted on the
 first third, the amplitude gate at the calibration median, `plan_live` with the deciding sample
 3 ms old, a request held and planned again every 10 ms until the target is within max_lead_ms
-(25 ms) or the look-ahead ends), the pulse placed at the planned instant plus the measured scheduling error of the
-trigger unit's own sleep-then-spin wait (`TriggerUnit._wait_until`, timed here on this
-machine), scored against the truth or the reference at the instant the pulse leaves.
+(25 ms) or the look-ahead ends), the pulse placed at the planned instant plus the measured
+scheduling error of the trigger unit's own sleep-then-spin wait (`TriggerUnit._wait_until`,
+timed here on this machine), scored against the truth or the reference at the instant the
+pulse leaves.
+Hot path (`decision`): the decision latency of bench_decision at 64 ch x 1 kHz, fed in real
+time, with phase mode off and on (O1/Oz/O2 mean, ecHT, gates open so pulses are planned),
+interleaved; in phase mode a pulse's own chunk waits for the phase on purpose and is left out.
 Writes phase.json and phase.md; prints the table.
 """
 
@@ -185,6 +189,33 @@ def evaluate_scheduled(
     return rows
 
 
+PHASE_ON = {
+    "phase.enabled": True,
+    "phase.channels": ["O1", "Oz", "O2"],
+    "phase.spatial": "mean",
+    "phase.min_snr_db": -20.0,  # gates open: the cost of planning pulses is measured too
+    "phase.min_amplitude_percentile": 0.0,
+}
+
+
+def decision_cost(quick: bool, log=print) -> list[dict]:
+    """bench_decision.measure at 64 ch x 1 kHz, phase mode off / on, interleaved (2 rounds)."""
+    import tempfile
+
+    from benchmarks.bench_decision import measure
+
+    run_s = 8.0 if quick else 20.0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-phase-") as tmp:
+        for rnd in range(2):
+            for mode, extra in (("off", {}), ("phase", PHASE_ON)):
+                r = measure(64, 1000.0, run_s, Path(tmp), seed=rnd, **extra)
+                keep = ("p50_ms", "p99_ms", "cpu_p99_ms", "pulses", "cpu_percent_of_one_core")
+                rows.append({"mode": mode, "round": rnd, **{k: r[k] for k in keep}})
+                log(f"  decision 64x1000 phase {mode}: p99 {r['p99_ms']:.3f} ms")
+    return rows
+
+
 def run(quick: bool, horizon_ms: float = 5.0, log=print) -> dict:
     """Everything: the estimators at a fixed horizon and the scheduled pulses, per data set."""
     sched = scheduling_error_ms(100 if quick else 400)
@@ -205,6 +236,7 @@ def run(quick: bool, horizon_ms: float = 5.0, log=print) -> dict:
         results["datasets"][name] = evaluate(x, sfreq, band, truth, horizon_ms / 1000.0)
         results["scheduled"][name] = evaluate_scheduled(x, sfreq, band, truth, sched)
         log(f"  {name}: {time.perf_counter() - t0:.1f} s")
+    results["decision"] = decision_cost(quick, log)
     return results
 
 
@@ -277,6 +309,20 @@ def to_markdown(results: dict) -> str:
                     f"{r['within_30']:.2f} | {r['within_45']:.2f} | "
                     f"{r['sched_error_ms_p99']:.3f} |"
                 )
+    if results.get("decision"):
+        lines += [
+            "",
+            "Decision latency at 64 ch x 1 kHz fed in real time (bench_decision), phase mode off "
+            "and on, interleaved:",
+            "",
+            "| phase mode | round | p50 ms | p99 ms | thread CPU p99 ms | pulses | CPU % |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["decision"]:
+            lines.append(
+                f"| {r['mode']} | {r['round']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                f"{r['cpu_p99_ms']:.3f} | {r['pulses']} | {r['cpu_percent_of_one_core']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,8 @@ from features.phase import narrowband_snr_db, phase_error_stats, reference_phase
 BEFORE_S = 1.5  # data before the pulse in the reference window
 AFTER_S = 1.0  # data after the pulse needed before its reference phase is computed
 KEEP_S = 4.0  # ring length (s): the window plus a chunk backlog
-SNR_PERIOD_S = 1.0  # stream s between SNR updates (0.1-0.2 ms each at 1 kHz: a tap, after the decision)
+# stream s between SNR updates (0.1-0.2 ms each at 1 kHz: a tap, after the decision)
+SNR_PERIOD_S = 1.0
 ERRORS_KEPT = 2000  # per-pulse results kept for the console and the summary
 
 
@@ -79,7 +80,7 @@ class PhaseMonitor:
         if self._n < n:
             return self._x[: self._n], self._t[: self._n]
         i = self._n % n
-        return np.concatenate((self._x[i:], self._x[:i])), np.concatenate((self._t[i:], self._t[:i]))
+        return np.roll(self._x, -i), np.roll(self._t, -i)
 
     def _resolve(self, t_pulse: float, target: float, attempt: int) -> None:
         x, t = self._ordered()

@@ -127,9 +127,8 @@ class Pipeline:
         trigger = TriggerUnit(TriggerPolicy(config.trigger), interlock, outputs, audit, clock=clock)
         pipeline = cls(chain, trigger, bus, live)
         if config.phase.enabled:
-            from triggers.phase_gate import PhaseGate
-
             from closedloop.phase_monitor import PhaseMonitor
+            from triggers.phase_gate import PhaseGate
 
             pipeline.phase = trigger.phase = PhaseGate(config.phase, list(ch_names), sfreq)
             pipeline.phase_monitor = PhaseMonitor(pipeline.phase, trigger.phase_pulses)
@@ -251,7 +250,7 @@ class Pipeline:
                     state.t_stream,
                     fitted=learnt is not None,
                     error=phase.fit_error,
-                    **({k: v for k, v in learnt.items()} if learnt else {}),
+                    **(dict(learnt.items()) if learnt else {}),
                 )
         elif not calibrated and (phase.fitted is not None or phase.fit_error):
             phase.unfit()

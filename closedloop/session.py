@@ -93,7 +93,7 @@ class SessionSnapshot:
     latency_p99_ms: float = float("nan")
     audio_device: str = ""  # participant audio: '' none, wav, open, lost, reopened, closed
     # phase mode ('' estimator: off): target (deg), the rhythm's SNR (dB) now, and each fired
-    # pulse's phase error against the acausal reference (deg, oldest first; closedloop.phase_monitor)
+    # pulse's phase error against the acausal reference (deg, oldest first; phase_monitor.py)
     phase_estimator: str = ""
     phase_target_deg: float | None = None  # None: off (not nan: the snapshot is compared)
     phase_snr_db: float | None = None  # None: off or not measured yet

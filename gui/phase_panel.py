@@ -98,9 +98,7 @@ class PhasePanel:
                 f"circular SD {sd:.0f}°, PLV {r:.2f}, within ±45° {100 * within:.0f}%"
             )
         snr_text = f"{snr:.1f} dB" if snr is not None else "—"
-        self.label.setText(
-            f"target {target:.0f}° ({snap.phase_estimator}) · SNR {snr_text}{acc}"
-        )
+        self.label.setText(f"target {target:.0f}° ({snap.phase_estimator}) · SNR {snr_text}{acc}")
         if tick.slow and len(errors) != self._n_drawn:
             self._n_drawn = len(errors)
             x, y = rose_xy(fired)

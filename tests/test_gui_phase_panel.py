@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from closedloop.session import SessionSnapshot  # noqa: E402
-from gui.phase_panel import PhasePanel, rose_xy  # noqa: E402
-from gui.window import ConsoleWindow  # noqa: E402
-from tests.phase_helpers import phase_config  # noqa: E402
-from tests.session_helpers import fast_config  # noqa: E402
+from closedloop.session import SessionSnapshot
+from gui.phase_panel import PhasePanel, rose_xy
+from gui.window import ConsoleWindow
+from tests.phase_helpers import phase_config
+from tests.session_helpers import fast_config
 
 pytestmark = [pytest.mark.gui]
 
@@ -44,10 +44,14 @@ def test_phase_panel_shows_target_snr_and_the_fired_phases(qtbot):
     )
     panel.update(SimpleNamespace(snapshot=snap, slow=True))
     text = panel.label.text()
-    assert "target 180°" in text and "echt" in text and "7.2 dB" in text
-    assert "3 pulses" in text and "within ±45° 100%" in text
+    assert "target 180°" in text
+    assert "echt" in text
+    assert "7.2 dB" in text
+    assert "3 pulses" in text
+    assert "within ±45° 100%" in text
     x, y = panel.rose.getData()
-    assert x is not None and np.isfinite(x).sum() > 0
+    assert x is not None
+    assert np.isfinite(x).sum() > 0
     ang = np.degrees(np.arctan2(y[np.isfinite(y)], x[np.isfinite(x)]))
     r = np.hypot(x[np.isfinite(x)], y[np.isfinite(y)])
     assert np.all(np.abs(ang[r > 1e-9]) >= 150.0)  # every wedge around the trough

@@ -15,8 +15,8 @@ from pylsl import local_clock
 from acquisition.file_source import FileSource
 from closedloop.session import Session
 from features.phase import phase_error_stats
-from tests.phase_helpers import known_phase_raw, phase_config
 from features.types import Label
+from tests.phase_helpers import known_phase_raw, phase_config
 from tests.test_triggers_unit import make_unit, target
 from triggers.audit import AuditLog, read_audit
 from triggers.interlock import InterlockState, SafetyInterlock
@@ -74,20 +74,25 @@ def test_a_scheduled_pulse_leaves_at_the_planned_instant_and_keeps_the_watchdog_
     unit.arm("gui_button")
     state, t_arr = now_state()
     a = unit.on_state(state, t_arr)
-    assert a.fired and a.reason == "fired", a
+    assert a.fired, a
+    assert a.reason == "fired", a
     assert len(sim.pulses) == 1
     waited_ms = 1000 * (sim.pulses[0].t_fire - t_arr)
     assert 80.0 <= waited_ms < 80.0 + 25.0, waited_ms  # the intent fsync counts into the 80 ms
     # the wait fed the watchdog at least every WAIT_SLICE_S (5 ms) plus scheduling slack
-    assert len(fed) >= 8 and max(np.diff(fed)) < 0.05, np.diff(fed)
+    assert len(fed) >= 8, fed
+    assert max(np.diff(fed)) < 0.05, np.diff(fed)
     log = read_audit(unit.audit.path)
     intent = next(r for r in log if r["event"] == "intent")
     assert intent["scheduled_in_ms"] == 80.0
     rec = next(r for r in log if r["event"] == "attempt")
     ph = rec["phase"]
-    assert ph["target_deg"] == 180.0 and ph["estimator"] == "echt"
-    assert ph["phase_predicted_deg"] == 180.0 and ph["phase_snr_db"] == 7.5
-    assert ph["phase_amplitude"] == 1.2e-5 and ph["phase_delay_ms"] == 80.0
+    assert ph["target_deg"] == 180.0
+    assert ph["estimator"] == "echt"
+    assert ph["phase_predicted_deg"] == 180.0
+    assert ph["phase_snr_db"] == 7.5
+    assert ph["phase_amplitude"] == 1.2e-5
+    assert ph["phase_delay_ms"] == 80.0
     # scheduling error: actual fire minus planned (sleep then spin: well under a millisecond
     # idle; bound for a loaded CI machine)
     assert 0.0 <= ph["sched_error_ms"] < 5.0, ph
@@ -104,7 +109,8 @@ def test_a_disarm_during_the_wait_stops_the_scheduled_pulse(tmp_path):
     a = unit.on_state(state, t_arr)
     took = time.perf_counter() - t0
     assert took < 0.25, took  # returned at the disarm, not at the scheduled 0.4 s
-    assert not a.fired and a.reason == "halted"
+    assert not a.fired
+    assert a.reason == "halted"
     assert sim.pulses == []
     assert unit.interlock.state is InterlockState.DISARMED
     assert not unit.interlock.in_flight
@@ -116,10 +122,13 @@ def test_a_plan_without_the_phase_in_reach_is_a_phase_timeout_veto(tmp_path):
     unit.arm("gui_button")
     state, t_arr = now_state()
     a = unit.on_state(state, t_arr)
-    assert not a.fired and a.reason == "phase_timeout" and a.pulse_number is None
-    assert sim.pulses == [] and unit.interlock.pulse_count == 0
+    assert not a.fired
+    assert a.reason == "phase_timeout"
+    assert a.pulse_number is None
+    assert sim.pulses == []
+    assert unit.interlock.pulse_count == 0
     assert unit.interlock.state is InterlockState.ARMED  # a veto, not a fault
-    rec = [r for r in read_audit(unit.audit.path) if r["event"] == "attempt"][0]
+    rec = next(r for r in read_audit(unit.audit.path) if r["event"] == "attempt")
     assert rec["phase"]["phase_veto"] == "phase_timeout"
     assert unit.stats["vetoes_by_reason"] == {"phase_timeout": 1}
     unit.close()
@@ -130,7 +139,9 @@ def test_the_interlock_is_asked_before_the_phase_is_planned(tmp_path):
     unit, sim = live_unit(tmp_path, gate)  # disarmed
     state, t_arr = now_state()
     a = unit.on_state(state, t_arr)
-    assert a.reason == "not_armed" and gate.ages == [] and sim.pulses == []
+    assert a.reason == "not_armed"
+    assert gate.ages == []
+    assert sim.pulses == []
     unit.close()
 
 
@@ -144,7 +155,8 @@ def test_a_far_target_is_held_and_planned_again_on_the_next_chunks(tmp_path):
     assert unit.on_state(target(1.00)) is None  # held
     assert unit.on_state(target(1.02)) is None  # held again
     a = unit.on_state(target(1.04))
-    assert a.fired and a.t_stream == 1.04
+    assert a.fired
+    assert a.t_stream == 1.04
     assert unit.phase.waited == pytest.approx([0.0, 0.02, 0.04])
     assert sim.pulses[0].t_marker == pytest.approx(1.044)  # placed at the planned sample
     assert [r["reason"] for r in read_audit(unit.audit.path) if r["event"] == "attempt"] == [
@@ -163,8 +175,10 @@ def test_a_held_request_ends_when_the_state_leaves(tmp_path):
         t_stream=1.02, label=Label.NON_TARGET, score=0.0, time_in_state_s=0.0, features={}
     )
     a = unit.on_state(left)
-    assert not a.fired and a.reason == "phase_state_left"
-    assert unit.interlock.pulse_count == 0 and unit.outputs[0].pulses == []
+    assert not a.fired
+    assert a.reason == "phase_state_left"
+    assert unit.interlock.pulse_count == 0
+    assert unit.outputs[0].pulses == []
     assert unit.on_state(left) is None  # nothing held any more
     unit.close()
 
@@ -191,9 +205,7 @@ def test_offline_pulses_land_on_the_target_phase_of_the_true_rhythm(tmp_path):
     construction) is near the target; the summary's reference-based figures agree."""
     summary, sig, fired = run_offline(tmp_path)
     assert len(fired) >= 100, summary["vetoes_by_reason"]
-    errors = np.array(
-        [sig.phase[round(a["phase"]["t_pulse"] * 500.0)] - math.pi for a in fired]
-    )
+    errors = np.array([sig.phase[round(a["phase"]["t_pulse"] * 500.0)] - math.pi for a in fired])
     st = phase_error_stats(errors)
     # measured (seed 3, 10 dB, 112 pulses): bias -1.1 deg, circular SD 34.9, within 45: 0.84.
     # Seeds 2 and 4: -4.4 / +3.2 deg, SD 30.1 / 32.3; seed 1: -32.2 deg (its rhythm drifts
@@ -203,7 +215,8 @@ def test_offline_pulses_land_on_the_target_phase_of_the_true_rhythm(tmp_path):
     assert st["circ_sd_deg"] < 45.0, st
     assert st["within_45"] >= 0.7, st
     ph = summary["phase"]
-    assert ph["fitted"]["band"] and ph["fit_error"] is None
+    assert ph["fitted"]["band"]
+    assert ph["fit_error"] is None
     assert ph["stats"]["n"] == len(fired)
     # the acausal reference around each pulse tells the same story as the truth
     # (measured: within 7.5 deg of the truth on seeds 1-4)

@@ -355,7 +355,8 @@ def test_a_schedule_outside_the_look_ahead_is_a_bug_not_a_pulse(delay):
     il.arm("test", 0.0)
     with pytest.raises(ValueError, match="delay"):
         il.request(0.0, delay_s=delay)
-    assert il.pulse_count == 0 and not il.in_flight
+    assert il.pulse_count == 0
+    assert not il.in_flight
 
 
 def test_artifact_and_uncalibrated_vetoes():

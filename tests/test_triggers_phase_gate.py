@@ -91,3 +91,26 @@ def test_phase_settings_validation():
         PhaseSettings(band=(12.0, 8.0))
     with pytest.raises(ValueError, match="Nyquist"):
         PhaseGate(PhaseSettings(band=(60.0, 90.0), channels=["Oz"]), ["Oz"], 160.0)
+
+
+def test_ar_settings_reach_the_estimator_and_are_checked_against_the_window():
+    """phase.ar_* are the estimator's own (Zrenner 2018: FIR length, edge, AR order): the gate's
+    estimate equals `ar_phase` called with them, and an edge eating the window is refused."""
+    from features.phase import ar_phase
+
+    sfreq = 1000.0
+    t = np.arange(int(2 * sfreq)) / sfreq
+    x = np.sin(2 * np.pi * 10.0 * t + 0.3) + 0.1 * np.random.default_rng(0).standard_normal(t.size)
+    s = PhaseSettings(
+        enabled=True, estimator="ar", channels=["Oz"], spatial="channel", recentre=False,
+        ar_filter_ms=100.0, ar_edge_ms=40.0, ar_order=12,
+    )  # fmt: skip
+    gate = PhaseGate(s, ["Oz"], sfreq)
+    gate.tracker.push(x[:, None])
+    got = gate.tracker._raw_estimate(gate.tracker.window())
+    want = ar_phase(x[-500:], sfreq, s.band, 0.0, filter_s=0.1, edge_s=0.04, ar_order=12)
+    assert got.phase == pytest.approx(want.phase)
+    default = ar_phase(x[-500:], sfreq, s.band, 0.0)
+    assert got.phase != pytest.approx(default.phase, abs=1e-9)  # the settings made a difference
+    with pytest.raises(ValueError, match="ar_edge_ms"):
+        PhaseSettings(estimator="ar", window_s=0.3, ar_edge_ms=100.0)

@@ -77,6 +77,19 @@ class PhaseSettings(BaseModel):
         "planned instant (a slow disk write) is not fired ('phase_late').",
     )
     window_s: float = Field(0.5, ge=0.2, le=2.0, description="Estimator window (s).")
+    # 'ar' only (Zrenner 2018 / PHASTIMATE): FIR length, edge dropped at each end of the
+    # zero-phase filter output and forecast across, AR model order
+    ar_filter_ms: float = Field(
+        128.0, ge=16.0, le=1000.0, description="'ar': band-pass FIR length (ms; 128 taps at 1 kHz)."
+    )
+    ar_edge_ms: float = Field(
+        64.0,
+        ge=1.0,
+        le=250.0,
+        description="'ar': samples dropped at each end of the filtered window (ms), forecast "
+        "across.",
+    )
+    ar_order: int = Field(30, ge=2, le=100, description="'ar': autoregressive model order.")
     max_wait_cycles: float = Field(
         1.0,
         gt=0.0,
@@ -127,6 +140,12 @@ class PhaseSettings(BaseModel):
     def _spatial_fits(self) -> PhaseSettings:
         if self.spatial in ("channel", "hjorth") and len(self.channels) != 1:
             raise ValueError(f"spatial '{self.spatial}' takes exactly one channel")
+        # 'ar' fits its model on the window minus both edges: keep at least half of it
+        if self.estimator == "ar" and 4.0 * self.ar_edge_ms > 1000.0 * self.window_s:
+            raise ValueError(
+                f"ar_edge_ms {self.ar_edge_ms:g} leaves too little of the {self.window_s:g} s "
+                "window to fit the AR model (two edges must be at most half of it)"
+            )
         return self
 
 
@@ -203,6 +222,15 @@ class PhaseGate:
             settings.window_s,
             horizon_s=0.0,
             recentre=settings.recentre,
+            **(
+                {
+                    "filter_s": settings.ar_filter_ms / 1000.0,
+                    "edge_s": settings.ar_edge_ms / 1000.0,
+                    "ar_order": settings.ar_order,
+                }
+                if settings.estimator == "ar"
+                else {}
+            ),
         )
         self.target = math.radians(settings.target_deg)
         self._tol = math.radians(settings.tolerance_deg)

@@ -388,7 +388,9 @@ class TriggerUnit:
         # the sample's age beyond the planned wait (the wait is by design, not staleness); a
         # wait cut short by a disarm goes on to the outputs' halted() check ('halted')
         cut_short = plan is not None and self._live and il.halted()
-        late = None if cut_short else il.sample_age_veto(state.t_stream + delay_s, t_arrival + delay_s)
+        late = (
+            None if cut_short else il.sample_age_veto(state.t_stream + delay_s, t_arrival + delay_s)
+        )
         if late is None and plan is not None and self._live and not cut_short:
             # past the planned instant by more than the tolerance: not at the target phase
             # (e.g. a 70 ms intent fsync on a busy disk); a pulse in flight, not fired
