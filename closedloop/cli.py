@@ -291,6 +291,18 @@ def _print_summary(summary: dict) -> None:
             f"  {'eeg channels':<17} {len(cal.get('eeg_channels') or [])} used as EEG"
             f"{'; bad: ' + ', '.join(f'{c} ({r})' for c, r in bad.items()) if bad else ''}"
         )
+    ph = summary.get("phase")
+    if ph:  # phase mode: the fired pulses against the acausal reference around each
+        st, sched = ph.get("stats") or {}, ph.get("sched_error_ms") or {}
+        line = f"{ph['estimator']} at {ph['target_deg']:g} deg: {st.get('n', 0)} pulses"
+        if st.get("n"):
+            line += (
+                f", bias {st['bias_deg']:+.1f} deg, circular SD {st['circ_sd_deg']:.1f} deg, "
+                f"PLV {st['plv']:.2f}, within 45 deg {100 * st['within_45']:.0f} %"
+            )
+        if sched.get("p99") is not None and sched.get("n"):
+            line += f"; scheduling error p99 {sched['p99']:.2f} ms"
+        print(f"  {'phase':<17} {line}")
 
 
 def cmd_check_config(args) -> int:

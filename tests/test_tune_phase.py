@@ -90,3 +90,18 @@ def test_tune_sweeps_the_phase_estimator_and_ranks_by_phase_accuracy(tmp_path):
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "Phase of the fired pulses" in report
     assert "phase_sd_deg" in report
+
+
+def test_offline_prints_the_phase_accuracy(tmp_path, capsys):
+    """`closedloop offline` in phase mode ends with the fired pulses against the reference."""
+    raw, _ = known_phase_raw(60.0, 500.0, snr_db=10.0, seed=2)
+    rec = tmp_path / "known_phase_raw.fif"
+    raw.save(rec, verbose="error")
+    cfg = tmp_path / "phase.yaml"
+    cfg.write_text(dump_config(phase_config()), encoding="utf-8")
+    assert main(["offline", str(rec), "--config", str(cfg), "--out", str(tmp_path / "s")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("phase "))
+    assert "echt at 180 deg" in line, line
+    n = int(line.split(": ")[1].split(" pulses")[0])
+    assert n >= 10, line  # ~1 request per 1.5 s over 25 s after calibration
+    assert "circular SD" in line, line
