@@ -306,7 +306,8 @@ def phase_error_stats(errors: np.ndarray) -> dict[str, float]:
     return {
         "n": int(e.size),
         "bias_deg": math.degrees(float(np.angle(m))),
-        "circ_sd_deg": math.degrees(math.sqrt(-2.0 * math.log(max(r, 1e-12)))),
+        # R can round to just above 1 (identical errors): log > 0 would make the root fail
+        "circ_sd_deg": math.degrees(math.sqrt(max(0.0, -2.0 * math.log(max(r, 1e-12))))),
         "plv": r,
         "within_30": float(np.mean(np.abs(wrapped) <= math.radians(30))),
         "within_45": float(np.mean(np.abs(wrapped) <= math.radians(45))),

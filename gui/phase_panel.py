@@ -15,6 +15,7 @@ import pyqtgraph as pg
 from PySide6 import QtWidgets
 
 from closedloop.config import SessionConfig
+from features.phase import phase_error_stats
 
 N_BINS = 12  # 30 deg sectors, the +-30 deg accuracy step of the benchmark table
 ARC_POINTS = 8  # points per sector arc
@@ -89,13 +90,11 @@ class PhasePanel:
         ok = errors[np.isfinite(errors)]
         acc = ""
         if ok.size:
-            m = np.mean(np.exp(1j * np.radians(ok)))
-            r = float(abs(m))
-            sd = math.degrees(math.sqrt(-2.0 * math.log(max(r, 1e-12))))
-            within = float(np.mean(np.abs(ok) <= 45.0))
+            st = phase_error_stats(np.radians(ok))
             acc = (
-                f" · {ok.size} pulses: bias {math.degrees(float(np.angle(m))):+.0f}°, "
-                f"circular SD {sd:.0f}°, PLV {r:.2f}, within ±45° {100 * within:.0f}%"
+                f" · {st['n']} pulses: bias {st['bias_deg']:+.0f}°, "
+                f"circular SD {st['circ_sd_deg']:.0f}°, PLV {st['plv']:.2f}, "
+                f"within ±45° {100 * st['within_45']:.0f}%"
             )
         snr_text = f"{snr:.1f} dB" if snr is not None else "—"
         self.label.setText(f"target {target:.0f}° ({snap.phase_estimator}) · SNR {snr_text}{acc}")

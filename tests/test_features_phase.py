@@ -110,3 +110,13 @@ def test_spatial_weights():
     assert ph.spatial_weights(names, ["Cz", "Fz"], "mean").sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not in the stream"):
         ph.spatial_weights(names, "Pz")
+
+
+def test_identical_errors_give_a_zero_circular_sd_not_an_error():
+    """Five identical errors: R rounds to 1.0000000000000002 (measured), whose log is > 0; the
+    console's phase panel computes this on every tick, so it must not raise."""
+    errors = np.full(5, -2.991)
+    assert abs(np.mean(np.exp(1j * errors))) > 1.0  # the rounding this guards against
+    st = ph.phase_error_stats(errors)
+    assert st["circ_sd_deg"] == 0.0
+    assert st["plv"] == pytest.approx(1.0)
