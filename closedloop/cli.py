@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run the demo offscreen, save a PNG of the window, and exit",
     )
+    p.add_argument(
+        "--screenshot-pulses",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --screenshot: wait for N pulses before the picture (default 1)",
+    )
 
     p = sub.add_parser("streams", help="list the LSL streams on the network (like `lsl list`)")
     p.add_argument(
@@ -457,7 +464,9 @@ def cmd_simulate(args) -> int:
 def cmd_gui(args) -> int:
     from gui.app import run_gui
 
-    return run_gui(_config(args), screenshot=args.screenshot)
+    return run_gui(
+        _config(args), screenshot=args.screenshot, screenshot_pulses=args.screenshot_pulses
+    )
 
 
 def format_streams(streams) -> str:

@@ -43,15 +43,19 @@ def run_gui(
     autostart: bool = False,
     arm_action: str | None = None,
     out_root: Path | None = None,
+    screenshot_pulses: int = 1,
 ) -> int:
     """Open the console and return its exit status when the window is closed.
 
     autostart: start a session on the config's stream at once (the demo).
     arm_action: arm automatically after calibration with this action name (demo only).
-    screenshot: instead, replay the bundled recording offscreen, save a PNG there, exit.
+    screenshot: instead, replay the bundled recording offscreen, save a PNG there (after
+    `screenshot_pulses` pulses fired), exit.
     """
     if screenshot is not None:
-        return take_screenshot(config, Path(screenshot), out_root=out_root)
+        return take_screenshot(
+            config, Path(screenshot), out_root=out_root, pulses=screenshot_pulses
+        )
     app = _app()
     if os.environ.get("QT_QPA_PLATFORM") != "offscreen" and not has_display():
         raise UserError(
@@ -84,8 +88,10 @@ def take_screenshot(
     path: Path,
     out_root: Path | None = None,
     timeout_s: float = SCREENSHOT_TIMEOUT_S,
+    pulses: int = 1,
 ) -> int:
-    """Replay the bundled 32-ch recording, run the console offscreen until a pulse fired, save.
+    """Replay the bundled 32-ch recording, run the console offscreen until `pulses` pulses
+    fired, save.
 
     Returns 0 when the PNG shows a calibrated, armed session with at least one pulse, else 1
     (the PNG is written either way).
@@ -124,7 +130,7 @@ def take_screenshot(
             runner = win.runner
             if runner is not None and runner.error is not None:
                 break
-            if fired_at is None and win.model.n_fired:
+            if fired_at is None and win.model.n_fired >= pulses:
                 fired_at = time.monotonic()
             if fired_at is not None and time.monotonic() - fired_at >= SCREENSHOT_AFTER_PULSE_S:
                 ok = True

@@ -19,6 +19,7 @@ from features.phase import phase_error_stats
 
 N_BINS = 12  # 30 deg sectors, the +-30 deg accuracy step of the benchmark table
 ARC_POINTS = 8  # points per sector arc
+ROSE_PX = 150  # the rose's height (px)
 
 
 def rose_xy(phases_deg: np.ndarray, n_bins: int = N_BINS) -> tuple[np.ndarray, np.ndarray]:
@@ -49,11 +50,13 @@ class PhasePanel:
 
     def build(self) -> QtWidgets.QGroupBox:
         box = QtWidgets.QGroupBox("phase-locked pulses")
-        lay = QtWidgets.QVBoxLayout(box)
+        # text left, rose right: the panel shares the column with the score plots, so it stays
+        # ROSE_PX tall (stacked, it squeezed them to ~30 px in a 1600 x 1000 window)
+        lay = QtWidgets.QHBoxLayout(box)
         self.label = QtWidgets.QLabel("phase mode: waiting for the session")
-        self.label.setWordWrap(True)
-        lay.addWidget(self.label)
-        self.plot = pg.PlotWidget(title="fired phase (reference), 0 = peak, 180 = trough")
+        self.label.setMinimumWidth(230)
+        lay.addWidget(self.label, 1)
+        self.plot = pg.PlotWidget(title="fired phases")
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
         self.plot.setMouseEnabled(x=False, y=False)
@@ -72,8 +75,12 @@ class PhasePanel:
         self.target_line = self.plot.plot(
             [0.0, math.cos(t)], [0.0, math.sin(t)], pen=pg.mkPen("#c62828", width=3)
         )
-        self.plot.setMinimumHeight(220)
+        self.plot.setFixedSize(ROSE_PX + 20, ROSE_PX)
         lay.addWidget(self.plot)
+        # no stretch: the room left goes to the score plots above
+        box.setSizePolicy(
+            QtWidgets.QSizePolicy.Policy.Preferred, QtWidgets.QSizePolicy.Policy.Maximum
+        )
         return box
 
     def new_session(self) -> None:
@@ -92,12 +99,12 @@ class PhasePanel:
         if ok.size:
             st = phase_error_stats(np.radians(ok))
             acc = (
-                f" · {st['n']} pulses: bias {st['bias_deg']:+.0f}°, "
-                f"circular SD {st['circ_sd_deg']:.0f}°, PLV {st['plv']:.2f}, "
-                f"within ±45° {100 * st['within_45']:.0f}%"
+                f"\n{st['n']} pulses against the reference:\nbias {st['bias_deg']:+.0f}°, "
+                f"circular SD {st['circ_sd_deg']:.0f}°\nPLV {st['plv']:.2f}, "
+                f"within ±45° {100 * st['within_45']:.0f}%\n(rose: red = target, 0° = peak)"
             )
         snr_text = f"{snr:.1f} dB" if snr is not None else "—"
-        self.label.setText(f"target {target:.0f}° ({snap.phase_estimator}) · SNR {snr_text}{acc}")
+        self.label.setText(f"target {target:.0f}° ({snap.phase_estimator})\nSNR {snr_text}{acc}")
         if tick.slow and len(errors) != self._n_drawn:
             self._n_drawn = len(errors)
             x, y = rose_xy(fired)

@@ -187,9 +187,13 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         lay.addWidget(self.state.score_plot, 2)
         lay.addWidget(raster_plot, 1)
         lay.addWidget(self.raster_panel.counts_label)
-        lay.addWidget(self.health.build())
-        if self.phase_panel is not None:
-            lay.addWidget(self.phase_panel.build())
+        if self.phase_panel is None:
+            lay.addWidget(self.health.build())
+        else:  # side by side: stacked, the two squeezed the score plots to ~30 px at 1000 px
+            row = QtWidgets.QHBoxLayout()
+            row.addWidget(self.health.build(), 1)
+            row.addWidget(self.phase_panel.build(), 1)
+            lay.addLayout(row)
         return box
 
     def _install_shortcuts(self) -> None:
