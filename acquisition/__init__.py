@@ -1,56 +1,12 @@
-"""Where samples come from: LSL (live), files (offline), the replayer, readers and the simulator."""
+"""Where samples come from: LSL (live), files (offline), the replayer, readers and the simulator.
 
-from acquisition.chunk import FAULT_KINDS, Chunk, HealthEvent, HealthKind
+Import from the submodules; this file imports nothing, so that `features` and `triggers` can use
+the shared nouns in `acquisition.chunk` (Chunk, HealthEvent) without loading mne or pylsl.
 
-__all__ = ["FAULT_KINDS", "Chunk", "HealthEvent", "HealthKind"]
-
-from acquisition.file_source import FileSource
-from acquisition.readers import RecordingError, load_recording, save_recording
-from acquisition.simulator import PRESETS, simulate, write_simulated
-
-__all__ += [
-    "PRESETS",
-    "FileSource",
-    "RecordingError",
-    "load_recording",
-    "save_recording",
-    "simulate",
-    "write_simulated",
-]
-
-# Appended by the LSL part (after the __all__ += above, hence E402).
-from acquisition.lsl_source import (  # noqa: E402
-    LslSource,
-    StreamDescription,
-    StreamNotFoundError,
-    describe_streams,
-    list_streams,
-)
-from acquisition.sources import FilePlaybackSource, source_from_settings  # noqa: E402
-
-__all__ += [
-    "BrainFlowSource",
-    "FilePlaybackSource",
-    "LslSource",
-    "ReplayStats",
-    "Replayer",
-    "StreamDescription",
-    "StreamNotFoundError",
-    "describe_streams",
-    "list_streams",
-    "source_from_settings",
-]
-
-
-def __getattr__(name: str) -> object:
-    # Lazy (PEP 562): importing acquisition.replayer here would make
-    # `python -m acquisition.replayer` warn that the module was imported before it ran.
-    if name in {"Replayer", "ReplayStats"}:
-        from acquisition import replayer
-
-        return getattr(replayer, name)
-    if name == "BrainFlowSource":  # brainflow loads its native library: only when used
-        from acquisition.brainflow_source import BrainFlowSource
-
-        return BrainFlowSource
-    raise AttributeError(f"module 'acquisition' has no attribute {name!r}")
+- `acquisition.chunk`: Chunk and HealthEvent, what every source yields (numpy only).
+- `acquisition.sources`: the Source contract and `source_from_settings` (LSL, file, BrainFlow).
+- `acquisition.lsl_source.LslSource`, `acquisition.file_source.FileSource`: the two main sources.
+- `acquisition.readers`: recordings in (FIF, EDF/BDF, BrainVision, XDF, ...) and out.
+- `acquisition.replayer` / `replayer_process`: a recording played back as a live LSL stream.
+- `acquisition.simulator`: synthetic EEG with annotated target epochs and artifacts.
+"""

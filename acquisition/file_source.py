@@ -13,12 +13,13 @@ import mne
 import numpy as np
 
 from acquisition.chunk import Chunk, HealthEvent, HealthKind
+from acquisition.contract import Source
 from acquisition.readers import load_recording
 
 _NAN = float("nan")
 
 
-class FileSource:
+class FileSource(Source):
     """Serve a recording as consecutive Chunks of `chunk_size` samples (the last may be shorter).
 
     recording: a file path (anything `load_recording` reads) or an mne Raw (not modified).
@@ -275,6 +276,10 @@ class FileSource:
     def position(self) -> int:
         """Index of the next sample to be served."""
         return self._pos
+
+    @property
+    def recording(self) -> mne.io.BaseRaw:
+        return self.raw
 
     @property
     def connected(self) -> bool:

@@ -55,6 +55,7 @@ from pylsl.util import TimeoutError as LslTimeoutError
 from acquisition import clock as clock_mod
 from acquisition.chunk import Chunk, HealthEvent, HealthKind
 from acquisition.clock import ClockModel
+from acquisition.contract import Source
 
 # liblsl keeps this many seconds of samples for a slow reader; a real-time loop that is this far
 # behind has other problems, and a smaller buffer bounds memory for wide/fast streams.
@@ -279,7 +280,7 @@ def build_predicate(name: str | None, stype: str | None, source_id: str | None) 
     return " and ".join(parts)
 
 
-class LslSource:
+class LslSource(Source):
     """Reads one numeric LSL stream; `pull()` always returns a `Chunk` (maybe 0 samples).
 
     Health is reported as `HealthEvent`s in `Chunk.events`, never as exceptions: CONNECTED
@@ -510,6 +511,14 @@ class LslSource:
     @property
     def ch_names(self) -> tuple[str, ...]:
         return self._require_desc().ch_names
+
+    @property
+    def ch_types(self) -> tuple[str, ...] | None:
+        return self._require_desc().ch_types or None
+
+    @property
+    def source_id(self) -> str | None:
+        return self._require_desc().source_id or None
 
     @property
     def sfreq(self) -> float:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from pylsl import local_clock
 
-from closedloop.feedback import Feedback, FeedbackSettings
+from closedloop.participant.feedback import Feedback
+from closedloop.participant.settings import FeedbackSettings
 from features.types import Label, State
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

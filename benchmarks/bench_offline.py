@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from acquisition.chunk import Chunk
+from acquisition.contract import Source
 from acquisition.file_source import FileSource
 from acquisition.simulator import replay_data_dir
 from benchmarks.synth import CHUNK_SAMPLES, alternating_blocks, bench_config, synth
@@ -165,7 +166,7 @@ def offline(quick: bool, log=print) -> dict[str, Any]:
     }
 
 
-class LoopSource:
+class LoopSource(Source):
     """A synthetic recording served in a loop for `total_s` stream seconds (offline source)."""
 
     def __init__(
@@ -187,7 +188,6 @@ class LoopSource:
         self._next_sample = 0
         self.samples = samples  # (stream s, RSS MB)
         self.connected = False
-        self.t0 = 0.0
 
     def connect(self) -> LoopSource:
         self.connected = True

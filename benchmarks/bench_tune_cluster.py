@@ -3,12 +3,12 @@ scheduling overhead per task.
 
     python -m benchmarks tune_cluster [--quick]
 
-The sweep: `closedloop.tune.run_all` (the tuner's own loop, without the report and plots) over
-a grid of `state.enter` values x simulated 32-channel 500 Hz recordings (2 x 150 s; 2 x 60 s
-with --quick), default config. Each executor runs the same tasks; the outcomes are checked to
-be identical. Throughput = runs (settings x recordings) per minute of wall time, worker start
-included (the spawn pool starts its processes in the sweep; the LocalCluster's start is given
-apart, since a real cluster is already up).
+The sweep: `closedloop.tuning.tune.run_all` (the tuner's own loop, without the report and plots)
+over a grid of `state.enter` values x simulated 32-channel 500 Hz recordings (2 x 150 s; 2 x 60 s
+with --quick), default config. Each executor runs the same tasks; the outcomes are checked to be
+identical. Throughput = runs (settings x recordings) per minute of wall time, worker start included
+(the spawn pool starts its processes in the sweep; the LocalCluster's start is given apart, since a
+real cluster is already up).
 
 Scheduling overhead per task: a task that does nothing (returns its argument), N of them
 through each executor, wall from the first result to the last / (N - 1): what the executor adds
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from acquisition.simulator import simulate
-from closedloop import tune
 from closedloop.config import SessionConfig
-from closedloop.executors import DaskExecutor, LocalExecutor
+from closedloop.tuning import tune
+from closedloop.tuning.executors import DaskExecutor, LocalExecutor
 
 WORKERS = 2
 ENTER_VALUES = tuple(0.5 + 0.25 * i for i in range(12))  # 0.5 .. 3.25

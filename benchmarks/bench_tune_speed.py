@@ -4,7 +4,7 @@
 
 Prints wall and CPU seconds per run and the factor faster than real time (wall time depends
 on what else runs on the machine; CPU time is the cost of the run itself). The run is exactly
-what `closedloop tune` does per (setting, recording): `closedloop.tune.run_session` (the same
+what `closedloop tune` does per (setting, recording): `closedloop.tuning.tune.run_session` (the same
 Session as `closedloop offline`) with the recording already loaded in the worker.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from acquisition.simulator import simulate
 from closedloop.config import SessionConfig, apply_overrides
-from closedloop.scoring import read_outcome
-from closedloop.tune import TUNER_OVERRIDES, run_session
+from closedloop.tuning.scoring import read_outcome
+from closedloop.tuning.tune import TUNER_OVERRIDES, run_session
 
 
 def main() -> None:

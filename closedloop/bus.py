@@ -109,6 +109,11 @@ class EventBus:
     def emit(self, kind: str, t_stream: float = float("nan"), **payload: Any) -> None:
         self.publish(Event(kind, payload, t_stream))
 
+    def post(self, kind: str, payload: dict[str, Any], t_stream: float = float("nan")) -> None:
+        """`emit` with the payload as a dict (whose keys may be anything, `t_stream` included):
+        lets the layers below publish without importing `Event`."""
+        self.publish(Event(kind, payload, t_stream))
+
     @property
     def dropped(self) -> dict[str, int]:
         return {s.name: s.dropped for s in self._subs}

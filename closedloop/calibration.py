@@ -33,15 +33,6 @@ def eeg_mask(
     ]
 
 
-def source_ch_types(source: Any) -> list[str] | None:
-    """Channel types of a FileSource (from the file) or LslSource (stream description)."""
-    types = getattr(source, "ch_types", None)
-    if types is None:
-        info = getattr(source, "info", None)
-        types = getattr(info, "ch_types", None)
-    return list(types) if types else None
-
-
 def target_intervals(annotations: Any, target_name: str) -> list[tuple[float, float]]:
     """(start, end) stream times of annotations named like the target (case-insensitive)."""
     if annotations is None or not len(annotations):
@@ -162,7 +153,7 @@ def check_recording(config: Any, path: str) -> dict[str, Any]:
     from features.chain import FeatureChain
 
     src = FileSource(path, chunk_size=config.source.chunk_size)
-    mask = eeg_mask(src.ch_names, source_ch_types(src), config.preprocess.exclude)
+    mask = eeg_mask(src.ch_names, src.ch_types, config.preprocess.exclude)
     chain = FeatureChain.from_settings(
         config, ch_names=src.ch_names, sfreq=src.sfreq, eeg_mask=mask
     )

@@ -22,9 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from closedloop.errors import ConfigError
-from closedloop.feedback import FeedbackSettings
-from closedloop.mqtt import MqttSettings
+from closedloop.errors import ConfigError, UserError
+from closedloop.participant.settings import FeedbackSettings
+from closedloop.telemetry.settings import MqttSettings
 from features.settings import (
     DEFAULT_GROUPS,
     ArtifactSettings,
@@ -406,3 +406,18 @@ DEFAULT_HEADER = """\
 
 def default_yaml() -> str:
     return DEFAULT_HEADER + "\n" + commented_yaml(SessionConfig()) + "\n"
+
+
+def config_from_args(args) -> SessionConfig:
+    """The config a command runs: `--config` (or the default) with each `--set KEY=VALUE` applied
+    (VALUE read as YAML)."""
+    config = load_config(getattr(args, "config", None))
+    overrides = {}
+    for item in getattr(args, "set", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        import yaml
+
+        overrides[key.strip()] = yaml.safe_load(value)
+    return apply_overrides(config, overrides) if overrides else config

@@ -133,7 +133,7 @@ class Session:
         self._lock = threading.RLock()
         self._stimulation_ended = False
         self._own_source_ids: list[str] = []
-        self.feedback = None  # closedloop.feedback.Feedback when config.feedback.enabled
+        self.feedback = None  # participant.feedback.Feedback when config.feedback.enabled
         self._health_mark = (float("nan"), 0)  # (clock, samples) at the last health event
         self.watchdog = None  # triggers.watchdog.Watchdog in live sessions
         self.disk: dict[str, Any] = {}
@@ -290,21 +290,15 @@ class Session:
         # Live: learn the stream's layout without subscribing, set up our outlets and the XDF
         # recorder, and only then subscribe, so LabRecorder is the first consumer and a replayer
         # that waits for consumers is recorded from its first sample.
-        resolve = getattr(self.source, "resolve", None)
-        if resolve is not None:
-            resolve()
-        elif not getattr(self.source, "connected", False):
-            self.source.connect()
+        self.source.resolve()
         ch_names, sfreq = list(self.source.ch_names), float(self.source.sfreq)
         validate_for_stream(self.config, ch_names, sfreq)
         # only EEG is EEG: channels typed ecg / eog / emg / misc / stim stay out (issue 20)
-        mask = calibration.eeg_mask(
-            ch_names, calibration.source_ch_types(self.source), self.config.preprocess.exclude
-        )
+        mask = calibration.eeg_mask(ch_names, self.source.ch_types, self.config.preprocess.exclude)
         # A live stream's own description: what it lacks (labels, units) goes to the summary;
         # channels typed as trigger / marker / counter there are never EEG, whatever their names.
-        self.warnings += list(getattr(self.source, "warnings", ()))
-        source_mask = getattr(self.source, "eeg_mask", None)
+        self.warnings += self.source.warnings
+        source_mask = self.source.eeg_mask
         if source_mask:
             mask = [m and s for m, s in zip(mask, source_mask, strict=True)]
 
@@ -321,7 +315,7 @@ class Session:
                 bus=self.bus,
                 live=self.live,
                 extra_outputs=self._live_marker_outputs(),
-                replay_speed=float(getattr(self.source, "replay_speed", 1.0)),
+                replay_speed=float(self.source.replay_speed),
                 eeg_mask=mask,
             )
             self._prepare_calibration()
@@ -344,7 +338,7 @@ class Session:
 
             self.pipeline.trigger.keepalive = keepalive
         try:
-            if not getattr(self.source, "connected", False):
+            if not self.source.connected:
                 self.source.connect()
             self.bus.emit(
                 "session",
@@ -354,7 +348,7 @@ class Session:
                 ch_names=ch_names,
                 sfreq=sfreq,
                 source_id=self._source_id(),
-                t0_stream=getattr(self.source, "t0", 0.0) if not self.live else None,
+                t0_stream=self.source.t0 if not self.live else None,
             )
             if self.feedback is not None:
                 self.feedback.start()
@@ -380,8 +374,8 @@ class Session:
         p.on_calibrated = self._on_calibrated
         # Offline from a file: blocks of offline_block_s through the chain, decisions on the
         # source's chunk grid (the same pulses as single chunks, ~2x faster).
-        every = getattr(self.source, "chunk_size", None)
-        blocks = not self.live and every is not None and hasattr(self.source, "pull_chunks")
+        every = self.source.chunk_size
+        blocks = not self.live and every is not None
         if blocks:
             per_block = round(self.config.source.offline_block_s * self.source.sfreq / every)
         while not self.stop_event.is_set():
@@ -422,15 +416,15 @@ class Session:
         stretches out of the baseline; live and offline: watch the calibration."""
         p = self.pipeline
         assert p is not None
-        duration = getattr(self.source, "duration_s", None)
+        duration = self.source.duration_s
         if not self.live and duration is not None:
             calibration.check_length(p.chain, float(duration), "recording")
-        ann = getattr(self.source, "annotations", None)
+        ann = self.source.annotations
         if not self.live and ann is not None and self.config.state.exclude_target_annotations:
             name = self.config.state.target_name
             p.chain.exclude_from_calibration(calibration.target_intervals(ann, name), name)
         self._cal_watch = calibration.CalibrationWatch(self.bus)
-        raw = getattr(self.source, "raw", None)
+        raw = self.source.recording
         note = raw.info.get("description") if raw is not None else None
         if note and "Latin-1" in note:  # the reader fell back (acquisition.readers.LATIN1_NOTE)
             self.warnings.append(note)
@@ -571,7 +565,7 @@ class Session:
         """Offline: the recording itself is the session's EEG record. It is known in full at the
         start, so it is written now, on its own thread (the file is there even if the loop
         fails, and the ~80 ms write of a 150 s 32-channel file overlaps the processing)."""
-        raw = getattr(self.source, "raw", None)
+        raw = self.source.recording
         if self.live or raw is None:
             return None
         assert self.folder is not None
@@ -590,8 +584,7 @@ class Session:
         return thread
 
     def _source_id(self) -> str | None:
-        sid = getattr(getattr(self.source, "info", None), "source_id", None)
-        return sid() if callable(sid) else sid
+        return self.source.source_id
 
     def _live_marker_outputs(self) -> list:
         """Live: an LSL marker per attempt is the pulse record, unless the config has its own."""
@@ -608,7 +601,7 @@ class Session:
         """Telemetry and remote control on their own thread (never in the firing path)."""
         if not self.config.mqtt.enabled:
             return None
-        from closedloop.mqtt import MqttBridge
+        from closedloop.telemetry.mqtt import MqttBridge
 
         assert self.folder is not None
         bridge = MqttBridge(self.config.mqtt, self.bus, self, session_id=self.folder.name)
@@ -619,7 +612,7 @@ class Session:
         """Participant feedback (display value, audio, guided audio, sham) as a pipeline tap."""
         if not self.config.feedback.enabled:
             return
-        from closedloop.feedback import Feedback
+        from closedloop.participant.feedback import Feedback
 
         assert self.pipeline is not None
         assert self.folder is not None

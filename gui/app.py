@@ -12,9 +12,11 @@ from pathlib import Path
 
 from PySide6 import QtWidgets
 
+from acquisition.replayer_process import start_replayer_process, stop_replayer_process
+from closedloop.bundled import BUNDLED, DEMO_START_S, demo_config
 from closedloop.config import SessionConfig, apply_overrides
-from closedloop.demo import BUNDLED, DEMO_START_S, demo_config, has_display, start_replayer
 from closedloop.errors import UserError
+from gui.display import has_display
 from gui.procrunner import yield_cpu_to_sessions
 from gui.window import ConsoleWindow
 
@@ -113,7 +115,7 @@ def take_screenshot(
     if out_root is None:
         tmp = tempfile.TemporaryDirectory(prefix="closedloop-screenshot-")
         out_root = Path(tmp.name)
-    replayer = start_replayer(BUNDLED, name, source_id, speed=1.0, start_s=DEMO_START_S)
+    replayer = start_replayer_process(BUNDLED, name, source_id, speed=1.0, start_s=DEMO_START_S)
     app = _app()
     sys.setswitchinterval(GUI_SWITCH_INTERVAL_S)
     win = ConsoleWindow(cfg, out_root=out_root, arm_action="screenshot_auto_arm")
@@ -145,10 +147,6 @@ def take_screenshot(
         return 0 if ok else 1
     finally:
         win.close()
-        replayer.terminate()
-        try:
-            replayer.wait(timeout=5)
-        except Exception:
-            replayer.kill()
+        stop_replayer_process(replayer)
         if tmp is not None:
             tmp.cleanup()

@@ -50,8 +50,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from pylsl import local_clock
 
+from acquisition.replayer_process import start_replayer_process, stop_replayer_process
 from closedloop.config import SessionConfig, apply_overrides
-from closedloop.demo import start_replayer
 from gui.procrunner import ProcessRunner, yield_cpu_to_sessions
 from gui.runner import SessionRunner, SourceSpec
 
@@ -115,7 +115,7 @@ def run_once(
 ) -> dict:
     """One session on a fresh replayer; decision latency and command latency figures."""
     name = f"clbench-{uuid.uuid4().hex[:8]}"
-    replayer = start_replayer(recording, name, name, speed=1.0, loop="forever")
+    replayer = start_replayer_process(recording, name, name, speed=1.0, loop="forever")
     sys.setswitchinterval(switch_s)
     cfg = config_for(name, seconds)
     runner_class = ProcessRunner if process else SessionRunner
@@ -180,11 +180,7 @@ def run_once(
             raise RuntimeError(f"bench session failed: {runner.error_text}")
     finally:
         sys.setswitchinterval(0.005)
-        replayer.terminate()
-        try:
-            replayer.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            replayer.kill()
+        stop_replayer_process(replayer)
     p50, p99 = np.percentile(lat, [50, 99]) if lat.size else (np.nan, np.nan)
     tk = np.asarray(ticks)
     cmd = np.asarray(commands).reshape(-1, 2)

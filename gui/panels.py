@@ -22,10 +22,10 @@ import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
 from closedloop.config import SessionConfig
-from closedloop.scope import LABELS, Scope
 from closedloop.session import SessionSnapshot
 from features.types import Label
 from gui.model import ConsoleModel, effective_rate
+from gui.scope import LABELS, Scope
 
 HISTORY_POINTS = 1500  # decisions drawn per history curve (decimated)
 HISTORY_S = 60.0  # score / band power / raster window (stream s)

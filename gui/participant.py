@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from closedloop.feedback import DisplaySettings
+from closedloop.participant.settings import DisplaySettings
 
 BAR_WIDTH_FRACTION = 0.2  # bar width, fraction of the window width
 

@@ -23,7 +23,7 @@ Channels between the console (parent) and the session (child, 'spawn' context, n
   events wait in the bus subscription (bounded, drops counted and shown) until the forwarder
   takes them.
 - EEG and decisions for the scope: `multiprocessing.shared_memory`, the Scope's flat buffer
-  (closedloop/scope.py), written by the pipeline tap in the child, read by the window. The
+  (gui/scope.py), written by the pipeline tap in the child, read by the window. The
   child unlinks the segment when it ends; a child that died without doing so (SIGKILL, a
   crash) is noticed by the console's next poll, which unlinks it then (the console's own
   mapping stays valid until it lets go), so /dev/shm does not keep a dead session's ring.
@@ -57,10 +57,10 @@ from pylsl import local_clock
 
 from closedloop.config import SessionConfig
 from closedloop.control import ControlError
-from closedloop.scope import Scope
 from closedloop.session import SessionSnapshot
 from gui.model import POLLED_KINDS
 from gui.runner import SUBSCRIPTION_MAXLEN, SourceSpec, source_for
+from gui.scope import Scope
 
 log = logging.getLogger(__name__)
 

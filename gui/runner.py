@@ -21,9 +21,9 @@ import numpy as np
 from acquisition.sources import source_from_settings
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig
-from closedloop.scope import Scope
 from closedloop.session import Session, SessionSnapshot
 from gui.model import POLLED_KINDS, latency_samples_ms
+from gui.scope import Scope
 
 log = logging.getLogger(__name__)
 

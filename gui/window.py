@@ -32,7 +32,6 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from closedloop.config import SessionConfig
 from closedloop.control import ControlError
-from closedloop.scope import Scope
 from gui.model import GUI_REASON_PREFIX, ConsoleModel, Snapshot
 from gui.panels import (
     HISTORY_S,
@@ -49,6 +48,7 @@ from gui.panels import (
 from gui.procrunner import ProcessRunner
 from gui.qtfix import guard_none_refcount
 from gui.runner import Runner, SessionRunner, SourceSpec
+from gui.scope import Scope
 
 guard_none_refcount()  # PySide6 6.12 on CPython 3.11 leaks None refs (see gui/qtfix.py)
 
@@ -388,7 +388,7 @@ class ConsoleWindow(QtWidgets.QMainWindow):
         result: dict[str, Any] = {}
 
         def work() -> None:  # no Qt calls here: the tick shows the result
-            from closedloop.report import write_report
+            from closedloop.export.report import write_report
 
             try:
                 result["path"] = write_report(folder)

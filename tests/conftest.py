@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -36,16 +35,10 @@ def unique_name(request) -> str:
 @pytest.fixture
 def looping_replayer(unique_name):
     """The bundled 4-channel 256 Hz recording replayed in a loop over LSL as `unique_name`."""
-    from closedloop.demo import start_replayer
+    from acquisition.replayer_process import start_replayer_process, stop_replayer_process
 
-    proc = start_replayer(
+    proc = start_replayer_process(
         REPLAY_DATA / "sim_4ch_256hz.fif", unique_name, unique_name, speed=1.0, loop="forever"
     )
     yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)  # reaped, or Popen.__del__ warns (an error under -W error)
+    stop_replayer_process(proc)

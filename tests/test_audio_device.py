@@ -29,18 +29,17 @@ import pytest
 from scipy.ndimage import minimum_filter1d
 from scipy.signal import butter, sosfiltfilt
 
-from closedloop.audio import (
+from closedloop.bus import EventBus
+from closedloop.participant.audio import (
     AudioError,
-    AudioSettings,
     DeviceFeedbackAudio,
     GuidedAudio,
-    GuidedAudioSettings,
     WavFeedbackAudio,
     audio_outputs,
     open_feedback_audio,
 )
-from closedloop.bus import EventBus
-from closedloop.feedback import SUMMARY_NAME, Feedback, FeedbackSettings
+from closedloop.participant.feedback import SUMMARY_NAME, Feedback
+from closedloop.participant.settings import AudioSettings, FeedbackSettings, GuidedAudioSettings
 
 SINK = "cltest"
 SR = 22050
@@ -531,7 +530,7 @@ def test_a_removed_sink_is_reported_lost_and_reopened_when_it_comes_back(
     say open -> lost -> reopened, the feedback goes on meanwhile, and sound flows again."""
     if shutil.which("pactl") is None:
         pytest.skip("pactl not installed (pulseaudio-utils): cannot remove a sink")
-    from closedloop.audio import DEVICE_LOST_AFTER_S, DEVICE_REOPEN_EVERY_S
+    from closedloop.participant.audio import DEVICE_LOST_AFTER_S, DEVICE_REOPEN_EVERY_S
 
     own = start_pulse()  # a daemon of its own: this test removes its sink
     bus = EventBus()

@@ -8,10 +8,8 @@ import wave
 import numpy as np
 import pytest
 
-from closedloop.audio import (
+from closedloop.participant.audio import (
     AudioError,
-    AudioSettings,
-    ChimeSettings,
     WavFeedbackAudio,
     audio_outputs,
     chime_waveform,
@@ -19,7 +17,8 @@ from closedloop.audio import (
     read_wav,
     write_wav,
 )
-from closedloop.feedback import SUMMARY_NAME, Feedback, FeedbackSettings
+from closedloop.participant.feedback import SUMMARY_NAME, Feedback
+from closedloop.participant.settings import AudioSettings, ChimeSettings, FeedbackSettings
 from features.types import Label, State
 
 CHUNK_S = 0.01

@@ -11,15 +11,10 @@ import pylsl
 import pytest
 from pydantic import ValidationError
 
-from closedloop.audio import (
-    AudioError,
-    GuidedAudio,
-    GuidedAudioSettings,
-    decode_audio,
-    write_wav,
-)
 from closedloop.bus import EventBus
-from closedloop.feedback import SUMMARY_NAME, Feedback, FeedbackSettings
+from closedloop.participant.audio import AudioError, GuidedAudio, decode_audio, write_wav
+from closedloop.participant.feedback import SUMMARY_NAME, Feedback
+from closedloop.participant.settings import FeedbackSettings, GuidedAudioSettings
 
 DURATION_S = 0.8
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from acquisition.file_source import FileSource
-from closedloop.bids import EXTRA_COLUMNS
-from closedloop.cli import main
+from closedloop.app.cli import main
+from closedloop.export.bids import EXTRA_COLUMNS
 from closedloop.load import read_jsonl
 from closedloop.session import Session
 from tests.session_helpers import REPLAY_DATA, bundled_recording, fast_config

@@ -58,7 +58,7 @@ def test_the_synthetic_board_is_read_through_lsl_with_names_units_counter_and_cl
 def test_run_on_the_synthetic_board(tmp_path):
     proc = subprocess.run(
         [
-            sys.executable, "-m", "closedloop.cli", "run",
+            sys.executable, "-m", "closedloop.app.cli", "run",
             "--config", "configs/cyton_brainflow.yaml",
             "--set", "source.board=synthetic",
             "--set", "source.board_params={}",

@@ -13,7 +13,7 @@ import time
 import pylsl
 import pytest
 
-from closedloop.cli import main
+from closedloop.app.cli import main
 from tests.lsl_helpers import new_stream_name
 
 
@@ -68,8 +68,9 @@ def test_streams_rejects_a_bad_timeout(capsys):
 def test_streams_watch_shows_a_stream_that_appears_later_and_stops_on_ctrl_c():
     name = new_stream_name("late")
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"}
+    cmd = ["-m", "closedloop.app.cli", "streams", "--watch", "0.3", "--timeout", "0.5"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "closedloop.cli", "streams", "--watch", "0.3", "--timeout", "0.5"],
+        [sys.executable, *cmd],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

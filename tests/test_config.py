@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from closedloop.cli import main
+from closedloop.app.cli import main
 from closedloop.config import (
     SessionConfig,
     apply_overrides,
@@ -157,7 +157,7 @@ def test_check_config_subprocess_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("safety:\n  min_interval_s: 0.1\n", encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "closedloop.cli", "check-config", str(bad)],
+        [sys.executable, "-m", "closedloop.app.cli", "check-config", str(bad)],
         capture_output=True,
         text=True,
         check=False,

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from closedloop.demo import qt_window_works
 from closedloop.load import load_session
+from gui.display import qt_window_works
 
 pytestmark = [pytest.mark.lsl, pytest.mark.slow]
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.lsl, pytest.mark.slow]
 @pytest.mark.timeout(180)
 def test_demo_headless_runs_the_closed_loop_and_ends_with_the_summary(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "closedloop.cli", "demo", "--headless", "--speed", "8",
+        [sys.executable, "-m", "closedloop.app.cli", "demo", "--headless", "--speed", "8",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
@@ -47,7 +47,7 @@ def test_ctrl_c_stops_the_demo_cleanly_with_its_summary(tmp_path):
     Also: the bundled recording's shorter baseline gives a pulse within about 30 s of stream, and
     liblsl's INFO / ERR lines stay off the console."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "closedloop.cli", "demo", "--headless", "--speed", "2",
+        [sys.executable, "-m", "closedloop.app.cli", "demo", "--headless", "--speed", "2",
          "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         start_new_session=True,  # its own group: the test sends the group SIGINT like a terminal

@@ -148,7 +148,7 @@ def test_tuner_writes_no_recommendation_when_nothing_was_scored(shared_data, tmp
     calibrates, so no recommended.yaml, and the reason is written."""
     import argparse
 
-    from closedloop import tune
+    from closedloop.tuning import tune
 
     parser = argparse.ArgumentParser()
     tune.add_tune_arguments(parser)
@@ -311,7 +311,7 @@ def test_eyes_closed_alpha_config_on_a_simulated_64_channel_recording(tmp_path):
 
 
 def test_check_config_runs_the_calibration_on_the_recording(shared_data, tmp_path, capsys):
-    from closedloop.cli import main
+    from closedloop.app.cli import main
 
     edf = shared_data / "eegmmidb-S003R03-motor.edf"
     assert main(["check-config", "configs/default.yaml", "--recording", str(edf)]) == 0
@@ -375,7 +375,7 @@ def test_live_stream_channel_types_keep_ecg_out(tmp_path, unique_name):
     try:
         src = LslSource(name=unique_name, source_id=unique_name, stype=None, resolve_timeout_s=30.0)
         src.resolve()
-        types = calibration.source_ch_types(src)
+        types = src.ch_types
         assert types is not None
         assert types[list(src.ch_names).index("ECG")].lower() == "ecg"
         mask = calibration.eeg_mask(src.ch_names, types, PreprocessSettings().exclude)

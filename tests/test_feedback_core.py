@@ -11,14 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from closedloop.bus import EventBus
-from closedloop.feedback import (
-    SUMMARY_NAME,
-    TRACE_NAME,
-    Feedback,
-    FeedbackMapper,
-    FeedbackSettings,
-    read_trace,
-)
+from closedloop.participant.feedback import SUMMARY_NAME, Feedback, FeedbackMapper, read_trace
+from closedloop.participant.settings import TRACE_NAME, FeedbackSettings
 from features.types import Label, State
 
 CHUNK_S = 0.01  # 10-sample chunks at 1 kHz

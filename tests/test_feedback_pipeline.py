@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from acquisition.file_source import FileSource
-from closedloop.audio import read_wav
 from closedloop.bus import EventBus
 from closedloop.config import SessionConfig
-from closedloop.feedback import SUMMARY_NAME, Feedback, FeedbackSettings, read_trace
+from closedloop.participant.audio import read_wav
+from closedloop.participant.feedback import SUMMARY_NAME, Feedback, read_trace
+from closedloop.participant.settings import FeedbackSettings
 from closedloop.pipeline import Pipeline
 from features.types import Label
 from tests.conftest import REPLAY_DATA

@@ -24,9 +24,9 @@ from PySide6 import QtCore, QtGui
 from acquisition.chunk import Chunk
 from closedloop.config import SessionConfig, apply_overrides
 from closedloop.load import load_session
-from closedloop.scope import Scope
 from features.types import Label, State
 from gui.app import SCREENSHOT_SIZE, take_screenshot
+from gui.scope import Scope
 from gui.window import TICK_MS, ConsoleWindow
 
 pytestmark = [pytest.mark.gui, pytest.mark.lsl]

@@ -7,9 +7,9 @@ import pytest
 
 from acquisition.chunk import Chunk
 from closedloop.bus import Event
-from closedloop.scope import LABELS, Scope
 from features.types import Label, State
 from gui.model import GUI_REASON_PREFIX, ConsoleModel, effective_rate
+from gui.scope import LABELS, Scope
 
 
 def _chunk(start: int, n: int, n_ch: int = 3, sfreq: float = 100.0, t_arrival=np.nan) -> Chunk:

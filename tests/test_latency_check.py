@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from closedloop.cli import main
-from closedloop.report import read_report_data
+from closedloop.app.cli import main
+from closedloop.export.report import read_report_data
 
 pytestmark = [pytest.mark.lsl]
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,18 +16,16 @@ import pytest
 from pydantic import ValidationError
 
 from closedloop.bus import EventBus
-from closedloop.mqtt import (
+from closedloop.telemetry.mqtt import (
     MAX_PAYLOAD_BYTES,
     MAX_SENDERS,
     CommandProcessor,
     MqttBridge,
-    MqttSettings,
-    MqttTlsSettings,
-    Topics,
     backoff_delays,
     build_command,
     to_jsonable,
 )
+from closedloop.telemetry.settings import MqttSettings, MqttTlsSettings, Topics
 from features.types import Label, State
 from tests.mqtt_broker import FakeControl
 

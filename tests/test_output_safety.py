@@ -89,7 +89,7 @@ def test_offline_cli_with_a_serial_output_sends_nothing_and_says_so(tmp_path):
         path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
         out = tmp_path / "out"
         proc = subprocess.run(
-            [sys.executable, "-m", "closedloop.cli", "offline", str(RECORDING),
+            [sys.executable, "-m", "closedloop.app.cli", "offline", str(RECORDING),
              "--config", str(path), "--out", str(out)],
             capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL, check=False,
             env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PySide6.QtGui import QColor
 
-from closedloop.feedback import DisplaySettings, Feedback, FeedbackSettings
+from closedloop.participant.feedback import Feedback
+from closedloop.participant.settings import DisplaySettings, FeedbackSettings
 from features.types import Label, State
 from gui.participant import ParticipantWindow, shape_colour
 

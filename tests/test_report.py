@@ -12,10 +12,10 @@ import pytest
 
 from acquisition.file_source import FileSource
 from acquisition.lsl_source import LslSource
-from closedloop.cli import main
+from closedloop.app.cli import main
 from closedloop.config import SessionConfig, apply_overrides, load_config
+from closedloop.export.report import DISCLAIMER, collect, read_report_data, write_report
 from closedloop.load import read_jsonl
-from closedloop.report import DISCLAIMER, collect, read_report_data, write_report
 from closedloop.session import Session
 from closedloop.timing import percentile_table, timing_from_audit, timing_samples
 from tests.session_helpers import REPLAY_DATA, fast_config

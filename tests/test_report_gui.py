@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from acquisition.file_source import FileSource
-from closedloop.report import read_report_data
+from closedloop.export.report import read_report_data
 from closedloop.session import Session
 from gui.window import ConsoleWindow
 from tests.session_helpers import REPLAY_DATA, fast_config

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from acquisition.file_source import FileSource
-from closedloop.cli import main
+from closedloop.app.cli import main
 from closedloop.load import load_session, read_jsonl
 from closedloop.session import Session
 from tests.session_helpers import bundled_recording, fast_config, fraction_inside, target_epochs
@@ -79,14 +79,15 @@ def test_same_chunks_give_the_same_pulses_and_chunk_size_moves_them_by_less_than
 
 
 class SingleChunks:
-    """A FileSource seen without pull_chunks: the session feeds it chunk by chunk, as live."""
+    """A FileSource without a fixed chunk size (the Source contract's `chunk_size = None`): the
+    session feeds it chunk by chunk, as live."""
+
+    chunk_size = None
 
     def __init__(self, source: FileSource) -> None:
         self._src = source
 
     def __getattr__(self, name):
-        if name == "pull_chunks":
-            raise AttributeError(name)
         return getattr(self._src, name)
 
 

@@ -11,8 +11,9 @@ from acquisition.file_source import FileSource
 from closedloop.config import apply_overrides
 from closedloop.control import ControlError
 from closedloop.load import read_jsonl
-from closedloop.mqtt import MqttSettings, send_command
 from closedloop.session import Session
+from closedloop.telemetry.mqtt import send_command
+from closedloop.telemetry.settings import MqttSettings
 from tests.mqtt_broker import running_broker
 from tests.session_helpers import bundled_recording, fast_config
 
@@ -30,9 +31,9 @@ class PausingSource:
         self.paused = threading.Event()
         self.release = threading.Event()
 
+    chunk_size = None  # no block reads: the session pulls single chunks
+
     def __getattr__(self, name: str):
-        if name == "pull_chunks":  # the session then pulls single chunks
-            raise AttributeError(name)
         return getattr(self._src, name)
 
     def pull(self, timeout_s: float = 0.0):

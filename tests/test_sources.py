@@ -11,7 +11,7 @@ import yaml
 from acquisition.file_source import FileSource
 from acquisition.lsl_source import LslSource
 from acquisition.sources import FilePlaybackSource, source_from_settings
-from closedloop.cli import main
+from closedloop.app.cli import main
 from closedloop.config import SessionConfig, apply_overrides
 from tests.lsl_helpers import make_recording, save_recording_fif
 

@@ -59,7 +59,7 @@ def test_run_before_any_stream_says_it_waits_then_lists_what_it_found(tmp_path):
         yaml.safe_dump({"source": {"name": name, "resolve_timeout_s": 2.5}, "recording": {}})
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "closedloop.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "closedloop.app.cli", "run", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,8 +20,8 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from closedloop import tune  # noqa: E402
 from closedloop.errors import UserError  # noqa: E402
+from closedloop.tuning import tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDING = ROOT / "replay_data" / "sim_4ch_256hz.fif"
@@ -98,7 +98,7 @@ def cluster():
 def test_dask_local_cluster_scores_equal_local_pool(local_out, tmp_path, capsys, monkeypatch):
     """Also the path for studies too large to broadcast: each recording scattered to one
     worker, the other fetching it on its first run (the lost-worker test below broadcasts)."""
-    from closedloop import executors
+    from closedloop.tuning import executors
 
     monkeypatch.setattr(executors, "BROADCAST_MAX_BYTES", 0)
     out = tmp_path / "dask"
@@ -165,7 +165,7 @@ def test_lost_worker_runs_rerun_same_scores(local_out, cluster, tmp_path, capsys
     assert "**re-run**: worker" in (out / "report.md").read_text()
     # each live worker built one FileSource for the one recording and chunk size, reused by
     # every run it did (the killed worker's replacement may have run none)
-    cached = client.run(lambda: len(__import__("closedloop.tune").tune._SOURCES))
+    cached = client.run(lambda: len(__import__("closedloop.tuning.tune").tune._SOURCES))
     assert set(cached.values()) <= {0, 1}
     assert 1 in cached.values()
 
@@ -200,7 +200,7 @@ def _fails_on_setting_2(task: _Job, raw=None) -> int:
 def test_dask_task_error_names_the_run(cluster):
     """A run that raises is an error of the sweep naming the setting (not retried: the same
     input fails the same way), and the executor stays usable."""
-    from closedloop.executors import DaskExecutor
+    from closedloop.tuning.executors import DaskExecutor
 
     cl, _ = cluster
     ex = DaskExecutor(cl.scheduler_address)
@@ -220,7 +220,7 @@ def test_recording_digest_and_worker_cache():
     FileSource; the same content reuses it."""
     import mne
 
-    from closedloop.executors import recording_digest
+    from closedloop.tuning.executors import recording_digest
 
     raw = mne.io.read_raw_fif(RECORDING, preload=True, verbose="error")
     same = raw.copy()

@@ -11,9 +11,9 @@ import mne
 import numpy as np
 import pytest
 
-from closedloop.cli import main
+from closedloop.app.cli import main
 from closedloop.config import dump_config
-from closedloop.scoring import PHASE_METRICS, count, phase_metrics, score_outcome
+from closedloop.tuning.scoring import PHASE_METRICS, count, phase_metrics, score_outcome
 from features.phase import phase_error_stats
 from tests.phase_helpers import known_phase_raw, phase_config
 
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def test_phase_metrics_pool_the_fired_pulses_in_the_window():
     """Only fired pulses inside the scored window count; the pooled figures are the circular
     statistics of their errors; without phase mode every phase metric is nan."""
-    from closedloop.scoring import Outcome
+    from closedloop.tuning.scoring import Outcome
 
     errors = [10.0, -20.0, 30.0, 170.0]  # the last one lies before the window
     out = Outcome(

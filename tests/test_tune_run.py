@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from acquisition.simulator import simulate
-from closedloop import tune
 from closedloop.config import load_config
 from closedloop.errors import ConfigError, UserError
-from closedloop.scoring import read_outcome, score_outcome, score_table, target_epochs
+from closedloop.tuning import tune
+from closedloop.tuning.scoring import read_outcome, score_outcome, score_table, target_epochs
 
 # Small and fast: 8 channels at 128 Hz, 100 s, short state blocks so each file has several
 # target epochs after a 20 s calibration.
@@ -75,7 +75,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def tuned(data, tmp_path_factory) -> dict:
     """One validated tuning run over three recordings, shared by the tests below."""
-    from closedloop.cli import main
+    from closedloop.app.cli import main
 
     out = tmp_path_factory.mktemp("tune-out") / "result"
     argv = [
@@ -171,7 +171,7 @@ def test_output_files(tuned):
 @pytest.mark.timeout(300)
 def test_scores_equal_offline_run(data, tuned, tmp_path):
     """The tuner adds no logic: `closedloop offline` with the same values scores the same."""
-    from closedloop.cli import main
+    from closedloop.app.cli import main
 
     s = tuned["summary"]
     setting = s["recommended"]["setting"]
@@ -264,7 +264,7 @@ def test_other_errors_before_work(data, tmp_path, monkeypatch):
 
 
 def test_cli_error_exit_status(data, tmp_path, capsys):
-    from closedloop.cli import main
+    from closedloop.app.cli import main
 
     rc = main(
         [

@@ -12,9 +12,9 @@ import pytest
 mne_bids = pytest.importorskip("mne_bids")
 
 from acquisition.simulator import simulate  # noqa: E402
-from closedloop import tune  # noqa: E402
 from closedloop.errors import UserError  # noqa: E402
-from closedloop.study import find_recordings, read_bids_raw  # noqa: E402
+from closedloop.tuning import tune  # noqa: E402
+from closedloop.tuning.study import find_recordings, read_bids_raw  # noqa: E402
 
 MONTAGE = ["Fp1", "Fz", "FCz", "Cz", "Pz", "O1", "Oz", "O2"]
 TASK = "neurofeedback"

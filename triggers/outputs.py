@@ -21,7 +21,6 @@ from typing import Any
 import serial
 from pylsl import IRREGULAR_RATE, StreamInfo, StreamOutlet, local_clock
 
-from closedloop.bus import Event
 from triggers.guard import OutputGuard
 from triggers.settings import (
     HARD_SESSION_CAP,
@@ -331,11 +330,13 @@ class BusOutput(TriggerOutput):
     order = 3
 
     def __init__(self, bus: Any, name: str = "bus") -> None:
+        """bus: anything with `post(kind, payload, t_stream)` (closedloop.bus.EventBus; not
+        imported here, so that triggers/ never imports the layer above it)."""
         super().__init__(name)
         self._bus = bus
 
     def fire(self, pulse: PulseInfo) -> None:
-        self._bus.publish(Event("pulse", asdict(pulse), pulse.t_stream))
+        self._bus.post("pulse", asdict(pulse), pulse.t_stream)
 
 
 def build_outputs(

@@ -166,8 +166,8 @@ Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm").run()
 
 SIGINT_CHILD = KILL_CHILD.replace(
     'Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm").run()',
-    "from closedloop.cli import _install_signal_handlers\n"
+    "from closedloop.app.status import install_signal_handlers\n"
     'session = Session(cfg, source, live=True, out_root=Path(out), arm_action="test_arm")\n'
-    "_install_signal_handlers(session)\n"
+    "install_signal_handlers(session)\n"
     "session.run()",
 )

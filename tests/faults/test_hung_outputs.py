@@ -93,7 +93,7 @@ def test_sigint_disarms_at_once_while_an_output_hangs(recording, unique_name, ou
     disarms within milliseconds, not when the hang ends; the session then ends cleanly."""
     import select
 
-    assert "_install_signal_handlers(session)" in SIGINT_CHILD
+    assert "install_signal_handlers(session)" in SIGINT_CHILD
     master, slave = os.openpty()
     proc = start_replayer(recording, unique_name, speed=1.0)  # real time: hardware outputs stay
     root = Path(__file__).resolve().parents[2]
@@ -145,7 +145,8 @@ def test_hung_output_mqtt_emergency_stop_is_answered_at_once(
 ):
     """The console's e-stop over a real Mosquitto while fire() hangs: accepted and disarmed
     within the command's round trip, not when the hang ends (5 s here)."""
-    from closedloop.mqtt import MqttSettings, send_command
+    from closedloop.telemetry.mqtt import send_command
+    from closedloop.telemetry.settings import MqttSettings
     from tests.mqtt_broker import running_broker
 
     (tmp_path / "broker").mkdir()

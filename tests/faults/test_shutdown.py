@@ -40,7 +40,7 @@ def test_sigint_and_sigterm_disarm_first_and_leave_a_complete_folder(
     cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
     proc = replayer(recording, unique_name)
     run = subprocess.Popen(
-        [sys.executable, "-m", "closedloop.cli", "run", "--config", str(cfg), "--arm"],
+        [sys.executable, "-m", "closedloop.app.cli", "run", "--config", str(cfg), "--arm"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

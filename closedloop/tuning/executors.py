@@ -1,9 +1,9 @@
 """Where the tuner's runs happen: a local process pool or a Dask cluster, behind one interface.
 
-Both run the same task unit, `closedloop.tune.run_task` (one setting on one recording through the
-offline Session), and yield `(task, result)` as runs finish, in completion order, so the tuner's
-progress bar and time left work the same on either. Results do not depend on where a run ran:
-the pipeline is deterministic and a run only sees its config and the recording.
+Both run the same task unit, `closedloop.tuning.tune.run_task` (one setting on one recording
+through the offline Session), and yield `(task, result)` as runs finish, in completion order, so
+the tuner's progress bar and time left work the same on either. Results do not depend on where a
+run ran: the pipeline is deterministic and a run only sees its config and the recording.
 
 How a recording reaches the workers:
 

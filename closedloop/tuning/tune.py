@@ -2,17 +2,18 @@
 
 Every setting runs through `Session` exactly as `closedloop offline` does (FileSource, calibration,
 arming with 'offline_run', policy, interlock, audit); the tuner only reads the session folder back
-(`closedloop.scoring.read_outcome`) and scores the pulses against the annotated target epochs. So
-a setting's scores equal those of `closedloop offline` on the same file with the same config.
+(`closedloop.tuning.scoring.read_outcome`) and scores the pulses against the annotated target
+epochs. So a setting's scores equal those of `closedloop offline` on the same file with the same
+config.
 
 A few things differ from a plain offline run, none of which changes a decision (TUNER_OVERRIDES):
 outputs are replaced by the simulated stimulator (a tuner must never drive a TTL box or publish
 markers from worker processes), `session.publish_lsl` and participant feedback are off.
 
-Work is spread by an executor (closedloop/executors.py): a local process pool (spawn, so it is
-safe with Qt/LSL libraries loaded) or a Dask cluster (`--executor dask`); each worker gets a
+Work is spread by an executor (closedloop/tuning/executors.py): a local process pool (spawn, so
+it is safe with Qt/LSL libraries loaded) or a Dask cluster (`--executor dask`); each worker gets a
 recording once and reuses its FileSource across settings (disconnect/connect rewinds it). Input is
-recording files or a BIDS study (`--bids-root`, closedloop/study.py).
+recording files or a BIDS study (`--bids-root`, closedloop/tuning/study.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import yaml
 
 from closedloop.config import SessionConfig, apply_overrides, dump_config, validate_for_stream
 from closedloop.errors import ConfigError, UserError
-from closedloop.scoring import (
+from closedloop.tuning.scoring import (
     METRICS,
     PHASE_METRICS,
     PULSE_SETS,
@@ -50,7 +51,7 @@ from closedloop.scoring import (
 )
 
 if TYPE_CHECKING:
-    from closedloop.executors import Executor
+    from closedloop.tuning.executors import Executor
 
 MAX_GRID_VALUES = 10_000  # values one range may expand to (a typo like 0:100:0.0001 stops here)
 MAX_SETTINGS = 100_000  # combinations in one grid
@@ -340,7 +341,7 @@ _SOURCES: dict[tuple, Any] = {}
 
 def _read_raw(path: str, reader: str = "file"):
     if reader == "bids":
-        from closedloop.study import read_bids_raw
+        from closedloop.tuning.study import read_bids_raw
 
         return read_bids_raw(path)
     from acquisition.readers import load_recording
@@ -359,7 +360,7 @@ def _source_for(
     worker threads: two runs must never rewind one FileSource under each other).
     """
     from acquisition.file_source import FileSource
-    from closedloop.executors import thread_key
+    from closedloop.tuning.executors import thread_key
 
     if digest is None:
         digest = _DIGESTS.get(path, "")
@@ -424,7 +425,7 @@ def run_all(
     a tqdm bar and time left; results arrive in completion order from either executor."""
     from tqdm import tqdm
 
-    from closedloop.executors import LocalExecutor
+    from closedloop.tuning.executors import LocalExecutor
 
     executor = executor or LocalExecutor(jobs)
     results: dict[tuple[int, int], Outcome] = {}
@@ -1261,7 +1262,7 @@ def write_summary(path: Path, res: TuneResult) -> None:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `closedloop tune` (closedloop/cli.py adds the subparser)."""
+    """Arguments of `closedloop tune` (closedloop/app/cli.py adds the subparser)."""
     parser.add_argument(
         "recordings",
         type=Path,
@@ -1394,7 +1395,7 @@ def _load_recordings(
     """
     from acquisition.file_source import FileSource
     from acquisition.readers import RecordingError, load_recording
-    from closedloop.executors import recording_digest
+    from closedloop.tuning.executors import recording_digest
 
     items = [(str(p), p.name, None, "file") for p in paths] + [
         (r.path, Path(r.path).name, r.subject, "bids") for r in study
@@ -1440,10 +1441,10 @@ def run_tune(args: argparse.Namespace) -> int:
     each recording's channels and rate) happens before the first run. Returns 0 when the
     recommended setting meets the objective on the tuning data, 1 when none does.
     """
-    from closedloop.cli import _config  # the same base config + --set handling as `offline`
+    from closedloop.config import config_from_args  # the same --config + --set as `offline`
 
     wall0 = time.perf_counter()
-    base = _config(args)
+    base = config_from_args(args)
     grid_values = parse_grid(args.grid)
     require = (
         DEFAULT_REQUIRE
@@ -1478,7 +1479,7 @@ def run_tune(args: argparse.Namespace) -> int:
     _check_keys(base, list(grid_values))  # key typos before reading any recording
     study = []
     if bids_root is not None:
-        from closedloop.study import find_recordings
+        from closedloop.tuning.study import find_recordings
 
         study = find_recordings(bids_root, args.task, args.subjects)
         if args.validate and len({r.subject for r in study}) < 2:
@@ -1498,7 +1499,7 @@ def run_tune(args: argparse.Namespace) -> int:
         for s, cfg in enumerate(grid.configs)
         for r, rec in enumerate(recs)
     ]
-    from closedloop.executors import make_executor
+    from closedloop.tuning.executors import make_executor
 
     jobs = min(jobs, len(tasks))
     executor = make_executor(

@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
+from closedloop.app.status import (
+    install_signal_handlers,
+    print_status,
+    print_summary,
+    status_period_s,
+)
+from closedloop.config import config_from_args
 from closedloop.errors import UserError
 
 EPILOG = """examples:
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune",
         help="tune thresholds offline: a grid of settings scored against annotated target epochs",
     )
-    from closedloop.tune import add_tune_arguments
+    from closedloop.tuning.tune import add_tune_arguments
 
     add_tune_arguments(p)
     _add_report_commands(sub)
@@ -222,94 +227,6 @@ def _add_report_commands(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="trigger value counted as high")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--out", type=Path, default=Path("sessions"), help="where the report goes")
-
-
-def _config(args):
-    from closedloop.config import apply_overrides, load_config
-
-    config = load_config(getattr(args, "config", None))
-    overrides = {}
-    for item in getattr(args, "set", []) or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        import yaml
-
-        overrides[key.strip()] = yaml.safe_load(value)
-    return apply_overrides(config, overrides) if overrides else config
-
-
-def _install_signal_handlers(session) -> None:
-    def handler(signum, _frame):
-        reason = f"signal {signal.Signals(signum).name}"
-        session.stop(reason)
-        # disarm at once, even while the loop hangs in an output: from a thread, because this
-        # handler runs in the loop's thread, which may hold the interlock's or the audit's lock
-        threading.Thread(
-            target=session.disarm, args=(reason,), name="signal-disarm", daemon=True
-        ).start()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _print_status(status) -> None:
-    end = "\n" if not sys.stderr.isatty() or status.phase == "stopped" else "\r"
-    print(status.line(), end=end, file=sys.stderr, flush=True)
-
-
-def status_period_s() -> float:
-    """A live status line twice a second on a terminal, every 5 s into a log file or CI."""
-    return 0.5 if sys.stderr.isatty() else 5.0
-
-
-def _print_summary(summary: dict) -> None:
-    def fmt(value):
-        if isinstance(value, float):
-            return round(value, 2)
-        if isinstance(value, dict):
-            return {k: fmt(v) for k, v in value.items()}
-        return value
-
-    print("\nsession summary", file=sys.stdout)
-    for key in (
-        "folder",
-        "stop_reason",
-        "pulses",
-        "vetoes_by_reason",
-        "time_in_state_s",
-        "latency_ms",
-        "final_interlock",
-        "simulated_outputs",
-        "warnings",
-    ):
-        if key in summary and (key != "simulated_outputs" or summary[key]):
-            print(f"  {key:<17} {fmt(summary[key])}")
-    cal = summary.get("calibration")
-    if cal:
-        line = f"{cal['status']}"
-        if cal.get("calibrated_at_s") is not None:
-            line += f" at {cal['calibrated_at_s']:.1f} s"
-        if cal.get("reason"):
-            line += f": {cal['reason']}"
-        print(f"  {'calibration':<17} {line}")
-        bad = cal.get("bad_channels") or {}
-        print(
-            f"  {'eeg channels':<17} {len(cal.get('eeg_channels') or [])} used as EEG"
-            f"{'; bad: ' + ', '.join(f'{c} ({r})' for c, r in bad.items()) if bad else ''}"
-        )
-    ph = summary.get("phase")
-    if ph:  # phase mode: the fired pulses against the acausal reference around each
-        st, sched = ph.get("stats") or {}, ph.get("sched_error_ms") or {}
-        line = f"{ph['estimator']} at {ph['target_deg']:g} deg: {st.get('n', 0)} pulses"
-        if st.get("n"):
-            line += (
-                f", bias {st['bias_deg']:+.1f} deg, circular SD {st['circ_sd_deg']:.1f} deg, "
-                f"PLV {st['plv']:.2f}, within 45 deg {100 * st['within_45']:.0f} %"
-            )
-        if sched.get("p99") is not None and sched.get("n"):
-            line += f"; scheduling error p99 {sched['p99']:.2f} ms"
-        print(f"  {'phase':<17} {line}")
 
 
 def cmd_check_config(args) -> int:
@@ -366,7 +283,7 @@ def cmd_offline(args) -> int:
     from acquisition.file_source import FileSource
     from closedloop.session import Session
 
-    config = _config(args)
+    config = config_from_args(args)
     source = FileSource(args.recording, chunk_size=config.source.chunk_size)
     bar = tqdm(
         total=round(source.duration_s, 1),
@@ -390,12 +307,12 @@ def cmd_offline(args) -> int:
         on_status=progress,
         status_period_s=1.0,  # stream seconds offline
     )
-    _install_signal_handlers(session)
+    install_signal_handlers(session)
     try:
         summary = session.run()
     finally:
         bar.close()
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
@@ -403,7 +320,7 @@ def cmd_run(args) -> int:
     from acquisition.sources import source_from_settings
     from closedloop.session import Session
 
-    config = _config(args)
+    config = config_from_args(args)
     if args.duration:
         config.session.duration_s = args.duration
     # kind: lsl -> the stream; kind: file -> the recording played in real time over LSL
@@ -416,19 +333,19 @@ def cmd_run(args) -> int:
         live=True,
         out_root=args.out,
         arm_action="cli_flag" if args.arm else None,
-        on_status=_print_status,
+        on_status=print_status,
         status_period_s=status_period_s(),
     )
-    _install_signal_handlers(session)
+    install_signal_handlers(session)
     summary = session.run()
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from closedloop.demo import run_demo
+    from closedloop.app.demo import run_demo
 
-    config = _config(args)
+    config = config_from_args(args)
     return run_demo(
         config,
         recording=args.recording,
@@ -465,7 +382,7 @@ def cmd_gui(args) -> int:
     from gui.app import run_gui
 
     return run_gui(
-        _config(args), screenshot=args.screenshot, screenshot_pulses=args.screenshot_pulses
+        config_from_args(args), screenshot=args.screenshot, screenshot_pulses=args.screenshot_pulses
     )
 
 
@@ -513,13 +430,13 @@ def cmd_streams(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from closedloop.tune import run_tune
+    from closedloop.tuning.tune import run_tune
 
     return run_tune(args)
 
 
 def cmd_export_bids(args) -> int:
-    from closedloop.bids import export_bids
+    from closedloop.export.bids import export_bids
 
     path = export_bids(
         args.session,
@@ -538,7 +455,7 @@ def cmd_export_bids(args) -> int:
 def cmd_latency_check(args) -> int:
     import statistics
 
-    from closedloop.latency_check import run_latency_check
+    from closedloop.app.latency_check import run_latency_check
 
     folder, results = run_latency_check(
         args.config,
@@ -559,7 +476,7 @@ def cmd_latency_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from closedloop.report import write_report
+    from closedloop.export.report import write_report
 
     print(f"wrote {write_report(args.session, args.out)}")
     return 0

@@ -12,7 +12,7 @@ miniaudio; WAV by `wave`) writes its start, pauses, resumes and end as LSL marke
 irregular-rate string stream) and as 'guided_audio' bus events; it plays on the output where one
 exists and is timed and marked, silently, where none does.
 
-`python -m closedloop.audio` lists the outputs found (names to put in `audio.device`).
+`python -m closedloop.participant.audio` lists the outputs found (names to put in `audio.device`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ from typing import Literal
 
 import numpy as np
 import pylsl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.signal import lfilter
+
+from closedloop.participant.settings import (
+    GUIDED_FORMATS,
+    UNSUPPORTED_FORMAT_MESSAGE,
+    AudioSettings,
+    ChimeSettings,
+    GuidedAudioSettings,
+)
 
 WAV_SAMPLE_WIDTH = 2  # bytes: 16-bit PCM output
 INT16_FULL_SCALE = 32767.0
@@ -36,20 +43,6 @@ NOISE_SMOOTH_HZ = 800.0  # one-pole low-pass corner of the "soft noise" (white n
 CHIME_HARMONIC = 2.76  # partial ratio of a small bell (free-free bar mode 2 / mode 1)
 MAX_SEGMENT_S = 1.0  # a gap in the feedback trace longer than this renders as silence
 GAP_FADE_S = 0.02  # fade-out at the start of such a gap (no click)
-GUIDED_FORMATS = (".wav", ".ogg", ".mp3", ".flac")  # guided audio: decoded by wave / miniaudio
-UNSUPPORTED_FORMAT_MESSAGE = (
-    "guided audio must be WAV, OGG (Vorbis), MP3 or FLAC (what miniaudio decodes); convert "
-    "other formats first (e.g. ffmpeg -i in.m4a out.ogg)"
-)
-# Default device period (frames asked per callback; audio.period_ms). Measured on a PulseAudio
-# 16 null sink recorded back (tests/test_audio_device.py, 2 cores): update -> rendered p50
-# 3-6 ms, p99 < 10 ms; update -> chime onset heard on the monitor 5-16 ms (capture path
-# included); no dropout at moderate load. A real sound card adds its own buffer (PulseAudio on
-# ALSA: typically 20-50 ms). Cost: rendering one 10 ms block takes 50 us (sine) to 80 us
-# (noise) of Python/numpy on the device's thread, < 1 % of the GIL beside the acquisition
-# thread. With the 2 cores overloaded by other work (load 5-7) a 10 ms callback was late often
-# enough to lose 3-13 % of the blocks (dropouts); 20-40 ms lost 0-5 %: raise period_ms there.
-DEVICE_PERIOD_MS = 10
 GUIDED_PERIOD_MS = 40  # a recording needs no low latency: larger periods, fewer wake-ups
 # A device whose callbacks stop for this long is lost (its sink removed, its server gone). Not
 # shorter: an otherwise idle PulseAudio null sink renders in ~2 s blocks, and a new stream's
@@ -64,108 +57,6 @@ LATENCY_RING = 4096  # update -> rendered latencies kept for percentiles
 
 class AudioError(RuntimeError):
     """Audio could not be set up as configured (a clear one-line reason)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ToneSettings(_Strict):
-    """The continuous sound that follows the feedback value (0..1)."""
-
-    enabled: bool = Field(True, description="play a continuous sound that follows the feedback")
-    kind: Literal["sine", "noise"] = Field(
-        "sine", description="a pure tone or soft (low-passed) noise"
-    )
-    follows: Literal["volume", "pitch"] = Field(
-        "volume", description="what the feedback value drives (noise: volume only)"
-    )
-    freq_hz: float = Field(
-        220.0, gt=20, le=8000, description="tone frequency when following volume"
-    )
-    pitch_range_hz: tuple[float, float] = Field(
-        (196.0, 392.0), description="tone frequency at feedback 0 and 1 when following pitch"
-    )
-    volume_range: tuple[float, float] = Field(
-        (0.0, 0.3), description="amplitude (fraction of full scale) at feedback 0 and 1"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ToneSettings:
-        lo, hi = self.volume_range
-        if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0):
-            raise ValueError(f"volume_range values must be within 0..1, got {self.volume_range}")
-        if not all(20.0 < f <= 8000.0 for f in self.pitch_range_hz):
-            raise ValueError(
-                f"pitch_range_hz must be within 20..8000 Hz, got {self.pitch_range_hz}"
-            )
-        if self.kind == "noise" and self.follows == "pitch":
-            raise ValueError("tone.kind 'noise' has no pitch: use follows: volume")
-        return self
-
-
-class ChimeSettings(_Strict):
-    """A short bell-like chime each time the (displayed) state enters the target state."""
-
-    enabled: bool = Field(True, description="chime on entry into the target state")
-    freq_hz: float = Field(880.0, gt=50, le=8000, description="fundamental of the chime")
-    duration_s: float = Field(0.6, gt=0.02, le=5.0, description="length of the chime (s)")
-    volume: float = Field(
-        0.3, ge=0.0, le=1.0, description="peak amplitude (fraction of full scale)"
-    )
-
-
-class AudioSettings(_Strict):
-    """Audio feedback: where it goes and what it sounds like."""
-
-    enabled: bool = Field(True, description="audio feedback on or off")
-    output: Literal["auto", "device", "wav"] = Field(
-        "auto",
-        description="'auto': stream to the audio output (PulseAudio/PipeWire, or ALSA with a "
-        "sound card) if one exists, else render a WAV file; 'device': refuse to start without "
-        "an output; 'wav': always render to the WAV file (offline sessions always do)",
-    )
-    device: str = Field(
-        "",
-        max_length=200,
-        description="output to play on: '' for the system default (e.g. PulseAudio's default "
-        "sink, or PULSE_SINK), else part of an output's name as listed by "
-        "`python -m closedloop.audio` (case-insensitive); also used by guided audio",
-    )
-    sample_rate_hz: int = Field(22050, ge=8000, le=96000, description="synthesis sample rate")
-    period_ms: int = Field(
-        DEVICE_PERIOD_MS,
-        ge=5,
-        le=100,
-        description="device only: audio rendered per callback (ms). Smaller follows the score "
-        "sooner; larger survives a busy CPU without dropouts (10: 5-16 ms score to sound on "
-        "a null sink)",
-    )
-    wav_name: str = Field(
-        "feedback_audio.wav",
-        pattern=r"^[A-Za-z0-9_.-]+\.wav$",
-        description="file name (in the session folder) of the rendered audio",
-    )
-    tone: ToneSettings = ToneSettings()
-    chime: ChimeSettings = ChimeSettings()
-
-
-class GuidedAudioSettings(_Strict):
-    """A recording (e.g. meditation guidance) played through the session."""
-
-    path: Path | None = Field(
-        None, description="recording to play: WAV (PCM 8/16/24/32-bit), OGG Vorbis, MP3 or FLAC"
-    )
-    autostart: bool = Field(True, description="start playing when the feedback starts")
-    marker_stream: str = Field(
-        "closedloop-guided-audio", min_length=1, description="LSL marker stream name"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> GuidedAudioSettings:
-        if self.path is not None and self.path.suffix.lower() not in GUIDED_FORMATS:
-            raise ValueError(f"guided audio {self.path.name!r}: {UNSUPPORTED_FORMAT_MESSAGE}")
-        return self
 
 
 # ---- devices ---------------------------------------------------------------------------------
@@ -892,7 +783,8 @@ class GuidedAudio:
         self._outlet = None
 
 
-if __name__ == "__main__":  # python -m closedloop.audio: the outputs `audio.device` can name
+# python -m closedloop.participant.audio: the outputs `audio.device` can name
+if __name__ == "__main__":
     names = audio_outputs()
     print(
         "\n".join(names)

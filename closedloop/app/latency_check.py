@@ -223,7 +223,7 @@ def write_latency_report(
     folder: Path, results: list[PulseResult], channel: str, sfreq: float, config_path: Path
 ) -> Path:
     """latency.json and latency.html (the percentile table, every pulse) in `folder`."""
-    from closedloop.report import CSS, DISCLAIMER, timing_html
+    from closedloop.export.report import CSS, DISCLAIMER, timing_html
 
     delays = [r.delay_ms for r in results]
     table = {"trigger_delay_ms": percentile_table(delays)}

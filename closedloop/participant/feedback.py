@@ -27,135 +27,25 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pylsl
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from closedloop.audio import (
-    AudioSettings,
-    DeviceFeedbackAudio,
-    GuidedAudio,
-    GuidedAudioSettings,
-    open_feedback_audio,
+from closedloop.participant.audio import DeviceFeedbackAudio, GuidedAudio, open_feedback_audio
+from closedloop.participant.settings import (
+    TRACE_NAME,
+    FeedbackSettings,
+    trace_path,
 )
 from features.types import Label, State
 
-TRACE_NAME = "feedback.csv"
 SUMMARY_NAME = "feedback.json"
 TRACE_COLUMNS = ("t_stream", "elapsed_s", "score", "value", "target", "entry", "mode")
 RING_ROWS = 1 << 16  # 65536 updates: > 10 min of 10-sample chunks at 1 kHz
 WRITER_PERIOD_S = 0.05  # trace / audio writer wake-up period
 SHAM_TOL_S = 1e-6  # elapsed-time match tolerance: absorbs float rounding of t - t0
 FRAME_RING = 4096  # participant-window frame latencies kept for percentiles
-COLOUR_PATTERN = r"^#[0-9A-Fa-f]{6}$"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DisplaySettings(_Strict):
-    """The participant window: one calm shape, nothing of the operator's controls."""
-
-    kind: Literal["circle", "bar"] = Field(
-        "circle",
-        description="'circle': a disc whose size follows the feedback; 'bar': a "
-        "vertical bar whose height follows it",
-    )
-    size_range: tuple[float, float] = Field(
-        (0.15, 0.8),
-        description="shape size at feedback 0 and 1, fraction of the window's "
-        "shorter side (circle diameter) or height (bar)",
-    )
-    brightness_follows: bool = Field(True, description="the shape also brightens with the feedback")
-    min_brightness: float = Field(0.35, ge=0.0, le=1.0, description="brightness at feedback 0")
-    colour: str = Field("#3A6EA5", pattern=COLOUR_PATTERN, description="shape colour")
-    target_colour: str = Field(
-        "#3FBF7F", pattern=COLOUR_PATTERN, description="shape colour in the target state"
-    )
-    idle_colour: str = Field(
-        "#404040",
-        pattern=COLOUR_PATTERN,
-        description="shape colour when there is no feedback "
-        "(before calibration, after a sham trace ends)",
-    )
-    background: str = Field("#000000", pattern=COLOUR_PATTERN, description="window background")
-    fullscreen: bool = Field(False, description="open full-screen")
-    screen: int | None = Field(
-        None, ge=0, description="screen index; None: the last screen (the second one if two)"
-    )
-    refresh_hz: float = Field(60.0, ge=5.0, le=240.0, description="redraw rate")
-
-    @model_validator(mode="after")
-    def _check(self) -> DisplaySettings:
-        lo, hi = self.size_range
-        if not (0.0 < lo <= 1.0 and 0.0 < hi <= 1.0):
-            raise ValueError(f"size_range values must be within (0, 1], got {self.size_range}")
-        return self
-
-
-class ShamSettings(_Strict):
-    """Sham feedback: replay the feedback trace of an earlier session."""
-
-    source: Path | None = Field(
-        None, description="earlier session folder (its feedback.csv is used) or a trace file"
-    )
-    pulses: Literal["live", "disabled"] = Field(
-        "live", description="'live': pulses still follow the live state; 'disabled': no pulses"
-    )
-
-
-class FeedbackSettings(_Strict):
-    """The `feedback:` section of the session config."""
-
-    enabled: bool = Field(False, description="run participant feedback in this session")
-    mode: Literal["live", "sham"] = Field(
-        "live",
-        description="'live': feedback follows this session's score; 'sham': it replays "
-        "an earlier session's feedback trace (see sham)",
-    )
-    smoothing_s: float = Field(
-        1.0,
-        ge=0.0,
-        le=60.0,
-        description="time constant (stream s) of the exponential smoothing of the score; 0: none",
-    )
-    score_range: tuple[float, float] = Field(
-        (-2.0, 2.0), description="score mapped to feedback 0 and 1 (clipped outside)"
-    )
-    publish_lsl: bool = Field(True, description="publish the feedback as an LSL stream")
-    lsl_name: str = Field("closedloop-feedback", min_length=1, description="LSL stream name")
-    display: DisplaySettings = DisplaySettings()
-    audio: AudioSettings = AudioSettings()
-    guided: GuidedAudioSettings = GuidedAudioSettings()
-    sham: ShamSettings = ShamSettings()
-
-    @field_validator("score_range")
-    @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] != v[1]):
-            raise ValueError(f"score_range needs two different finite scores, got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> FeedbackSettings:
-        if self.mode == "sham":
-            if self.sham.source is None:
-                raise ValueError("feedback.mode is 'sham' but feedback.sham.source is not set")
-            trace = trace_path(self.sham.source)
-            if not trace.is_file():
-                raise ValueError(f"sham source has no feedback trace: {trace} not found")
-        if self.guided.path is not None and not Path(self.guided.path).is_file():
-            raise ValueError(f"guided audio file not found: {self.guided.path}")
-        return self
-
-
-def trace_path(source: Path) -> Path:
-    """A session folder -> its feedback.csv; a file -> itself."""
-    source = Path(source)
-    return source / TRACE_NAME if source.is_dir() else source
 
 
 def read_trace(path: Path) -> dict[str, np.ndarray]:
