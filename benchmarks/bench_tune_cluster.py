@@ -3,7 +3,7 @@ scheduling overhead per task.
 
     python -m benchmarks tune_cluster [--quick]
 
-The sweep: `closedloop.tuning.tune.run_all` (the tuner's own loop, without the report and plots)
+The sweep: `closedloop.tuning.runner.run_all` (the tuner's own loop, without the report and plots)
 over a grid of `state.enter` values x simulated 32-channel 500 Hz recordings (2 x 150 s; 2 x 60 s
 with --quick), default config. Each executor runs the same tasks; the outcomes are checked to be
 identical. Throughput = runs (settings x recordings) per minute of wall time, worker start included
@@ -28,8 +28,9 @@ import numpy as np
 
 from acquisition.simulator import simulate
 from closedloop.config import SessionConfig
-from closedloop.tuning import tune
+from closedloop.tuning import runner
 from closedloop.tuning.executors import DaskExecutor, LocalExecutor
+from closedloop.tuning.grid import build_grid
 
 WORKERS = 2
 ENTER_VALUES = tuple(0.5 + 0.25 * i for i in range(12))  # 0.5 .. 3.25
@@ -57,7 +58,7 @@ def _overhead(executor, n: int) -> float:
 
 def _sweep(executor, tasks) -> tuple[float, dict]:
     t = time.perf_counter()
-    out = tune.run_all(tasks, executor.workers, progress=False, executor=executor)
+    out = runner.run_all(tasks, executor.workers, progress=False, executor=executor)
     return time.perf_counter() - t, out
 
 
@@ -73,12 +74,12 @@ def run(quick: bool, log=print) -> dict[str, Any]:
             raw.save(p, verbose="error")
             paths.append(p)
         base = SessionConfig()
-        recs = tune._load_recordings(paths, "meditation", base.source.chunk_size)
-        grid = tune.build_grid(
+        recs = runner.load_recordings(paths, "meditation", base.source.chunk_size)
+        grid = build_grid(
             base, {"state.enter": list(enters)}, [(r.name, r.ch_names, r.sfreq) for r in recs]
         )
         tasks = [
-            tune.Task(s, r, rec.path, cfg, None, rec.digest, rec.reader)
+            runner.Task(s, r, rec.path, cfg, None, rec.digest, rec.reader)
             for s, cfg in enumerate(grid.configs)
             for r, rec in enumerate(recs)
         ]

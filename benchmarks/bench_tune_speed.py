@@ -2,9 +2,9 @@
 
     python benchmarks/bench_tune_speed.py [--minutes 10] [--chunk-size 10] [--repeat 2]
 
-Prints wall and CPU seconds per run and the factor faster than real time (wall time depends
-on what else runs on the machine; CPU time is the cost of the run itself). The run is exactly
-what `closedloop tune` does per (setting, recording): `closedloop.tuning.tune.run_session` (the same
+Prints wall and CPU seconds per run and the factor faster than real time (wall time depends on what
+else runs on the machine; CPU time is the cost of the run itself). The run is exactly what
+`closedloop tune` does per (setting, recording): `closedloop.tuning.runner.run_session` (the same
 Session as `closedloop offline`) with the recording already loaded in the worker.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 
 from acquisition.simulator import simulate
 from closedloop.config import SessionConfig, apply_overrides
+from closedloop.tuning.grid import TUNER_OVERRIDES
+from closedloop.tuning.runner import run_session
 from closedloop.tuning.scoring import read_outcome
-from closedloop.tuning.tune import TUNER_OVERRIDES, run_session
 
 
 def main() -> None:

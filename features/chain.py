@@ -43,6 +43,7 @@ from features.settings import (
     PreprocessSettings,
     StateSettings,
     blink_channels,
+    check_thresholds,
     validate_feature_settings,
 )
 from features.state import MAD_TO_SD, LabelMachine, robust_stats
@@ -997,10 +998,7 @@ class FeatureChain:
 
     def set_thresholds(self, enter: float, leave: float) -> None:
         """Change enter / leave (ValueError unless enter > leave, both finite)."""
-        if not (np.isfinite(enter) and np.isfinite(leave)):
-            raise ValueError(f"thresholds must be finite (enter={enter}, leave={leave})")
-        if not enter > leave:
-            raise ValueError(f"enter ({enter}) must be above leave ({leave})")
+        check_thresholds(enter, leave)
         self._machine.enter = float(enter)
         self._machine.leave = float(leave)
 

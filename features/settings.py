@@ -12,11 +12,10 @@ explicitly and that are missing are errors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from features import names
@@ -508,6 +507,15 @@ DEFAULT_STATE_FEATURES: tuple[FeatureRef, ...] = (
 )
 
 
+def check_thresholds(enter: float, leave: float) -> None:
+    """The hysteresis rule, the one place it is written (config, console, MQTT, chain):
+    ValueError unless both are finite and enter > leave."""
+    if not (math.isfinite(enter) and math.isfinite(leave)):
+        raise ValueError(f"thresholds must be finite (enter={enter}, leave={leave})")
+    if not enter > leave:
+        raise ValueError(f"enter ({enter}) must be above leave ({leave})")
+
+
 class StateSettings(_Base):
     """Baseline calibration, robust z scores, weighted score, hysteresis and dwell."""
 
@@ -578,8 +586,7 @@ class StateSettings(_Base):
 
     @model_validator(mode="after")
     def _check(self) -> StateSettings:
-        if not self.enter > self.leave:
-            raise ValueError(f"enter ({self.enter}) must be above leave ({self.leave})")
+        check_thresholds(self.enter, self.leave)
         if self.calibration_max_s < self.calibration_s:
             raise ValueError(
                 f"calibration_max_s ({self.calibration_max_s}) must be at least "
@@ -659,22 +666,3 @@ def validate_feature_settings(
     )
     if errors:
         raise FeatureConfigError(errors)
-
-
-def load_feature_settings(
-    yaml_path: str | Path,
-) -> tuple[PreprocessSettings, BandPowerSettings, ArtifactSettings, StateSettings]:
-    """Read the sections preprocess / bandpower / artifacts / state of a YAML file.
-
-    A stand-in for tests; the session config layer (closedloop.config) replaces it.
-    """
-    with Path(yaml_path).open(encoding="utf-8") as fh:
-        doc = yaml.safe_load(fh) or {}
-    if "features" in doc and isinstance(doc["features"], dict):
-        doc = doc["features"]
-    return (
-        PreprocessSettings.model_validate(doc.get("preprocess") or {}),
-        BandPowerSettings.model_validate(doc.get("bandpower") or {}),
-        ArtifactSettings.model_validate(doc.get("artifacts") or {}),
-        StateSettings.model_validate(doc.get("state") or {}),
-    )

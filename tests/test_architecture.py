@@ -8,6 +8,7 @@ layers below it, never one above.
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,32 @@ def test_check_config_loads_no_mqtt_audio_or_qt():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def unreachable_statements(source: str) -> list[int]:
+    """Line numbers of statements that follow a return / raise / continue / break in the same
+    block (ruff has no stable rule for this: PLW0101 is not in the pinned ruff)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            block = getattr(node, field, None)
+            if not isinstance(block, list):
+                continue
+            for stmt, following in itertools.pairwise(block):
+                if isinstance(stmt, (ast.Return, ast.Raise, ast.Continue, ast.Break)):
+                    lines.append(following.lineno)
+    return lines
+
+
+def test_no_unreachable_code():
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted(module_files().values())
+        for line in unreachable_statements(path.read_text(encoding="utf-8"))
+    ]
+    assert found == []
+
+
+def test_unreachable_finder_finds_code_after_return():  # as pipeline.py once had
+    source = "def f(x):\n    return x\n    y = x + 1\n    return y\n"
+    assert unreachable_statements(source) == [3]

@@ -10,6 +10,7 @@ from features import kernels
 from features.bandpower import to_output
 from features.state import LabelMachine
 from features.types import Label
+from tests.reference_filters import run_label_machine
 
 LABELS = tuple(Label)
 
@@ -56,7 +57,7 @@ def test_decide_runs_the_label_machine_rules(dwell_n, leave_dwell_n, resume):
     for i in range(0, n, 37):
         sl = slice(i, i + 37)
         ref.transitions.clear()
-        ref.run(score[sl], art[sl], t[sl])
+        run_label_machine(ref, score[sl], art[sl], t[sl])
         ref_changes += ref.transitions
         m = len(t[sl])
         n_tr, last = kernels.decide(

@@ -10,8 +10,8 @@ import pytest
 
 from acquisition.chunk import Chunk
 from acquisition.readers import load_recording
+from closedloop.config import load_config
 from features.chain import FeatureChain
-from features.settings import load_feature_settings
 from features.types import Label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,8 @@ def test_eyes_closed_alpha_with_auto_calibration(raw):
     """As a session would run it: the config calibrates on the clean eyes-open data (blinks and
     jaw clenches are left out), then labels. Measured: first entry 29.8 s, 95 % of the clean
     time in 31-74 s labelled target, no target after 80 s."""
-    pre, bp, art, st = load_feature_settings(CONFIG)
+    cfg = load_config(CONFIG)
+    pre, bp, art, st = cfg.preprocess, cfg.bandpower, cfg.artifacts, cfg.state
     chain = FeatureChain(pre, bp, art, st, raw.ch_names, raw.info["sfreq"])
     states, changes = _run(chain, raw)
     t, fs = raw.times, raw.info["sfreq"]
@@ -77,7 +78,8 @@ def test_blinks_and_jaw_raise_flags_not_the_state(raw):
     """Baseline from a separate stretch (17-29 s, eyes open), then the whole file: the blink and
     jaw-clench stretch at the start is labelled ARTIFACT (measured: 95 % of 0-17 s), never the
     target; 91 % of the clean eyes-closed time is target."""
-    pre, bp, art, st = load_feature_settings(CONFIG)
+    cfg = load_config(CONFIG)
+    pre, bp, art, st = cfg.preprocess, cfg.bandpower, cfg.artifacts, cfg.state
     chain = FeatureChain(
         pre,
         bp,

@@ -7,16 +7,9 @@ import pytest
 from scipy import signal
 
 from features.bandpower import band_power
-from features.preprocess import (
-    Preprocessor,
-    StatefulEma,
-    StatefulSos,
-    _public_sosfilt,
-    _sosfilt_inplace,
-    design_preprocess_sos,
-    fill_nonfinite,
-)
+from features.preprocess import Preprocessor, design_preprocess_sos, fill_nonfinite
 from features.settings import PreprocessSettings
+from tests.reference_filters import StatefulEma, StatefulSos, _public_sosfilt, _sosfilt_inplace
 
 SFREQ = 500.0
 NAMES = ("Fz", "Cz", "Pz", "Oz", "M1", "M2")

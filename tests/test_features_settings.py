@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from acquisition.simulator import montage_channels
+from closedloop.config import load_config
 from features.chain import FeatureChain
 from features.settings import (
     ArtifactSettings,
@@ -15,7 +16,6 @@ from features.settings import (
     FeatureConfigError,
     PreprocessSettings,
     StateSettings,
-    load_feature_settings,
     validate_feature_settings,
 )
 
@@ -116,7 +116,8 @@ def test_model_validation(model, kwargs, match):
 
 
 def test_eyes_closed_config_loads_and_fits_openbci():
-    pre, bp, art, st = load_feature_settings(ROOT / "configs" / "eyes_closed_alpha.yaml")
+    cfg = load_config(ROOT / "configs" / "eyes_closed_alpha.yaml")
+    pre, bp, art, st = cfg.preprocess, cfg.bandpower, cfg.artifacts, cfg.state
     names = ["Fp1", "Fp2", "C3", "C4", "P7", "P8", "O1", "O2", "sample_index"]
     chain = FeatureChain(pre, bp, art, st, names, 250.0)
     assert chain.feature_names == ("alpha@occipital",)

@@ -21,7 +21,7 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 from closedloop.errors import UserError  # noqa: E402
-from closedloop.tuning import tune  # noqa: E402
+from closedloop.tuning import runner, tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDING = ROOT / "replay_data" / "sim_4ch_256hz.fif"
@@ -165,7 +165,7 @@ def test_lost_worker_runs_rerun_same_scores(local_out, cluster, tmp_path, capsys
     assert "**re-run**: worker" in (out / "report.md").read_text()
     # each live worker built one FileSource for the one recording and chunk size, reused by
     # every run it did (the killed worker's replacement may have run none)
-    cached = client.run(lambda: len(__import__("closedloop.tuning.tune").tune._SOURCES))
+    cached = client.run(lambda: len(__import__("closedloop.tuning.runner").tuning.runner._SOURCES))
     assert set(cached.values()) <= {0, 1}
     assert 1 in cached.values()
 
@@ -235,12 +235,12 @@ def test_recording_digest_and_worker_cache():
 
     path = "/nonexistent/rec.fif"  # never read: the executor hands the worker the recording
     try:
-        a = tune._source_for(path, 16, raw, d0)
-        assert tune._source_for(path, 16, same, d0) is a
+        a = runner._source_for(path, 16, raw, d0)
+        assert runner._source_for(path, 16, same, d0) is a
         d1 = recording_digest(changed)
-        b = tune._source_for(path, 16, changed, d1)
+        b = runner._source_for(path, 16, changed, d1)
         assert b is not a
         assert b.raw is changed
     finally:
-        for key in [k for k in tune._SOURCES if k[0] == path]:
-            del tune._SOURCES[key]
+        for key in [k for k in runner._SOURCES if k[0] == path]:
+            del runner._SOURCES[key]

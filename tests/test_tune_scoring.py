@@ -10,8 +10,8 @@ import pytest
 
 from closedloop.config import SessionConfig
 from closedloop.errors import ConfigError, UserError
+from closedloop.tuning.grid import build_grid, parse_grid, parse_objective, parse_values, rank
 from closedloop.tuning.scoring import Counts, count, metrics, score_table, target_epochs
-from closedloop.tuning.tune import build_grid, parse_grid, parse_objective, parse_values, rank
 
 EPOCHS = np.array([[10.0, 30.0], [50.0, 70.0], [90.0, 95.0]])
 

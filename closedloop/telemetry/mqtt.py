@@ -58,6 +58,7 @@ from pydantic import (
 from closedloop.bus import Event, EventBus, Subscription
 from closedloop.control import ControlError, SessionControl
 from closedloop.telemetry.settings import TOPIC_LEVEL_RE, MqttSettings, Topics
+from features.settings import check_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +179,7 @@ class _ThresholdArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> _ThresholdArgs:
-        if not (math.isfinite(self.enter) and math.isfinite(self.leave)):
-            raise ValueError("enter and leave must be finite")
-        if self.enter <= self.leave:
-            raise ValueError(
-                f"enter ({self.enter}) must be above leave ({self.leave}) for hysteresis"
-            )
+        check_thresholds(self.enter, self.leave)
         return self
 
 

@@ -1,6 +1,6 @@
 """Where the tuner's runs happen: a local process pool or a Dask cluster, behind one interface.
 
-Both run the same task unit, `closedloop.tuning.tune.run_task` (one setting on one recording
+Both run the same task unit, `closedloop.tuning.runner.run_task` (one setting on one recording
 through the offline Session), and yield `(task, result)` as runs finish, in completion order, so
 the tuner's progress bar and time left work the same on either. Results do not depend on where a
 run ran: the pipeline is deterministic and a run only sees its config and the recording.
@@ -8,7 +8,7 @@ run ran: the pipeline is deterministic and a run only sees its config and the re
 How a recording reaches the workers:
 
 - local: each spawn worker process reads the file the first time it runs a task on it and keeps
-  it (and its FileSource) for the rest of the sweep (`tune._source_for`): once per worker.
+  it (and its FileSource) for the rest of the sweep (`runner._source_for`): once per worker.
 - dask: the client scatters every loaded recording once, to every worker (`broadcast=True`; to
   one worker each when they add up to more than BROADCAST_MAX_BYTES, the others fetching a copy
   on their first run of it), and each task takes the scattered recording as an argument; Dask
@@ -103,7 +103,7 @@ class LocalExecutor:
     def run(
         self, fn: Callable[..., Any], tasks: Sequence[Any], recordings: dict[str, Any]
     ) -> Iterator[tuple[Any, Any]]:
-        # workers read each recording from its path once (tune._source_for): on one machine
+        # workers read each recording from its path once (runner._source_for): on one machine
         # the file is in the page cache, cheaper than pickling the Raw to every process
         del recordings
         if self.workers <= 1:
