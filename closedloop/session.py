@@ -601,7 +601,7 @@ class Session:
         """Telemetry and remote control on their own thread (never in the firing path)."""
         if not self.config.mqtt.enabled:
             return None
-        from closedloop.telemetry.mqtt import MqttBridge
+        from closedloop.telemetry.bridge import MqttBridge
 
         assert self.folder is not None
         bridge = MqttBridge(self.config.mqtt, self.bus, self, session_id=self.folder.name)

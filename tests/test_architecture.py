@@ -185,7 +185,8 @@ def test_check_config_loads_no_mqtt_audio_or_qt():
         "assert main(['check-config', 'configs/default.yaml']) == 0\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'aiomqtt', 'paho', 'miniaudio', 'PySide6', 'pyqtgraph', 'gui'} or m in "
-        "{'closedloop.telemetry.mqtt', 'closedloop.participant.audio', "
+        "{'closedloop.telemetry.bridge', 'closedloop.telemetry.client', "
+        "'closedloop.telemetry.protocol', 'closedloop.participant.audio', "
         "'closedloop.participant.feedback'})\n"
         "print(heavy)\n"
     )

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from closedloop.bus import EventBus
-from closedloop.telemetry.mqtt import MqttBridge, send_command
+from closedloop.telemetry.bridge import MqttBridge
+from closedloop.telemetry.client import send_command
 from closedloop.telemetry.settings import MqttSettings
 from tests.mqtt_broker import (
     Broker,
@@ -772,7 +773,9 @@ def test_broker_restart_changes_no_pulse_timing_and_telemetry_resumes(broker: Br
 WILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from closedloop.bus import EventBus
-    from closedloop.telemetry.mqtt import MqttBridge, MqttSettings, send_command
+    from closedloop.telemetry.bridge import MqttBridge
+    from closedloop.telemetry.client import send_command
+    from closedloop.telemetry.settings import MqttSettings
 
     class Control:
         def thresholds(self):

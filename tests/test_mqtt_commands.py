@@ -16,12 +16,11 @@ import pytest
 from pydantic import ValidationError
 
 from closedloop.bus import EventBus
-from closedloop.telemetry.mqtt import (
+from closedloop.telemetry.bridge import MqttBridge, backoff_delays
+from closedloop.telemetry.protocol import (
     MAX_PAYLOAD_BYTES,
     MAX_SENDERS,
     CommandProcessor,
-    MqttBridge,
-    backoff_delays,
     build_command,
     to_jsonable,
 )

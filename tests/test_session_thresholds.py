@@ -12,7 +12,7 @@ from closedloop.config import apply_overrides
 from closedloop.control import ControlError
 from closedloop.load import read_jsonl
 from closedloop.session import Session
-from closedloop.telemetry.mqtt import send_command
+from closedloop.telemetry.client import send_command
 from closedloop.telemetry.settings import MqttSettings
 from tests.mqtt_broker import running_broker
 from tests.session_helpers import bundled_recording, fast_config

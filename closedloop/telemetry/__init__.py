@@ -1,2 +1,3 @@
 """MQTT telemetry and safe remote commands: the `mqtt:` settings (telemetry.settings, pydantic
-only) and the bridge, wire protocol and command client (telemetry.mqtt)."""
+only), the wire protocol and command checks (telemetry.protocol), the bridge a session runs
+(telemetry.bridge) and the command client (telemetry.client)."""

@@ -145,7 +145,7 @@ def test_hung_output_mqtt_emergency_stop_is_answered_at_once(
 ):
     """The console's e-stop over a real Mosquitto while fire() hangs: accepted and disarmed
     within the command's round trip, not when the hang ends (5 s here)."""
-    from closedloop.telemetry.mqtt import send_command
+    from closedloop.telemetry.client import send_command
     from closedloop.telemetry.settings import MqttSettings
     from tests.mqtt_broker import running_broker
 
