@@ -17,6 +17,7 @@ from pylsl import local_clock
 from acquisition.chunk import Chunk, HealthEvent
 from closedloop.bus import Event, EventBus
 from closedloop.config import SessionConfig
+from closedloop.fingerprint import DecisionFingerprint
 from features.chain import FeatureChain
 from features.types import Label, State
 from triggers.audit import AuditLog
@@ -72,6 +73,7 @@ class Pipeline:
         # phase mode (triggers/phase_gate.py): fed every chunk, fitted when the chain calibrates
         self.phase = None
         self.phase_monitor = None  # closedloop.phase_monitor.PhaseMonitor (a tap) with it
+        self.fingerprint = DecisionFingerprint()
 
     @classmethod
     def build(
@@ -172,6 +174,7 @@ class Pipeline:
         last_attempt = None
         last = len(states) - 1
         a = 0  # first sample of the current state's part of the chunk
+        decided = self.n_samples  # first sample of the current decision (session count)
         bus, taps, phase = self.bus, self.taps, self.phase
         if phase is not None and every is None:
             phase.push(chunk.data)
@@ -187,6 +190,17 @@ class Pipeline:
                     phase.push(chunk.data[i * every : min((i + 1) * every, chunk.n_samples)])
                 self._phase_calibration(phase, state)
             attempt = self._decide(state, chunk.t_arrival)
+            end = self.n_samples + (
+                chunk.n_samples if every is None else min((i + 1) * every, chunk.n_samples)
+            )
+            self.fingerprint.add(
+                decided,
+                end,
+                state.label.value,
+                state.score,
+                "" if attempt is None else f"{attempt.fired:d}|{attempt.reason}",
+            )
+            decided = end
             if i == last:
                 self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
                 self._n_latency += 1

@@ -750,6 +750,7 @@ class Session:
                 events_dropped=events.dropped,
                 audit_failed=p.trigger.audit.failed or None,
                 calibration=calibration.summary(p.chain),
+                fingerprint=p.fingerprint.summary(),
             )
         out["disk"] = self.disk
         if self.watchdog is not None:

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=None, help="session folder root (default: session.out_dir)"
     )
+    p.add_argument(
+        "--fingerprint-only",
+        action="store_true",
+        help="print only the decision fingerprint (SHA-256 over every decision) and keep no "
+        "session folder: to check that a change left the decisions on a recording alone",
+    )
 
     p = sub.add_parser("replay", help="stream a recording as a live LSL outlet")
     from acquisition.replayer import add_replay_arguments
@@ -285,6 +291,8 @@ def cmd_offline(args) -> int:
 
     config = config_from_args(args)
     source = FileSource(args.recording, chunk_size=config.source.chunk_size)
+    if args.fingerprint_only:
+        return _print_fingerprint(config, source, arm=not args.no_arm)
     bar = tqdm(
         total=round(source.duration_s, 1),
         unit="s",
@@ -313,6 +321,34 @@ def cmd_offline(args) -> int:
     finally:
         bar.close()
     print_summary(summary)
+    return 0
+
+
+def _print_fingerprint(config, source, arm: bool) -> int:
+    """`offline --fingerprint-only`: the session in a temporary folder, with what cannot change a
+    decision turned off (the tuner's overrides: simulated outputs, no LSL outlets, no feedback)."""
+    import tempfile
+
+    from closedloop.config import apply_overrides
+    from closedloop.session import Session
+    from closedloop.tuning.grid import TUNER_OVERRIDES
+
+    config = apply_overrides(config, TUNER_OVERRIDES)
+    with tempfile.TemporaryDirectory(prefix="closedloop-fingerprint-") as tmp:
+        session = Session(
+            config,
+            source,
+            live=False,
+            out_root=Path(tmp),
+            arm_action="offline_run" if arm else None,
+        )
+        install_signal_handlers(session)
+        summary = session.run()
+    fingerprint = summary.get("fingerprint")
+    if fingerprint is None:
+        print(f"no fingerprint: {summary.get('stop_reason')}", file=sys.stderr)
+        return 1
+    print(fingerprint["sha256"])
     return 0
 
 

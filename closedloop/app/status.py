@@ -57,6 +57,9 @@ def print_summary(summary: dict) -> None:
     ):
         if key in summary and (key != "simulated_outputs" or summary[key]):
             print(f"  {key:<17} {fmt(summary[key])}")
+    fp = summary.get("fingerprint")
+    if fp:  # the decisions at a glance: equal digests, equal decisions (closedloop.fingerprint)
+        print(f"  {'fingerprint':<17} {fp['sha256'][:16]} ({fp['decisions']} decisions)")
     cal = summary.get("calibration")
     if cal:
         line = f"{cal['status']}"
