@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engine", ("closedloop",)),
     ("tuning and export", ("closedloop.tuning", "closedloop.export")),
     ("gui", ("gui",)),
-    ("entry points", ("closedloop.app",)),
+    ("entry points", ("closedloop.app", "closedloop.testing")),
 )
 
 
