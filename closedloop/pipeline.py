@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,7 @@ class Pipeline:
         self.phase = None
         self.phase_monitor = None  # closedloop.phase_monitor.PhaseMonitor (a tap) with it
         self.fingerprint = DecisionFingerprint()
+        self.decider = None  # features.decider.DeciderStage when state.decider names a plugin
 
     @classmethod
     def build(
@@ -135,6 +136,19 @@ class Pipeline:
             pipeline.phase = trigger.phase = PhaseGate(config.phase, list(ch_names), sfreq)
             pipeline.phase_monitor = PhaseMonitor(pipeline.phase, trigger.phase_pulses)
             pipeline.taps.append(pipeline.phase_monitor)
+        if config.state.decider is not None:
+            from features.decider import DeciderContext, DeciderStage, DecisionHysteresis
+
+            st = config.state
+            pipeline.decider = DeciderStage.build(
+                st.decider,
+                st.decider_settings,
+                DeciderContext(tuple(ch_names), float(sfreq), chain.feature_names, st.target_name),
+                DecisionHysteresis(st.enter, st.leave, st.dwell_s, st.leave_dwell_s),
+                baseline_of=lambda: chain.baseline,
+                mad_floor=st.mad_floor,
+                thresholds_of=lambda: chain.thresholds,
+            )
         pipeline.simulated_outputs = notes
         return pipeline
 
@@ -173,13 +187,14 @@ class Pipeline:
             return StepResult(self.state, None)
         last_attempt = None
         last = len(states) - 1
-        a = 0  # first sample of the current state's part of the chunk
         decided = self.n_samples  # first sample of the current decision (session count)
-        bus, taps, phase = self.bus, self.taps, self.phase
+        bus, taps, phase, decider = self.bus, self.taps, self.phase, self.decider
         if phase is not None and every is None:
             phase.push(chunk.data)
         publish_states = bus is not None and bus.wants("state")
-        for i, state in enumerate(states):
+        state = states[-1]
+        for i, chain_state in enumerate(states):
+            state = chain_state
             if events:  # faults before the state they precede (nan times: at once)
                 due = [e for e in events if not e.t_stream > state.t_stream]
                 if due:
@@ -189,6 +204,8 @@ class Pipeline:
                 if every is not None:  # the phase sees the samples up to this decision
                     phase.push(chunk.data[i * every : min((i + 1) * every, chunk.n_samples)])
                 self._phase_calibration(phase, state)
+            if decider is not None:
+                state = self._apply_decider(decider, state, chunk, i, every)
             attempt = self._decide(state, chunk.t_arrival)
             end = self.n_samples + (
                 chunk.n_samples if every is None else min((i + 1) * every, chunk.n_samples)
@@ -205,18 +222,8 @@ class Pipeline:
                 self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
                 self._n_latency += 1
             if taps:
-                if every is None:
-                    part = chunk
-                else:  # the part of the block this state decided on
-                    b = min(a + every, chunk.n_samples)
-                    part = Chunk(
-                        chunk.data[a:b],
-                        chunk.timestamps[a:b],
-                        chunk.ch_names,
-                        chunk.sfreq,
-                        t_arrival=chunk.t_arrival,
-                    )
-                    a = b
+                # offline blocks: the part of the block this state decided on
+                part = chunk if every is None else _part(chunk, i * every, (i + 1) * every)
                 self._run_taps(part, state)
             if bus is not None:
                 if publish_states:
@@ -231,7 +238,7 @@ class Pipeline:
         self._on_health(events)
         self.n_samples += chunk.n_samples
         self.n_chunks += 1
-        return StepResult(states[-1], last_attempt)
+        return StepResult(state, last_attempt)
 
     def _decide(self, state: State, t_arrival: float) -> Attempt | None:
         """One State to the trigger (a railing amplifier first becomes a fault)."""
@@ -251,6 +258,24 @@ class Pipeline:
             attempt = None
         self.state = state
         return attempt
+
+    def _apply_decider(self, decider, state: State, chunk: Chunk, i: int, every: int | None):
+        """The decider plugin's score and label for this State; any exception or non-finite
+        output is a fault (disarmed, logged) and the State stays NON_TARGET."""
+        part = None
+        if decider.wants_chunk:
+            part = chunk if every is None else _part(chunk, i * every, (i + 1) * every)
+        try:
+            return decider.apply(state, part)
+        except Exception as exc:
+            reason = f"exception in decider: {type(exc).__name__}: {exc}"
+            self.trigger.fault(reason, state.t_stream)
+            self.faults.append(reason)
+            if self.bus is not None:
+                self.bus.emit(
+                    "error", state.t_stream, reason=reason, traceback=traceback.format_exc()
+                )
+            return replace(state, label=Label.NON_TARGET, score=float("nan"))
 
     def _phase_calibration(self, phase, state: State) -> None:
         """Fit the phase gate on the end of the state's calibration when it completes (about
@@ -329,6 +354,18 @@ class Pipeline:
         """Disarm first (with the reason), then close outputs, then flush the audit log."""
         self.trigger.disarm(reason)
         self.trigger.close()
+
+
+def _part(chunk: Chunk, a: int, b: int) -> Chunk:
+    """Samples [a, b) of a chunk (clipped), as a Chunk of their own."""
+    b = min(b, chunk.n_samples)
+    return Chunk(
+        chunk.data[a:b],
+        chunk.timestamps[a:b],
+        chunk.ch_names,
+        chunk.sfreq,
+        t_arrival=chunk.t_arrival,
+    )
 
 
 def _sorted_percentile(values: np.ndarray, q: float) -> float:

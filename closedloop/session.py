@@ -60,7 +60,8 @@ class SessionStatus:
         return (
             f"[{self.phase:<11}] state={self.label:<12} score={self.score:+6.2f} "
             f"interlock={self.interlock:<10} pulses={self.pulses:<4} vetoes={self.vetoes:<4} "
-            f"latency p50={self.latency_p50_ms:5.2f} ms p99={self.latency_p99_ms:5.2f} ms{cal}"
+            f"latency p50={self.latency_p50_ms:5.2f} ms p99={self.latency_p99_ms:5.2f} ms"
+            f"{self.extra.get('decider', '')}{cal}"
         )
 
 
@@ -713,6 +714,8 @@ class Session:
             if s.phase in ("calibrating", "calibration failed"):
                 s.extra["calibration"] = calibration.status_note(p.chain.calibration_report())
             s.latency_p50_ms, s.latency_p99_ms, _ = p.latency_percentiles()
+            if p.decider is not None:
+                s.extra["decider"] = f" decider p99={p.decider.cost_us()['p99']:.0f} µs"
         if state is not None:
             s.label, s.score, s.t_stream = state.label.value, state.score, state.t_stream
         if self.on_status is not None:
@@ -752,6 +755,8 @@ class Session:
                 calibration=calibration.summary(p.chain),
                 fingerprint=p.fingerprint.summary(),
             )
+            if p.decider is not None:  # a plugin's own cost per decision, beside the latency
+                out["decider"] = {"name": self.config.state.decider, "cost_us": p.decider.cost_us()}
         out["disk"] = self.disk
         if self.watchdog is not None:
             out["watchdog"] = {

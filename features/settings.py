@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -583,10 +583,35 @@ class StateSettings(_Base):
         gt=0,
         description="Lower bound of the scaled MAD so that a constant feature gives finite z.",
     )
+    decider: str | None = Field(
+        None,
+        description="A decider plugin instead of the weighted z sum: 'package.module:ClassName' or "
+        "a 'closedloop.deciders' entry point name (features/decider.py). Its score goes through "
+        "enter / leave / dwell unless it labels itself; null: the built-in rule.",
+    )
+    decider_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of the decider plugin, validated by its own Settings model.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StateSettings:
         check_thresholds(self.enter, self.leave)
+        if self.decider is not None:
+            from pydantic import ValidationError
+
+            from features.decider import validate_decider_settings
+
+            try:  # DeciderError (a ValueError) names what is wrong with the class itself
+                validate_decider_settings(self.decider, self.decider_settings)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(x) for x in first["loc"])
+                raise ValueError(
+                    f"decider_settings.{where}: {first['msg']} ({self.decider})"
+                ) from None
+        elif self.decider_settings:
+            raise ValueError("decider_settings given without a decider")
         if self.calibration_max_s < self.calibration_s:
             raise ValueError(
                 f"calibration_max_s ({self.calibration_max_s}) must be at least "

@@ -280,6 +280,14 @@ def cmd_check_config(args) -> int:
             raise UserError(f"{where}: calibration {r['status']}: {r['reason']}. {r['advice']}")
         return 0
     print(f"{args.config}: ok")
+    if config.state.decider is not None:  # the plugin and its settings, as it will run them
+        from features.decider import load_decider_class
+
+        cls = load_decider_class(config.state.decider)
+        settings = cls.Settings.model_validate(config.state.decider_settings)
+        print(f"  decider {config.state.decider} = {cls.__module__}:{cls.__qualname__}")
+        for key, value in settings.model_dump().items():
+            print(f"    {key}: {value}")
     return 0
 
 

@@ -1,0 +1,136 @@
+"""Decider plugins (features/decider.py): the contract, config checks, the hot path, faults."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from closedloop.app.cli import main
+from closedloop.config import apply_overrides, load_config
+from closedloop.errors import ConfigError
+from features.decider import Decision, DecisionHysteresis
+from features.types import Label
+from tests.session_helpers import REPLAY_DATA
+
+pytestmark = pytest.mark.timeout(120)
+BUNDLED = REPLAY_DATA / "sim_32ch_500hz.fif"
+SEEN: dict[str, object] = {}  # what the deciders below were given (one test process)
+
+
+class EchoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = 1.0
+
+
+class Echo:
+    """The built-in rule's score (weighted sum of z, weight 1 each) through the contract."""
+
+    Settings = EchoSettings
+    wants_chunk = True
+
+    def __init__(self, settings, context):
+        self.weight = settings.weight
+        SEEN["context"] = context
+
+    def calibrate(self, baseline):
+        SEEN["baseline"] = baseline
+
+    def decide(self, state, chunk):
+        SEEN["chunk_samples"] = chunk.n_samples
+        return Decision(self.weight * sum(state.z.values()))
+
+
+class Exploding(Echo):
+    """Raises once the stream is past 100 s."""
+
+    def decide(self, state, chunk):
+        if state.t_stream > 100.0:
+            raise RuntimeError("model file vanished")
+        return super().decide(state, chunk)
+
+
+class NanScore(Echo):
+    def decide(self, state, chunk):
+        return Decision(math.nan if state.t_stream > 100.0 else 0.0)
+
+
+def _config(decider, **more):
+    return apply_overrides(
+        load_config("configs/default.yaml"),
+        {"state.decider": decider, "state.decider_settings": {}, **more},
+    )
+
+
+def test_hysteresis_counts_dwell_in_stream_seconds_both_ways():
+    h = DecisionHysteresis(enter=2.0, leave=0.5, dwell_s=0.1, leave_dwell_s=0.05)
+    labels = [h.step(t, s) for t, s in [(0.0, 3), (0.05, 3), (0.1, 3), (0.12, 1), (0.14, 0.4)]]
+    assert labels[:2] == [Label.NON_TARGET] * 2  # 0.05 s above enter: still dwelling
+    assert labels[2:4] == [Label.TARGET] * 2  # 0.1 s: in; 1.0 is above leave: stays
+    assert h.step(0.2, 0.4) is Label.NON_TARGET  # 0.06 s below leave: out
+    assert h.step(0.3, 3) is Label.NON_TARGET  # a new dwell starts
+
+
+def test_config_names_what_is_wrong_with_a_decider():
+    with pytest.raises(ConfigError, match=r"state: .*cannot import no_such_module"):
+        _config("no_such_module:Decider")
+    with pytest.raises(ConfigError, match=r"state: .*has no class 'Nope'"):
+        _config("tests.test_decider:Nope")
+    with pytest.raises(ConfigError, match=r"decider_settings\.weight: .*valid number"):
+        _config("tests.test_decider:Echo", **{"state.decider_settings": {"weight": "x"}})
+    with pytest.raises(ConfigError, match=r"decider_settings\.colour: Extra inputs"):
+        _config("tests.test_decider:Echo", **{"state.decider_settings": {"colour": 1}})
+    with pytest.raises(ConfigError, match=r"no 'closedloop.deciders' entry point"):
+        _config("no-such-entry-point")
+    with pytest.raises(ConfigError, match=r"decider_settings given without a decider"):
+        apply_overrides(load_config(None), {"state.decider_settings": {"weight": 2}})
+
+
+def test_check_config_shows_the_decider_and_its_settings(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "state:\n  decider: tests.test_decider:Echo\n  decider_settings: {weight: 2.0}\n",
+        encoding="utf-8",
+    )
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "decider tests.test_decider:Echo = tests.test_decider:Echo" in out
+    assert "weight: 2.0" in out
+
+
+def test_a_decider_runs_offline_gets_the_baseline_and_its_cost_is_reported(offline_session):
+    run = offline_session(BUNDLED, _config("tests.test_decider:Echo"))
+    context, baseline = SEEN["context"], SEEN["baseline"]
+    assert context.feature_names == ("theta@frontal_midline", "alpha@posterior")
+    assert context.sfreq == 500.0
+    assert baseline.features.shape[1] == 2
+    assert len(baseline.features) > 100
+    # the baseline's z is centred on the chain's own median: its median is 0
+    assert abs(float(sorted(baseline.z[:, 0])[len(baseline.z) // 2])) < 0.05
+    assert SEEN["chunk_samples"] == 10  # offline blocks hand over each decision's own samples
+    assert run.summary["pulses"] > 0
+    assert run.score()["precision"] >= 0.8
+    cost = run.summary["decider"]["cost_us"]
+    assert run.summary["decider"]["name"] == "tests.test_decider:Echo"
+    assert 0 < cost["p50"] <= cost["p99"]
+    assert cost["n"] > 1000
+    targets = [s for s in run.states if s["label"] == "target"]
+    assert targets
+    assert all(s["score"] > 0.0 for s in targets)
+
+
+@pytest.mark.parametrize(
+    ("decider", "reason"),
+    [("Exploding", "RuntimeError: model file vanished"), ("NanScore", "non-finite score")],
+)
+def test_a_failing_decider_is_a_fault_that_disarms_and_the_session_ends_cleanly(
+    offline_session, decider, reason
+):
+    run = offline_session(BUNDLED, _config(f"tests.test_decider:{decider}"))
+    assert run.summary["stop_reason"] == "end of recording"
+    assert any("exception in decider" in f and reason in f for f in run.summary["faults"])
+    assert all(t <= 100.0 for t in run.fired)
+    disarmed = [a for a in run.audit if a.get("event") == "interlock" and a["new"] == "disarmed"]
+    assert disarmed[0]["reason"].startswith("fault: exception in decider")
+    assert disarmed[0]["t_stream"] > 100.0
