@@ -38,6 +38,7 @@ NAMES = (
     "tune_cluster",
     "clock",
     "phase",
+    "decider",
 )
 GOALS = {
     "decision_p99_ms_64x1000": 1.0,
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import bench_phase
 
             out = bench_phase.run(args.quick, log=log)
+        elif name == "decider":
+            from benchmarks import bench_decider
+
+            out = bench_decider.run(args.quick, log=log)
         elif name == "tune_cluster":
             from benchmarks import bench_tune_cluster
 
@@ -492,6 +497,15 @@ def markdown(res: dict[str, Any]) -> str:
 
         md = bench_phase.to_markdown(r["phase"])
         lines += ["## Phase-locked pulses (bench_phase.py)", "", md]
+    if "decider" in r:
+        from benchmarks import bench_decider
+
+        lines += [
+            "## Decider plugin overhead (bench_decider.py)",
+            "",
+            bench_decider.to_markdown(r["decider"]),
+            "",
+        ]
     for key, title in (
         ("feedback", "Feedback (bench_feedback_latency.py)"),
         ("tune_speed", "Tuner speed (bench_tune_speed.py)"),

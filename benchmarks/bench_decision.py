@@ -177,6 +177,7 @@ def measure(
         "calibration_chunk_ms": cal_chunk_ms,
         "pulse_chunk_step_max_ms": max(pulse_step_ms, default=float("nan")),
         "cpu_percent_of_one_core": 100.0 * cpu_s / wall_s,
+        "decider_cost_us": p.decider.cost_us() if p.decider is not None else None,
         "chunks_late": late,  # started more than one chunk period after their due time
         "real_time_ok": bool(late <= lat.size // 1000 and p99 < P99_GOAL_MS),
         "real_time_ok_cpu": bool(
