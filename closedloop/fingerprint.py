@@ -9,7 +9,7 @@ sessions can be compared at a glance. Offline blocks decide on the chunk grid, s
 and one fed single chunks of that size share a fingerprint. Live sessions decide on the chunks
 the stream delivers, so a live fingerprint is a record of that session, not of the recording.
 
-Cost: one string format and one `sha256.update` per decision, ~1.5 µs (benchmarks: ab_hotpath).
+Cost: one string format and one `sha256.update` per decision, 1.2 µs (timeit, this machine).
 """
 
 from __future__ import annotations
