@@ -93,6 +93,7 @@ class SessionSnapshot:
     latency_p50_ms: float = float("nan")  # decision latency, as of the last status update
     latency_p99_ms: float = float("nan")
     audio_device: str = ""  # participant audio: '' none, wav, open, lost, reopened, closed
+    decider: str = ""  # a decider plugin's name and decide() p99 (status update), '' built-in
     # phase mode ('' estimator: off): target (deg), the rhythm's SNR (dB) now, and each fired
     # pulse's phase error against the acausal reference (deg, oldest first; phase_monitor.py)
     phase_estimator: str = ""
@@ -265,6 +266,7 @@ class Session:
             latency_p50_ms=st.latency_p50_ms,
             latency_p99_ms=st.latency_p99_ms,
             audio_device=audio,
+            decider=st.extra.get("decider", "").strip(),
             **_phase_snapshot(p),
         )
 
@@ -715,7 +717,8 @@ class Session:
                 s.extra["calibration"] = calibration.status_note(p.chain.calibration_report())
             s.latency_p50_ms, s.latency_p99_ms, _ = p.latency_percentiles()
             if p.decider is not None:
-                s.extra["decider"] = f" decider p99={p.decider.cost_us()['p99']:.0f} µs"
+                name = self.config.state.decider
+                s.extra["decider"] = f" decider {name} p99={p.decider.cost_us()['p99']:.0f} µs"
         if state is not None:
             s.label, s.score, s.t_stream = state.label.value, state.score, state.t_stream
         if self.on_status is not None:

@@ -812,6 +812,8 @@ class HealthPanel:
             self.latency_bars.setOpts(height=counts)
         else:
             rows.append("decision latency: no data")
+        if tick.snapshot.decider:  # a plugin runs in the hot path: its own cost, per decision
+            rows.append(tick.snapshot.decider)
         audio = audio_text(m, tick.snapshot)
         if audio:
             rows.append(audio)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from pydantic import BaseModel, ConfigDict
@@ -134,3 +135,22 @@ def test_a_failing_decider_is_a_fault_that_disarms_and_the_session_ends_cleanly(
     disarmed = [a for a in run.audit if a.get("event") == "interlock" and a["new"] == "disarmed"]
     assert disarmed[0]["reason"].startswith("fault: exception in decider")
     assert disarmed[0]["t_stream"] > 100.0
+
+
+def test_the_snapshot_and_status_line_carry_the_deciders_cost(tmp_path):
+    from acquisition.file_source import FileSource
+    from closedloop.session import Session
+
+    lines = []
+    session = Session(
+        _config("tests.test_decider:Echo"),
+        FileSource(BUNDLED, chunk_size=10),
+        live=False,
+        out_root=tmp_path,
+        arm_action="offline_run",
+        on_status=lambda st: lines.append(st.line()),
+        status_period_s=5.0,
+    )
+    session.run()
+    assert re.search(r"decider tests\.test_decider:Echo p99=\d+ µs", lines[-1])
+    assert session.snapshot().decider.startswith("decider tests.test_decider:Echo p99=")
