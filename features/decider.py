@@ -177,7 +177,7 @@ class DeciderStage:
         self.context = context
         self.hysteresis = hysteresis
         self.wants_chunk = bool(getattr(decider, "wants_chunk", False))
-        self._rows: list[tuple[list[float], list[float]]] = []
+        self._rows: list[list[float]] = []  # baseline feature rows, one per decision
         self._calibrated = False
         self._cost_us = np.full(COST_RING, np.nan)
         self._n = 0
@@ -211,7 +211,7 @@ class DeciderStage:
                 self._rows.clear()
                 self.hysteresis.reset()
             if state.features and not state.artifacts:
-                self._rows.append(([state.features.get(n, math.nan) for n in names], []))
+                self._rows.append([state.features.get(n, math.nan) for n in names])
             return state
         if state.label is Label.UNCALIBRATED:
             return state
@@ -253,7 +253,7 @@ class DeciderStage:
         """The baseline rows with their z against the finished baseline (the chain's median and
         MAD, as the chain computes z)."""
         names = self.context.feature_names
-        feats = np.array([r[0] for r in self._rows], dtype=float).reshape(-1, len(names))
+        feats = np.array(self._rows, dtype=float).reshape(-1, len(names))
         stats = self.baseline_of()
         median = np.array([stats.get(n, (math.nan, math.nan))[0] for n in names])
         mad = np.array([stats.get(n, (math.nan, math.nan))[1] for n in names])
