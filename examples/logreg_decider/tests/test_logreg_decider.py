@@ -56,7 +56,7 @@ def test_an_unknown_feature_is_refused_when_the_session_is_built(offline_session
 def test_live_on_a_replayed_stream_it_decides_as_offline(
     replayed_stream, offline_session, tmp_path
 ):
-    """The same pulse requests live (the recording streamed at 3x by a replayer process) as
+    """The same pulse requests live (the recording streamed at 6x by a replayer process) as
     offline on the samples the live session processed. A decision is made per chunk: offline
     every 10 samples, live per chunk as it arrives (10 samples, more when a pull was late), so
     each request comes at the first decision after the same crossing: offline at most one
@@ -65,7 +65,7 @@ def test_live_on_a_replayed_stream_it_decides_as_offline(
     from closedloop.load import load_session
     from closedloop.session import Session
 
-    stream = replayed_stream(BUNDLED, speed=3.0)
+    stream = replayed_stream(BUNDLED, speed=6.0)
     config = apply_overrides(
         load_config(None), {**DECIDER, **stream.overrides, "source.resolve_timeout_s": 30.0}
     )
