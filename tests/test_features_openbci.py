@@ -62,10 +62,11 @@ def test_eyes_closed_alpha_with_auto_calibration(raw):
     entries = [tc for tc, lab in changes if lab is Label.TARGET]
     assert 29.0 <= entries[0] <= 32.0, entries
     eyes_closed = (t > 31) & (t < 74) & (labels != Label.ARTIFACT.value)
-    # 0.74 with enter 2.5, dwell_s 0.5 and no resume after an artifact (0.85 with enter 1.5,
-    # dwell 0.25 and resume, which let an eyes-open alpha burst in at 6.5 s, resumed the target
-    # as the eyes opened, and fired on eyes-open swings of a simulated 64-ch recording)
-    assert np.mean(labels[eyes_closed] == Label.TARGET.value) > 0.7
+    # 0.68 with enter 3.0, dwell_s 0.5 and no resume after an artifact (0.74 with enter 2.5,
+    # which fired on eyes-open swings of simulated 64-ch recordings: precision 0.86 / 0.91 on
+    # seeds 1 / 3, 1.0 with 3.0; 0.85 with enter 1.5, dwell 0.25 and resume, which also let an
+    # eyes-open alpha burst in at 6.5 s and resumed the target as the eyes opened)
+    assert np.mean(labels[eyes_closed] == Label.TARGET.value) > 0.65
     assert not np.any(labels[t < 29.0] == Label.TARGET.value)
     assert not np.any(labels[t > 80.0] == Label.TARGET.value)
     # blinks (first seconds) and jaw clenches (~8-17 s, and again from ~80 s) are flagged
