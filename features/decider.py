@@ -38,6 +38,7 @@ from features.state import MAD_TO_SD
 from features.types import Label, State
 
 ENTRY_POINT_GROUP = "closedloop.deciders"
+BASELINE_ROW_S = 0.1  # baseline rows handed to calibrate(): one per 100 ms of stream time
 COST_RING = 8192  # decide() durations kept for p50 / p99 (as the decision latency ring)
 PASSED_THROUGH = frozenset({Label.UNCALIBRATED, Label.CALIBRATING, Label.ARTIFACT})
 
@@ -58,7 +59,7 @@ class DeciderContext:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The calibration data, one row per artifact-free decision of the baseline.
+    """The calibration data, one row per 100 ms (BASELINE_ROW_S) of artifact-free baseline.
 
     features: (n, n_features) log band powers (State.features, in `feature_names` order).
     z: (n, n_features) their robust z against the finished baseline.
@@ -177,7 +178,8 @@ class DeciderStage:
         self.context = context
         self.hysteresis = hysteresis
         self.wants_chunk = bool(getattr(decider, "wants_chunk", False))
-        self._rows: list[list[float]] = []  # baseline feature rows, one per decision
+        self._rows: list[list[float]] = []  # baseline feature rows, one per BASELINE_ROW_S
+        self._last_tick = -1
         self._calibrated = False
         self._cost_us = np.full(COST_RING, np.nan)
         self._n = 0
@@ -210,7 +212,12 @@ class DeciderStage:
                 self._calibrated = False
                 self._rows.clear()
                 self.hysteresis.reset()
-            if state.features and not state.artifacts:
+            # one row per BASELINE_ROW_S of stream time, whatever the chunking: live chunks
+            # arrive in bursts under load, and the fit must not depend on how many decisions
+            # a stretch of baseline happened to get
+            tick = math.floor(state.t_stream / BASELINE_ROW_S)
+            if state.features and not state.artifacts and tick != self._last_tick:
+                self._last_tick = tick
                 self._rows.append([state.features.get(n, math.nan) for n in names])
             return state
         if state.label is Label.UNCALIBRATED:

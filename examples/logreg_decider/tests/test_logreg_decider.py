@@ -59,8 +59,8 @@ def test_live_on_a_replayed_stream_it_decides_as_offline(
     """The same pulse requests live (the recording streamed at 6x by a replayer process) as
     offline on the samples the live session processed. A decision is made per chunk: offline
     every 10 samples, live per chunk as it arrives (10 samples, more when a pull was late), so
-    each request comes at the first decision after the same crossing: offline at most one
-    10-sample chunk before the live decision that made it, and after the live one before."""
+    each request comes at the first decision after the same crossing: offline after the live
+    decision before the live request, and at most one 10-sample chunk after the live request."""
     from acquisition.sources import source_from_settings
     from closedloop.load import load_session
     from closedloop.session import Session
@@ -92,6 +92,8 @@ def test_live_on_a_replayed_stream_it_decides_as_offline(
     live_decisions = np.array([e.t_stream for e in decisions.drain()]) - rec.t0_stream
     for off, live in zip(t_off, t_live, strict=True):
         before = live_decisions[live_decisions < live - 1e-9].max()
-        # half a sample of slack: live times are the clock model's (de-jittered), within µs
+        # the crossing lies after the live decision before the request and at or before the
+        # request; offline decides on the first 10-sample boundary at or after it (half a
+        # sample of slack: live times are the clock model's, de-jittered, within µs)
         half = 0.5 / 500.0
-        assert before - 10 / 500.0 - half <= off <= live + half, (off, live, before)
+        assert before - half <= off <= live + 10 / 500.0 + half, (off, live, before)
