@@ -244,3 +244,35 @@ def test_recording_digest_and_worker_cache():
     finally:
         for key in [k for k in runner._SOURCES if k[0] == path]:
             del runner._SOURCES[key]
+
+
+def test_a_query_that_breaks_in_transit_is_asked_again_and_the_next_sweep_reconnects(caplog):
+    """The CI failure: `get_events` died in tornado's write buffer (AssertionError); the
+    executor asks again (distributed aborted that connection) and starts the next sweep on a
+    new client. A query that keeps failing is still an error."""
+    from closedloop.tuning.executors import QUERY_TRIES, DaskExecutor
+
+    ex = DaskExecutor.__new__(DaskExecutor)  # no cluster: only the retry is under test
+    ex._stale = False
+    calls = []
+
+    def get_events(addr):
+        calls.append(addr)
+        if len(calls) == 1:
+            raise AssertionError  # what tornado's _StreamBuffer.advance raised
+        return [(0.0, {"action": "add-worker"})]
+
+    with caplog.at_level("WARNING", logger="closedloop.tuning.executors"):
+        assert ex._query(get_events, "tcp://w") == [(0.0, {"action": "add-worker"})]
+    assert calls == ["tcp://w", "tcp://w"]
+    assert ex._stale
+    assert "get_events, try 1 of 3" in caplog.text
+
+    def broken(addr):
+        calls.append(addr)
+        raise OSError("connection reset")
+
+    calls.clear()
+    with pytest.raises(OSError, match="connection reset"):
+        ex._query(broken, "tcp://w")
+    assert len(calls) == QUERY_TRIES

@@ -48,6 +48,7 @@ EXECUTORS = ("local", "dask")
 LOCAL_HOST = "127.0.0.1"  # a LocalCluster listens on loopback only (no other interface)
 DASK_TASK_PREFIX = "closedloop-tune"
 RECONNECT_TRIES = 3  # fresh clients tried after a sweep that stopped early
+QUERY_TRIES = 3  # tries of an idempotent query to the scheduler (see DaskExecutor._query)
 # a task that fails with a Python exception is a bug or a bad file, not a lost worker: the same
 # input fails the same way again, so it is not retried (worker loss is retried by the scheduler)
 DASK_RETRIES = 0
@@ -216,7 +217,7 @@ class DaskExecutor:
         event holding WorkerState objects that cannot be sent to a client (distributed
         2026.8: "can not serialize 'WorkerState' object").
         """
-        for addr in self.client.scheduler_info(n_workers=-1)["workers"]:
+        for addr in self._query(self.client.scheduler_info, n_workers=-1)["workers"]:
             if addr not in self._watched:
                 self._watched.add(addr)
 
@@ -226,6 +227,23 @@ class DaskExecutor:
 
                 self.client.subscribe_topic(addr, handler)
         self._last_watch = time.monotonic()
+
+    def _query(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """An idempotent request to the scheduler (events, worker list), asked again on a new
+        connection when the one it went out on broke.
+
+        A clean-clone CI run (3 test workers on 2 cores, distributed 2026.8 / tornado 6.6.1)
+        saw `get_events` die inside tornado's write buffer (`AssertionError` in
+        `_StreamBuffer.advance`) on a client made after an aborted sweep; distributed aborts
+        that connection, so the same request on the next one from the pool is safe to repeat.
+        """
+        for attempt in range(1, QUERY_TRIES):
+            try:
+                return call(*args, **kwargs)
+            except (AssertionError, OSError) as exc:
+                log.warning("dask: %s, try %d of %d: %r", call.__name__, attempt, QUERY_TRIES, exc)
+                self._stale = True  # the next sweep starts on a new client
+        return call(*args, **kwargs)
 
     def _lost_workers(self, msgs: Sequence[Any], ours: dict[str, Any], seen: set) -> None:
         """Note (and say on stderr) each remove-worker event that took runs of ours."""
@@ -302,7 +320,7 @@ class DaskExecutor:
                 fut.release()
             # an event may arrive after the last result: ask the scheduler for each worker's
             for addr in sorted(self._watched):
-                events = self.client.get_events(addr)
+                events = self._query(self.client.get_events, addr)
                 self._lost_workers([(addr, m) for _, m in events], ours, seen)
             completed = True
         finally:
