@@ -45,7 +45,7 @@ END_LINGER_S = 0.5
 # Poll interval while waiting for a consumer (only matters for how fast stop() is honoured).
 CONSUMER_POLL_S = 0.1
 # Channel types sent in microvolts (their mne unit is volts).
-_MICROVOLT_TYPES = frozenset({"eeg", "eog", "emg", "ecg", "seeg", "ecog", "dbs", "bio"})
+MICROVOLT_TYPES = frozenset({"eeg", "eog", "emg", "ecg", "seeg", "ecog", "dbs", "bio"})
 # float32 holds integers exactly up to 2**24: the counter is exact for 18.6 h at 250 Hz.
 _FLOAT32_EXACT_MAX = 2**24
 
@@ -144,7 +144,7 @@ class Replayer:
         for k, (ch_name, ch_type) in enumerate(zip(ch_names, ch_types, strict=True)):
             if ch_name == COUNTER_CHANNEL:
                 units.append("none")
-            elif ch_type in _MICROVOLT_TYPES:
+            elif ch_type in MICROVOLT_TYPES:
                 data[:, k] *= 1e6
                 units.append("microvolts")
             elif raw.info["chs"][k]["unit"] == 107:  # FIFF_UNIT_V

@@ -74,7 +74,11 @@ class SourceSettings(_Strict):
     )
     stale_after_s: float = Field(0.5, gt=0, le=10, description="no sample this long = stale fault")
     chunk_size: int = Field(
-        10, ge=1, le=10_000, description="samples per chunk (file source): one decision each"
+        10,
+        ge=1,
+        le=10_000,
+        description="samples per chunk (file source): one decision each; live with a decider "
+        "plugin, it decides every chunk_size samples of the session, as offline",
     )
     offline_block_s: float = Field(
         2.0,

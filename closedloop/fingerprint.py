@@ -6,8 +6,10 @@ outcome empty without a pulse request, else `fired|reason`). Two runs that decid
 things on the same samples give the same hex digest, so a developer can assert that a change did
 not alter behaviour on a recording (`closedloop offline REC --fingerprint-only`), and two
 sessions can be compared at a glance. Offline blocks decide on the chunk grid, so a run in blocks
-and one fed single chunks of that size share a fingerprint. Live sessions decide on the chunks
-the stream delivers, so a live fingerprint is a record of that session, not of the recording.
+and one fed single chunks of that size share a fingerprint. Live sessions with the built-in rule
+decide on the chunks the stream delivers, so their fingerprint is a record of that session, not
+of the recording; with a decider plugin they decide on the same `chunk_size` grid of samples as
+offline (the interlock's outcomes, on the live clock, may still differ).
 
 Cost: one string format and one `sha256.update` per decision, 1.2 µs (timeit, this machine).
 """

@@ -75,6 +75,8 @@ class Pipeline:
         self.phase_monitor = None  # closedloop.phase_monitor.PhaseMonitor (a tap) with it
         self.fingerprint = DecisionFingerprint()
         self.decider = None  # features.decider.DeciderStage when state.decider names a plugin
+        self.decide_every = 0  # live with a decider: decide every this many session samples
+        self._decided = 0  # session samples up to the last decision
 
     @classmethod
     def build(
@@ -149,6 +151,7 @@ class Pipeline:
                 mad_floor=st.mad_floor,
                 thresholds_of=lambda: chain.thresholds,
             )
+            pipeline.decide_every = config.source.chunk_size
         pipeline.simulated_outputs = notes
         return pipeline
 
@@ -159,22 +162,25 @@ class Pipeline:
         grid, `FeatureChain.step_every`): each State goes to the trigger, the taps and the bus
         in turn, and each health event just before the first State at or after its time, so
         the pulses equal those of a run fed `every`-sample chunks.
+        Live with a decider plugin, decisions fall on the same grid of the session's samples
+        (every `decide_every`-th sample, whatever the chunks the stream delivers), so the
+        plugin decides on the same samples live and offline (`_decision_grid`).
         Decision latency: live, from the pull returning (chunk.t_arrival) to the outputs having
         returned; offline (no arrival time), the compute time of this step.
         """
         t_start = chunk.t_arrival if self.live else local_clock()
+        n = chunk.n_samples
         events = list(chunk.events)
-        if chunk.n_samples == 0 or every is None:  # a single decision: every fault before it
+        if n == 0 or every is None:  # a single decision: every fault before it
             self._on_health(events)
             events = []
-        if chunk.n_samples == 0:
+        if n == 0:
             return StepResult(self.state, None)
         if self.n_chunks == 0:
             self.first_t = float(chunk.timestamps[0])
+        grid, decides = self._decision_grid(n, every)
         try:
-            states = (
-                [self.chain.step(chunk)] if every is None else self.chain.step_every(chunk, every)
-            )
+            states = [self.chain.step(chunk)] if grid is None else self.chain.step_at(chunk, grid)
         except Exception as exc:  # a bug in a feature must not fire or crash the loop silently
             self._on_health(events)
             reason = f"exception in features: {type(exc).__name__}: {exc}"
@@ -185,15 +191,26 @@ class Pipeline:
                     "error", chunk.t_last, reason=reason, traceback=traceback.format_exc()
                 )
             return StepResult(self.state, None)
+        ends = [n] if grid is None else (grid + 1).tolist()  # each State's end in the chunk
         last_attempt = None
-        last = len(states) - 1
-        decided = self.n_samples  # first sample of the current decision (session count)
+        last = len(states) - 1 if decides else len(states) - 2  # the last deciding State
+        decided = self._decided  # first sample of the current decision (session count)
         bus, taps, phase, decider = self.bus, self.taps, self.phase, self.decider
-        if phase is not None and every is None:
+        if phase is not None and grid is None:
             phase.push(chunk.data)
         publish_states = bus is not None and bus.wants("state")
-        state = states[-1]
+        state = self.state
+        begin = 0
         for i, chain_state in enumerate(states):
+            end = ends[i]
+            part = chunk if grid is None else _part(chunk, begin, end)
+            begin = end
+            if phase is not None and grid is not None:  # the phase sees the samples up to here
+                phase.push(part.data)
+            if i > last:  # the chunk's tail before the next grid sample: no decision on it
+                if taps and state is not None:
+                    self._run_taps(part, state)
+                break
             state = chain_state
             if events:  # faults before the state they precede (nan times: at once)
                 due = [e for e in events if not e.t_stream > state.t_stream]
@@ -201,30 +218,23 @@ class Pipeline:
                     self._on_health(due)
                     events = [e for e in events if e.t_stream > state.t_stream]
             if phase is not None:
-                if every is not None:  # the phase sees the samples up to this decision
-                    phase.push(chunk.data[i * every : min((i + 1) * every, chunk.n_samples)])
                 self._phase_calibration(phase, state)
             if decider is not None:
-                state = self._apply_decider(decider, state, chunk, i, every)
+                state = self._apply_decider(decider, state, part, self.n_samples + end)
             attempt = self._decide(state, chunk.t_arrival)
-            end = self.n_samples + (
-                chunk.n_samples if every is None else min((i + 1) * every, chunk.n_samples)
-            )
             self.fingerprint.add(
                 decided,
-                end,
+                self.n_samples + end,
                 state.label.value,
                 state.score,
                 "" if attempt is None else f"{attempt.fired:d}|{attempt.reason}",
             )
-            decided = end
+            decided = self.n_samples + end
             if i == last:
                 self._latency_ms[self._n_latency % LATENCY_RING] = (local_clock() - t_start) * 1e3
                 self._n_latency += 1
             if taps:
-                # offline blocks: the part of the block this state decided on
-                part = chunk if every is None else _part(chunk, i * every, (i + 1) * every)
-                self._run_taps(part, state)
+                self._run_taps(part, state)  # offline blocks: the part this state decided on
             if bus is not None:
                 if publish_states:
                     bus.publish(Event("state", _state_payload(state), state.t_stream))
@@ -236,9 +246,30 @@ class Pipeline:
                 hook, self.on_calibrated = self.on_calibrated, None
                 hook()
         self._on_health(events)
-        self.n_samples += chunk.n_samples
+        self._decided = decided
+        self.n_samples += n
         self.n_chunks += 1
         return StepResult(state, last_attempt)
+
+    def _decision_grid(self, n: int, every: int | None) -> tuple[np.ndarray | None, bool]:
+        """Where in an n-sample chunk the States are taken: (sample indices, or None for one
+        State after the last sample; whether the last index is a decision).
+
+        Offline blocks: every `every` samples from the block's start (blocks start on the
+        grid). Live with a decider: the samples whose session count is a multiple of
+        `decide_every`, plus the chunk's last sample (not a decision: it carries the chain
+        over the tail and feeds the taps). Live without one: None (one decision per chunk).
+        """
+        if every is not None:
+            return self.chain.grid(n, every), True
+        e = self.decide_every
+        if self.decider is None or not e:
+            return None, True
+        first = (e - 1 - self.n_samples) % e  # first index whose session count ends a step
+        grid = np.arange(first, n, e, dtype=np.int64)
+        if grid.size and grid[-1] == n - 1:
+            return grid, True
+        return np.append(grid, np.int64(n - 1)), False
 
     def _decide(self, state: State, t_arrival: float) -> Attempt | None:
         """One State to the trigger (a railing amplifier first becomes a fault)."""
@@ -259,14 +290,12 @@ class Pipeline:
         self.state = state
         return attempt
 
-    def _apply_decider(self, decider, state: State, chunk: Chunk, i: int, every: int | None):
-        """The decider plugin's score and label for this State; any exception or non-finite
+    def _apply_decider(self, decider, state: State, part: Chunk, sample_end: int) -> State:
+        """The decider plugin's score and label for this State (`part`: the samples it decides
+        on; `sample_end`: the session's sample count after them); any exception or non-finite
         output is a fault (disarmed, logged) and the State stays NON_TARGET."""
-        part = None
-        if decider.wants_chunk:
-            part = chunk if every is None else _part(chunk, i * every, (i + 1) * every)
         try:
-            return decider.apply(state, part)
+            return decider.apply(state, part if decider.wants_chunk else None, sample_end)
         except Exception as exc:
             reason = f"exception in decider: {type(exc).__name__}: {exc}"
             self.trigger.fault(reason, state.t_stream)

@@ -11,6 +11,8 @@ depends on closedloop gets these fixtures in any test, with no conftest:
   `SessionConfig`, or None for the defaults) run offline on a recording, exactly as `closedloop
   offline` runs it, in the test's temporary folder; the run holds the summary, the audit lines,
   the fired and requested pulse times, every state, and the decision fingerprint.
+- `as_streamed(recording)`: the recording's samples exactly as a live session receives them from
+  `replayed_stream` (float32 on the wire), so an offline run on it decides as the live one did.
 - `score_pulses(times, epochs, window)` and `OfflineRun.score(target)`: precision, hits and delay
   against annotated target epochs, with the tuner's definitions (`closedloop.tuning.scoring`).
 
@@ -161,6 +163,36 @@ def run_offline(
         states=states,
         annotations=source.annotations,
     )
+
+
+def as_streamed(recording: Any) -> Any:
+    """The recording (a path or an mne Raw, not modified) as a live session receives it from
+    `replayed_stream`: the replayer sends float32, electrophysiological channels in microvolts,
+    and `LslSource` turns them back into volts in float64. A session with a decider plugin
+    decides on the same sample grid live and offline (`source.chunk_size`), so an offline run
+    on `as_streamed(rec)` makes the decisions of a live session on the replay of `rec`
+    exactly: the same labels and scores at the same samples."""
+    from acquisition.readers import load_recording
+    from acquisition.replayer import MICROVOLT_TYPES
+
+    raw = load_recording(recording) if isinstance(recording, str | Path) else recording.copy()
+    raw.load_data()
+    types = raw.get_channel_types()
+    volts = [k for k, t in enumerate(types) if t in MICROVOLT_TYPES]
+    other = [k for k, t in enumerate(types) if t not in MICROVOLT_TYPES]
+    # the replayer's wire format (float32 microvolts), then LslSource's scaling back to volts
+    raw.apply_function(_through_float32_microvolts, picks=volts, channel_wise=False)
+    if other:
+        raw.apply_function(_through_float32, picks=other, channel_wise=False)
+    return raw
+
+
+def _through_float32_microvolts(x: np.ndarray) -> np.ndarray:
+    return np.multiply((x * 1e6).astype(np.float32), 1e-6, dtype=np.float64)
+
+
+def _through_float32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32).astype(np.float64)
 
 
 def _unique_name(request: pytest.FixtureRequest) -> str:

@@ -428,8 +428,8 @@ class FeatureChain:
         if n == 0:
             return self._state
         if self._learn_len < self._learn_n and self._calibrating:
-            return self._run_split(chunk, self._grid(n, n))[-1]
-        return self._run(chunk, self._grid(n, n))[-1]
+            return self._run_split(chunk, self.grid(n, n))[-1]
+        return self._run(chunk, self.grid(n, n))[-1]
 
     def step_every(self, chunk: Chunk, every: int) -> list[State]:
         """Process one block; return the State after every `every`-th sample and after the last.
@@ -438,12 +438,16 @@ class FeatureChain:
         first starting at this block's first sample), with the per-sample work done once for
         the whole block (offline: large blocks, decisions on the live chunk grid).
         """
-        n = chunk.n_samples
-        if n == 0:
+        return self.step_at(chunk, self.grid(chunk.n_samples, every))
+
+    def step_at(self, chunk: Chunk, grid: np.ndarray) -> list[State]:
+        """Process one block; return the State after each sample index of `grid` (int64,
+        sorted, unique, ending at n - 1), equal to `step` fed chunks that end there."""
+        if chunk.n_samples == 0:
             return []
         if self._learn_len < self._learn_n and self._calibrating:
-            return self._run_split(chunk, self._grid(n, every))
-        return self._run(chunk, self._grid(n, every))
+            return self._run_split(chunk, grid)
+        return self._run(chunk, grid)
 
     def _run_split(self, chunk: Chunk, grid: np.ndarray) -> list[State]:
         """`_run`, cut at the sample where learning ends when it falls inside the block, so the
@@ -464,7 +468,7 @@ class FeatureChain:
         rest = Chunk(d[e:], t[e:], chunk.ch_names, chunk.sfreq)
         return first + self._run(rest, grid[grid >= e] - e)
 
-    def _grid(self, n: int, every: int) -> np.ndarray:
+    def grid(self, n: int, every: int) -> np.ndarray:
         """Sample indices every-1, 2 every-1, ... and n-1 of an n-sample block (int64, cached)."""
         grid = self._grids.get((n, every))
         if grid is None:

@@ -11,7 +11,10 @@ A decider is a class with this contract (see README, "Extending and testing"):
         def decide(self, state: State, chunk: Chunk | None) -> Decision: ...
 
 It is named in the config by `state.decider: "package.module:ClassName"` or by the name of a
-`closedloop.deciders` entry point. `decide` runs once per decision on the chain's calibrated
+`closedloop.deciders` entry point. Decisions fall every `source.chunk_size` samples of the
+session, live as offline, whatever chunks the stream delivers (`Pipeline._decision_grid`), and
+the baseline rows and the hysteresis count samples: a live session and an offline run on the
+same samples decide exactly alike. `decide` runs once per decision on the chain's calibrated
 State (features: log band powers; z: robust z against the baseline; artifacts) and returns a
 `Decision`: a score and, optionally, a label. Without a label, the score goes through the same
 hysteresis as the built-in rule (`enter` / `leave`, `dwell_s` / `leave_dwell_s`, counted in
@@ -38,7 +41,7 @@ from features.state import MAD_TO_SD
 from features.types import Label, State
 
 ENTRY_POINT_GROUP = "closedloop.deciders"
-BASELINE_ROW_S = 0.1  # baseline rows handed to calibrate(): one per 100 ms of stream time
+BASELINE_ROW_S = 0.1  # baseline rows handed to calibrate(): one per 100 ms of samples
 COST_RING = 8192  # decide() durations kept for p50 / p99 (as the decision latency ring)
 PASSED_THROUGH = frozenset({Label.UNCALIBRATED, Label.CALIBRATING, Label.ARTIFACT})
 
@@ -180,6 +183,7 @@ class DeciderStage:
         self.wants_chunk = bool(getattr(decider, "wants_chunk", False))
         self._rows: list[list[float]] = []  # baseline feature rows, one per BASELINE_ROW_S
         self._last_tick = -1
+        self._row_n = max(1, round(BASELINE_ROW_S * context.sfreq))  # samples per baseline row
         self._calibrated = False
         self._cost_us = np.full(COST_RING, np.nan)
         self._n = 0
@@ -205,17 +209,21 @@ class DeciderStage:
             raise DeciderError(f"{spec}: could not be built: {type(exc).__name__}: {exc}") from exc
         return cls(decider, context, hysteresis, baseline_of, mad_floor, thresholds_of)
 
-    def apply(self, state: State, chunk: Any = None) -> State:
+    def apply(self, state: State, chunk: Any, sample_end: int) -> State:
+        """The decider's State for the samples up to `sample_end` (exclusive, counted from the
+        session's first sample): the baseline rows and the hysteresis count samples, not
+        stream seconds, so a live session and an offline run of the same samples decide
+        alike (live stamps are an estimate of the device clock; the sample count is exact)."""
         names = self.context.feature_names
         if state.label is Label.CALIBRATING:
             if self._calibrated:  # a new baseline (operator restart): collect it afresh
                 self._calibrated = False
                 self._rows.clear()
                 self.hysteresis.reset()
-            # one row per BASELINE_ROW_S of stream time, whatever the chunking: live chunks
+            # one row per BASELINE_ROW_S of samples, whatever the chunking: live chunks
             # arrive in bursts under load, and the fit must not depend on how many decisions
             # a stretch of baseline happened to get
-            tick = math.floor(state.t_stream / BASELINE_ROW_S)
+            tick = sample_end // self._row_n
             if state.features and not state.artifacts and tick != self._last_tick:
                 self._last_tick = tick
                 self._rows.append([state.features.get(n, math.nan) for n in names])
@@ -237,7 +245,7 @@ class DeciderStage:
         if label is None:
             if self.thresholds_of is not None:
                 self.hysteresis.enter, self.hysteresis.leave = self.thresholds_of()
-            label = self.hysteresis.step(state.t_stream, score)
+            label = self.hysteresis.step(sample_end / self.context.sfreq, score)
         elif label not in (Label.TARGET, Label.NON_TARGET):
             raise DeciderError(f"decider returned label {label!r} (TARGET or NON_TARGET only)")
         else:

@@ -71,3 +71,16 @@ def end_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=10)
+
+
+class SingleChunks:
+    """A FileSource without a fixed chunk size (the Source contract's `chunk_size = None`): the
+    session feeds it chunk by chunk (the FileSource's own chunk size), as live."""
+
+    chunk_size = None
+
+    def __init__(self, source) -> None:
+        self._src = source
+
+    def __getattr__(self, name):
+        return getattr(self._src, name)

@@ -13,7 +13,7 @@ from closedloop.config import apply_overrides, load_config
 from closedloop.errors import ConfigError
 from features.decider import Decision, DecisionHysteresis
 from features.types import Label
-from tests.session_helpers import REPLAY_DATA
+from tests.session_helpers import REPLAY_DATA, SingleChunks
 
 pytestmark = pytest.mark.timeout(120)
 BUNDLED = REPLAY_DATA / "sim_32ch_500hz.fif"
@@ -154,3 +154,27 @@ def test_the_snapshot_and_status_line_carry_the_deciders_cost(tmp_path):
     session.run()
     assert re.search(r"decider tests\.test_decider:Echo p99=\d+ µs", lines[-1])
     assert session.snapshot().decider.startswith("decider tests.test_decider:Echo p99=")
+
+
+def test_live_chunking_does_not_change_a_deciders_decisions(tmp_path):
+    """Live, chunks come as the stream delivers them (here 7 and 23 samples, as from bursts);
+    with a decider the session still decides every `source.chunk_size` samples of its own
+    count, so the decisions (and the fingerprint over them) equal the offline run's grid of
+    10-sample steps, exactly."""
+    from acquisition.file_source import FileSource
+    from closedloop.session import Session
+
+    config = _config("tests.test_decider:Echo")
+    assert config.source.chunk_size == 10
+
+    def run(name, source):
+        session = Session(config, source, live=False, out_root=tmp_path / name,
+                          arm_action="offline_run")  # fmt: skip
+        return session.run()
+
+    offline = run("blocks", FileSource(BUNDLED, chunk_size=10))
+    assert offline["pulses"] > 0
+    for size in (7, 23):
+        chunked = run(f"chunks{size}", SingleChunks(FileSource(BUNDLED, chunk_size=size)))
+        assert chunked["fingerprint"] == offline["fingerprint"], size
+        assert chunked["pulses"] == offline["pulses"]

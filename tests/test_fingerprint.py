@@ -12,7 +12,7 @@ from closedloop.app.cli import main
 from closedloop.config import apply_overrides, load_config
 from closedloop.fingerprint import DecisionFingerprint
 from closedloop.session import Session
-from tests.session_helpers import REPLAY_DATA, bundled_recording
+from tests.session_helpers import REPLAY_DATA, SingleChunks, bundled_recording
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,18 +40,6 @@ def test_digest_follows_every_field_and_the_order():
     # below the stated precision (6 decimals) the score does not matter, nor the sign of zero
     assert _digest([base[0], (10, 20, "target", 2.5 + 1e-9, "1|fired")]) == ref
     assert _digest([(0, 1, "x", -1e-9, "")]) == _digest([(0, 1, "x", 0.0, "")])
-
-
-class SingleChunks:
-    """The FileSource without a fixed chunk size: the session decides chunk by chunk."""
-
-    chunk_size = None
-
-    def __init__(self, source: FileSource) -> None:
-        self._src = source
-
-    def __getattr__(self, name):
-        return getattr(self._src, name)
 
 
 def _run(tmp_path, source, **overrides):

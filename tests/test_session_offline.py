@@ -11,7 +11,13 @@ from acquisition.file_source import FileSource
 from closedloop.app.cli import main
 from closedloop.load import load_session, read_jsonl
 from closedloop.session import Session
-from tests.session_helpers import bundled_recording, fast_config, fraction_inside, target_epochs
+from tests.session_helpers import (
+    SingleChunks,
+    bundled_recording,
+    fast_config,
+    fraction_inside,
+    target_epochs,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,19 +81,6 @@ def test_same_chunks_give_the_same_pulses_and_chunk_size_moves_them_by_less_than
     assert times[0] == times[1]
     assert len(times[0]) == len(times[2])
     assert np.max(np.abs(np.subtract(times[0], times[2]))) <= 25 / 500.0 + 1e-9
-
-
-class SingleChunks:
-    """A FileSource without a fixed chunk size (the Source contract's `chunk_size = None`): the
-    session feeds it chunk by chunk, as live."""
-
-    chunk_size = None
-
-    def __init__(self, source: FileSource) -> None:
-        self._src = source
-
-    def __getattr__(self, name):
-        return getattr(self._src, name)
 
 
 def _decisions(folder):

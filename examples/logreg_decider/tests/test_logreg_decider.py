@@ -53,17 +53,19 @@ def test_an_unknown_feature_is_refused_when_the_session_is_built(offline_session
 
 
 @pytest.mark.lsl
-def test_live_on_a_replayed_stream_it_decides_as_offline(
+def test_live_on_a_replayed_stream_it_decides_exactly_as_offline(
     replayed_stream, offline_session, tmp_path
 ):
-    """The same pulse requests live (the recording streamed at 6x by a replayer process) as
-    offline on the samples the live session processed, each within 100 ms. Not identical: live
-    decides per chunk as it arrives (bursts of 40-80 ms under CI load, offline every 20 ms),
-    its samples come through LSL, and the fit sees those samples; in clean-clone CI runs the
-    requests differed by 0-80 ms."""
+    """The recording streamed at 6x by a replayer process, and offline on the same samples
+    (`as_streamed`): the same decisions, state by state (label and score at each 10-sample
+    step of the session), and the same pulse requests. Live, chunks arrive as the stream
+    delivers them (bursts of 40-80 ms under CI load); with a decider the session still decides
+    on its own sample grid, which is what makes this exact."""
+    from acquisition.readers import load_recording
     from acquisition.sources import source_from_settings
     from closedloop.load import load_session
     from closedloop.session import Session
+    from closedloop.testing import as_streamed
 
     stream = replayed_stream(BUNDLED, speed=6.0)
     config = apply_overrides(
@@ -71,6 +73,7 @@ def test_live_on_a_replayed_stream_it_decides_as_offline(
     )
     session = Session(config, source_from_settings(config.source), live=True, out_root=tmp_path,
                       arm_action="test_arm")  # fmt: skip
+    states = session.bus.subscribe("test", maxlen=1_000_000, kinds={"state"})
 
     def stop_when_replay_ends():
         stream.process.wait()
@@ -78,14 +81,20 @@ def test_live_on_a_replayed_stream_it_decides_as_offline(
         session.stop("replay finished")
 
     threading.Thread(target=stop_when_replay_ends, daemon=True).start()
-    session.run()
+    summary = session.run()
+    live = [e.payload for e in states.drain()]
     rec = load_session(session.folder)
     first = next(e for e in rec.events if e.get("kind") == "first_sample")
-    k = round((first["t_stream"] - rec.t0_stream) * 500.0)
-    from acquisition.readers import load_recording
+    k = round((first["t_stream"] - rec.t0_stream) * 500.0)  # 0: the replayer waits for us
+    offline = offline_session(as_streamed(load_recording(BUNDLED).crop(tmin=k / 500.0)), config)
 
-    offline = offline_session(load_recording(BUNDLED).crop(tmin=k / 500.0), None, **DECIDER)
-    t_off = offline.requested + k / 500.0
+    def decisions(states):
+        return [(s["label"], f"{s['score']:.6f}") for s in states]
+
+    n = len(offline.states)
+    assert summary["samples"] // 10 in (n - 1, n)  # the offline run's tail is a decision too
+    assert decisions(live) == decisions(offline.states)[: len(live)], k
+    assert sum(1 for s in live if s["label"] == "target") > 50
     t_live = [a["t_stream"] - rec.t0_stream for a in rec.audit if a.get("event") == "attempt"]
-    assert len(t_off) == len(t_live) >= 2, (t_off, t_live)
-    assert np.max(np.abs(np.subtract(t_off, t_live))) <= 0.1, (t_off, t_live)
+    assert len(t_live) == len(offline.requested) >= 2, (t_live, offline.requested)
+    assert np.max(np.abs(np.subtract(offline.requested + k / 500.0, t_live))) < 0.004
