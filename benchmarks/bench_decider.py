@@ -1,6 +1,7 @@
 """What a decider plugin costs in the hot path: the decision latency at 64 ch x 1 kHz with the
-built-in rule and with the example plugin (examples/logreg_decider: logistic regression over the
-band z-scores), interleaved rounds in one process so the machine's load hits both alike.
+built-in rule (fused into the chain's kernel), the same rule through the plugin contract
+(`weighted_z`) and the example plugin (examples/logreg_decider: logistic regression over the
+band z-scores), interleaved rounds in one process so the machine's load hits all alike.
 
     python -m benchmarks decider [--quick]     # or: python -m benchmarks.bench_decider
 
@@ -18,6 +19,11 @@ from typing import Any
 from benchmarks.bench_decision import measure
 
 PLUGIN = {"state.decider": "logreg", "state.enter": 2.5, "state.leave": 0.0}
+MODES = (
+    ("built-in", {}),
+    ("weighted_z plugin", {"state.decider": "weighted_z"}),
+    ("logreg plugin", PLUGIN),
+)
 
 
 def run(quick: bool, log=print) -> dict[str, Any]:
@@ -30,7 +36,7 @@ def run(quick: bool, log=print) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-decider-") as tmp:
         for rnd in range(2 if quick else 3):
-            for mode, extra in (("built-in", {}), ("logreg plugin", PLUGIN)):
+            for mode, extra in MODES:
                 r = measure(64, 1000.0, run_s, Path(tmp), seed=rnd, **extra)
                 keep = ("p50_ms", "p99_ms", "cpu_p99_ms", "pulses")
                 cost = r["decider_cost_us"] or {}

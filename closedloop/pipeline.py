@@ -145,8 +145,16 @@ class Pipeline:
             pipeline.decider = DeciderStage.build(
                 st.decider,
                 st.decider_settings,
-                DeciderContext(tuple(ch_names), float(sfreq), chain.feature_names, st.target_name),
-                DecisionHysteresis(st.enter, st.leave, st.dwell_s, st.leave_dwell_s),
+                DeciderContext(
+                    tuple(ch_names),
+                    float(sfreq),
+                    chain.feature_names,
+                    st.target_name,
+                    tuple(float(w) for w in chain.feature_weights),
+                ),
+                DecisionHysteresis(
+                    st.enter, st.leave, st.dwell_s, st.leave_dwell_s, st.resume_after_artifact
+                ),
                 baseline_of=lambda: chain.baseline,
                 mad_floor=st.mad_floor,
                 thresholds_of=lambda: chain.thresholds,

@@ -117,6 +117,7 @@ class FeatureChain:
         self._derived_names = tuple(f.derived for f in self._derived)
         self.feature_names = tuple(f.name for f in self._feature_refs)
         self._weights = np.array([f.weight for f in self._feature_refs])
+        self.feature_weights = tuple(f.weight for f in self._feature_refs)
         self._group_list = list(self._groups)
 
         self._pre = Preprocessor(preprocess, eeg_names, sfreq)

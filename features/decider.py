@@ -22,6 +22,9 @@ decisions). The label then goes to the trigger policy and the safety interlock l
 one: a decider can only ask for a pulse; it never fires one, and every limit stays with the
 interlock. Artifacts, calibration and stream faults keep their labels whatever the decider says.
 An exception or a non-finite score is a fault: the pipeline disarms with the reason.
+
+`WeightedZ` below is the built-in rule written against this contract (`state.decider:
+weighted_z`); without a decider the chain runs the same rule fused into its compiled kernel.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from features.state import MAD_TO_SD
 from features.types import Label, State
@@ -58,6 +61,7 @@ class DeciderContext:
     sfreq: float  # Hz
     feature_names: tuple[str, ...]  # 'band@group' keys of State.features / State.z
     target_name: str
+    feature_weights: tuple[float, ...] = ()  # state.features' weights, in feature_names order
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,48 @@ class Decider(Protocol):
     def calibrate(self, baseline: Baseline) -> None: ...
 
     def decide(self, state: State, chunk: Any) -> Decision: ...
+
+
+class WeightedZSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, float] | None = Field(
+        None,
+        description="weight of each feature ('band@group'); null: the weights of state.features",
+    )
+
+
+class WeightedZ:
+    """The built-in rule written against this contract: score = sum of weight x z over the
+    configured features, labelled by the configured hysteresis.
+
+    `state.decider: weighted_z` runs it as a plugin. Without a decider the chain runs the same
+    rule fused into its compiled kernel (`features/kernels.py`), where the hysteresis counts
+    single samples rather than decisions and 64 channels at 1 kHz stay within budget;
+    tests/test_decider.py checks that both give the same score at every decision and the same
+    pulses to within one decision step.
+    """
+
+    Settings = WeightedZSettings
+    wants_chunk = False
+
+    def __init__(self, settings: WeightedZSettings, context: DeciderContext) -> None:
+        weights = settings.weights
+        if weights is None:
+            weights = dict(zip(context.feature_names, context.feature_weights, strict=True))
+        unknown = sorted(set(weights) - set(context.feature_names))
+        if unknown:
+            raise DeciderError(
+                f"weights for {', '.join(unknown)}: not features of this config (have: "
+                f"{', '.join(context.feature_names)})"
+            )
+        self.terms = tuple((name, w) for name, w in weights.items() if w != 0.0)
+
+    def calibrate(self, baseline: Baseline) -> None:
+        """Nothing to learn: z is already against the baseline."""
+
+    def decide(self, state: State, chunk: Any) -> Decision:
+        z = state.z
+        return Decision(math.fsum(w * z.get(name, math.nan) for name, w in self.terms))
 
 
 def load_decider_class(spec: str) -> type:
@@ -130,15 +176,35 @@ def validate_decider_settings(spec: str, settings: dict[str, Any]) -> BaseModel:
 
 
 class DecisionHysteresis:
-    """The built-in enter / leave rule with dwell, counted per decision (stream seconds)."""
+    """The built-in enter / leave rule with dwell, counted per decision (t: seconds of samples)."""
 
-    def __init__(self, enter: float, leave: float, dwell_s: float, leave_dwell_s: float) -> None:
+    def __init__(
+        self,
+        enter: float,
+        leave: float,
+        dwell_s: float,
+        leave_dwell_s: float,
+        resume_after_artifact: bool = True,
+    ) -> None:
         self.enter, self.leave = enter, leave
         self.dwell_s, self.leave_dwell_s = dwell_s, leave_dwell_s
+        self.resume = resume_after_artifact
         self.label = Label.NON_TARGET
         self._since = math.nan  # stream time the score first crossed toward the other label
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        """An artifact (the chain's rule, `features.state.LabelMachine`): the dwell restarts,
+        and at the first clean decision the label is TARGET again only if it was TARGET before,
+        `resume` is on and the score is still at or above `leave`; else NON_TARGET."""
+        self._since = math.nan
+        self._interrupted = True
 
     def step(self, t: float, score: float) -> Label:
+        if self._interrupted:
+            self._interrupted = False
+            back = self.resume and self.label is Label.TARGET and score >= self.leave
+            self.label = Label.TARGET if back else Label.NON_TARGET
         if self.label is Label.TARGET:
             crossing, hold = score < self.leave, self.leave_dwell_s
             other = Label.NON_TARGET
@@ -154,7 +220,7 @@ class DecisionHysteresis:
         return self.label
 
     def reset(self) -> None:
-        self.label, self._since = Label.NON_TARGET, math.nan
+        self.label, self._since, self._interrupted = Label.NON_TARGET, math.nan, False
 
 
 class DeciderStage:
@@ -232,7 +298,9 @@ class DeciderStage:
             return state
         if not self._calibrated:
             self._finish_calibration(state)
-        if state.label in PASSED_THROUGH:
+        if state.label in PASSED_THROUGH:  # an artifact: the next clean label is a new one
+            self.hysteresis.interrupt()
+            self._last_label = state.label
             return state
         t0 = time.perf_counter()
         decision = self.decider.decide(state, chunk if self.wants_chunk else None)
