@@ -343,6 +343,11 @@ def dump_config(config: SessionConfig) -> str:
     return yaml.dump(config.model_dump(mode="json"), Dumper=dumper, sort_keys=False)
 
 
+# mappings whose keys are not ours to know: a decider's settings (its own Settings model
+# validates them when the config is parsed), so `--set` and `tune --grid` may add keys there
+OPEN_MAPPINGS = frozenset({("state", "decider_settings")})
+
+
 def apply_overrides(config: SessionConfig, overrides: dict[str, Any]) -> SessionConfig:
     """Return a copy with dotted-key overrides applied ('state.enter': 1.5), validated in full."""
     data = config.model_dump(mode="json")
@@ -353,7 +358,9 @@ def apply_overrides(config: SessionConfig, overrides: dict[str, Any]) -> Session
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError("overrides", [f"{key}: unknown key '{part}'"])
             node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
+        if not isinstance(node, dict) or (
+            parts[-1] not in node and tuple(parts[:-1]) not in OPEN_MAPPINGS
+        ):
             owner = _model_at(SessionConfig, tuple(parts[:-1]))
             known = sorted(owner.model_fields) if owner else []
             close = difflib.get_close_matches(parts[-1], known, n=1)

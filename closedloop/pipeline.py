@@ -76,6 +76,7 @@ class Pipeline:
         self.fingerprint = DecisionFingerprint()
         self.decider = None  # features.decider.DeciderStage when state.decider names a plugin
         self.decide_every = 0  # live with a decider: decide every this many session samples
+        self.decider_fault: str | None = None  # the decider's first fault: off from then on
         self._decided = 0  # session samples up to the last decision
 
     @classmethod
@@ -300,12 +301,19 @@ class Pipeline:
 
     def _apply_decider(self, decider, state: State, part: Chunk, sample_end: int) -> State:
         """The decider plugin's score and label for this State (`part`: the samples it decides
-        on; `sample_end`: the session's sample count after them); any exception or non-finite
-        output is a fault (disarmed, logged) and the State stays NON_TARGET."""
+        on; `sample_end`: the session's sample count after them). Its first exception or
+        non-finite output is a fault (disarmed, logged once); the decider is then off for the
+        rest of the session and every calibrated State stays NON_TARGET with no score (a
+        broken rule must not fault 100 times a second, nor ask for pulses after a re-arm)."""
+        if self.decider_fault is not None:
+            if state.label in (Label.TARGET, Label.NON_TARGET):
+                return replace(state, label=Label.NON_TARGET, score=float("nan"))
+            return state
         try:
             return decider.apply(state, part if decider.wants_chunk else None, sample_end)
         except Exception as exc:
             reason = f"exception in decider: {type(exc).__name__}: {exc}"
+            self.decider_fault = reason
             self.trigger.fault(reason, state.t_stream)
             self.faults.append(reason)
             if self.bus is not None:

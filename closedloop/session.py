@@ -718,7 +718,11 @@ class Session:
             s.latency_p50_ms, s.latency_p99_ms, _ = p.latency_percentiles()
             if p.decider is not None:
                 name = self.config.state.decider
-                s.extra["decider"] = f" decider {name} p99={p.decider.cost_us()['p99']:.0f} µs"
+                s.extra["decider"] = (
+                    f" decider {name} OFF (fault)"
+                    if p.decider_fault
+                    else f" decider {name} p99={p.decider.cost_us()['p99']:.0f} µs"
+                )
         if state is not None:
             s.label, s.score, s.t_stream = state.label.value, state.score, state.t_stream
         if self.on_status is not None:
@@ -759,7 +763,11 @@ class Session:
                 fingerprint=p.fingerprint.summary(),
             )
             if p.decider is not None:  # a plugin's own cost per decision, beside the latency
-                out["decider"] = {"name": self.config.state.decider, "cost_us": p.decider.cost_us()}
+                out["decider"] = {
+                    "name": self.config.state.decider,
+                    "cost_us": p.decider.cost_us(),
+                    "fault": p.decider_fault,  # None, or the reason it was turned off
+                }
         out["disk"] = self.disk
         if self.watchdog is not None:
             out["watchdog"] = {

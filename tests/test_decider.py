@@ -139,6 +139,12 @@ def test_a_failing_decider_is_a_fault_that_disarms_and_the_session_ends_cleanly(
     disarmed = [a for a in run.audit if a.get("event") == "interlock" and a["new"] == "disarmed"]
     assert disarmed[0]["reason"].startswith("fault: exception in decider")
     assert disarmed[0]["t_stream"] > 100.0
+    # one fault, then the decider is off: no fault per decision, nothing labelled target
+    assert len([f for f in run.summary["faults"] if "decider" in f]) == 1
+    assert run.summary["decider"]["fault"].startswith("exception in decider")
+    after = [s for s in run.states if s["t_stream"] > disarmed[0]["t_stream"]]
+    assert len(after) > 1000
+    assert all(s["label"] != "target" for s in after)
 
 
 def test_the_snapshot_and_status_line_carry_the_deciders_cost(tmp_path):

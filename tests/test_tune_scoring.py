@@ -8,7 +8,7 @@ import mne
 import numpy as np
 import pytest
 
-from closedloop.config import SessionConfig
+from closedloop.config import SessionConfig, apply_overrides
 from closedloop.errors import ConfigError, UserError
 from closedloop.tuning.grid import build_grid, parse_grid, parse_objective, parse_values, rank
 from closedloop.tuning.scoring import Counts, count, metrics, score_table, target_epochs
@@ -183,3 +183,18 @@ def test_objective_parse_and_rank():
     order, feasible = rank(rows, parse_objective(None, None, ["hit_rate>=0.99"]))
     assert feasible == [False, False, False, True]
     assert order[0] == 3  # the only feasible one, though its precision is undefined
+
+
+def test_grid_sweeps_a_deciders_own_settings_even_when_the_base_config_omits_them():
+    """`state.decider_settings.<key>` is the plugin's to define: the grid may add it, and the
+    plugin's Settings still validate every value."""
+    base = apply_overrides(SessionConfig(), {"state.decider": "tests.test_decider:Echo"})
+    assert base.state.decider_settings == {}
+    g = build_grid(base, parse_grid(["state.decider_settings.weight=0.5,2"]))
+    assert [c.state.decider_settings for c in g.configs] == [{"weight": 0.5}, {"weight": 2.0}]
+    with pytest.raises(ConfigError, match=r"weight.*valid number"):
+        build_grid(base, parse_grid(["state.decider_settings.weight=heavy"]))
+    with pytest.raises(ConfigError, match=r"decider_settings\.colour: Extra inputs"):
+        build_grid(base, parse_grid(["state.decider_settings.colour=1"]))
+    with pytest.raises(ConfigError, match=r"state\.decider_settings\.weight\.x: unknown key"):
+        build_grid(base, parse_grid(["state.decider_settings.weight.x=1"]))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from closedloop.config import SessionConfig, apply_overrides, validate_for_stream
+from closedloop.config import OPEN_MAPPINGS, SessionConfig, apply_overrides, validate_for_stream
 from closedloop.errors import ConfigError, UserError
 from closedloop.tuning.scoring import (
     METRICS,
@@ -113,9 +113,14 @@ def check_keys(base: SessionConfig, keys: Sequence[str]) -> None:
     for key in keys:
         node: Any = data
         ok = True
-        for part in key.split("."):
+        parts = key.split(".")
+        for i, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
-                ok = False
+                ok = (
+                    isinstance(node, dict)
+                    and tuple(parts[:i]) in OPEN_MAPPINGS
+                    and i == len(parts) - 1
+                )
                 break
             node = node[part]
         if not ok:
