@@ -167,16 +167,18 @@ def test_arrival_check_finds_loss_behind_continuous_timestamps():
 # ------------------------------------------------------------------- real LSL streams
 @pytest.mark.lsl
 @pytest.mark.slow
-def test_amplifier_like_stamping_gives_no_gap_and_stays_armed(tmp_path):
-    """Every pattern at 250 Hz and 1 kHz, all at once from another process for 20 s."""
-    specs = [
-        spec(p, fs, 20.0, seed=k)
-        for k, (p, fs) in enumerate((p, fs) for p in PATTERNS for fs in (250.0, 1000.0))
-    ]
-    got = watch(specs, 90.0, arm_dir=tmp_path)
+@pytest.mark.parametrize("sfreq", [250.0, 1000.0])
+def test_amplifier_like_stamping_gives_no_gap_and_stays_armed(tmp_path, sfreq):
+    """Every pattern at one rate, all at once (a process each) for 10 s. One rate at a time:
+    with all 12 streams at once beside two other test workers on the 2 cores, a 'push' sender
+    at 250 Hz was once descheduled 25 ms for two chunks in a row, which its stamps cannot tell
+    from a loss (a false gap, 1 run in about 5 under that load); the 3-minute soak of every
+    pattern at once is `python -m benchmarks clock`."""
+    specs = [spec(p, sfreq, 10.0, seed=k) for k, p in enumerate(PATTERNS)]
+    got = watch(specs, 60.0, arm_dir=tmp_path)
     for w in got:
         assert w.done, w.name
-        assert w.n_samples == round(20.0 * w.sfreq), (w.pattern, w.sfreq)
+        assert w.n_samples == round(10.0 * w.sfreq), (w.pattern, w.sfreq)
         assert [f"{e.kind.value}: {e.detail}" for e in w.faults] == [], (w.pattern, w.sfreq)
         assert w.armed, (w.pattern, w.sfreq, w.disarm_reason)
 
