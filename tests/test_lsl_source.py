@@ -385,7 +385,10 @@ def test_replayer_subprocess_stream_is_read_with_counter_proof(tmp_path):
             "8",
             log_dir=tmp_path,
         ) as rp,
-        LslSource(name=name, source_id=name) as src,
+        # stale_after_s 2 s, not 0.5: STALE is not what this tests, and a clean-clone CI run
+        # on 2 loaded cores saw one between the last sample and the LOST (the replayer keeps
+        # its outlet 0.5 s after the last push)
+        LslSource(name=name, source_id=name, stale_after_s=2.0) as src,
     ):
         assert src.info.uid == rp.uid
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 20.0)
