@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.lsl]
 ROOT = Path(__file__).resolve().parents[1]
 SFREQ = 500.0  # one sample period: 2 ms
 DELAY_S = 0.0237  # injected amplifier delay (not on the sample grid on purpose)
+TIME_CORRECTION_MS = 0.01  # LSL time correction of a local stream: tens of ns, not exactly 0
 
 
 class SimulatedAmplifier:
@@ -79,7 +80,9 @@ def test_measured_delay_matches_the_injected_one(unique_name, tmp_path, capsys):
     t_edge = np.array([p["t_edge"] for p in doc["per_pulse"]])
     t_fire = np.array([p["t_fire"] for p in doc["per_pulse"]])
     lag_ms = 1000 * (t_edge - (np.array(arrivals) + DELAY_S))
-    assert np.all(lag_ms >= 0.0)
+    # >= 0 but for LSL's time correction of a local stream, which is not exactly 0 (a clean-clone
+    # run saw an edge 37 ns before its arrival + delay): 10 µs, 0.5 % of a period
+    assert np.all(lag_ms >= -TIME_CORRECTION_MS)
     assert np.all(lag_ms < period_ms)
     # fire -> byte seen by the amplifier's reader thread: pty transit (20-35 us measured) plus
     # the thread's wake-up (0.2-3 ms with the 2 cores at load 10)
@@ -88,7 +91,7 @@ def test_measured_delay_matches_the_injected_one(unique_name, tmp_path, capsys):
     assert np.median(transit_ms) < 5.0
     # the whole delay: the injected one, plus the transit, plus less than one sample period
     excess_ms = delays - 1000 * DELAY_S - transit_ms
-    assert np.all((excess_ms >= 0.0) & (excess_ms < period_ms))
+    assert np.all((excess_ms >= -TIME_CORRECTION_MS) & (excess_ms < period_ms))
     # the pulses kept the interlock's limits (each fired through it, 1.0 s apart at least)
     fire = np.array([p["t_fire"] for p in doc["per_pulse"]])
     assert np.diff(fire).min() >= 1.0
