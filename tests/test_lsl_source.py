@@ -277,7 +277,8 @@ def test_nan_in_the_recording_gives_nonfinite():
     replayer = Replayer(
         raw, name=name, speed=4.0, wait_for_consumers_s=10, marker_stream=False, progress=False
     )
-    with replayer, LslSource(name=name) as src:
+    # stale_after_s 2 s: STALE is not what this tests (see the counter-proof test)
+    with replayer, LslSource(name=name, stale_after_s=2.0) as src:
         got = pull_until(src, lambda p: HealthKind.LOST in p.kinds(), 15.0)
     nonfinite = got.of(HealthKind.NONFINITE)
     assert len(nonfinite) == 1

@@ -203,7 +203,8 @@ def test_endless_loop_with_added_counter_keeps_time_and_counter_rising():
         marker_stream=False,
         progress=False,
     )
-    with replayer, LslSource(name=name) as src:
+    # stale_after_s 2 s: a pause of the loaded cores is not what this tests
+    with replayer, LslSource(name=name, stale_after_s=2.0) as src:
         got = pull_until(src, lambda p: n_pulled(p) >= 450, 15.0)
     stats = replayer.stats
     assert stats.loops_completed >= 4
