@@ -130,7 +130,9 @@ class Pipeline:
         audit = AuditLog(audit_path)
         for note in notes:
             audit.write({"event": "outputs_simulated", "reason": note})
-        trigger = TriggerUnit(TriggerPolicy(config.trigger), interlock, outputs, audit, clock=clock)
+        trigger = TriggerUnit(
+            TriggerPolicy(config.trigger, sfreq), interlock, outputs, audit, clock=clock
+        )
         pipeline = cls(chain, trigger, bus, live)
         if config.phase.enabled:
             from closedloop.phase_monitor import PhaseMonitor

@@ -65,6 +65,20 @@ def test_repeat_jitter_is_bounded_and_seeded():
     assert other != a
 
 
+def test_a_live_clock_fit_a_few_ppm_short_does_not_slip_the_dwell_by_a_decision():
+    """Live stamps are a grid at the fitted rate: 1 s of 500 Hz samples measured 0.99998 s in a
+    CI run (20 ppm). The request still falls on the 50th 20 ms decision, as offline; without
+    the sample rate (float tolerance only) it slips to the 51st."""
+    dt = 0.02 * (1.0 - 20e-6)
+    stream = states([T] * 60, dt=dt)
+    cfg = PolicySettings(mode="dwell_once", dwell_s=1.0)
+    assert run(TriggerPolicy(cfg, sfreq=500.0), stream) == [stream[50].t_stream]
+    assert run(TriggerPolicy(cfg), stream) == [stream[51].t_stream]
+    # a whole sample short is still short: the quarter-sample tolerance counts no extra sample
+    early = states([T] * 60, dt=0.02 - 0.002 / 50)  # entry + 50 steps = 1 s - 1 sample
+    assert run(TriggerPolicy(cfg, sfreq=500.0), early) == [early[51].t_stream]
+
+
 def test_no_request_for_non_target_labels():
     p = TriggerPolicy(PolicySettings(dwell_s=0.0))
     labels = [Label.UNCALIBRATED, Label.CALIBRATING, Label.ARTIFACT, N] * 20

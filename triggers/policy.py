@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from features.types import State
 from triggers.settings import PolicySettings
 
-# float rounding of stream sums (t - time_in_state_s, entry + dwell) is far below this
+# Without a sample rate: float rounding of stream sums (t - time_in_state_s, entry + dwell).
 TIME_TOLERANCE_S = 1e-6
+# With one, a quarter of a sample: live stamps are an LSL source's clock model, a grid at the
+# *fitted* rate plus a refreshed time correction, so a 1 s dwell between two stamps measured
+# 0.99998 s in a CI run (20 ppm) and the request slipped one decision (20 ms at 500 Hz) after
+# the offline one on the same samples. A quarter sample (0.5 ms at 500 Hz) absorbs that and
+# still never counts a sample that is a whole period short.
+SAMPLE_TOLERANCE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +37,14 @@ class PulseRequest:
 
 
 class TriggerPolicy:
-    """`update(state)` once per estimator output; returns a PulseRequest or None."""
+    """`update(state)` once per estimator output; returns a PulseRequest or None.
 
-    def __init__(self, settings: PolicySettings) -> None:
+    sfreq: the stream's nominal rate (Hz); due times are then met within a quarter sample.
+    """
+
+    def __init__(self, settings: PolicySettings, sfreq: float | None = None) -> None:
         self.settings = settings
+        self._tol = SAMPLE_TOLERANCE / sfreq if sfreq else TIME_TOLERANCE_S
         self._repeat = settings.mode == "repeat"
         self._dwell_s = float(settings.dwell_s)
         self._interval_s = float(settings.repeat_interval_s)
@@ -54,12 +64,12 @@ class TriggerPolicy:
             return None
         t = state.t_stream
         t_entry = t - state.time_in_state_s
-        if math.isnan(self._t_entry) or t_entry > self._t_entry + TIME_TOLERANCE_S:
+        if math.isnan(self._t_entry) or t_entry > self._t_entry + self._tol:
             # a new entry (the estimator's label changed since our last target state)
             self._t_entry = t_entry
             self._t_next = t_entry + self._dwell_s
             self._n_in_entry = 0
-        if not t + TIME_TOLERANCE_S >= self._t_next:  # False after 'dwell_once' fired (inf)
+        if not t + self._tol >= self._t_next:  # False after 'dwell_once' fired (inf)
             return None
         self._n_in_entry += 1
         if self._repeat:
