@@ -9,6 +9,14 @@ Checks (each per channel and sample, so any chunking flags the same samples):
 - muscle: smoothed power in muscle_band_hz / power in broadband_hz > muscle_ratio.
 A sample is "active" while within holdoff_s of the last offending sample of any check.
 
+"Held" is the part of that which can reach the score (`set_contamination`): the band powers
+skip held samples and the baseline leaves them out. Every flag of the score's channels holds,
+and of channels that make up 1/16 or more of their reference; another channel's flag holds only
+when it is non-finite, railing, or so large that its share of the reference would exceed the
+score channels' own amplitude limit. A blink at Fp1 reaches O1 through a 62-channel average
+reference at 1/62 of its size: it vetoes the pulse, but the occipital alpha goes on being
+measured through it and counts for the baseline (with 8 channels, 1/8: it holds as before).
+
 Limits are per channel: the configured values, or ones learnt from calibration data
 (`set_limits`, with the configured values as outer bounds); nonfinite and rail run on every
 checked channel (every EEG channel in a session), amplitude / flat / muscle only on the watched
@@ -107,6 +115,11 @@ class ArtifactDetector:
         )  # (n_kinds, n_channels)
         self._last_bad = np.full((len(KINDS), n), _NEVER, dtype=np.int64)
         self._last_bad_any = _NEVER
+        self._last_bad_hold = _NEVER
+        self._hold_mask = np.ones(n, dtype=bool)  # every flag holds until told otherwise
+        self._leak = np.zeros(n)
+        self._hold_amp = np.full(n, np.inf)
+        self.held = np.zeros(0, dtype=bool)
         self._count = 0
         self._mask = np.zeros((len(KINDS), n), dtype=bool)  # memo of _reasons_for
         self._mask_reasons: tuple[str, ...] = ()
@@ -131,6 +144,7 @@ class ArtifactDetector:
         self._ema_zi[2, 0] = (1.0 - self._ema_a[2]) * self._flat_init
         self._last_bad[:] = _NEVER
         self._last_bad_any = _NEVER
+        self._last_bad_hold = _NEVER
         self._count = 0
         self._mask = np.zeros_like(self._mask)
         self._mask_reasons = ()
@@ -145,6 +159,7 @@ class ArtifactDetector:
         self._thr[:] = self._thr_cfg[:, None]
         self._thr[2:, ~self._watch] = np.nan
         self._excluded[:] = False
+        self._update_hold_amp()
 
     def set_limits(self, amplitude_v: np.ndarray, muscle: np.ndarray) -> None:
         """Per-channel limits (n_checked,): amplitude in V, muscle ratio; nan keeps the channel's
@@ -153,6 +168,7 @@ class ArtifactDetector:
             cur = self._thr[row]
             use = np.isfinite(new) & np.isfinite(cur)
             cur[use] = new[use]
+        self._update_hold_amp()
 
     def exclude(self, names: Sequence[str]) -> None:
         """Every check off for these channels (found bad): they flag nothing from now on."""
@@ -161,6 +177,32 @@ class ArtifactDetector:
             self._thr[:, j] = np.nan
             self._excluded[j] = True
             self._last_bad[:, j] = _NEVER
+        self._update_hold_amp()
+
+    def set_contamination(self, hold_names: Sequence[str], leak: np.ndarray) -> None:
+        """Which flags can reach the score (see the module docstring). hold_names: checked
+        channels whose every flag holds; leak (n_checked,): each channel's weight in the score
+        channels' reference (1/N in an average of N, 0 outside it)."""
+        hold = set(hold_names)
+        self._hold_mask = np.array([c in hold for c in self.check_names], dtype=bool)
+        self._leak = np.asarray(leak, dtype=np.float64).copy()
+        self._update_hold_amp()
+
+    def _update_hold_amp(self) -> None:
+        """hold_amp (n_checked,) V: the amplitude at which a channel outside hold_names reaches
+        the score channels above their smallest amplitude limit (inf: never)."""
+        lim = self._thr[2, self._hold_mask]
+        lim = lim[np.isfinite(lim)]
+        floor = float(lim.min()) if lim.size else self._thr_cfg[2]
+        with np.errstate(divide="ignore"):
+            self._hold_amp = np.where(self._leak > 0, floor / self._leak, np.inf)
+        if not np.isfinite(floor):  # no amplitude check at all: a channel's share never holds
+            self._hold_amp[:] = np.inf
+
+    @property
+    def hold_mask(self) -> np.ndarray:
+        """(n_checked,) bool: the channels whose every flag holds the band powers."""
+        return self._hold_mask
 
     @property
     def limits(self) -> dict[str, dict[str, float]]:
@@ -223,12 +265,13 @@ class ArtifactDetector:
         if not s.enabled:  # rail and non-finite only (input faults): they read raw alone
             filtered = referenced = raw
         active = np.empty(n, dtype=bool)
+        held = np.empty(n, dtype=bool)
         # flags after each grid sample; a grid of the last sample alone is `reasons` (live:
         # no snapshot, which touched 2.5 KB more per chunk at 64 channels)
         snap = grid if len(grid) > 1 else self._no_grid
         if self._bad_at.shape[0] != len(snap):
             self._bad_at = np.empty((len(snap), len(KINDS), len(self.check_names)), np.int64)
-        any_now, self._last_bad_any = kernels.artifacts(
+        any_now, self._last_bad_any, self._last_bad_hold = kernels.artifacts(
             np.ascontiguousarray(raw, dtype=np.float64),
             np.ascontiguousarray(filtered, dtype=np.float64),
             np.ascontiguousarray(referenced, dtype=np.float64),
@@ -248,13 +291,28 @@ class ArtifactDetector:
             active,
             snap,
             self._bad_at,
+            self._hold_mask,
+            self._hold_amp,
+            self._last_bad_hold,
+            held,
         )
         self._active = active
+        self.held = held
         self._grid_active = None  # gathered on demand (live asks only for `reasons`)
         self._count += n
         if any_now or self._reasons:  # flags can only appear or expire in these cases
             self._reasons = self._reasons_for(self._count - 1 - self._last_bad)
         return active
+
+    @property
+    def held_now(self) -> bool:
+        """Whether the latest block's last sample is held (plain ints: no numpy call)."""
+        return self._count - 1 - self._last_bad_hold <= self.holdoff_n
+
+    @property
+    def grid_held(self) -> list[bool]:
+        """Held after each grid sample of the latest block."""
+        return self.held[self._grid].tolist()
 
     @property
     def grid_active(self) -> np.ndarray:

@@ -56,6 +56,12 @@ _LABELS = tuple(Label)  # label codes of kernels.decide
 _CODE = {lab: i for i, lab in enumerate(_LABELS)}
 # Calibration progress looks at this many recent seconds to say what holds it back.
 RECENT_S = 10
+# A channel making up less than this share of the score channels' reference carries its flags
+# into the score only by sheer size (features/artifacts.py): 1/16 keeps the 8-channel OpenBCI
+# file as it was (1/8 each) and lets the blinks of a 64-channel cap (1/62) go on being vetoed
+# without stopping the occipital alpha's measurement or the baseline. On the simulated 64-ch
+# eyes-open/closed recordings, what the blinks held was 20-40 % of the calibration time.
+LEAK_HOLD = 1.0 / 16.0
 
 
 class FeatureChain:
@@ -130,6 +136,7 @@ class FeatureChain:
             watch = used + [c for c in blink_channels(artifacts, eeg_names) if c not in used]
         self.watch_names = tuple(c for c in eeg_names if c in watch)
         self._art = ArtifactDetector(artifacts, eeg_names, sfreq, None, self.watch_names)
+        self._set_contamination(self._art, self._pre)
         self._learn_n = (
             round(artifacts.learn_s * sfreq) if artifacts.adaptive and artifacts.enabled else 0
         )
@@ -248,6 +255,7 @@ class FeatureChain:
         self._cal_len = 0
         self._cal_clean = 0
         self._pre.set_bad([])
+        self._set_contamination(self._art, self._pre)
         self.bad_channels: dict[str, str] = {}
         self.calibration_failure: str | None = None
         self.calibration_note = ""
@@ -334,6 +342,7 @@ class FeatureChain:
         art = ArtifactDetector(
             self.artifact_settings, self.eeg_names, self.sfreq, None, self.watch_names
         )
+        self._set_contamination(art, pre)
         if hasattr(data, "get_data"):
             arr = data.get_data(picks=list(self.ch_names)).T
             blocks: Iterable[np.ndarray] = [arr]
@@ -355,7 +364,8 @@ class FeatureChain:
                 last[:] = raw[-1]
             filt = pre.filter(filled)
             ref = pre.reference(filt)
-            arts.append(art.process(raw, filt, ref, nonfinite))
+            art.process(raw, filt, ref, nonfinite)
+            arts.append(art.held)
             xs.append(ref[:, self._used_idx])
         if not xs:
             raise ValueError("calibration recording is empty")
@@ -494,6 +504,7 @@ class FeatureChain:
             assert res is not None
         filt, ref = res
         art = self._art.process(raw, filt, ref, nonfinite, grid)
+        held = self._art.held  # the flags that can reach the score (hold powers and baseline)
         t = chunk.timestamps
         calibrating = self._calibrating
         if calibrating:
@@ -502,7 +513,7 @@ class FeatureChain:
             if self._learn_len < self._learn_n:
                 self._store_learning(filt)
             excl = self._excluded_at(t)
-            self._monitor(art, excl, n)
+            self._monitor(held, excl, n)
         m = self._machine
         m.transitions.clear()
         if self._pending_label is not None:
@@ -513,16 +524,16 @@ class FeatureChain:
         k = 0  # first sample with a calibrated label machine
         x = None  # the estimator's channels of ref, when needed as an array
         if self._bp_cols:
-            power = self._bp.process(ref, art, cols=self._used_cols)
+            power = self._bp.process(ref, held, cols=self._used_cols)
         else:
             x = ref[:, self._used_idx]
-            power = self._bp.process(x, art)
+            power = self._bp.process(x, held)
         if self._derived:
             power = self._augment(power)
         if self._calibrating:
             if x is None and self._cal_x.shape[0]:
                 x = ref[:, self._used_idx]
-            k = self._collect(x, art, power, excl)
+            k = self._collect(x, held, power, excl)
             if not self._calibrating and self.calibration_failure is not None:
                 m.set(Label.UNCALIBRATED, float(t[k - 1]))  # failed at its hard end
                 k = n
@@ -530,7 +541,7 @@ class FeatureChain:
                 live = self._bp
                 self._finish_collected()
                 if self._bp is not live and k < n:  # new bands: the new estimator takes over
-                    new = self._bp.process(ref[k:, self._used_idx], art[k:])
+                    new = self._bp.process(ref[k:, self._used_idx], held[k:])
                     power[k:] = self._augment(new) if self._derived else new
                 m.set(Label.NON_TARGET, float(t[k - 1]))
                 self.calibrated_at = float(t[k - 1])
@@ -613,7 +624,8 @@ class FeatureChain:
             feats = self._feat_rows[n - 1].tolist()
             z = dict(zip(names, self._z_rows[n - 1].tolist(), strict=True))
             prog = m.dwell_progress if label in (Label.NON_TARGET, Label.TARGET) else 0.0
-        return self._emit(tb, label, score, t_chg, prog, feats, z, self._art.reasons)
+        art = self._art
+        return self._emit(tb, label, score, t_chg, prog, feats, z, art.reasons, art.held_now)
 
     def _emit(
         self,
@@ -625,6 +637,7 @@ class FeatureChain:
         feats: list[float],
         z: dict[str, float],
         artifacts: tuple[str, ...],
+        held: bool,
     ) -> State:
         """The State after stream time tb (time in the previous label accounted)."""
         if not math.isnan(self._t_last):
@@ -639,6 +652,7 @@ class FeatureChain:
             features=dict(zip(self.feature_names, feats, strict=True)),
             z=z,
             artifacts=artifacts,
+            held=held,
         )
         return self._state
 
@@ -673,6 +687,7 @@ class FeatureChain:
             zs = self._z[post].tolist()
             dwell = (np.minimum(1.0, self._above[post] / self._machine.dwell_n)).tolist()
         flagged = self._art.grid_active.tolist()
+        held = self._art.grid_held
         states = []
         for g, tb in enumerate(times):
             if g < n_pre:
@@ -687,7 +702,7 @@ class FeatureChain:
                 else:
                     prog = dwell[i] if label is Label.NON_TARGET else 0.0
             reasons = self._art.reasons_at(g) if flagged[g] else ()
-            states.append(self._emit(tb, label, score, t_chg, prog, f, z, reasons))
+            states.append(self._emit(tb, label, score, t_chg, prog, f, z, reasons, held[g]))
         return states
 
     def _grow(self, n: int) -> None:
@@ -808,6 +823,26 @@ class FeatureChain:
         j = np.searchsorted(ex[:, 0], t, side="right") - 1
         return (j >= 0) & (t < ex[np.maximum(j, 0), 1])
 
+    def _set_contamination(
+        self, art: ArtifactDetector, pre: Preprocessor, bad: Iterable[str] = ()
+    ) -> None:
+        """Tell `art` which flags can reach the score: every flag of the channels of the groups
+        the score's features use and of channels with a share of their reference >= LEAK_HOLD;
+        others only by sheer size. Groups shown but not scored (and a decider plugin reading
+        them) see such channels' powers through their artifacts."""
+        leak = np.zeros(len(self.eeg_names))
+        ref = pre.reference_indices
+        if len(ref):
+            leak[ref] = 1.0 / len(ref)
+        bad = set(bad)
+        groups = {g for f in self._feature_refs for g in (f.group, f.versus) if g}
+        scored = {c for g in groups for c in self._groups.get(g, ())}
+        hold = [c for c in self.used_names if c in scored and c not in bad]
+        hold += [
+            c for c, w in zip(self.eeg_names, leak, strict=True) if w >= LEAK_HOLD and c not in hold
+        ]
+        art.set_contamination(hold, leak)
+
     def _store_learning(self, filt: np.ndarray) -> None:
         """Keep the filtered signal of the learning samples of this block."""
         a = max(0, self._learn_from - self._seen)
@@ -830,6 +865,7 @@ class FeatureChain:
         self._pre.set_bad(bad_idx)
         self._art.reset_limits()
         self._art.exclude(list(bad))
+        self._set_contamination(self._art, self._pre, bad)
         groups = {g: [c for c in chans if c not in bad] for g, chans in self._groups.items()}
         empty = [g for g, chans in groups.items() if not chans]
         if empty:
@@ -856,6 +892,7 @@ class FeatureChain:
             self._mon.append([0, 0, 0, np.zeros((len(KINDS), len(self.eeg_names)), np.int64), 0])
         b = self._mon[-1]
         counts, n_grid = self._art.flag_counts()
+        counts = counts * self._art.hold_mask  # flags that cannot reach the score hold nothing
         b[0] += n
         b[1] += int(np.count_nonzero(art))
         b[2] += n_grid
@@ -1027,6 +1064,14 @@ class FeatureChain:
     def time_in_label(self) -> dict[str, float]:
         """Stream seconds spent in each label since construction / reset()."""
         return {lab.value: s for lab, s in self._time_in_label.items()}
+
+    @property
+    def hold_channels(self) -> tuple[str, ...]:
+        """EEG channels whose every artifact flag holds the band powers and the baseline (the
+        score's, and those with a share >= LEAK_HOLD of their reference); the other channels'
+        flags veto the state but hold only when non-finite, railing or very large."""
+        mask = self._art.hold_mask
+        return tuple(c for c, m in zip(self._art.check_names, mask, strict=True) if m)
 
     @property
     def groups(self) -> dict[str, list[str]]:

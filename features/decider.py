@@ -66,7 +66,8 @@ class DeciderContext:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The calibration data, one row per 100 ms (BASELINE_ROW_S) of artifact-free baseline.
+    """The calibration data, one row per 100 ms (BASELINE_ROW_S) of baseline the chain used (no
+    flag that can reach the score: `State.held` false).
 
     features: (n, n_features) log band powers (State.features, in `feature_names` order).
     z: (n, n_features) their robust z against the finished baseline.
@@ -290,7 +291,7 @@ class DeciderStage:
             # arrive in bursts under load, and the fit must not depend on how many decisions
             # a stretch of baseline happened to get
             tick = sample_end // self._row_n
-            if state.features and not state.artifacts and tick != self._last_tick:
+            if state.features and not state.held and tick != self._last_tick:
                 self._last_tick = tick
                 self._rows.append([state.features.get(n, math.nan) for n in names])
             return state

@@ -95,6 +95,10 @@ def artifacts(  # pragma: no cover - compiled
     active,
     grid,
     bad_at,
+    hold_mask,
+    hold_amp,
+    last_bad_hold,
+    held,
 ):
     """All artifact checks of one block, per sample and channel, in one pass.
 
@@ -107,8 +111,11 @@ def artifacts(  # pragma: no cover - compiled
     ema_zi (3, 2, c). last_bad (5, c) running index of the last offending sample per (kind,
     channel), updated. active (n,) gets the hold-off flag per sample; ratio_out (c,) the latest
     muscle ratio. grid (k,) ascending sample indices: bad_at (k, 5, c) gets a copy of last_bad
-    after each of them (the flags a chunk ending there would report). Returns (any sample
-    offended, new last_bad_any).
+    after each of them (the flags a chunk ending there would report). hold_mask (c,) bool:
+    channels whose every offence also holds the band powers; the others hold them only when
+    non-finite, railing, or above hold_amp (c,) V (an amplitude that reaches the score's
+    channels through the reference); held (n,) gets that hold-off flag per sample. Returns (any
+    sample offended, new last_bad_any, new last_bad_hold).
     """
     n, c = raw.shape
     has_nf = nonfinite.shape[0] > 0
@@ -119,15 +126,18 @@ def artifacts(  # pragma: no cover - compiled
     for t in range(n):
         idx = count + t
         bad_t = False
+        hold_t = False
         for j in range(c):
             rail, amp, flat, mus = thr[1, j], thr[2, j], thr[3, j], thr[4, j]
             nf = has_nf and nonfinite[t, j] and not np.isnan(thr[0, j])
             if nf:
                 last_bad[0, j] = idx
                 bad_t = True
+                hold_t = True
             if not np.isnan(rail) and not nf and abs(raw[t, j]) >= rail:
                 last_bad[1, j] = idx
                 bad_t = True
+                hold_t = True
             r = ref[t, j]
             if not np.isnan(amp):
                 xi = r
@@ -141,6 +151,8 @@ def artifacts(  # pragma: no cover - compiled
                 if abs(xi) > amp:
                     last_bad[2, j] = idx
                     bad_t = True
+                    if hold_mask[j] or abs(xi) > hold_amp[j]:
+                        hold_t = True
             if not np.isnan(flat):
                 a = ema_a[2]
                 xi = filt[t, j] * filt[t, j]
@@ -150,6 +162,8 @@ def artifacts(  # pragma: no cover - compiled
                 if y < flat:
                     last_bad[3, j] = idx
                     bad_t = True
+                    if hold_mask[j]:
+                        hold_t = True
             if not np.isnan(mus):
                 p0 = 0.0
                 p1 = 0.0
@@ -177,16 +191,21 @@ def artifacts(  # pragma: no cover - compiled
                 if ratio > mus:
                     last_bad[4, j] = idx
                     bad_t = True
+                    if hold_mask[j]:
+                        hold_t = True
         if bad_t:
             any_now = True
             last_bad_any = idx
+        if hold_t:
+            last_bad_hold = idx
         active[t] = idx - last_bad_any <= holdoff_n
+        held[t] = idx - last_bad_hold <= holdoff_n
         if g < grid.shape[0] and grid[g] == t:
             for k in range(5):
                 for j in range(c):
                     bad_at[g, k, j] = last_bad[k, j]
             g += 1
-    return any_now, last_bad_any
+    return any_now, last_bad_any, last_bad_hold
 
 
 @njit(**_OPTS)
@@ -401,6 +420,10 @@ def warm_up() -> None:
                 np.empty(n, dtype=bool),
                 np.array([n - 1], dtype=np.int64),
                 np.zeros((1, 5, c), dtype=np.int64),
+                np.ones(c, dtype=bool),
+                np.full(c, np.inf),
+                -1,
+                np.empty(n, dtype=bool),
             )
     for hold in (np.zeros(0, dtype=bool), np.zeros(n, dtype=bool)):
         iir_bandpower(

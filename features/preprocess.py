@@ -99,6 +99,11 @@ class Preprocessor:
         self._zi[...] = 0.0
         self._fresh = True
 
+    @property
+    def reference_indices(self) -> np.ndarray:
+        """EEG channel indices the reference averages (empty: no re-reference)."""
+        return np.zeros(0, dtype=int) if self._ref_idx is None else self._ref_idx
+
     def set_bad(self, bad: Sequence[int]) -> None:
         """Leave these EEG channel indices out of an average reference (found bad); [] puts
         every channel back. A reference to named channels is kept as configured."""

@@ -27,6 +27,8 @@ class State:
         relative power.
     z: feature name -> robust z score (empty before calibration).
     artifacts: reasons of active artifact flags, e.g. ('amplitude:Fp1', 'muscle:T7').
+    held: an active flag can reach the score (its channels, or a large share of their
+        reference): the band powers kept their value and the sample is no baseline data.
     """
 
     t_stream: float
@@ -37,6 +39,7 @@ class State:
     features: dict[str, float] = field(default_factory=dict)
     z: dict[str, float] = field(default_factory=dict)
     artifacts: tuple[str, ...] = ()
+    held: bool = False
 
     @property
     def is_target(self) -> bool:

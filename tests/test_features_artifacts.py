@@ -67,6 +67,62 @@ def test_blink_flags_amplitude_with_holdoff():
     assert reasons[-1] == ()  # cleared after the hold-off
 
 
+def _held(x: np.ndarray, det: ArtifactDetector, chunk: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    pre = Preprocessor(PreprocessSettings(notch_hz=None), NAMES, FS)
+    active, held = [], []
+    for i in range(0, len(x), chunk):
+        raw = x[i : i + chunk]
+        nonfinite = ~np.isfinite(raw)
+        filt = pre.filter(np.nan_to_num(raw) if nonfinite.any() else raw)
+        active.append(
+            det.process(raw, filt, pre.reference(filt), nonfinite if nonfinite.any() else None)
+        )
+        held.append(det.held)
+    return np.concatenate(active), np.concatenate(held)
+
+
+def test_a_blink_outside_the_score_vetoes_but_holds_only_through_a_large_share_of_the_reference():
+    """O1/O2 feed the score. A 250 µV blink at Fp1/Fp2 is an artifact either way; it holds the
+    powers when Fp1/Fp2 are 1/6 of the reference (as before), not when they are 1/62 of it (a
+    64-channel cap: it reaches O1 at ~4 µV); an electrode pop large enough to reach the score
+    channels above their own limit through 1/62, a rail, or NaN hold anyway."""
+    x = _eeg()
+    t = np.arange(len(x)) / FS
+    blink = 250e-6 * np.exp(-0.5 * ((t - 8.0) / 0.08) ** 2)
+    x[:, 0] += blink
+    x[:, 1] += blink
+    settings = ArtifactSettings(amplitude_uv=100.0, holdoff_s=0.5)
+
+    def detector(share: float, hold=("O1", "O2")) -> ArtifactDetector:
+        det = ArtifactDetector(settings, NAMES, FS)
+        det.set_contamination(list(hold), np.full(len(NAMES), share))
+        return det
+
+    blinking = (t > 8.1) & (t < 8.3)
+    active, held = _held(x, detector(1 / 62))
+    assert active[blinking].all()
+    assert not held.any()
+    # 1/6 of a 250 µV blink (42 µV) stays under O1's 100 µV: not by size...
+    assert not _held(x, detector(1 / 6))[1].any()
+    # ...but the chain names such channels (share >= 1/16) among those whose flags all hold
+    active6, held6 = _held(x, detector(1 / 6, NAMES))
+    assert np.array_equal(held6, active6)
+    assert np.array_equal(active6, active)
+    # an electrode pop at C3: 8 mV / 62 = 129 µV at O1, above its 100 µV limit -> holds
+    pop = x.copy()
+    pop[round(14 * FS) : round(14.3 * FS), 2] += 8e-3
+    _, held_pop = _held(pop, detector(1 / 62))
+    assert held_pop[(t > 14.0) & (t < 14.3)].any()
+    assert not held_pop[t < 13.0].any()
+    # rail and non-finite hold from any channel
+    bad = x.copy()
+    bad[round(4 * FS) : round(5 * FS), 2] = 0.1875
+    bad[round(12 * FS) : round(12 * FS) + 3, 3] = np.nan
+    _, held_bad = _held(bad, detector(1 / 62))
+    assert held_bad[(t > 4.0) & (t < 5.0)].all()
+    assert held_bad[(t > 12.0) & (t < 12.2)].all()
+
+
 def test_strong_alpha_is_not_an_amplitude_artifact():
     """Eyes-closed alpha of 150 µV peak at O1/O2 (real recordings exceed 100 µV) passes the
     amplitude check, which looks through the 5 Hz low-pass; without it the alpha is flagged."""
@@ -190,3 +246,27 @@ def test_validation(bad):
     errors = ArtifactSettings(**bad).validate_for(NAMES, FS)
     assert errors
     assert all(e.startswith("artifacts.") for e in errors)
+
+
+@pytest.mark.parametrize("montage", ["standard_32", "openbci_8"])
+def test_the_chain_holds_on_the_score_channels_and_on_large_shares_of_the_reference(montage):
+    """64 or 32 channels in the average: only the score's channels hold; 8 channels (1/8 each
+    in the reference): every channel's flags hold, as before."""
+    from features.chain import FeatureChain
+    from features.settings import BandPowerSettings, StateSettings
+
+    names = (
+        ["Fp1", "Fp2", "C3", "C4", "P7", "P8", "O1", "O2"]
+        if montage == "openbci_8"
+        else [f"X{i}" for i in range(29)] + ["Fp1", "O1", "O2"]
+    )
+    bp = BandPowerSettings(groups={"occipital": ["O1", "O2"], "frontal": ["Fp1"]})
+    st = StateSettings(features=[{"group": "occipital", "band": "alpha"}])
+    chain = FeatureChain(PreprocessSettings(), bp, ArtifactSettings(), st, names, FS)
+    if montage == "openbci_8":
+        assert chain.hold_channels == tuple(names)
+    else:
+        assert chain.hold_channels == ("O1", "O2")  # Fp1 is a group, but not scored
+    none = FeatureChain(PreprocessSettings(reference="none"), bp, ArtifactSettings(), st,
+                        names, FS)  # fmt: skip
+    assert none.hold_channels == ("O1", "O2")
