@@ -43,6 +43,14 @@ STANDARD_32 = (
     "CP5", "CP1", "CP2", "CP6", "P7", "P3", "Pz", "P4", "P8", "POz", "O1", "Oz", "O2",
 )  # fmt: skip
 CONSUMER_4 = ("TP9", "AF7", "AF8", "TP10")  # Muse order
+# The 64 channels of the PhysioNet EEG Motor Movement/Imagery recordings, in their order
+PHYSIONET_64 = (
+    "FC5", "FC3", "FC1", "FCz", "FC2", "FC4", "FC6", "C5", "C3", "C1", "Cz", "C2", "C4", "C6",
+    "CP5", "CP3", "CP1", "CPz", "CP2", "CP4", "CP6", "Fp1", "Fpz", "Fp2", "AF7", "AF3", "AFz",
+    "AF4", "AF8", "F7", "F5", "F3", "F1", "Fz", "F2", "F4", "F6", "F8", "FT7", "FT8", "T7",
+    "T8", "T9", "T10", "TP7", "TP8", "P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8",
+    "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2", "Iz",
+)  # fmt: skip
 
 COUNTER_CHANNEL = "counter"
 STATE_MEDITATION = "meditation"
@@ -84,7 +92,27 @@ PRESETS: dict[str, dict] = {
         "seed": 4,
         "baseline_s": 65.0,
     },
+    # Not bundled (7.7 MB): an eyes-open / eyes-closed session on a 64-channel cap with what
+    # goes wrong on one: eyes open 0-60 s, closed 60-120 s (the `meditation` block: alpha
+    # x2.75), a flat O2, a noisy T8, an ECG channel, 12 blinks a minute, an EMG burst and a
+    # railing episode. `closedloop simulate eoec.fif --preset eoec_64ch_250hz --seed 12`;
+    # tests/test_estimator_real.py runs configs/eyes_closed_alpha.yaml on it.
+    "eoec_64ch_250hz": {
+        "duration_s": 120.0,
+        "sfreq": 250.0,
+        "montage": "physionet_64",
+        "seed": 1,
+        "block_s": (60.0, 60.0),
+        "baseline_s": 60.0,
+        "ecg": True,
+        "dead_channels": ("O2",),
+        "noisy_channels": ("T8",),
+        "blinks_per_min": 12.0,
+        "alpha_uv_rms": 8.0,
+        "theta_uv_rms": 1.0,
+    },
 }
+BUNDLED_PRESETS = ("sim_32ch_500hz", "sim_4ch_256hz")  # replay_data/<name>.fif
 
 _POSITIONS: dict[str, np.ndarray] | None = None
 
@@ -99,13 +127,18 @@ def _positions() -> dict[str, np.ndarray]:
 
 
 def montage_channels(montage: str | Sequence[str]) -> tuple[str, ...]:
-    """Channel names of a named montage ('standard_32', 'consumer_4') or a list of names."""
+    """Channel names of a named montage ('standard_32', 'consumer_4', 'physionet_64') or a list
+    of names."""
     if isinstance(montage, str):
         if montage == "standard_32":
             return STANDARD_32
         if montage == "consumer_4":
             return CONSUMER_4
-        raise ValueError(f"unknown montage {montage!r}; use 'standard_32', 'consumer_4' or names")
+        if montage == "physionet_64":
+            return PHYSIONET_64
+        raise ValueError(
+            f"unknown montage {montage!r}; use 'standard_32', 'consumer_4', 'physionet_64' or names"
+        )
     names = tuple(montage)
     pos = _positions()
     lower = {k.lower(): k for k in pos}
@@ -432,14 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m acquisition.simulator", description=__doc__)
     parser.add_argument("--regenerate", action="store_true", help="rewrite replay_data/*.fif")
     parser.add_argument("--out", type=Path, default=None, help="folder (default replay_data/)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), action="append", help="only these")
+    parser.add_argument(
+        "--preset", choices=sorted(BUNDLED_PRESETS), action="append", help="only these"
+    )
     args = parser.parse_args(argv)
     if not args.regenerate:
         parser.print_help()
         return 2
     out = args.out or replay_data_dir()
     out.mkdir(parents=True, exist_ok=True)
-    for name in args.preset or sorted(PRESETS):
+    for name in args.preset or sorted(BUNDLED_PRESETS):
         path = write_simulated(out / f"{name}.fif", name)
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB  sha256 {_sha256(path)}")
     return 0

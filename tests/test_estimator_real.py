@@ -279,19 +279,11 @@ def test_eyes_closed_alpha_config_on_a_simulated_64_channel_recording(tmp_path, 
     before the eyes closed (precision 0.86) and seed 3 one too (0.91)."""
     import json
 
+    from acquisition.simulator import PRESETS
     from closedloop.config import apply_overrides
     from closedloop.session import Session
 
-    names = [
-        "FC5", "FC3", "FC1", "FCz", "FC2", "FC4", "FC6", "C5", "C3", "C1", "Cz", "C2", "C4", "C6",
-        "CP5", "CP3", "CP1", "CPz", "CP2", "CP4", "CP6", "Fp1", "Fpz", "Fp2", "AF7", "AF3", "AFz",
-        "AF4", "AF8", "F7", "F5", "F3", "F1", "Fz", "F2", "F4", "F6", "F8", "FT7", "FT8", "T7",
-        "T8", "T9", "T10", "TP7", "TP8", "P7", "P5", "P3", "P1", "Pz", "P2", "P4", "P6", "P8",
-        "PO7", "PO3", "POz", "PO4", "PO8", "O1", "Oz", "O2", "Iz",
-    ]  # fmt: skip
-    raw = simulate(120.0, 250.0, names, seed, block_s=(60.0, 60.0), ecg=True, dead_channels=["O2"],
-                   noisy_channels=["T8"], blinks_per_min=12, baseline_s=60.0, alpha_uv_rms=8.0,
-                   theta_uv_rms=1.0)  # fmt: skip
+    raw = simulate(**{**PRESETS["eoec_64ch_250hz"], "seed": seed})
     cfg = apply_overrides(
         load_config("configs/eyes_closed_alpha.yaml"),
         {

@@ -14,6 +14,7 @@ from scipy.signal import welch
 from acquisition.simulator import (
     BAD_CHANNEL,
     BLINK,
+    BUNDLED_PRESETS,
     COUNTER_CHANNEL,
     EMG,
     PRESETS,
@@ -30,7 +31,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", BUNDLED_PRESETS)
 def test_committed_replay_data_regenerates_byte_for_byte(tmp_path, preset):
     committed = replay_data_dir() / f"{preset}.fif"
     assert committed.exists(), (
@@ -47,6 +48,26 @@ def test_same_seed_same_data_other_seed_differs():
     c = simulate(20.0, 250.0, "consumer_4", seed=8).get_data()
     assert np.array_equal(a, b)
     assert not np.allclose(a[:-1], c[:-1])  # the counter row is identical by design
+
+
+def test_closedloop_simulate_makes_the_64_channel_eyes_open_closed_recording(tmp_path):
+    """The recording the eyes_closed_alpha figures come from, from the command line: 64 EEG
+    channels with PhysioNet names, an ECG channel typed ecg, a dead O2, the eyes closing at
+    60 s; never a bundled file."""
+    from closedloop.app.cli import main as cli_main
+
+    out = tmp_path / "eoec.fif"
+    argv = ["simulate", str(out), "--preset", "eoec_64ch_250hz", "--seed", "12"]
+    assert cli_main([*argv, "--duration", "70"]) == 0
+    raw = mne.io.read_raw_fif(out, preload=True, verbose="error")
+    assert raw.info["sfreq"] == 250.0
+    assert raw.get_channel_types(picks="ECG") == ["ecg"]
+    assert len(mne.pick_types(raw.info, eeg=True)) == 64
+    assert np.std(raw.get_data(picks="O2")) < 5e-6  # a dead electrode: mains and ECG only
+    closed = [a["onset"] for a in raw.annotations if a["description"] == "meditation"]
+    assert closed == [60.0]
+    assert "eoec_64ch_250hz" in PRESETS
+    assert "eoec_64ch_250hz" not in BUNDLED_PRESETS
 
 
 def test_cli_regenerate_writes_files(tmp_path):

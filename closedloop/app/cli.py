@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="sim_32ch_500hz",
-        help="sim_32ch_500hz (32 ch, 500 Hz) or sim_4ch_256hz (4 ch, 256 Hz)",
+        help="sim_32ch_500hz (32 ch, 500 Hz), sim_4ch_256hz (4 ch, 256 Hz), or eoec_64ch_250hz "
+        "(64 ch eyes open 60 s then closed 60 s, with a flat O2, a noisy T8, ECG and blinks)",
     )
     p.add_argument("--duration", type=float, default=None, help="seconds (default: the preset's)")
     p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
