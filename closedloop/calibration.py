@@ -139,6 +139,7 @@ def summary(chain: Any) -> dict[str, Any]:
             "bad_channels": r["bad_channels"],
             "eeg_channels": r["eeg"],
             "watched_channels": r["watched"],
+            "hold_channels": r["hold"],
             "limits": r["limits"],
             "note": r["note"],
             "baseline_score": r["baseline_score"],
@@ -148,7 +149,8 @@ def summary(chain: Any) -> dict[str, Any]:
 
 def check_recording(config: Any, path: str) -> dict[str, Any]:
     """Run the feature chain of `config` on a recording until calibration ends (check-config
-    --recording): whether and when it completes, the share flagged, bad channels, limits."""
+    --recording): whether and when it completes, the share flagged (and, of it, held: flags
+    that reach the score and keep samples out of the baseline), bad channels, limits."""
     from acquisition.file_source import FileSource
     from features.chain import FeatureChain
 
@@ -164,7 +166,7 @@ def check_recording(config: Any, path: str) -> dict[str, Any]:
     src.connect()
     every = src.chunk_size
     per_block = max(1, round(config.source.offline_block_s * src.sfreq / every))
-    flagged = decisions = 0
+    flagged = held = decisions = 0
     while chain.calibrating:
         chunk = src.pull_chunks(per_block)
         if chunk is None:
@@ -172,8 +174,11 @@ def check_recording(config: Any, path: str) -> dict[str, Any]:
         for st in chain.step_every(chunk, every):
             decisions += 1
             flagged += bool(st.artifacts)
+            held += st.held
     out = summary(chain)
     out["flagged_share"] = flagged / decisions if decisions else float("nan")
+    # of those, the ones whose flags reach the score: they hold the baseline back
+    out["held_share"] = held / decisions if decisions else float("nan")
     out["duration_s"] = src.duration_s
     out["min_duration_s"] = chain.min_duration_s
     if out["status"] not in ("done", "failed"):

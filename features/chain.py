@@ -962,9 +962,10 @@ class FeatureChain:
         """Where the calibration stands and what holds it back (not for the per-chunk path).
 
         phase: idle, warmup, learning, collecting, done, failed; clean_s / target_s; elapsed_s
-        (collection so far) / max_s; recent_flagged (share of the last RECENT_S s flagged),
-        recent_target (share annotated as the target), top (kind:channel, share) flagged most,
-        advice, bad_channels, limits (learnt, per watched channel), failure, note."""
+        (collection so far) / max_s; recent_flagged (share of the last RECENT_S s held back by
+        a flag that reaches the score), recent_target (share annotated as the target), top
+        (kind:channel, share) holding it back most, advice, bad_channels, watched, hold (the
+        channels whose every flag holds), limits (learnt, per watched channel), failure, note."""
         flagged, target, top = self._recent()
         if self.calibration_failure is not None:
             phase = "failed"
@@ -994,6 +995,7 @@ class FeatureChain:
             "advice": self._advice(top, target) if top or target > 0.2 else "",
             "bad_channels": dict(self.bad_channels),
             "watched": list(self.watch_names),
+            "hold": list(self.hold_channels),
             "eeg": list(self.eeg_names),
             "limits": self._art.limits,
             "failure": self.calibration_failure,

@@ -315,7 +315,8 @@ def test_check_config_runs_the_calibration_on_the_recording(shared_data, tmp_pat
     assert main(["check-config", "configs/default.yaml", "--recording", str(edf)]) == 0
     out = capsys.readouterr().out
     assert "calibration done at 63.3 s of 125.0 s" in out
-    assert "flagged during calibration" in out
+    assert "flagged during calibration: 33.7% of decisions (7.0% held the baseline" in out
+    assert "flags that hold the baseline: FCz, Fz, Pz, O1, Oz, O2;" in out
     # a baseline longer than the recording allows: exit 2 with the reason, before running
     cfg = tmp_path / "long.yaml"
     cfg.write_text("state: {calibration_s: 120.0, calibration_max_s: 180.0}\n", encoding="utf-8")

@@ -263,10 +263,12 @@ def cmd_check_config(args) -> int:
             print(f" at {r['calibrated_at_s']:.1f} s of {r['duration_s']:.1f} s")
         else:
             print()
-        share = r["flagged_share"]
-        print(
-            f"  flagged during calibration: {share:.1%} of decisions" if share is not None else ""
-        )
+        share, held = r["flagged_share"], r.get("held_share")
+        if share is not None:
+            of_it = "" if held is None else f" ({held:.1%} held the baseline, the rest veto only)"
+            print(f"  flagged during calibration: {share:.1%} of decisions{of_it}")
+        hold = ", ".join(r["hold_channels"])
+        print(f"  flags that hold the baseline: {hold}; rail, NaN or very large input anywhere")
         if r["top"]:
             print("  most flagged: " + ", ".join(f"{k} {v:.0%} (last {10} s)" for k, v in r["top"]))
         print(
