@@ -22,7 +22,10 @@ pytestmark = [pytest.mark.lsl]
 ROOT = Path(__file__).resolve().parents[1]
 SFREQ = 500.0  # one sample period: 2 ms
 DELAY_S = 0.0237  # injected amplifier delay (not on the sample grid on purpose)
-TIME_CORRECTION_MS = 0.01  # LSL time correction of a local stream: tens of ns, not exactly 0
+# LSL's time correction of a local stream is an estimate, not exactly 0: seen -37 ns and, with
+# the suite loading both cores, -14 µs (its error is bounded by half the probe's round trip).
+# 0.2 ms still tells the right sample from its neighbour (one period away).
+TIME_CORRECTION_MS = 0.2
 
 
 class SimulatedAmplifier:
@@ -80,8 +83,7 @@ def test_measured_delay_matches_the_injected_one(unique_name, tmp_path, capsys):
     t_edge = np.array([p["t_edge"] for p in doc["per_pulse"]])
     t_fire = np.array([p["t_fire"] for p in doc["per_pulse"]])
     lag_ms = 1000 * (t_edge - (np.array(arrivals) + DELAY_S))
-    # >= 0 but for LSL's time correction of a local stream, which is not exactly 0 (a clean-clone
-    # run saw an edge 37 ns before its arrival + delay): 10 µs, 0.5 % of a period
+    # >= 0 but for LSL's time correction of a local stream (TIME_CORRECTION_MS)
     assert np.all(lag_ms >= -TIME_CORRECTION_MS)
     assert np.all(lag_ms < period_ms)
     # fire -> byte seen by the amplifier's reader thread: pty transit (20-35 us measured) plus
