@@ -72,7 +72,7 @@ def status_note(report: dict[str, Any]) -> str:
     top = ", ".join(f"{r} {v:.0%}" for r, v in report["top"][:3])
     note = (
         f" clean {report['clean_s']:.0f}/{report['target_s']:g} s, "
-        f"{report['recent_flagged']:.0%} of last {report['recent_s']} s flagged"
+        f"{report['recent_flagged']:.0%} of last {report['recent_s']} s held back"
     )
     if top:
         note += f" ({top})"

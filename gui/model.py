@@ -203,7 +203,7 @@ class ConsoleModel:
             flagged = float(p.get("recent_flagged") or 0.0)
             self.calibration_note = (
                 f"clean {float(p.get('clean_s') or 0):.0f}/{float(p.get('target_s') or 0):g} s; "
-                f"{flagged:.0%} of the last {p.get('recent_s', 10)} s flagged"
+                f"{flagged:.0%} of the last {p.get('recent_s', 10)} s held back by artifacts"
                 + (f": {top}" if top else "")
             )
             self.bad_channels = dict(p.get("bad_channels") or {})

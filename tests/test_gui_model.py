@@ -185,7 +185,7 @@ def test_model_calibration_progress_failure_and_bad_channels():
             )
         ]
     )
-    assert "60% of the last 10 s flagged: amplitude:Fp1 50%" in m.calibration_note
+    assert "60% of the last 10 s held back by artifacts: amplitude:Fp1 50%" in m.calibration_note
     assert m.bad_channels == {"CP6": "flat"}
     m.apply([_ev("calibration", phase="failed", reason="calibration failed at calibration_max_s")])
     assert m.calibration_phase == "failed"
