@@ -131,7 +131,9 @@ def summary(chain: Any) -> dict[str, Any]:
             "status": r["phase"],
             "reason": r["failure"],
             "advice": r["advice"],
-            "calibrated_at_s": r["calibrated_at"],
+            "calibrated_at_s": r["calibrated_at"],  # stream time (LSL clock, live)
+            # from the first sample the chain saw: what an operator reads as "when"
+            "calibrated_after_s": r["calibrated_at"] - r["t_first"],
             "clean_s": r["clean_s"],
             "target_s": r["target_s"],
             "recent_flagged": r["recent_flagged"],

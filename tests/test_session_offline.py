@@ -195,3 +195,21 @@ def test_latency_percentiles_equal_numpys(tmp_path):
         expected = (*np.percentile(finite, [50, 99]), finite.max())
         np.testing.assert_allclose(p.latency_percentiles(), expected, rtol=1e-12)
     p.close()
+
+
+def test_the_printed_summary_says_when_calibration_ended_from_the_first_sample(capsys):
+    """Live stamps are LSL clock seconds (a demo said 'done at 87224.5 s'): the summary line
+    counts from the first sample."""
+    from closedloop.app.status import print_summary
+
+    print_summary(
+        {
+            "calibration": {
+                "status": "done",
+                "calibrated_at_s": 87224.5,
+                "calibrated_after_s": 29.24,
+                "eeg_channels": ["Fz"],
+            }
+        }
+    )
+    assert "done 29.2 s after the first sample" in capsys.readouterr().out

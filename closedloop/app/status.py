@@ -63,8 +63,8 @@ def print_summary(summary: dict) -> None:
     cal = summary.get("calibration")
     if cal:
         line = f"{cal['status']}"
-        if cal.get("calibrated_at_s") is not None:
-            line += f" at {cal['calibrated_at_s']:.1f} s"
+        if cal.get("calibrated_after_s") is not None:  # live stamps are LSL clock seconds
+            line += f" {cal['calibrated_after_s']:.1f} s after the first sample"
         if cal.get("reason"):
             line += f": {cal['reason']}"
         print(f"  {'calibration':<17} {line}")
