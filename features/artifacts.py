@@ -16,6 +16,9 @@ when it is non-finite, railing, or so large that its share of the reference woul
 score channels' own amplitude limit. A blink at Fp1 reaches O1 through a 62-channel average
 reference at 1/62 of its size: it vetoes the pulse, but the occipital alpha goes on being
 measured through it and counts for the baseline (with 8 channels, 1/8: it holds as before).
+A held flag lets go after held_holdoff_s (default holdoff_s), which may be shorter: the powers
+were frozen through the artifact, so only the band-pass ringing follows it, while a flag that
+vetoes without holding leaves its leak in the smoothed powers for a smoothing time or two.
 
 Limits are per channel: the configured values, or ones learnt from calibration data
 (`set_limits`, with the configured values as outer bounds); nonfinite and rail run on every
@@ -63,6 +66,8 @@ class ArtifactDetector:
         )
         n = len(names)
         self.holdoff_n = round(settings.holdoff_s * sfreq)
+        held_s = settings.held_holdoff_s
+        self.held_holdoff_n = self.holdoff_n if held_s is None else round(held_s * sfreq)
         s = settings
         # Flat: start the mean square at 4x the threshold so a channel flat from the start is
         # flagged after tau * ln(4) (0.28 s with the 0.2 s default), a live one never.
@@ -295,6 +300,7 @@ class ArtifactDetector:
             self._hold_amp,
             self._last_bad_hold,
             held,
+            self.held_holdoff_n,
         )
         self._active = active
         self.held = held
@@ -307,7 +313,7 @@ class ArtifactDetector:
     @property
     def held_now(self) -> bool:
         """Whether the latest block's last sample is held (plain ints: no numpy call)."""
-        return self._count - 1 - self._last_bad_hold <= self.holdoff_n
+        return self._count - 1 - self._last_bad_hold <= self.held_holdoff_n
 
     @property
     def grid_held(self) -> list[bool]:

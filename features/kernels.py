@@ -99,6 +99,7 @@ def artifacts(  # pragma: no cover - compiled
     hold_amp,
     last_bad_hold,
     held,
+    held_holdoff_n,
 ):
     """All artifact checks of one block, per sample and channel, in one pass.
 
@@ -114,7 +115,8 @@ def artifacts(  # pragma: no cover - compiled
     after each of them (the flags a chunk ending there would report). hold_mask (c,) bool:
     channels whose every offence also holds the band powers; the others hold them only when
     non-finite, railing, or above hold_amp (c,) V (an amplitude that reaches the score's
-    channels through the reference); held (n,) gets that hold-off flag per sample. Returns (any
+    channels through the reference); held (n,) gets that flag per sample, with its own
+    hold-off held_holdoff_n (samples, at most holdoff_n). Returns (any
     sample offended, new last_bad_any, new last_bad_hold).
     """
     n, c = raw.shape
@@ -199,7 +201,7 @@ def artifacts(  # pragma: no cover - compiled
         if hold_t:
             last_bad_hold = idx
         active[t] = idx - last_bad_any <= holdoff_n
-        held[t] = idx - last_bad_hold <= holdoff_n
+        held[t] = idx - last_bad_hold <= held_holdoff_n
         if g < grid.shape[0] and grid[g] == t:
             for k in range(5):
                 for j in range(c):
@@ -424,6 +426,7 @@ def warm_up() -> None:
                 np.full(c, np.inf),
                 -1,
                 np.empty(n, dtype=bool),
+                1,
             )
     for hold in (np.zeros(0, dtype=bool), np.zeros(n, dtype=bool)):
         iir_bandpower(

@@ -349,6 +349,16 @@ class ArtifactSettings(_Base):
     holdoff_s: float = Field(
         0.25, ge=0, description="A flag stays on this long (s) after the last offending sample."
     )
+    # The powers are frozen through a held artifact, so after it only the band-pass ringing is
+    # left (alpha 8-13 Hz: ~5 % after 0.25 s); a flag that only vetoes leaves its leak in the
+    # smoothed powers (time constant smoothing_s), which the longer veto hold-off has to outlast.
+    held_holdoff_s: float | None = Field(
+        None,
+        ge=0,
+        description="A flag that reaches the score holds the band powers and the baseline this "
+        "long (s) after the last offending sample (its veto still lasts holdoff_s); null: "
+        "holdoff_s. At most holdoff_s.",
+    )
     # 5 Hz, 4th order: blinks and movement live below 4 Hz (passed at 0.92 at 4 Hz) while alpha
     # is cut to 0.15 at 8 Hz and 0.02 at 10 Hz, so strong eyes-closed alpha (over 100 µV peak at
     # O1/Oz/O2 in real recordings) is never read as an 'amplitude' artifact.
@@ -411,6 +421,15 @@ class ArtifactSettings(_Base):
         description="A channel whose largest correlation with any other channel stays under "
         "this in most 1 s windows is bad ('correlation', as PREP's 0.4).",
     )
+
+    @model_validator(mode="after")
+    def _check_holdoffs(self) -> ArtifactSettings:
+        if self.held_holdoff_s is not None and self.held_holdoff_s > self.holdoff_s:
+            raise ValueError(
+                f"held_holdoff_s ({self.held_holdoff_s:g} s) must not exceed holdoff_s "
+                f"({self.holdoff_s:g} s): a held sample is also a vetoed one"
+            )
+        return self
 
     def validate_for(self, ch_names: Sequence[str], sfreq: float) -> list[str]:
         errors: list[str] = []

@@ -123,6 +123,37 @@ def test_a_blink_outside_the_score_vetoes_but_holds_only_through_a_large_share_o
     assert held_bad[(t > 12.0) & (t < 12.2)].all()
 
 
+def test_a_held_flag_lets_go_after_held_holdoff_s_while_its_veto_lasts_holdoff_s():
+    """A blink on the score's own channels: it vetoes for holdoff_s (0.75 s) after its last
+    offending sample, but holds the powers and the baseline only for held_holdoff_s (0.25 s);
+    a blink outside the score (1/62 of the reference) holds nothing, whatever the hold-off."""
+    x = _eeg()
+    t = np.arange(len(x)) / FS
+    blink = 250e-6 * np.exp(-0.5 * ((t - 8.0) / 0.08) ** 2)
+    x[:, 4] += blink  # O1
+    x[:, 5] += blink  # O2
+    settings = ArtifactSettings(amplitude_uv=100.0, holdoff_s=0.75, held_holdoff_s=0.25)
+    det = ArtifactDetector(settings, NAMES, FS)
+    det.set_contamination(["O1", "O2"], np.full(len(NAMES), 1 / 62))
+    active, held = _held(x, det)
+    assert held.any()
+    veto_end, hold_end = t[np.flatnonzero(active)[-1]], t[np.flatnonzero(held)[-1]]
+    assert veto_end - hold_end == pytest.approx(0.5, abs=1 / FS)  # hold-offs rounded to samples
+    assert np.flatnonzero(held)[0] == np.flatnonzero(active)[0]
+    assert not det.held_now  # both over at the end
+    # the same blink with one hold-off for both: held as long as vetoed
+    same = ArtifactDetector(ArtifactSettings(amplitude_uv=100.0, holdoff_s=0.75), NAMES, FS)
+    same.set_contamination(["O1", "O2"], np.full(len(NAMES), 1 / 62))
+    active2, held2 = _held(x, same)
+    assert np.array_equal(active2, active)
+    assert np.array_equal(held2, active2)
+
+
+def test_held_holdoff_s_above_holdoff_s_is_refused():
+    with pytest.raises(ValueError, match=r"held_holdoff_s .* must not exceed holdoff_s"):
+        ArtifactSettings(holdoff_s=0.25, held_holdoff_s=0.5)
+
+
 def test_strong_alpha_is_not_an_amplitude_artifact():
     """Eyes-closed alpha of 150 µV peak at O1/O2 (real recordings exceed 100 µV) passes the
     amplitude check, which looks through the 5 Hz low-pass; without it the alpha is flagged."""
