@@ -23,11 +23,20 @@ from closedloop.session import Session
 
 DATA = Path(__file__).resolve().parent / "data" / "eegmmidb"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eyes_closed_alpha.yaml"
-# On a 64-channel cap a lab would add Oz: the one montage edit (the 8 names and 60 Hz mains of
-# the shipped file are already right for these recordings).
-WITH_OZ = {
-    "bandpower.groups": {"occipital": ["O1", "Oz", "O2"], "frontal": ["Fp1", "Fp2"]},
-    "artifacts.channels": ["Fp1", "Fp2", "C3", "C4", "P7", "P8", "O1", "Oz", "O2"],
+# Montage edits a lab might make; the 8 names and 60 Hz mains of the shipped file are already
+# right for these recordings, so "unedited" is one of them. "occipital_only" is what issue 20
+# reports trying: O1/Oz/O2 for the score and the checks (then one pulse per subject: with no
+# blink flags in the eyes-closed minute the state is entered once and held).
+EDITS = {
+    "unedited": {},
+    "with_oz": {
+        "bandpower.groups": {"occipital": ["O1", "Oz", "O2"], "frontal": ["Fp1", "Fp2"]},
+        "artifacts.channels": ["Fp1", "Fp2", "C3", "C4", "P7", "P8", "O1", "Oz", "O2"],
+    },
+    "occipital_only": {
+        "bandpower.groups": {"occipital": ["O1", "Oz", "O2"], "frontal": ["Fp1", "Fp2"]},
+        "artifacts.channels": ["O1", "Oz", "O2"],
+    },
 }
 
 
@@ -64,14 +73,15 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("edits", [{}, WITH_OZ], ids=["unedited", "with_oz"])
+@pytest.mark.parametrize("edits", sorted(EDITS))
 @pytest.mark.parametrize("subject", sorted(EXPECTED))
 def test_eyes_closed_alpha_on_real_eyes_open_then_closed_eeg(tmp_path, subject, edits):
-    """Measured (unedited; with Oz the same to 0.1 s): calibrated 16.0-18.0 s after collection
-    began (16 s asked; subject 3's blinks reach O1/Oz/O2 at 120-170 µV and hold it), no pulse
-    with the eyes open on any subject (3-7 pulses each, all with the eyes closed)."""
+    """Measured (unedited): calibrated 16.0-18.0 s after collection began (16 s asked; subject
+    3's blinks reach O1/O2 at 120-170 µV and hold it), no pulse with the eyes open on any
+    subject (3-7 pulses each, all with the eyes closed). With the edits: the same calibration to
+    0.35 s, first pulses the same or earlier (subject 4: 0.87 s, checking O1/Oz/O2 only)."""
     raw, closed_at = eyes_open_then_closed(subject)
-    cfg = apply_overrides(load_config(CONFIG), {"recording.xdf": False, **edits})
+    cfg = apply_overrides(load_config(CONFIG), {"recording.xdf": False, **EDITS[edits]})
     session = Session(cfg, FileSource(raw, chunk_size=10), live=False, out_root=tmp_path,
                       arm_action="offline_run")  # fmt: skip
     cal = session.run()["calibration"]
@@ -85,7 +95,7 @@ def test_eyes_closed_alpha_on_real_eyes_open_then_closed_eeg(tmp_path, subject, 
     assert cal["calibrated_at_s"] < closed_at  # the baseline is eyes-open data
     audit = [json.loads(x) for x in (session.folder / "audit.jsonl").read_text().splitlines()]
     fired = np.array([a["t_stream"] for a in audit if a.get("event") == "attempt" and a["fired"]])
-    assert len(fired) >= 2
+    assert len(fired) >= 1
     assert np.mean(fired >= closed_at) >= 0.95  # measured 1.0 on every subject
     if first_within_s is not None:
         assert fired.min() - closed_at <= first_within_s
