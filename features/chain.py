@@ -994,7 +994,8 @@ class FeatureChain:
             "top": [[r, round(v, 4)] for r, v in top],
             "advice": self._advice(top, target) if top or target > 0.2 else "",
             "bad_channels": dict(self.bad_channels),
-            "watched": list(self.watch_names),
+            # a watched channel found bad is checked no more (it left the reference too)
+            "watched": [c for c in self.watch_names if c not in self.bad_channels],
             "hold": list(self.hold_channels),
             "eeg": list(self.eeg_names),
             "limits": self._art.limits,

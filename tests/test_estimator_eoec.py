@@ -87,6 +87,7 @@ def test_eyes_closed_alpha_on_real_eyes_open_then_closed_eeg(tmp_path, subject, 
     cal = session.run()["calibration"]
     bad, first_within_s = EXPECTED[subject]
     assert set(cal["bad_channels"]) == bad
+    assert not bad & set(cal["watched_channels"])  # a bad channel is watched no more
     assert len(cal["eeg_channels"]) == 64
     # collection starts after the warm-up, the limit learning and the settle time
     settle = cfg.state.settle_s if cfg.state.settle_s is not None else 3 * cfg.bandpower.smoothing_s
