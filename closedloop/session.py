@@ -729,9 +729,10 @@ class Session:
             self.on_status(s)
 
     def _set_phase(self, phase: str) -> None:
+        """A new phase, shown with the counts as they are now (the periodic status could be up
+        to status_period_s old: a demo printed 'stopped ... pulses=1' after its second pulse)."""
         self.status.phase = phase
-        if self.on_status is not None:
-            self.on_status(self.status)
+        self._update_status(None)
 
     def _build_summary(self, reason: str, wall_s: float, events: EventLog) -> dict[str, Any]:
         p = self.pipeline

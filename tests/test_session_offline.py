@@ -213,3 +213,20 @@ def test_the_printed_summary_says_when_calibration_ended_from_the_first_sample(c
         }
     )
     assert "done 29.2 s after the first sample" in capsys.readouterr().out
+
+
+def test_every_phase_line_shows_the_counts_as_they_are_then(recording, tmp_path):
+    """The 'stopped' status carries the final pulse count (a demo printed 'stopped ...
+    pulses=1' after its second pulse: the counts came from the last periodic status). Here the
+    periodic status comes once, at the start, so only the phase change can bring the count."""
+    statuses = []
+    session = Session(
+        fast_config(), FileSource(recording, chunk_size=10), live=False, out_root=tmp_path,
+        arm_action="offline_run", status_period_s=1e9,
+        on_status=lambda st: statuses.append((st.phase, st.pulses)),
+    )  # fmt: skip
+    summary = session.run()
+    assert summary["pulses"] >= 2
+    stopped = [pulses for phase, pulses in statuses if phase == "stopped"]
+    assert stopped
+    assert stopped[0] == summary["pulses"]
