@@ -9,17 +9,14 @@ the join: what the pipeline adds (power smoothing, state and trigger dwell, veto
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import mne
 import numpy as np
 import pytest
 
-from acquisition.file_source import FileSource
 from acquisition.readers import load_recording
-from closedloop.config import apply_overrides, load_config
-from closedloop.session import Session
+from closedloop.config import load_config
 
 DATA = Path(__file__).resolve().parent / "data" / "eegmmidb"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eyes_closed_alpha.yaml"
@@ -75,16 +72,15 @@ EXPECTED = {
 
 @pytest.mark.parametrize("edits", sorted(EDITS))
 @pytest.mark.parametrize("subject", sorted(EXPECTED))
-def test_eyes_closed_alpha_on_real_eyes_open_then_closed_eeg(tmp_path, subject, edits):
+def test_eyes_closed_alpha_on_real_eyes_open_then_closed_eeg(offline_session, subject, edits):
     """Measured (unedited): calibrated 16.0-18.0 s after collection began (16 s asked; subject
     3's blinks reach O1/O2 at 120-170 µV and hold it), no pulse with the eyes open on any
     subject (3-7 pulses each, all with the eyes closed). With the edits: the same calibration to
     0.35 s, first pulses the same or earlier (subject 4: 0.87 s, checking O1/Oz/O2 only)."""
     raw, closed_at = eyes_open_then_closed(subject)
-    cfg = apply_overrides(load_config(CONFIG), {"recording.xdf": False, **EDITS[edits]})
-    session = Session(cfg, FileSource(raw, chunk_size=10), live=False, out_root=tmp_path,
-                      arm_action="offline_run")  # fmt: skip
-    cal = session.run()["calibration"]
+    cfg = load_config(CONFIG)
+    run = offline_session(raw, cfg, **{"recording.xdf": False, **EDITS[edits]})
+    cal = run.summary["calibration"]
     bad, first_within_s = EXPECTED[subject]
     assert set(cal["bad_channels"]) == bad
     assert not bad & set(cal["watched_channels"])  # a bad channel is watched no more
@@ -94,8 +90,7 @@ def test_eyes_closed_alpha_on_real_eyes_open_then_closed_eeg(tmp_path, subject, 
     start = cfg.state.warmup_s + cfg.artifacts.learn_s + settle
     assert cal["calibrated_at_s"] - start <= 1.2 * cfg.state.calibration_s
     assert cal["calibrated_at_s"] < closed_at  # the baseline is eyes-open data
-    audit = [json.loads(x) for x in (session.folder / "audit.jsonl").read_text().splitlines()]
-    fired = np.array([a["t_stream"] for a in audit if a.get("event") == "attempt" and a["fired"]])
+    fired = run.fired
     assert len(fired) >= 1
     assert np.mean(fired >= closed_at) >= 0.95  # measured 1.0 on every subject
     if first_within_s is not None:
